@@ -1,0 +1,342 @@
+"""Typed configuration: TOML file, then ``APPCONNECTOR_<SECTION>_<KEY>`` environment overrides.
+
+The keys are the contract in DESIGN.md §7: add keys, never rename them. Every error names the key,
+the value that was given and what is allowed, so ``appconnector check-config`` can be read by a human.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "APPCONNECTOR_"
+DEFAULT_RAFT_PORT = 6270
+STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. ``key`` is the dotted key (``pool.reuse_after``)."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{key} = {value!r}: {allowed}")
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(key: str, value: object) -> float:
+    """``"48h"``, ``"90s"``, ``"250ms"`` → seconds. Bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, value, 'a duration such as "90s", "5m", "48h" or "250ms"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(key, value, 'a duration such as "90s", "5m", "48h" or "250ms"')
+    if seconds < 0:
+        raise ConfigError(key, value, "a duration that is not negative")
+    return seconds
+
+
+def parse_hostport(key: str, value: object, default_port: int | None = None) -> tuple[str, int]:
+    """``"127.0.0.1:53"`` or ``"[::1]:53"`` → (host, port). The host must be an IP address."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, value, 'an address as "ip:port", e.g. "127.0.0.1:53"')
+    host, sep, port_s = value.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        if default_port is None:
+            raise ConfigError(key, value, 'an address as "ip:port", e.g. "127.0.0.1:53"')
+        host, port_s = value, str(default_port)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, value, "an IP address and port; host names are not accepted") from None
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(key, value, "a port from 1 to 65535")
+    return host, int(port_s)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class TailnetConfig:
+    mode: str = "tailscale"
+    localapi_socket: str = "/var/run/tailscale/tailscaled.sock"
+    interface: str = "tailscale0"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    listen: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
+    verify_upstream: bool = True
+    ttl: float = 120.0
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    prefixes: tuple[str, ...] = ("100.64.1.0/24",)
+    reuse_after: float = 48 * 3600.0
+    ignore_destinations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    state_dir: str = "/var/lib/appconnector"
+    raft_port: int = DEFAULT_RAFT_PORT
+    tag: str = ""
+    peers: tuple[str, ...] = ()
+    self: str = ""
+    secret_file: str = ""
+    follow_only: bool = False
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    enabled: bool = True
+    max_mappings: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:8893"
+
+
+@dataclass(frozen=True)
+class Config:
+    tailnet: TailnetConfig = field(default_factory=TailnetConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    source: str = "<defaults>"
+
+    @property
+    def standalone(self) -> bool:
+        return self.tailnet.mode == "standalone"
+
+    def dns_listen(self) -> list[tuple[str, int]]:
+        """Where DNS listens: the configured list, else the mode's default."""
+        if self.dns.listen:
+            return [parse_hostport("dns.listen", v) for v in self.dns.listen]
+        if self.standalone:
+            return [parse_hostport("dns.listen", STANDALONE_DNS_LISTEN)]
+        return [(str(pool_networks(self.pool.prefixes)[0].network_address), 53)]
+
+    def raft_self(self) -> str:
+        """This member's Raft address in standalone mode."""
+        return self.cluster.self or format_hostport("127.0.0.1", self.cluster.raft_port)
+
+    def read_secret(self) -> str | None:
+        """The cluster secret, or None when no secret file is configured."""
+        if not self.cluster.secret_file:
+            return None
+        try:
+            secret = Path(self.cluster.secret_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError("cluster.secret_file", self.cluster.secret_file, f"a readable file ({e})") from e
+        if not secret:
+            raise ConfigError("cluster.secret_file", self.cluster.secret_file, "a file holding a non-empty secret")
+        return secret
+
+
+def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network]:
+    """The pool prefixes as networks, ordered numerically (DESIGN.md §3)."""
+    nets = []
+    for p in prefixes:
+        try:
+            net = ipaddress.ip_network(p, strict=True)
+        except ValueError as e:
+            raise ConfigError("pool.prefixes", p, f"IPv4 prefixes such as \"100.64.1.0/24\" ({e})") from None
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise ConfigError("pool.prefixes", p, "IPv4 prefixes only (IPv6 cannot be NATed to IPv4)")
+        nets.append(net)
+    return sorted(nets)
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def _str(key: str, v: object) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, v, "a string")
+    return v
+
+
+def _bool(key: str, v: object) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return v.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(key, v, "true or false")
+
+
+def _int(key: str, v: object, lo: int, hi: int) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(key, v, f"a whole number from {lo} to {hi}")
+    return v
+
+
+def _strlist(key: str, v: object) -> tuple[str, ...]:
+    if isinstance(v, str):  # env overrides: comma-separated
+        return tuple(s.strip() for s in v.split(",") if s.strip())
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ConfigError(key, v, 'a list of strings, e.g. ["a", "b"]')
+    return tuple(v)
+
+
+_DOMAIN_PATTERN_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]{1,63}$")
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.tailnet.mode not in ("tailscale", "standalone"):
+        raise ConfigError("tailnet.mode", cfg.tailnet.mode, '"tailscale" or "standalone"')
+    for v in cfg.dns.listen:
+        parse_hostport("dns.listen", v)
+    for v in cfg.dns.upstream:
+        parse_hostport("dns.upstream", v, default_port=53)
+    if not 0 <= cfg.dns.ttl <= 86400:
+        raise ConfigError("dns.ttl", cfg.dns.ttl, "a duration from 0s to 24h")
+    for d in cfg.dns.domains:
+        if not _DOMAIN_PATTERN_RE.match(d.lower().rstrip(".")):
+            raise ConfigError("dns.domains", d, 'domain names, optionally "*." wildcards such as "*.example.com"')
+    nets = pool_networks(cfg.pool.prefixes)
+    if not nets:
+        raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least one IPv4 prefix")
+    for a, b in itertools.pairwise(nets):
+        if a.overlaps(b):
+            raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), f"prefixes that do not overlap ({a}, {b})")
+    if sum(n.num_addresses for n in nets) < 2:
+        raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least two addresses (one is reserved for DNS)")
+    if cfg.pool.reuse_after <= 0:
+        raise ConfigError("pool.reuse_after", cfg.pool.reuse_after, "a duration above zero")
+    for p in cfg.pool.ignore_destinations:
+        try:
+            ipaddress.ip_network(p, strict=False)
+        except ValueError:
+            raise ConfigError("pool.ignore_destinations", p, 'IP prefixes such as "10.0.0.0/8"') from None
+    for v in cfg.cluster.peers:
+        parse_hostport("cluster.peers", v)
+    if cfg.cluster.self:
+        parse_hostport("cluster.self", cfg.cluster.self)
+    if not cfg.cluster.state_dir:
+        raise ConfigError("cluster.state_dir", cfg.cluster.state_dir, "a directory path")
+    if cfg.tailnet.mode == "tailscale" and cfg.cluster.peers:
+        raise ConfigError("cluster.peers", list(cfg.cluster.peers),
+                          'empty in tailscale mode (peers are found by cluster.tag); set tailnet.mode = "standalone"')
+    if cfg.cluster.peers and not cfg.cluster.secret_file:
+        raise ConfigError("cluster.secret_file", "", "a secret file (required with more than one member)")
+    if cfg.cluster.tag and not cfg.cluster.tag.startswith("tag:"):
+        raise ConfigError("cluster.tag", cfg.cluster.tag, 'a tailscale tag such as "tag:appconnector"')
+    if cfg.cluster.tag and not cfg.cluster.secret_file:
+        raise ConfigError("cluster.secret_file", "", "a secret file: required when cluster.tag forms a cluster")
+    parse_hostport("http.listen", cfg.http.listen)
+    return cfg
+
+
+# section → key → converter(dotted key, raw value)
+_CONVERTERS: dict[str, dict[str, Any]] = {
+    "tailnet": {"mode": _str, "localapi_socket": _str, "interface": _str},
+    "dns": {
+        "listen": _strlist, "upstream": _strlist, "verify_upstream": _bool,
+        "ttl": parse_duration, "domains": _strlist,
+    },
+    "pool": {"prefixes": _strlist, "reuse_after": parse_duration, "ignore_destinations": _strlist},
+    "cluster": {
+        "state_dir": _str, "raft_port": lambda k, v: _int(k, v, 1, 65535), "tag": _str,
+        "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,
+    },
+    "nat": {"enabled": _bool, "max_mappings": lambda k, v: _int(k, v, 1024, 1 << 26)},
+    "http": {"listen": _str},
+}
+
+
+def _build(raw: Mapping[str, Any], source: str) -> Config:
+    cfg = Config(source=source)
+    for section, values in raw.items():
+        if section not in _CONVERTERS:
+            raise ConfigError(section, values, f"a known section: {', '.join(_CONVERTERS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(section, values, "a table ([section])")
+        converters = _CONVERTERS[section]
+        changes = {}
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in converters:
+                raise ConfigError(dotted, value, f"a known key of [{section}]: {', '.join(converters)}")
+            changes[key] = converters[key](dotted, value)
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
+    return _validate(cfg)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in _CONVERTERS and key in _CONVERTERS[section]:
+            out.setdefault(section, {})[key] = value
+        else:
+            raise ConfigError(name, value, "an APPCONNECTOR_<SECTION>_<KEY> variable naming a known key")
+    return out
+
+
+def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (TOML) with environment overrides; raises ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError("--config", str(path), f"a readable TOML file ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", str(path), f"valid TOML ({e})") from None
+    for section, values in _env_overrides(env).items():
+        merged = dict(raw.get(section, {}))
+        merged.update(values)
+        raw[section] = merged
+    return _build(raw, source)
+
+
+def demo(state_dir: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """The embedded single-node default used when ``run`` has no config file (DESIGN.md §7)."""
+    base: dict[str, dict[str, object]] = {
+        "tailnet": {"mode": "standalone"},
+        "dns": {"verify_upstream": False},
+        "cluster": {"state_dir": str(state_dir)},
+        "nat": {"enabled": os.geteuid() == 0},
+    }
+    env = os.environ if env is None else env
+    for section, values in _env_overrides(env).items():
+        base.setdefault(section, {}).update(values)
+    return _build(base, "<embedded demo>")
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Every section and key, for docs and tests that the sample config covers all of them."""
+    return {f.name: [g.name for g in fields(getattr(Config(), f.name))]
+            for f in fields(Config) if f.name != "source"}

@@ -1,0 +1,71 @@
+"""Every metric the product exports, declared in one place (Prometheus names, served on /metrics).
+
+Parts import the metric they update; nothing else creates metrics. Names are documented in the README.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- DNS ---------------------------------------------------------------------------------------------
+DNS_QUERIES = Counter("appconnector_dns_queries", "DNS queries answered, by transport and rcode",
+                      ["transport", "rcode"], registry=REGISTRY)
+DNS_FAST_PATH = Counter("appconnector_dns_fast_path_answers", "Answers served from the pre-built fast path",
+                        registry=REGISTRY)
+DNS_MALFORMED = Counter("appconnector_dns_malformed", "Queries that could not be parsed", ["transport"],
+                        registry=REGISTRY)
+DNS_UNKNOWN_CLIENTS = Counter("appconnector_dns_unknown_clients", "Queries refused: whois found no node",
+                              registry=REGISTRY)
+DNS_UPSTREAM = Counter("appconnector_dns_upstream_queries", "Upstream lookups by result",
+                       ["result"], registry=REGISTRY)
+DNS_UPSTREAM_CACHE = Counter("appconnector_dns_upstream_cache", "Upstream cache lookups by result (hit, miss)",
+                             ["result"], registry=REGISTRY)
+DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
+DNS_FIRST_ANSWER = Histogram("appconnector_dns_new_name_seconds", "Time to answer a name with a new checkout",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                             registry=REGISTRY)
+
+# --- pool / replica ----------------------------------------------------------------------------------
+POOL_CHECKOUTS = Counter("appconnector_pool_checkouts", "Checkouts by result (hit, new, reused, exhausted, error)",
+                         ["result"], registry=REGISTRY)
+POOL_EXHAUSTED = Counter("appconnector_pool_exhausted", "Checkouts refused because the node's pool is full",
+                         registry=REGISTRY)
+POOL_MAPPINGS = Gauge("appconnector_pool_mappings", "Mappings held in local state", registry=REGISTRY)
+POOL_NODES = Gauge("appconnector_pool_nodes", "Nodes holding at least one mapping", registry=REGISTRY)
+POOL_NODE_USE = Gauge("appconnector_pool_node_use_ratio", "Largest share of the pool used by one node",
+                      registry=REGISTRY)
+POOL_SIZE = Gauge("appconnector_pool_size", "Addresses a node may be given (pool less the DNS address)",
+                  registry=REGISTRY)
+POOL_TOUCHES = Counter("appconnector_pool_touches", "Last-used marks sent through Raft", registry=REGISTRY)
+POOL_TOUCH_BATCHES = Counter("appconnector_pool_touch_batches", "touch_batch commands proposed", registry=REGISTRY)
+POOL_CLOCK_SKEW = Counter("appconnector_pool_clock_skew", "Commands applied with the high-water time (skewed)",
+                          registry=REGISTRY)
+RAFT_ROLE = Gauge("appconnector_raft_leader", "1 when this member is the Raft leader", registry=REGISTRY)
+RAFT_TERM = Gauge("appconnector_raft_term", "Current Raft term", registry=REGISTRY)
+RAFT_COMMIT_LAG = Gauge("appconnector_raft_commit_lag", "Leader commit index minus local applied index",
+                        registry=REGISTRY)
+RAFT_COMMIT_SECONDS = Histogram("appconnector_raft_commit_seconds", "Time from proposal to local apply",
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                registry=REGISTRY)
+RAFT_DIVERGED = Counter("appconnector_raft_diverged", "Log truncations of applied entries (must stay 0)",
+                        registry=REGISTRY)
+RAFT_TRUNCATIONS_REFUSED = Counter("appconnector_raft_truncations_refused",
+                                   "Truncations of matching entries our journal guard refused", registry=REGISTRY)
+RAFT_RETRIES = Counter("appconnector_raft_retries", "Writes retried after an error or timeout", registry=REGISTRY)
+
+# --- NAT ---------------------------------------------------------------------------------------------
+NAT_ELEMENTS = Gauge("appconnector_nat_steer_elements", "Elements in the kernel steer map", registry=REGISTRY)
+NAT_RECONCILES = Counter("appconnector_nat_reconciles", "nftables transactions by kind (full, delta) and result",
+                         ["kind", "result"], registry=REGISTRY)
+NAT_TOUCHES = Counter("appconnector_nat_seen_flows", "(node, address) pairs seen in new or long flows",
+                      registry=REGISTRY)
+NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping",
+                           registry=REGISTRY)
+NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
+
+# --- tailnet -----------------------------------------------------------------------------------------
+TAILNET_WHOIS = Counter("appconnector_tailnet_whois", "LocalAPI whois calls by result (hit, miss, stranger, error)",
+                        ["result"], registry=REGISTRY)
+TAILNET_PEERS = Gauge("appconnector_tailnet_cluster_peers", "Tagged peers seen in status", registry=REGISTRY)

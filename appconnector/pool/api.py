@@ -1,0 +1,141 @@
+"""Contracts of the pool: what DNS, NAT and the app may rely on, whatever engine sits behind it.
+
+Addresses are IPv4 addresses as ``int`` (``int(IPv4Address)``) everywhere inside the product; they are
+turned into text or bytes only at the edges (DNS wire, nftables JSON, logs). Nodes are strings: the
+tailscale ``Node.StableID`` in tailscale mode, the client IP text in standalone mode. Domains are
+normalised by :func:`appconnector.pool.names.normalise_domain` before they reach the pool. Times are
+unix seconds (``float``) chosen by the proposer; the state machine never reads a clock.
+
+Two implementations of :class:`Replica` exist: ``pool.local.LocalPool`` (one process, no Raft: unit
+tests of DNS and NAT, and a single-machine mode) and ``pool.replica.RaftReplica`` (pysyncobj).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Address = int
+"""An IPv4 address as an integer."""
+
+Targets = tuple[Address, ...]
+"""The real IPv4 addresses of a domain, as resolved upstream, sorted ascending."""
+
+
+class PoolError(Exception):
+    """Base of errors a pool operation reports to its caller (on any replica, intact)."""
+
+
+class PoolExhausted(PoolError):
+    """No never-used address and no address idle past the reuse deadline for this node."""
+
+    def __init__(self, node: str, domain: str) -> None:
+        self.node = node
+        self.domain = domain
+        super().__init__(f"pool exhausted for node {node!r} (domain {domain!r})")
+
+
+class ReplicaUnavailable(PoolError):
+    """The write could not be committed in time (no leader, partition, shutting down). Retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class MappingView:
+    """One (node, domain) ↔ address mapping as seen in local state."""
+
+    node: str
+    domain: str
+    address: Address
+    last_used: float
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one applied command changed; handed to observers on the apply thread.
+
+    ``added`` and ``removed`` are (node, address, domain). An address reassigned from one domain to
+    another appears in ``removed`` (old domain) and in ``added`` (new). ``targets`` maps a domain to
+    its new real addresses. Touches (last-used updates) are not reported: they change nothing the
+    dataplane needs.
+    """
+
+    added: list[tuple[str, Address, str]] = field(default_factory=list)
+    removed: list[tuple[str, Address, str]] = field(default_factory=list)
+    targets: dict[str, Targets] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.targets)
+
+
+class PoolReader(Protocol):
+    """Local, lock-protected reads of the replicated state. Never blocks on Raft; safe from any thread."""
+
+    def lookup(self, node: str, domain: str) -> tuple[Address, float] | None:
+        """The node's address for ``domain`` and its last-used time, or None if not mapped."""
+
+    def domain_for(self, node: str, address: Address) -> str | None:
+        """The domain the node's ``address`` currently means, or None."""
+
+    def targets(self, domain: str) -> Targets:
+        """The replicated real addresses of ``domain`` (empty if never resolved)."""
+
+    def mappings(self) -> Iterator[MappingView]:
+        """Every mapping, in no particular order. Takes a consistent copy first (do not hold it long)."""
+
+
+class PoolObserver(Protocol):
+    """Gets every change as it is applied, on every replica (the NAT mirror is one).
+
+    Called on the replica's apply thread with the state lock released; must not block for long
+    (one nftables transaction is fine) and must not propose commands itself.
+    """
+
+    def on_changes(self, changes: Changes) -> None:
+        """``changes`` were applied to local state (never empty)."""
+
+    def on_reset(self, reader: PoolReader) -> None:
+        """State was replaced wholesale (start-up, snapshot install): rebuild from ``reader``."""
+
+
+class Replica(PoolReader, Protocol):
+    """The replicated pool as the rest of the product uses it (asyncio side).
+
+    Writes are proposed through Raft (or applied directly by LocalPool) and resolve once applied
+    locally; they may be retried safely: every command is idempotent. Errors raised: PoolExhausted,
+    ReplicaUnavailable.
+    """
+
+    async def checkout(self, node: str, domain: str, targets: Targets, ttl: float) -> Address:
+        """The node's address for ``domain``, allocating one if needed; ``targets`` (with their TTL,
+        seconds) are recorded for the domain when it has none yet. Concurrent calls are gathered into
+        one ``checkout_batch`` command. The mapping is applied (and observers called) before this
+        returns."""
+
+    def touch(self, node: str, address: Address, domain: str, at: float) -> None:
+        """Queue a last-used mark; queued marks are flushed as one ``touch_batch`` at least every
+        second. Never blocks, never raises; a mark for an unknown or reassigned mapping is a no-op."""
+
+    async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
+        """Replace the replicated real addresses of ``domain`` (leader's TTL refresh)."""
+
+    async def forget(self, nodes: Sequence[str]) -> None:
+        """Drop every mapping of these nodes (they left the tailnet for ``reuse_after``)."""
+
+    async def set_excluded(self, addresses: Iterable[Address]) -> None:
+        """Addresses the allocator must skip (held by tailnet nodes themselves)."""
+
+    def add_observer(self, observer: PoolObserver) -> None:
+        """Register a mirror; it gets ``on_reset`` at once with the current state."""
+
+    def is_leader(self) -> bool:
+        """True when this member proposes directly (LocalPool: always)."""
+
+    def status(self) -> dict[str, object]:
+        """Role, term, leader, commit and applied indexes, member list: for /status and /metrics."""
+
+    async def start(self) -> None:
+        """Open state (restore snapshot and journal) and join the cluster. Raises on corrupt state."""
+
+    async def stop(self) -> None:
+        """Flush queued touches, hand leadership away if leader, close files."""

@@ -1,0 +1,93 @@
+"""The configuration contract (DESIGN.md §7): defaults, env overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appconnector import config
+from appconnector.config import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_empty_file_gets_documented_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, ""), env={})
+    assert cfg.tailnet.mode == "tailscale"
+    assert cfg.pool.prefixes == ("100.64.1.0/24",)
+    assert cfg.pool.reuse_after == 48 * 3600
+    assert cfg.dns.ttl == 120
+    assert cfg.cluster.raft_port == 6270
+    # tailscale mode: DNS on the reserved lowest pool address, port 53
+    assert cfg.dns_listen() == [("100.64.1.0", 53)]
+
+
+def test_durations_and_lists(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, """
+[tailnet]
+mode = "standalone"
+[dns]
+ttl = "250ms"
+upstream = ["127.0.0.1:5300", "9.9.9.9"]
+[pool]
+reuse_after = "90s"
+prefixes = ["100.64.2.0/24", "100.64.1.0/25"]
+"""), env={})
+    assert cfg.dns.ttl == 0.25
+    assert cfg.pool.reuse_after == 90
+    assert cfg.dns_listen() == [("127.0.0.1", 5353)]
+    assert [str(n) for n in config.pool_networks(cfg.pool.prefixes)] == ["100.64.1.0/25", "100.64.2.0/24"]
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, '[dns]\nttl = "10s"\n'),
+                      env={"APPCONNECTOR_DNS_TTL": "30s", "APPCONNECTOR_DNS_DOMAINS": "a.com, *.b.org"})
+    assert cfg.dns.ttl == 30
+    assert cfg.dns.domains == ("a.com", "*.b.org")
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('[pool]\nreuse_after = "two days"', "pool.reuse_after"),
+    ('[pool]\nprefixes = ["100.64.1.1/24"]', "pool.prefixes"),
+    ('[pool]\nprefixes = ["fd00::/64"]', "pool.prefixes"),
+    ('[pool]\nprefixes = ["100.64.1.0/24", "100.64.1.128/25"]', "pool.prefixes"),
+    ('[dns]\nlisten = ["localhost:53"]', "dns.listen"),
+    ('[dns]\nverify_upstream = "maybe"', "dns.verify_upstream"),
+    ('[tailnet]\nmode = "cloud"', "tailnet.mode"),
+    ('[tailnet]\nmode = "standalone"\n[cluster]\npeers = ["127.0.0.1:7000"]', "cluster.secret_file"),
+    ('[cluster]\nraft_port = 70000', "cluster.raft_port"),
+    ('[cluster]\ntag = "appconnector"', "cluster.tag"),
+    ('[nat]\nmax_entries = 5', "nat.max_entries"),
+    ('[colour]\nx = 1', "colour"),
+    ("[dns\nttl=", "--config"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text), env={})
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_unknown_env_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(None, env={"APPCONNECTOR_DNS_TTLL": "5s"})
+    assert err.value.key == "APPCONNECTOR_DNS_TTLL"
+
+
+def test_demo_is_standalone_offline(tmp_path: Path) -> None:
+    cfg = config.demo(tmp_path, env={})
+    assert cfg.standalone and not cfg.dns.verify_upstream
+    assert cfg.cluster.state_dir == str(tmp_path)
+    assert cfg.dns_listen() == [("127.0.0.1", 5353)]
+
+
+def test_missing_secret_file_is_named(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, f'[cluster]\nsecret_file = "{tmp_path}/nope"'), env={})
+    with pytest.raises(ConfigError) as err:
+        cfg.read_secret()
+    assert err.value.key == "cluster.secret_file"
