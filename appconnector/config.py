@@ -78,6 +78,10 @@ class TailnetConfig:
     mode: str = "tailscale"
     localapi_socket: str = "/var/run/tailscale/tailscaled.sock"
     interface: str = "tailscale0"
+    advertise_routes: bool = True      # advertise the pool prefixes via LocalAPI prefs (union, never wipes)
+    api_key_file: str = ""             # control-API key file: approve our routes (else use autoApprovers)
+    oauth_client_id: str = ""          # or an OAuth client (scope devices:core) ...
+    oauth_secret_file: str = ""        # ... with its secret in this file
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,8 @@ def _validate(cfg: Config) -> Config:
 
 # section → key → converter(dotted key, raw value)
 _CONVERTERS: dict[str, dict[str, Any]] = {
-    "tailnet": {"mode": _str, "localapi_socket": _str, "interface": _str},
+    "tailnet": {"mode": _str, "localapi_socket": _str, "interface": _str, "advertise_routes": _bool,
+                "api_key_file": _str, "oauth_client_id": _str, "oauth_secret_file": _str},
     "dns": {
         "listen": _strlist, "upstream": _strlist, "verify_upstream": _bool,
         "ttl": parse_duration, "domains": _strlist,

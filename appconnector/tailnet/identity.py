@@ -1,0 +1,97 @@
+"""``TailnetIdentity``: who a DNS query's source address is, by LocalAPI whois, cached per IP.
+
+The cache is kept honest by the node directory: on every netmap change each cached IP is re-pointed
+to the node that now holds it (no I/O), IPs no node holds any more are dropped, and every negative
+("stranger") entry is dropped, since a stranger may just have joined. Strangers are also cached only
+briefly so a flood from one unknown address costs one whois per ``negative_ttl``. Concurrent misses
+for one IP share a single whois.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from appconnector.metrics import TAILNET_WHOIS
+from appconnector.tailnet.api import NodeInfo, TailnetUnavailable
+from appconnector.tailnet.directory import TailnetDirectory
+from appconnector.tailnet.localapi import LocalAPIClient, LocalAPIError
+from appconnector.tailnet.nodeinfo import from_tailcfg_node
+
+
+class TailnetIdentity:
+    """Implements ``NodeIdentity``. Pass the directory to have the cache follow netmap changes."""
+
+    def __init__(self, client: LocalAPIClient, directory: TailnetDirectory | None = None,
+                 negative_ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.negative_ttl = negative_ttl
+        self._clock = clock
+        self._known: dict[str, NodeInfo] = {}
+        self._strangers: dict[str, float] = {}  # ip → monotonic expiry
+        self._inflight: dict[str, asyncio.Future[NodeInfo | None]] = {}
+        self._directory = directory
+        if directory is not None:
+            directory.subscribe(self._on_netmap_change)
+
+    def cached(self, ip: str) -> NodeInfo | None:
+        return self._known.get(ip)
+
+    async def whois(self, ip: str) -> NodeInfo | None:
+        if (hit := self._known.get(ip)) is not None:
+            TAILNET_WHOIS.labels("hit").inc()
+            return hit
+        expiry = self._strangers.get(ip)
+        if expiry is not None:
+            if self._clock() < expiry:
+                TAILNET_WHOIS.labels("stranger").inc()
+                return None
+            del self._strangers[ip]
+        if (pending := self._inflight.get(ip)) is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[NodeInfo | None] = asyncio.get_running_loop().create_future()
+        self._inflight[ip] = fut
+        try:
+            info = await self._ask(ip)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # retrieved here: waiters re-raise it, no "never retrieved" noise
+            raise
+        else:
+            fut.set_result(info)
+            return info
+        finally:
+            self._inflight.pop(ip, None)
+
+    async def _ask(self, ip: str) -> NodeInfo | None:
+        try:
+            resp = await self.client.whois(ip)
+        except (TailnetUnavailable, LocalAPIError) as e:
+            TAILNET_WHOIS.labels("error").inc()
+            raise TailnetUnavailable(str(e)) from e
+        node = resp.get("Node") if resp is not None else None
+        info = from_tailcfg_node(node) if isinstance(node, dict) else None
+        if info is None:
+            TAILNET_WHOIS.labels("stranger").inc()
+            self._strangers[ip] = self._clock() + self.negative_ttl
+            return None
+        TAILNET_WHOIS.labels("miss").inc()
+        self._known[ip] = info
+        return info
+
+    def invalidate(self, ip: str | None = None) -> None:
+        """Forget one IP, or everything."""
+        if ip is None:
+            self._known.clear()
+            self._strangers.clear()
+        else:
+            self._known.pop(ip, None)
+            self._strangers.pop(ip, None)
+
+    def _on_netmap_change(self) -> None:
+        assert self._directory is not None
+        by_ip = self._directory.by_ip()
+        self._strangers.clear()
+        self._known = {ip: by_ip[ip] for ip in self._known if ip in by_ip}

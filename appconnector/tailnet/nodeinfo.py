@@ -1,0 +1,59 @@
+"""LocalAPI JSON → ``NodeInfo``. Two shapes carry a node: ``tailcfg.Node`` (whois, NetMap,
+PeersChanged: ``StableID``, ``Name``, ``Addresses`` as prefixes, ``Online`` may be null) and
+``ipnstate.PeerStatus`` (status: ``ID`` is the StableID, ``DNSName``, ``TailscaleIPs``, ``Tags``
+omitted when empty)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from appconnector.tailnet.api import NodeInfo
+
+
+def _ipv4s(values: Any) -> tuple[str, ...]:
+    out = []
+    for v in values or ():
+        try:
+            iface = ipaddress.ip_interface(str(v))
+        except ValueError:
+            continue
+        if iface.version == 4:
+            out.append(str(iface.ip))
+    return tuple(out)
+
+
+def _name(*candidates: Any) -> str:
+    for c in candidates:
+        if isinstance(c, str) and c:
+            return c.rstrip(".")
+    return ""
+
+
+def from_tailcfg_node(node: dict[str, Any]) -> NodeInfo | None:
+    """A ``tailcfg.Node`` dict as NodeInfo; None when it has no StableID."""
+    stable = node.get("StableID")
+    if not isinstance(stable, str) or not stable:
+        return None
+    raw_hostinfo = node.get("Hostinfo")
+    hostinfo: dict[str, Any] = raw_hostinfo if isinstance(raw_hostinfo, dict) else {}
+    online = node.get("Online")
+    return NodeInfo(node=stable, name=_name(node.get("Name"), node.get("ComputedName"), hostinfo.get("Hostname")),
+                    ipv4=_ipv4s(node.get("Addresses")), tags=tuple(node.get("Tags") or ()),
+                    online=True if online is None else bool(online))
+
+
+def from_peer_status(peer: dict[str, Any]) -> NodeInfo | None:
+    """An ``ipnstate.PeerStatus`` dict as NodeInfo; None when it has no ID."""
+    stable = peer.get("ID")
+    if not isinstance(stable, str) or not stable:
+        return None
+    return NodeInfo(node=stable, name=_name(peer.get("DNSName"), peer.get("HostName")),
+                    ipv4=_ipv4s(peer.get("TailscaleIPs")), tags=tuple(peer.get("Tags") or ()),
+                    online=bool(peer.get("Online", False)))
+
+
+def numeric_id(node: dict[str, Any], key: str) -> int | None:
+    """The numeric ``tailcfg.NodeID`` (``ID`` in a Node, ``NodeID`` in a PeerStatus), if present."""
+    v = node.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None

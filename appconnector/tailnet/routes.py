@@ -1,0 +1,154 @@
+"""Advertise the pool prefixes as subnet routes, without wiping anyone else's.
+
+tailscaled's prefs PATCH copies a field as given when its ``…Set`` flag is true, so sending
+``AdvertiseRoutesSet`` with only our prefixes would drop every route an operator (or another
+program) advertised. We read the prefs first and send the union; withdrawing removes only ours.
+tailscaled has no compare-and-swap, so a concurrent editor can still race us between GET and
+PATCH: we read back after writing and retry a few times if our routes are missing.
+
+Routes need approval in the admin console. With an API key or OAuth client configured
+(``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` + ``tailnet.oauth_secret_file``) we enable our
+routes for this device through the control API (``tailscale`` package), again as a union with the
+routes already enabled; otherwise we log once how to set ``autoApprovers``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from appconnector.config import Config, ConfigError
+from appconnector.tailnet.localapi import LocalAPIClient
+
+log = logging.getLogger(__name__)
+
+
+def _norm(prefixes: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for p in prefixes:
+        s = str(ipaddress.ip_network(str(p), strict=False))
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def union_routes(current: Sequence[str] | None, ours: Sequence[str]) -> list[str]:
+    """``current`` with ``ours`` appended where missing (order of ``current`` kept)."""
+    cur = _norm(current or ())
+    return cur + [p for p in _norm(ours) if p not in cur]
+
+
+def without_routes(current: Sequence[str] | None, ours: Sequence[str]) -> list[str]:
+    """``current`` less ``ours``."""
+    drop = set(_norm(ours))
+    return [p for p in _norm(current or ()) if p not in drop]
+
+
+def auto_approvers_hint(tag: str, prefixes: Sequence[str]) -> str:
+    owner = tag or "tag:appconnector"
+    routes = ", ".join(f'"{p}": ["{owner}"]' for p in prefixes)
+    return ("the pool routes need approval: approve them in the admin console (Machines → this device → "
+            f"Edit route settings), or add to the tailnet policy file: "
+            f'"autoApprovers": {{"routes": {{{routes}}}}}, or configure tailnet.api_key_file '
+            "(or tailnet.oauth_client_id + tailnet.oauth_secret_file) to approve them automatically")
+
+
+class RouteAdvertiser:
+    """Adds/removes ``prefixes`` in tailscaled's ``AdvertiseRoutes``, leaving other routes alone."""
+
+    def __init__(self, client: LocalAPIClient, prefixes: Sequence[str], attempts: int = 3) -> None:
+        self.client = client
+        self.prefixes = _norm(prefixes)
+        self.attempts = attempts
+
+    async def advertise(self) -> list[str]:
+        """Make sure our prefixes are advertised; returns the advertised list."""
+        for _ in range(self.attempts):
+            prefs = await self.client.get_prefs()
+            current = prefs.get("AdvertiseRoutes")
+            want = union_routes(current, self.prefixes)
+            if want == _norm(current or ()):
+                return want
+            out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
+            got = _norm(out.get("AdvertiseRoutes") or ())
+            if all(p in got for p in self.prefixes):
+                log.info("advertising routes %s (with %d other route(s) kept)", ", ".join(self.prefixes),
+                         len(got) - len(self.prefixes))
+                return got
+        raise RuntimeError("could not advertise the pool routes: tailscaled prefs keep changing under us")
+
+    async def withdraw(self) -> list[str]:
+        """Stop advertising our prefixes; others' routes stay. Returns what remains advertised."""
+        prefs = await self.client.get_prefs()
+        current = prefs.get("AdvertiseRoutes")
+        want = without_routes(current, self.prefixes)
+        if want == _norm(current or ()):
+            return want
+        out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
+        log.info("withdrew routes %s", ", ".join(self.prefixes))
+        return _norm(out.get("AdvertiseRoutes") or ())
+
+
+def control_credentials(cfg: Config) -> dict[str, str] | None:
+    """The control-API credentials configured, as ``tailscale.Tailscale`` keyword arguments, or None.
+    Raises ConfigError naming the key when they are incomplete or unreadable."""
+    t = cfg.tailnet
+    if t.api_key_file and t.oauth_client_id:
+        raise ConfigError("tailnet.oauth_client_id", t.oauth_client_id,
+                          "empty when tailnet.api_key_file is set (use one kind of credential)")
+    if t.api_key_file:
+        return {"api_key": _read_secret("tailnet.api_key_file", t.api_key_file)}
+    if t.oauth_client_id or t.oauth_secret_file:
+        if not (t.oauth_client_id and t.oauth_secret_file):
+            key = "tailnet.oauth_secret_file" if t.oauth_client_id else "tailnet.oauth_client_id"
+            raise ConfigError(key, "", "set together with its partner (oauth_client_id + oauth_secret_file)")
+        return {"oauth_client_id": t.oauth_client_id,
+                "oauth_client_secret": _read_secret("tailnet.oauth_secret_file", t.oauth_secret_file)}
+    return None
+
+
+def _read_secret(key: str, path: str) -> str:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(key, path, f"a readable file ({e.strerror})") from None
+    if not value:
+        raise ConfigError(key, path, "a file holding a non-empty secret")
+    return value
+
+
+class RouteApprover:
+    """Enables our routes for this device through the control API, or says once how to."""
+
+    def __init__(self, cfg: Config, prefixes: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.prefixes = _norm(prefixes)
+        self._hinted = False
+
+    async def approve(self, device_id: str) -> bool:
+        """``device_id`` is this node's StableID. True when the routes are enabled (or were)."""
+        creds = control_credentials(self.cfg)
+        if creds is None:
+            if not self._hinted:
+                log.warning(auto_approvers_hint(self.cfg.cluster.tag, self.prefixes))
+                self._hinted = True
+            return False
+        from tailscale import Tailscale, TailscaleError  # imported here: only needed with credentials
+
+        kwargs: dict[str, Any] = dict(creds)
+        try:
+            async with Tailscale(**kwargs) as api:
+                routes = await api.device_routes(device_id)
+                enabled = _norm(routes.enabled_routes)
+                if all(p in enabled for p in self.prefixes):
+                    return True
+                await api.set_device_routes(device_id, routes=union_routes(enabled, self.prefixes))
+        except TailscaleError as e:
+            log.error("control API route approval failed: %s; %s", e,
+                      auto_approvers_hint(self.cfg.cluster.tag, self.prefixes))
+            return False
+        log.info("enabled routes %s for this device through the control API", ", ".join(self.prefixes))
+        return True

@@ -1,0 +1,118 @@
+"""Route advertisement never wipes others' routes; DNS-loop refusal in tailscale mode."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from appconnector import config
+from appconnector.config import ConfigError
+from appconnector.tailnet.localapi import LocalAPIClient
+from appconnector.tailnet.loops import check_upstreams, resolv_conf_nameservers
+from appconnector.tailnet.routes import (
+    RouteAdvertiser,
+    RouteApprover,
+    control_credentials,
+    union_routes,
+    without_routes,
+)
+from tests.tailnet.helpers import base_state, run, started
+
+
+def test_union_and_without_are_pure() -> None:
+    assert union_routes(None, ["100.64.1.0/24"]) == ["100.64.1.0/24"]
+    assert union_routes(["10.0.0.0/8", "100.64.1.0/24"], ["100.64.1.0/24"]) == ["10.0.0.0/8", "100.64.1.0/24"]
+    assert without_routes(["10.0.0.0/8", "100.64.1.0/24"], ["100.64.1.0/24"]) == ["10.0.0.0/8"]
+    assert without_routes(None, ["100.64.1.0/24"]) == []
+
+
+def test_advertise_keeps_other_routes_and_withdraw_removes_only_ours(tmp_path: Path) -> None:
+    async def body() -> None:
+        state = base_state()
+        state["prefs"] = {"AdvertiseRoutes": ["192.168.7.0/24", "0.0.0.0/0", "::/0"]}
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, state)
+        try:
+            adv = RouteAdvertiser(LocalAPIClient(sock), ["100.64.1.0/24", "100.64.2.0/24"])
+            got = await adv.advertise()
+            assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "0.0.0.0/0", "::/0",
+                                                   "100.64.1.0/24", "100.64.2.0/24"]
+            assert got == s.prefs["AdvertiseRoutes"]
+            patches = sum(1 for m, _ in s.requests if m == "PATCH")
+            await adv.advertise()  # already there: no write
+            assert sum(1 for m, _ in s.requests if m == "PATCH") == patches
+            # someone else adds a route after us; our withdraw keeps it
+            s.prefs["AdvertiseRoutes"] = [*s.prefs["AdvertiseRoutes"], "172.16.0.0/12"]
+            await adv.withdraw()
+            assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "0.0.0.0/0", "::/0", "172.16.0.0/12"]
+        finally:
+            await s.stop()
+    run(body())
+
+
+def test_approver_without_credentials_hints_once(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config.load(None, env={})
+    approver = RouteApprover(cfg, ["100.64.1.0/24"])
+    with caplog.at_level(logging.WARNING):
+        assert run(approver.approve("nSELF")) is False
+        assert run(approver.approve("nSELF")) is False
+    hints = [r for r in caplog.records if "autoApprovers" in r.getMessage()]
+    assert len(hints) == 1
+    assert '"100.64.1.0/24": ["tag:appconnector"]' in hints[0].getMessage()
+
+
+def test_control_credentials_validation(tmp_path: Path) -> None:
+    assert control_credentials(config.load(None, env={})) is None
+    key = tmp_path / "key"
+    key.write_text("tskey-api-xyz\n")
+    cfg = config.load(None, env={"APPCONNECTOR_TAILNET_API_KEY_FILE": str(key)})
+    assert control_credentials(cfg) == {"api_key": "tskey-api-xyz"}
+    cfg = config.load(None, env={"APPCONNECTOR_TAILNET_OAUTH_CLIENT_ID": "k123"})
+    with pytest.raises(ConfigError) as ei:
+        control_credentials(cfg)
+    assert ei.value.key == "tailnet.oauth_secret_file"
+    cfg = config.load(None, env={"APPCONNECTOR_TAILNET_API_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError) as ei:
+        control_credentials(cfg)
+    assert ei.value.key == "tailnet.api_key_file"
+
+
+def _cfg(**env: str) -> config.Config:
+    return config.load(None, env={f"APPCONNECTOR_{k.upper()}": v for k, v in env.items()})
+
+
+@pytest.mark.parametrize("upstream,fragment", [
+    ("100.100.100.100:53", "MagicDNS"),
+    ("100.64.1.9", "inside the pool"),
+    ("100.90.1.1:53", "tailnet address"),
+    ("[fd7a:115c:a1e0::53]:53", "tailnet address"),
+])
+def test_loop_upstreams_refused(upstream: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        check_upstreams(_cfg(dns_upstream=upstream))
+    assert ei.value.key == "dns.upstream"
+    assert fragment in str(ei.value)
+    assert "--accept-dns=false" in str(ei.value)
+
+
+def test_good_upstream_and_standalone_pass(tmp_path: Path) -> None:
+    check_upstreams(_cfg(dns_upstream="1.1.1.1:53,9.9.9.9"))
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 100.100.100.100\n")
+    check_upstreams(_cfg(tailnet_mode="standalone"), str(resolv))  # standalone never checks
+
+
+def test_resolv_conf_is_checked_when_upstream_empty(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# tailscale\nnameserver 100.100.100.100\nsearch tailnet-test.ts.net\n")
+    with pytest.raises(ConfigError) as ei:
+        check_upstreams(_cfg(), str(resolv))
+    assert "resolv.conf" in str(ei.value) and "MagicDNS" in str(ei.value)
+    resolv.write_text("nameserver 192.0.2.53\nnameserver fe80::1%eth0\n")
+    check_upstreams(_cfg(), str(resolv))
+    assert resolv_conf_nameservers(resolv.read_text()) == ["192.0.2.53", "fe80::1"]
+    resolv.write_text("")
+    with pytest.raises(ConfigError):
+        check_upstreams(_cfg(), str(resolv))
