@@ -1,0 +1,709 @@
+"""The pool's deterministic state machine: (node, domain) ↔ address, last-used times, targets.
+
+Every replica applies the same commands in the same order and must end in the same state, so nothing
+here reads a clock or randomness: proposers pass times in (DESIGN.md §3). A command is a plain tuple
+(pickle-safe, no classes) dispatched by :meth:`PoolState.apply`:
+
+* ``("checkout_batch", ((node, domain, targets, ttl), ...), now, reuse_deadline)`` →
+  ``list[int | PoolError]``, one result per request in order (normally an address or PoolExhausted;
+  :class:`InvalidCommand` for a malformed request).
+* ``("touch_batch", ((node, address, domain, at), ...))`` → None
+* ``("set_targets", domain, targets, ttl, now)`` → None
+* ``("forget", (node, ...), now)`` → None
+* ``("set_excluded", (address, ...), now)`` → None
+
+Allocation, per node: the lowest free address (never used, or freed by an exclusion or a prefix
+change), else the least recently used address whose last use is before ``reuse_deadline`` (ties: the
+lowest), else PoolExhausted. It never scans the pool: each node keeps a table indexed by offset up to
+its highest allocated offset (allocation is lowest-first, so the table is dense: memory follows
+mappings), a heap of free offsets below that, and an ordered index of (last_used, offset) keys.
+
+Times: the state keeps a high-water mark of command times. A time more than :data:`SKEW_LIMIT` ahead
+of it is clamped to ``high_water + SKEW_LIMIT`` (and a checkout's deadline moved back by the same
+amount), counted in ``appconnector_pool_clock_skew`` and logged: a proposer with a fast clock cannot
+reclaim addresses early. DESIGN.md says "applied with the high-water time"; taken literally that freezes
+time for good after any quiet spell longer than five minutes (every later command would be "ahead"), so
+the mark may advance by at most five minutes per command instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import logging
+import math
+import struct
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sortedcontainers import SortedList
+
+from appconnector import metrics
+from appconnector.pool.addresses import AddressSpace, format_address
+from appconnector.pool.api import Address, Changes, MappingView, PoolError, PoolExhausted, Targets
+
+log = logging.getLogger("appconnector.pool.state")
+
+SKEW_LIMIT = 300.0
+"""Seconds a command time may run ahead of the high-water mark before it is clamped."""
+
+SNAPSHOT_MAGIC = b"ACPOOL"
+SNAPSHOT_VERSION = 1
+
+_OFFSET_BITS = 32
+_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
+_DOUBLE = struct.Struct("<d")
+_HEADER = struct.Struct("<6sHdI")  # magic, version, high_water, number of prefixes
+_U32 = struct.Struct("<I")
+_TARGET_HEAD = struct.Struct("<IddI")  # domain index, ttl, updated, number of addresses
+_NODE_HEAD = struct.Struct("<II")  # name length, number of mappings
+_DIGEST_SIZE = 32
+
+Request = tuple[str, str, Targets, float]
+"""One checkout request: (node, domain, targets, ttl)."""
+
+Touch = tuple[str, Address, str, float]
+"""One last-used mark: (node, address, domain, at)."""
+
+
+class InvalidCommand(PoolError):
+    """A command or request the state cannot read (wrong shape or types). Nothing was changed."""
+
+
+def _lru_key(last_used: float, offset: int) -> int:
+    """One int ordering (last_used, offset): for non-negative floats the IEEE bits sort like the values.
+
+    A single int costs about half a (float, int) tuple, which matters at a million mappings.
+    """
+    return (int.from_bytes(_DOUBLE.pack(last_used), "little") << _OFFSET_BITS) | offset
+
+
+def _key_time(key: int) -> float:
+    t: float = _DOUBLE.unpack((key >> _OFFSET_BITS).to_bytes(8, "little"))[0]
+    return t
+
+
+def _finite_time(value: object) -> float | None:
+    """``value`` as a non-negative finite float, or None if it is not one (bools are not times)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        return None
+    return t + 0.0  # -0.0 → 0.0, so equal times have equal keys
+
+
+def _clean_targets(targets: object) -> Targets | None:
+    """Sorted, de-duplicated IPv4 integers, or None if ``targets`` is not a sequence of them."""
+    if not isinstance(targets, tuple | list):
+        return None
+    out = set()
+    for a in targets:
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= 0xFFFFFFFF:
+            return None
+        out.add(a)
+    return tuple(sorted(out))
+
+
+def _text(value: object) -> str | None:
+    """An interned plain str (domains and nodes repeat across many mappings), or None if not text."""
+    if not isinstance(value, str):
+        return None
+    return sys.intern(str.__str__(value))
+
+
+class _Node:
+    """One node's mappings. ``owner[o]`` is the domain at offset ``o`` (None: free or reserved)."""
+
+    __slots__ = ("by_domain", "free", "lru", "owner", "used")
+
+    def __init__(self) -> None:
+        self.by_domain: dict[str, int] = {}  # domain → offset
+        self.owner: list[str | None] = [None]  # offset → domain; index 0 is the DNS address
+        self.used: array[float] = array("d", [0.0])  # offset → last used
+        self.lru: SortedList = SortedList()  # _lru_key(last_used, offset) of every mapping
+        self.free: list[int] = []  # heap: offsets below len(owner) that are free (lazy: re-checked on pop)
+
+    @property
+    def cursor(self) -> int:
+        """Lowest offset this node has never reached."""
+        return len(self.owner)
+
+
+class PoolState:
+    """The replicated pool. Not thread-safe: replicas apply under a lock and read under the same lock."""
+
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        self.space = AddressSpace(prefixes)
+        self._nodes: dict[str, _Node] = {}
+        self._domain_refs: dict[str, int] = {}  # domain → number of mappings holding it
+        self._targets: dict[str, tuple[Targets, float, float]] = {}  # domain → (addresses, ttl, updated)
+        self._excluded: set[int] = set()  # offsets the allocator skips
+        self._high_water = 0.0  # 0.0: no command time seen yet
+        self._mappings = 0
+        self.clock_skew_events = 0  # since this object was made (not replicated state)
+
+    # ---- dispatch -------------------------------------------------------------------------------------
+
+    def apply(self, command: tuple[Any, ...]) -> tuple[object, Changes]:
+        """Apply one command tuple; returns (result, what changed). Never raises for bad input: a
+        malformed command changes nothing and returns an :class:`InvalidCommand` as its result."""
+        changes = Changes()
+        try:
+            name = command[0]
+            if name == "checkout_batch":
+                _, requests, now, deadline = command
+                return self._checkout_batch(requests, now, deadline, changes), changes
+            if name == "touch_batch":
+                _, touches = command
+                self._touch_batch(touches)
+            elif name == "set_targets":
+                _, domain, targets, ttl, now = command
+                self._set_targets(domain, targets, ttl, now, changes)
+            elif name == "forget":
+                _, nodes, now = command
+                self._forget(nodes, now, changes)
+            elif name == "set_excluded":
+                _, addresses, now = command
+                self._set_excluded(addresses, now, changes)
+            else:
+                raise InvalidCommand(f"unknown pool command {name!r}")
+        except InvalidCommand as e:
+            log.warning("pool: ignored command: %s", e)
+            return e, changes
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            # Unpacking a malformed tuple; no state was touched before the shape was known.
+            err = InvalidCommand(f"malformed pool command {_describe(command)}: {e}")
+            log.warning("pool: ignored command: %s", err)
+            return err, changes
+        return None, changes
+
+    # ---- typed commands ---------------------------------------------------------------------------------
+
+    def checkout_batch(self, requests: Sequence[Request], now: float, reuse_deadline: float
+                       ) -> tuple[list[int | PoolError], Changes]:
+        result, changes = self.apply(("checkout_batch", tuple(requests), now, reuse_deadline))
+        if isinstance(result, InvalidCommand):
+            raise result
+        assert isinstance(result, list)
+        return result, changes
+
+    def touch_batch(self, touches: Sequence[Touch]) -> Changes:
+        return self._typed(("touch_batch", tuple(touches)))
+
+    def set_targets(self, domain: str, targets: Targets, ttl: float, now: float) -> Changes:
+        return self._typed(("set_targets", domain, targets, ttl, now))
+
+    def forget(self, nodes: Sequence[str], now: float) -> Changes:
+        return self._typed(("forget", tuple(nodes), now))
+
+    def set_excluded(self, addresses: Iterable[Address], now: float) -> Changes:
+        return self._typed(("set_excluded", tuple(addresses), now))
+
+    def _typed(self, command: tuple[Any, ...]) -> Changes:
+        result, changes = self.apply(command)
+        if isinstance(result, InvalidCommand):
+            raise result
+        return changes
+
+    # ---- time -------------------------------------------------------------------------------------------
+
+    def _admit(self, value: object, what: str) -> tuple[float, float] | None:
+        """(time to use, how far it was pulled back) for a command time; None if it is not a time.
+
+        Advances the high-water mark.
+        """
+        t = _finite_time(value)
+        if t is None:
+            return None
+        shift = 0.0
+        if self._high_water and t > self._high_water + SKEW_LIMIT:
+            shift = t - (self._high_water + SKEW_LIMIT)
+            t = self._high_water + SKEW_LIMIT
+            self.clock_skew_events += 1
+            metrics.POOL_CLOCK_SKEW.inc()
+            n = self.clock_skew_events
+            if n & (n - 1) == 0 or n % 1000 == 0:  # log the 1st, 2nd, 4th, ... and every 1000th
+                log.warning("pool: %s time is %.1f s ahead of the pool's clock (high-water %.3f); "
+                            "applied as %.3f (clock skew events: %d)", what, shift + SKEW_LIMIT,
+                            self._high_water, t, n)
+        if t > self._high_water:
+            self._high_water = t
+        return t, shift
+
+    # ---- checkout ---------------------------------------------------------------------------------------
+
+    def _checkout_batch(self, requests: object, now: object, deadline: object,
+                        changes: Changes) -> list[int | PoolError]:
+        if not isinstance(requests, tuple | list):
+            raise InvalidCommand(f"checkout_batch requests must be a tuple, not {type(requests).__name__}")
+        admitted = self._admit(now, "checkout")
+        if admitted is None:
+            raise InvalidCommand(f"checkout_batch time {now!r} is not a non-negative number")
+        t, shift = admitted
+        if t < self._high_water:
+            t = self._high_water  # a slow proposer's checkout still counts as use "now"
+        d = deadline if not isinstance(deadline, bool) and isinstance(deadline, int | float) else None
+        if d is None or not math.isfinite(d):
+            d = -math.inf  # no usable deadline: reuse nothing
+        d = float(d) - shift
+        results: list[int | PoolError] = []
+        counts = {"hit": 0, "new": 0, "reused": 0, "exhausted": 0, "error": 0}
+        for req in requests:
+            results.append(self._checkout_one(req, t, d, changes, counts))
+        for result, n in counts.items():
+            if n:
+                metrics.POOL_CHECKOUTS.labels(result).inc(n)
+        if counts["exhausted"]:
+            metrics.POOL_EXHAUSTED.inc(counts["exhausted"])
+        return results
+
+    def _checkout_one(self, req: object, now: float, deadline: float, changes: Changes,
+                      counts: dict[str, int]) -> int | PoolError:
+        if not isinstance(req, tuple | list) or len(req) != 4:
+            counts["error"] += 1
+            return InvalidCommand(f"checkout request must be (node, domain, targets, ttl), got {_describe(req)}")
+        node, domain, targets, ttl = _text(req[0]), _text(req[1]), _clean_targets(req[2]), _finite_time(req[3])
+        if node is None or domain is None or targets is None or ttl is None:
+            counts["error"] += 1
+            return InvalidCommand(f"checkout request has bad fields: {_describe(req)}")
+        n = self._nodes.get(node)
+        offset = n.by_domain.get(domain) if n is not None else None
+        if n is not None and offset is not None:
+            counts["hit"] += 1
+            self._mark_used(n, offset, now)
+        else:
+            if n is None:
+                n = _Node()
+            offset = self._take_free(n)
+            if offset is not None:
+                counts["new"] += 1
+            else:
+                offset = self._take_expired(n, deadline, node, changes)
+                if offset is None:
+                    counts["exhausted"] += 1
+                    return PoolExhausted(node, domain)
+                counts["reused"] += 1
+            self._nodes[node] = n
+            self._map(node, n, offset, domain, now, changes)
+        if targets and domain not in self._targets:
+            self._targets[domain] = (targets, ttl, now)
+            changes.targets[domain] = targets
+        return self.space.address(offset)
+
+    def _take_free(self, n: _Node) -> int | None:
+        """Pop the node's lowest free offset: a freed one below the cursor, else the cursor itself."""
+        while n.free:
+            o = heapq.heappop(n.free)
+            if n.owner[o] is None and o not in self._excluded:
+                return o
+        excluded, owner, used, size = self._excluded, n.owner, n.used, self.space.size
+        while len(owner) < size:
+            o = len(owner)
+            owner.append(None)
+            used.append(0.0)
+            if o not in excluded:
+                return o
+        return None
+
+    def _take_expired(self, n: _Node, deadline: float, node: str, changes: Changes) -> int | None:
+        """Unmap and return the node's least recently used offset if its last use is before deadline."""
+        if not n.lru:
+            return None
+        key = n.lru[0]
+        if not _key_time(key) < deadline:
+            return None
+        offset: int = key & _OFFSET_MASK
+        self._unmap(node, n, offset, changes)
+        return offset
+
+    def _map(self, node: str, n: _Node, offset: int, domain: str, now: float, changes: Changes) -> None:
+        n.owner[offset] = domain
+        n.used[offset] = now
+        n.by_domain[domain] = offset
+        n.lru.add(_lru_key(now, offset))
+        self._domain_refs[domain] = self._domain_refs.get(domain, 0) + 1
+        self._mappings += 1
+        changes.added.append((node, self.space.address(offset), domain))
+
+    def _unmap(self, node: str, n: _Node, offset: int, changes: Changes) -> None:
+        """Remove one mapping; the offset stays below the cursor and is NOT put on the free heap (callers
+        decide: a reused offset is taken at once, an excluded one must not be handed out)."""
+        domain = n.owner[offset]
+        assert domain is not None
+        n.lru.remove(_lru_key(n.used[offset], offset))
+        del n.by_domain[domain]
+        n.owner[offset] = None
+        n.used[offset] = 0.0
+        self._mappings -= 1
+        refs = self._domain_refs[domain] - 1
+        if refs:
+            self._domain_refs[domain] = refs
+        else:
+            del self._domain_refs[domain]
+            if self._targets.pop(domain, None) is not None:
+                changes.targets[domain] = ()  # nobody maps it any more: its targets go too
+        changes.removed.append((node, self.space.address(offset), domain))
+
+    def _mark_used(self, n: _Node, offset: int, at: float) -> None:
+        old = n.used[offset]
+        if at > old:
+            n.lru.remove(_lru_key(old, offset))
+            n.used[offset] = at
+            n.lru.add(_lru_key(at, offset))
+
+    # ---- other commands ---------------------------------------------------------------------------------
+
+    def _touch_batch(self, touches: object) -> None:
+        if not isinstance(touches, tuple | list):
+            raise InvalidCommand(f"touch_batch entries must be a tuple, not {type(touches).__name__}")
+        bad = 0
+        for entry in touches:
+            if not isinstance(entry, tuple | list) or len(entry) != 4:
+                bad += 1
+                continue
+            node, address, domain = entry[0], entry[1], entry[2]
+            admitted = self._admit(entry[3], "touch")
+            if admitted is None or isinstance(address, bool) or not isinstance(address, int):
+                bad += 1
+                continue
+            n = self._nodes.get(node) if isinstance(node, str) else None
+            offset = self.space.offset(address) if n is not None else None
+            if n is None or offset is None or offset >= n.cursor or n.owner[offset] != domain:
+                continue  # unknown, reassigned or never mapped: nothing to mark
+            self._mark_used(n, offset, admitted[0])
+        if bad:
+            log.warning("pool: touch_batch skipped %d malformed entries", bad)
+
+    def _set_targets(self, domain: object, targets: object, ttl: object, now: object, changes: Changes) -> None:
+        d, clean, t_ttl = _text(domain), _clean_targets(targets), _finite_time(ttl)
+        admitted = self._admit(now, "set_targets")
+        if d is None or clean is None or t_ttl is None or admitted is None:
+            raise InvalidCommand(f"set_targets has bad fields: {_describe((domain, targets, ttl, now))}")
+        if d not in self._domain_refs:
+            return  # nobody maps it (forgotten or reassigned meanwhile): keep no targets for it
+        old = self._targets.get(d)
+        if not clean:
+            if old is not None:
+                del self._targets[d]
+                changes.targets[d] = ()
+            return
+        self._targets[d] = (clean, t_ttl, admitted[0])
+        if old is None or old[0] != clean:
+            changes.targets[d] = clean
+
+    def _forget(self, nodes: object, now: object, changes: Changes) -> None:
+        if not isinstance(nodes, tuple | list) or self._admit(now, "forget") is None:
+            raise InvalidCommand(f"forget has bad fields: {_describe((nodes, now))}")
+        for node in nodes:
+            n = self._nodes.pop(node, None) if isinstance(node, str) else None
+            if n is None:
+                continue
+            count = len(n.by_domain)
+            for offset in sorted(n.by_domain.values()):
+                self._unmap(node, n, offset, changes)
+            log.info("pool: forgot node %s (%d mappings)", node, count)
+
+    def _set_excluded(self, addresses: object, now: object, changes: Changes) -> None:
+        if not isinstance(addresses, tuple | list | set | frozenset) or self._admit(now, "set_excluded") is None:
+            raise InvalidCommand(f"set_excluded has bad fields: {_describe((addresses, now))}")
+        new: set[int] = set()
+        for a in addresses:
+            if isinstance(a, bool) or not isinstance(a, int):
+                raise InvalidCommand(f"set_excluded: {a!r} is not an IPv4 integer")
+            o = self.space.offset(a)
+            if o is not None and o != 0:  # outside the pool or the DNS address: nothing to skip
+                new.add(o)
+        added, lifted = sorted(new - self._excluded), sorted(self._excluded - new)
+        self._excluded = new
+        for o in added:
+            for node in sorted(self._nodes):
+                n = self._nodes[node]
+                if o < n.cursor and n.owner[o] is not None:
+                    log.warning("pool: %s is held by a tailnet node: dropping its mapping for node %s (%s)",
+                                format_address(self.space.address(o)), node, n.owner[o])
+                    self._unmap(node, n, o, changes)
+                    if not n.by_domain:
+                        del self._nodes[node]
+        for o in lifted:
+            for n in self._nodes.values():
+                if o < n.cursor and n.owner[o] is None:
+                    heapq.heappush(n.free, o)
+        if added:
+            log.warning("pool: %d pool addresses are held by tailnet nodes and will not be handed out "
+                        "(choose a pool outside the tailnet's own addresses)", len(new))
+
+    # ---- reads ------------------------------------------------------------------------------------------
+
+    def lookup(self, node: str, domain: str) -> tuple[Address, float] | None:
+        n = self._nodes.get(node)
+        offset = n.by_domain.get(domain) if n is not None else None
+        if n is None or offset is None:
+            return None
+        return self.space.address(offset), n.used[offset]
+
+    def domain_for(self, node: str, address: Address) -> str | None:
+        n = self._nodes.get(node)
+        offset = self.space.offset(address) if n is not None else None
+        if n is None or offset is None or offset >= n.cursor:
+            return None
+        return n.owner[offset]
+
+    def targets(self, domain: str) -> Targets:
+        entry = self._targets.get(domain)
+        return entry[0] if entry is not None else ()
+
+    def target_info(self, domain: str) -> tuple[Targets, float, float] | None:
+        """(addresses, ttl, time they were set) for ``domain``, or None: for the leader's TTL refresh."""
+        return self._targets.get(domain)
+
+    def domains(self) -> list[str]:
+        """Every domain some node maps, sorted."""
+        return sorted(self._domain_refs)
+
+    def mappings(self) -> Iterator[MappingView]:
+        for node, n in self._nodes.items():
+            for domain, offset in n.by_domain.items():
+                yield MappingView(node, domain, self.space.address(offset), n.used[offset])
+
+    def excluded(self) -> list[Address]:
+        return [self.space.address(o) for o in sorted(self._excluded)]
+
+    @property
+    def high_water(self) -> float:
+        return self._high_water
+
+    def stats(self) -> dict[str, int | float]:
+        max_use = max((len(n.by_domain) for n in self._nodes.values()), default=0)
+        return {
+            "mappings": self._mappings,
+            "nodes": len(self._nodes),
+            "domains": len(self._domain_refs),
+            "targets": len(self._targets),
+            "pool_size": self.space.usable,
+            "excluded": len(self._excluded),
+            "max_node_use": max_use,
+            "max_node_use_ratio": max_use / self.space.usable,
+            "high_water": self._high_water,
+            "clock_skew_events": self.clock_skew_events,
+        }
+
+    def publish_metrics(self) -> None:
+        """Set the pool gauges from :meth:`stats` (O(nodes): call it periodically, not per command)."""
+        s = self.stats()
+        metrics.POOL_MAPPINGS.set(s["mappings"])
+        metrics.POOL_NODES.set(s["nodes"])
+        metrics.POOL_NODE_USE.set(s["max_node_use_ratio"])
+        metrics.POOL_SIZE.set(s["pool_size"])
+
+    # ---- snapshot ---------------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Versioned, canonical encoding: equal states give equal bytes whatever their history."""
+        domains = sorted(set(self._domain_refs) | set(self._targets))
+        index = {d: i for i, d in enumerate(domains)}
+        out = bytearray(_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self._high_water, len(self.space.prefixes)))
+        for p in self.space.prefixes:
+            _put_blob(out, p.encode())
+        _put_u32_array(out, sorted(self.space.address(o) for o in self._excluded))
+        encoded = [d.encode("utf-8", "surrogatepass") for d in domains]
+        _put_u32_array(out, [len(e) for e in encoded])
+        out += b"".join(encoded)
+        out += _U32.pack(len(self._targets))
+        for d in sorted(self._targets):
+            addrs, ttl, updated = self._targets[d]
+            out += _TARGET_HEAD.pack(index[d], ttl, updated, len(addrs))
+            out += _le(array("I", addrs)).tobytes()
+        out += _U32.pack(len(self._nodes))
+        for node in sorted(self._nodes):
+            n = self._nodes[node]
+            offsets = [o for o, d in enumerate(n.owner) if d is not None]
+            name = node.encode("utf-8", "surrogatepass")
+            out += _NODE_HEAD.pack(len(name), len(offsets))
+            out += name
+            owner, used = n.owner, n.used
+            out += _le(array("I", offsets)).tobytes()
+            out += _le(array("I", [index[owner[o]] for o in offsets])).tobytes()  # type: ignore[index]
+            out += _le(array("d", [used[o] for o in offsets])).tobytes()
+        out += hashlib.sha256(out).digest()
+        return bytes(out)
+
+    def digest(self) -> str:
+        """sha256 of :meth:`to_bytes`, hex: replicas that applied the same log agree on it."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, prefixes: Sequence[str]) -> PoolState:
+        """Restore a snapshot into a pool over ``prefixes``. ValueError on corrupt data or an unknown
+        version. If ``prefixes`` differ from the snapshot's, mappings (and exclusions) outside the new
+        pool, or on its DNS address, are dropped and logged."""
+        state = cls(prefixes)
+        try:
+            _Reader(bytes(data)).restore_into(state)
+        except (struct.error, UnicodeDecodeError, IndexError, OverflowError) as e:
+            raise ValueError(f"pool snapshot is corrupt: {e}") from None
+        return state
+
+    def _restore_node(self, node: str, offsets: Sequence[int], domains: list[str], used: Sequence[float]) -> None:
+        n = _Node()
+        top = offsets[-1]
+        owner: list[str | None] = [None] * (top + 1)
+        times = array("d", bytes(8 * (top + 1)))
+        for o, d, t in zip(offsets, domains, used, strict=True):
+            owner[o] = d
+            times[o] = t
+        n.owner, n.used = owner, times
+        n.by_domain = dict(zip(domains, offsets, strict=True))
+        n.lru = SortedList(_lru_key(t, o) for o, t in zip(offsets, used, strict=True))
+        excluded = self._excluded
+        n.free = [o for o in range(1, top) if owner[o] is None and o not in excluded]  # ascending: a valid heap
+        self._nodes[node] = n
+        refs = self._domain_refs
+        for d in domains:
+            refs[d] = refs.get(d, 0) + 1
+        self._mappings += len(offsets)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling (pysyncobj's forked compaction pickles the state) goes through the compact codec.
+        return (_unpickle, (self.to_bytes(), self.space.prefixes))
+
+
+def _unpickle(data: bytes, prefixes: Sequence[str]) -> PoolState:
+    return PoolState.from_bytes(data, prefixes)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _le(a: array[Any]) -> array[Any]:
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a
+
+
+def _put_blob(out: bytearray, blob: bytes) -> None:
+    out += _U32.pack(len(blob))
+    out += blob
+
+
+def _put_u32_array(out: bytearray, values: list[int]) -> None:
+    out += _U32.pack(len(values))
+    out += _le(array("I", values)).tobytes()
+
+
+class _Reader:
+    """Parses and checks one snapshot; raises ValueError saying what is wrong."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < _HEADER.size + _DIGEST_SIZE or data[:6] != SNAPSHOT_MAGIC:
+            raise ValueError("not a pool snapshot (bad magic or too short)")
+        body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+        _, version, _, _ = _HEADER.unpack_from(body, 0)
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"pool snapshot version {version} is not supported (this build reads "
+                             f"version {SNAPSHOT_VERSION})")
+        if hashlib.sha256(body).digest() != digest:
+            raise ValueError("pool snapshot checksum mismatch (corrupt or truncated)")
+        self.data = body
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("pool snapshot is truncated")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u32(self) -> int:
+        value: int = _U32.unpack(self.take(4))[0]
+        return value
+
+    def array(self, code: str, count: int) -> array[Any]:
+        a = array(code)
+        a.frombytes(self.take(count * a.itemsize))
+        return _le(a)
+
+    def restore_into(self, state: PoolState) -> None:
+        _, _, high_water, nprefixes = _HEADER.unpack(self.take(_HEADER.size))
+        if _finite_time(high_water) is None:
+            raise ValueError(f"pool snapshot has a bad high-water time {high_water!r}")
+        old_prefixes = [self.take(self.u32()).decode() for _ in range(nprefixes)]
+        try:
+            old = AddressSpace(old_prefixes)
+        except ValueError as e:
+            raise ValueError(f"pool snapshot has bad prefixes: {e}") from None
+        new = state.space
+        same_pool = old == new
+        excluded_addrs = self.array("I", self.u32())
+        lengths = self.array("I", self.u32())
+        domains: list[str] = []
+        for length in lengths:
+            domains.append(sys.intern(self.take(length).decode("utf-8", "surrogatepass")))
+        if len(set(domains)) != len(domains):
+            raise ValueError("pool snapshot repeats a domain")
+        dropped_excluded = 0
+        for a in excluded_addrs:
+            if old.offset(a) in (None, 0):
+                raise ValueError(f"pool snapshot excludes {format_address(a)}, outside its pool")
+            o = new.offset(a)
+            if o is None or o == 0:
+                dropped_excluded += 1
+            else:
+                state._excluded.add(o)
+        targets: dict[str, tuple[Targets, float, float]] = {}
+        for _ in range(self.u32()):
+            di, ttl, updated, count = _TARGET_HEAD.unpack(self.take(_TARGET_HEAD.size))
+            addrs = tuple(self.array("I", count))
+            if di >= len(domains) or _finite_time(ttl) is None or _finite_time(updated) is None:
+                raise ValueError("pool snapshot has a bad targets entry")
+            targets[domains[di]] = (addrs, ttl, updated)
+        dropped = 0
+        previous_node: str | None = None
+        for _ in range(self.u32()):
+            name_len, count = _NODE_HEAD.unpack(self.take(_NODE_HEAD.size))
+            node = sys.intern(self.take(name_len).decode("utf-8", "surrogatepass"))
+            if previous_node is not None and node <= previous_node:
+                raise ValueError("pool snapshot nodes are not in order")
+            previous_node = node
+            offsets = self.array("I", count)
+            dom_idx = self.array("I", count)
+            used = self.array("d", count)
+            if count == 0:
+                raise ValueError(f"pool snapshot has an empty node {node!r}")
+            if any(b <= a for a, b in itertools.pairwise(offsets)):
+                raise ValueError(f"pool snapshot offsets of node {node!r} are not strictly ascending")
+            if offsets[0] == 0 or offsets[-1] >= old.size:
+                raise ValueError(f"pool snapshot maps node {node!r} outside its pool")
+            if max(dom_idx) >= len(domains) or len(set(dom_idx)) != count:
+                raise ValueError(f"pool snapshot has bad or repeated domains for node {node!r}")
+            if not all(_finite_time(t) is not None for t in used):
+                raise ValueError(f"pool snapshot has a bad last-used time for node {node!r}")
+            if not same_pool:
+                kept = []
+                for o, di, t in zip(offsets, dom_idx, used, strict=True):
+                    no = new.offset(old.address(o))
+                    if no is None or no == 0 or no in state._excluded:
+                        dropped += 1
+                    else:
+                        kept.append((no, di, t))
+                if not kept:
+                    continue
+                offsets = array("I", [k[0] for k in kept])
+                dom_idx = array("I", [k[1] for k in kept])
+                used = array("d", [k[2] for k in kept])
+            elif any(o in state._excluded for o in offsets):
+                raise ValueError(f"pool snapshot maps node {node!r} to an excluded address")
+            state._restore_node(node, offsets, [domains[i] for i in dom_idx], used)
+        if self.pos != len(self.data):
+            raise ValueError("pool snapshot has trailing bytes")
+        state._high_water = high_water
+        state._targets = {d: v for d, v in targets.items() if d in state._domain_refs}
+        if dropped or dropped_excluded or len(state._targets) != len(targets):
+            log.warning("pool: restored a snapshot of pool %s into pool %s: dropped %d mappings and %d "
+                        "exclusions outside the new pool", list(old.prefixes), list(new.prefixes),
+                        dropped, dropped_excluded)
