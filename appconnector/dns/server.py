@@ -1,0 +1,160 @@
+"""UDP and TCP listeners (asyncio; uvloop when the application installs it).
+
+Each datagram first tries the handler's synchronous fast path, answered inside the read callback;
+everything else becomes a task on the general (async) path. TCP follows RFC 7766: two-byte length
+framing, several queries per connection, an idle timeout. ``stop`` stops reading, lets the queries
+already in flight finish (up to a deadline), then closes the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from appconnector.dns.ratelimit import RateLimitedLog
+from appconnector.metrics import DNS_MALFORMED
+
+log = logging.getLogger(__name__)
+_errors = RateLimitedLog(log)
+
+TCP_IDLE_TIMEOUT = 10.0
+MAX_INFLIGHT = 10_000       # general-path tasks at once; beyond that UDP queries are dropped (the client retries)
+UDP_BUFFER = 4 << 20
+
+
+class QueryHandler(Protocol):
+    def fast_answer(self, data: bytes, ip: str) -> bytes | None:
+        """A ready answer or None. Must not raise."""
+
+    def answer(self, data: bytes, ip: str, transport: str) -> Awaitable[bytes | None]:
+        """The answer (None: send nothing). Must not raise."""
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self._server = server
+        self._fast = server.handler.fast_answer
+        self.transport: asyncio.DatagramTransport | None = None
+        self.accepting = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's UDPTransport is not a subclass
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if not self.accepting:
+            return
+        try:
+            reply = self._fast(data, addr[0])
+        except Exception:  # the fast path must never take the listener down
+            _errors.exception("fast-path", "DNS fast path failed on a %d-byte query", len(data))
+            reply = None
+        if reply is not None:
+            assert self.transport is not None
+            self.transport.sendto(reply, addr)
+            return
+        self._server.spawn(self._general(data, addr))
+
+    async def _general(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        reply = await self._server.handler.answer(data, addr[0], "udp")
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        _errors.warning("udp-error", "DNS UDP socket error: %s", exc)
+
+
+class DnsServer:
+    """Listeners on ``addresses`` (``[(ip, port)]``; port 0 picks a free port, see ``bound``)."""
+
+    def __init__(self, handler: QueryHandler, addresses: list[tuple[str, int]]) -> None:
+        self.handler = handler
+        self.addresses = addresses
+        self.bound: list[tuple[str, int]] = []
+        self._udp: list[_UdpProtocol] = []
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = True
+
+    def spawn(self, coro: Any) -> None:
+        if not self._accepting or len(self._tasks) >= MAX_INFLIGHT:
+            coro.close()
+            return
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port in self.addresses:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+                sock.bind((host, port))
+                port = sock.getsockname()[1]
+                _, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+                self._udp.append(proto)
+                tcp = await asyncio.start_server(self._tcp_connection, host, port, reuse_address=True)
+                self._tcp.append(tcp)
+                self.bound.append((host, port))
+        except BaseException:
+            await self.stop(drain_timeout=0)
+            raise
+        log.info("DNS listening on %s (UDP and TCP)", ", ".join(f"{h}:{p}" for h, p in self.bound))
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop taking queries, finish those in flight (up to ``drain_timeout``), close the sockets."""
+        self._accepting = False
+        for proto in self._udp:
+            proto.accepting = False
+        for tcp in self._tcp:
+            tcp.close()
+        if self._tasks and drain_timeout > 0:
+            await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+        for proto in self._udp:
+            if proto.transport is not None:
+                proto.transport.close()
+        for tcp in self._tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(tcp.wait_closed(), 1.0)
+        self._udp.clear()
+        self._tcp.clear()
+
+    async def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # so stop() waits for (or cancels) open connections too
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        try:
+            while self._accepting:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                    (length,) = struct.unpack("!H", head)
+                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                reply = self.handler.fast_answer(data, ip)
+                if reply is None:
+                    reply = await self.handler.answer(data, ip, "tcp")
+                if reply is None:
+                    DNS_MALFORMED.labels("tcp").inc()
+                    return  # nothing sensible to say: close, as RFC 7766 allows
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except Exception:
+            _errors.exception("tcp", "DNS TCP connection from %s failed", ip)
+        finally:
+            writer.close()

@@ -1,0 +1,248 @@
+"""The DNS service: listeners + answer policy + upstream resolver + pool checkout, wired together.
+
+    service = DnsService(cfg, replica, identity)     # nat_ready optional, see below
+    await service.start()                            # binds cfg.dns_listen() (UDP and TCP)
+    ...
+    await service.stop()                             # stops reading, drains queries in flight
+
+``nat_ready(node, address)``, when given, is awaited after a new checkout and before the answer goes
+out, for a NAT layer that installs mappings asynchronously (the first packet must find its steer
+element). The replica already calls observers before ``checkout`` returns, so an in-process NAT
+mirror needs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from appconnector.config import Config, parse_hostport, pool_networks
+from appconnector.dns import wire
+from appconnector.dns.fastpath import FastPath
+from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
+from appconnector.dns.ratelimit import RateLimitedLog
+from appconnector.dns.server import DnsServer
+from appconnector.dns.upstream import UpstreamResolver
+from appconnector.metrics import (
+    DNS_FAST_PATH,
+    DNS_FIRST_ANSWER,
+    DNS_LOOPS,
+    DNS_MALFORMED,
+    DNS_QUERIES,
+    DNS_SERVFAIL,
+    DNS_UNKNOWN_CLIENTS,
+)
+from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable
+from appconnector.pool.names import normalise_domain
+from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
+
+log = logging.getLogger(__name__)
+
+NatReady = Callable[[str, Address], Awaitable[None]]
+NAT_READY_TIMEOUT = 2.0
+DEFAULT_REFRESH = 300.0  # upstream natc touches at most every 5 min
+
+
+def refresh_interval(reuse_after: float) -> float:
+    """How stale a stored last-used may get before a DNS hit sends a touch (DESIGN §3)."""
+    return min(DEFAULT_REFRESH, reuse_after / 8)
+
+
+class DnsService:
+    """Answers A/AAAA for app domains with pool addresses (DESIGN §4). See the module docstring."""
+
+    def __init__(self, cfg: Config, replica: Replica, identity: NodeIdentity,
+                 nat_ready: NatReady | None = None, *, upstream: UpstreamResolver | None = None) -> None:
+        self.cfg = cfg
+        self.replica = replica
+        self.identity = identity
+        self.nat_ready = nat_ready
+        self.policy = AnswerPolicy(ttl=int(cfg.dns.ttl), allow=DomainAllowList(cfg.dns.domains))
+        servers = [_hostport(s) for s in cfg.dns.upstream]
+        self.upstream = upstream if upstream is not None else UpstreamResolver(servers)
+        self._pool_nets = pool_networks(cfg.pool.prefixes)
+        self._ignore_nets = [ipaddress.ip_network(p, strict=False) for p in cfg.pool.ignore_destinations]
+        self.fast = FastPath(identity.cached, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time())
+        self.server = DnsServer(self, cfg.dns_listen())
+        self._errors = RateLimitedLog(log)
+        self._clock_task: asyncio.Task[None] | None = None
+        self._fast_reported = 0
+        self._fast_queries = DNS_QUERIES.labels("fast", "NOERROR")
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        """Where the listeners are (the real ports when the config asked for port 0)."""
+        return self.server.bound
+
+    async def start(self) -> None:
+        self.replica.add_observer(self.fast)
+        self._clock_task = asyncio.get_running_loop().create_task(self._tick())
+        try:
+            await self.server.start()
+        except BaseException:
+            self._clock_task.cancel()
+            raise
+        if not self.upstream.servers and self.cfg.dns.verify_upstream:
+            log.warning("DNS: no upstream resolvers (dns.upstream empty, none in /etc/resolv.conf): "
+                        "every new name gets SERVFAIL")
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+            await asyncio.gather(self._clock_task, return_exceptions=True)
+        self._report_fast()
+
+    async def _tick(self) -> None:
+        """Advance the fast path's coarse clock and publish its counters once a second."""
+        while True:
+            self.fast.now = time.time()
+            self._report_fast()
+            await asyncio.sleep(1.0)
+
+    def _report_fast(self) -> None:
+        hits = self.fast.hits
+        if hits != self._fast_reported:
+            DNS_FAST_PATH.inc(hits - self._fast_reported)
+            self._fast_queries.inc(hits - self._fast_reported)
+            self._fast_reported = hits
+
+    # ---- QueryHandler --------------------------------------------------------------------------------
+
+    def fast_answer(self, data: bytes, ip: str) -> bytes | None:
+        return self.fast.answer(data, ip)
+
+    async def answer(self, data: bytes, ip: str, transport: str) -> bytes | None:
+        """The general path: parse, decide, look up, encode. Never raises."""
+        try:
+            query = wire.parse_query(data)
+        except wire.Malformed as e:
+            DNS_MALFORMED.labels(transport).inc()
+            self._errors.info("malformed", "DNS: dropped a %d-byte message from %s: %s", len(data), ip, e)
+            return None
+        except wire.FormatError as e:
+            DNS_MALFORMED.labels(transport).inc()
+            self._errors.info("formerr", "DNS: FORMERR to %s: %s", ip, e)
+            DNS_QUERIES.labels(transport, "FORMERR").inc()
+            return wire.encode_error(e.ident, e.flags, wire.FORMERR)
+        started = time.perf_counter()
+        try:
+            reply, fresh = await self._reply(query, ip)
+        except Exception:
+            self._errors.exception("internal", "DNS: internal error answering %s", ip)
+            DNS_SERVFAIL.labels("internal").inc()
+            reply, fresh = Reply(wire.SERVFAIL), False
+        if fresh:
+            DNS_FIRST_ANSWER.observe(time.perf_counter() - started)
+        limit = wire.udp_limit(query) if transport == "udp" else None
+        DNS_QUERIES.labels(transport, wire.RCODE_NAMES.get(reply.rcode, str(reply.rcode))).inc()
+        return wire.encode_response(query, reply.rcode, reply.answers, reply.authority, udp_limit=limit)
+
+    # ---- the decision ---------------------------------------------------------------------------------
+
+    async def _reply(self, q: wire.Query, ip: str) -> tuple[Reply, bool]:
+        """The reply and whether a new mapping was checked out for it."""
+        early = self.policy.precheck(q)
+        if early is not None:
+            return early, False
+        domain = q.domain()
+        if domain is not None:
+            try:
+                domain = normalise_domain(domain)
+            except ValueError:
+                domain = None
+        if not self.policy.domain_allowed(domain):
+            return Reply(wire.REFUSED), False
+        assert domain is not None
+        try:
+            info = self.identity.cached(ip) or await self.identity.whois(ip)
+        except TailnetUnavailable as e:
+            self._errors.warning("tailnet", "DNS: SERVFAIL, cannot ask tailscaled who %s is: %s", ip, e)
+            DNS_SERVFAIL.labels("tailnet").inc()
+            return Reply(wire.SERVFAIL), False
+        if info is None:
+            DNS_UNKNOWN_CLIENTS.inc()
+            self._errors.info("stranger", "DNS: REFUSED %s: not a tailnet node", ip)
+            return Reply(wire.REFUSED), False
+        if q.qtype not in (wire.TYPE_A, wire.TYPE_AAAA):
+            return self.policy.local(q.qtype), False
+        return await self._address(q, info, domain)
+
+    async def _address(self, q: wire.Query, info: NodeInfo, domain: str) -> tuple[Reply, bool]:
+        node = info.node
+        generation = self.fast.generation
+        known = self.replica.lookup(node, domain)
+        if known is not None:
+            address, last_used = known
+            now = time.time()
+            if now - last_used >= self.fast.refresh:
+                self.replica.touch(node, address, domain, now)
+                last_used = now
+            reply = self.policy.pool_answer(q.qtype, address)
+            self.fast.store(q, node, domain, address, last_used, reply.rcode, reply.answers, reply.authority,
+                            generation)
+            return reply, False
+
+        targets: tuple[Address, ...] = ()
+        ttl = float(self.cfg.dns.ttl)
+        if self.cfg.dns.verify_upstream:
+            res = await self.upstream.resolve(domain, wire.TYPE_A)
+            action = classify(res, self._pool_nets, self._ignore_nets)
+            if action is Action.FAILURE:
+                DNS_SERVFAIL.labels("upstream").inc()
+                self._errors.warning("upstream", "DNS: SERVFAIL for %s: upstream failed (%s)", domain, res.detail)
+                return Reply(wire.SERVFAIL), False
+            if action is Action.LOOP:
+                DNS_LOOPS.inc()
+                DNS_SERVFAIL.labels("loop").inc()
+                self._errors.warning(
+                    "loop", "DNS loop: upstream answered %s with pool address(es) %s; set dns.upstream to a "
+                    "resolver that does not forward app domains back to us (not 100.100.100.100)",
+                    domain, ", ".join(res.addresses))
+                return Reply(wire.SERVFAIL), False
+            if action is Action.NXDOMAIN:
+                return self.policy.nxdomain(res.ttl), False
+            if action is Action.NODATA:
+                return self.policy.nodata(res.ttl), False
+            if action is Action.PASS_THROUGH:
+                if q.qtype == wire.TYPE_A:
+                    return self.policy.real_records(q.qtype, res), False
+                res6 = await self.upstream.resolve(domain, wire.TYPE_AAAA)
+                if res6.kind == "nxdomain":  # the name has an A: never NXDOMAIN for its AAAA
+                    res6 = Resolution("nodata", ttl=res6.ttl)
+                if res6.kind == "failure":
+                    DNS_SERVFAIL.labels("upstream").inc()
+                return self.policy.real_records(q.qtype, res6), False
+            targets = tuple(sorted(int(ipaddress.IPv4Address(a)) for a in res.addresses))
+            ttl = float(res.ttl)
+        if q.qtype != wire.TYPE_A:
+            return self.policy.nodata(), False  # AAAA of a steerable name: no pool address spent on it
+        try:
+            address = await self.replica.checkout(node, domain, targets, ttl)
+        except PoolExhausted as e:
+            DNS_SERVFAIL.labels("exhausted").inc()
+            self._errors.warning("exhausted", "DNS: SERVFAIL for %s from %s: %s", domain, info.name or node, e)
+            return Reply(wire.SERVFAIL), False
+        except ReplicaUnavailable as e:
+            DNS_SERVFAIL.labels("unavailable").inc()
+            self._errors.warning("unavailable", "DNS: SERVFAIL for %s: pool unavailable (%s)", domain, e)
+            return Reply(wire.SERVFAIL), False
+        if self.nat_ready is not None:
+            try:
+                await asyncio.wait_for(self.nat_ready(node, address), NAT_READY_TIMEOUT)
+            except TimeoutError:
+                self._errors.warning("nat", "DNS: NAT not ready for %s after %.0fs; answering anyway",
+                                     domain, NAT_READY_TIMEOUT)
+        reply = self.policy.pool_answer(q.qtype, address)
+        self.fast.store(q, node, domain, address, time.time(), reply.rcode, reply.answers, reply.authority,
+                        generation)
+        return reply, True
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    return parse_hostport("dns.upstream", value, default_port=53)

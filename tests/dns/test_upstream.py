@@ -1,0 +1,82 @@
+"""The upstream resolver against real servers on loopback (Unbound, and the dnslib stub for failures)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dnslib
+
+from appconnector.dns import wire
+from appconnector.dns.policy import Resolution
+from appconnector.dns.upstream import UpstreamResolver, interpret, system_resolvers
+from tests.dns.conftest import StubUpstream, Unbound
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_answers_nxdomain_nodata_and_cache_by_ttl_and_soa_minimum(unbound: Unbound) -> None:
+    clock = FakeClock()
+    r = UpstreamResolver([("127.0.0.1", unbound.port)], clock=clock)
+
+    async def go() -> None:
+        ok = await r.resolve("app.test", wire.TYPE_A)
+        assert ok == Resolution("ok", ("192.0.2.10", "192.0.2.11"), 300)
+        nx = await r.resolve("nope.test", wire.TYPE_A)
+        assert nx.kind == "nxdomain" and nx.ttl == 60  # the zone's SOA minimum
+        nodata = await r.resolve("v6only.test", wire.TYPE_A)
+        assert nodata.kind == "nodata" and nodata.ttl == 60
+        six = await r.resolve("v6only.test", wire.TYPE_AAAA)
+        assert six.addresses == ("2001:db8::1",)
+        unbound_port, r.servers = r.servers, [("127.0.0.1", 9)]  # nothing listens: only the cache answers
+        clock.now += 59
+        assert (await r.resolve("nope.test", wire.TYPE_A)).kind == "nxdomain"
+        cached = await r.resolve("app.test", wire.TYPE_A)
+        assert cached.kind == "ok" and cached.ttl == 241  # the remaining TTL
+        clock.now += 2  # past the negative TTL, still inside the positive one
+        assert (await r.resolve("nope.test", wire.TYPE_A)).kind == "failure"
+        assert (await r.resolve("app.test", wire.TYPE_A)).kind == "ok"
+        r.servers = unbound_port
+    asyncio.run(go())
+
+
+def test_concurrent_lookups_of_one_name_share_one_query(stub: StubUpstream) -> None:
+    stub.mode, stub.delay = "delay", 0.2
+    r = UpstreamResolver([("127.0.0.1", stub.port)])
+
+    async def go() -> list[Resolution]:
+        return await asyncio.gather(*(r.resolve("same.example", wire.TYPE_A) for _ in range(20)))
+    results = asyncio.run(go())
+    assert all(x.addresses == ("192.0.2.99",) for x in results)
+    assert stub.queries == 1
+
+
+def test_silence_times_out_into_failure(stub: StubUpstream) -> None:
+    stub.mode = "silent"
+    r = UpstreamResolver([("127.0.0.1", stub.port)], timeout=0.2)
+    res = asyncio.run(r.resolve("x.example", wire.TYPE_A))
+    assert res.kind == "failure" and "timed out" in res.detail
+
+
+def test_interpret_follows_cname_chains_and_checks_the_question() -> None:
+    q = dnslib.DNSRecord.question("www.example", "A")
+    reply = q.reply()
+    reply.add_answer(dnslib.RR("www.example", dnslib.QTYPE.CNAME, rdata=dnslib.CNAME("edge.cdn.example"), ttl=300))
+    reply.add_answer(dnslib.RR("edge.cdn.example", dnslib.QTYPE.A, rdata=dnslib.A("203.0.113.5"), ttl=20))
+    reply.add_answer(dnslib.RR("unrelated.example", dnslib.QTYPE.A, rdata=dnslib.A("203.0.113.6"), ttl=20))
+    res = interpret(dnslib.DNSRecord.parse(reply.pack()), q.header.id, "www.example", wire.TYPE_A)
+    assert res == Resolution("ok", ("203.0.113.5",), 20)
+    other = interpret(dnslib.DNSRecord.parse(reply.pack()), q.header.id, "evil.example", wire.TYPE_A)
+    assert other.kind == "failure"
+
+
+def test_system_resolvers_reads_resolv_conf(tmp_path: object) -> None:
+    from pathlib import Path
+    p = Path(str(tmp_path)) / "resolv.conf"
+    p.write_text("# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch example\nnameserver bogus\n")
+    assert system_resolvers(str(p)) == [("192.0.2.53", 53), ("fe80::1", 53)]
