@@ -1,0 +1,355 @@
+"""The ``appconnector`` command.
+
+Exit codes (DESIGN.md §7), for scripts:
+  run            0 after SIGTERM/SIGINT, 2 bad config, 1 runtime failure
+  check-config   0 valid, 2 invalid (the message names the key)
+  status         0 healthy (ready), 1 unhealthy or unreachable, 2 bad usage
+  pool, cluster  0 done, 1 not found / refused / unreachable, 2 bad usage
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import ipaddress
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from appconnector import config, logs
+from appconnector.config import Config, ConfigError
+
+log = logging.getLogger("appconnector")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEMO_STATE_DIR = "./state"
+# upstream natc's ULA: fd7a:115c:a1e0:a99c::/64 with the site ID in bytes 8-9, a /80 per site
+ULA_BASE = ipaddress.IPv6Address("fd7a:115c:a1e0:a99c::")
+
+
+def ula(site_id: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network((int(ULA_BASE) | (site_id << 48), 80))
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+
+def config_path(arg: str | None) -> str | None:
+    return arg or os.environ.get("APPCONNECTOR_CONFIG") or None
+
+
+def load_config(arg: str | None) -> Config:
+    return config.load(config_path(arg))
+
+
+def validate_for_run(cfg: Config) -> None:
+    """Checks beyond parsing that need the filesystem: secret file, control-API credentials, DNS loops."""
+    from appconnector.tailnet.loops import check_upstreams
+    from appconnector.tailnet.routes import control_credentials
+
+    cfg.read_secret()
+    if not cfg.standalone:
+        control_credentials(cfg)
+        check_upstreams(cfg)
+
+
+def _config_error(e: ConfigError) -> int:
+    print(f"appconnector: bad config: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---- run ------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        logs.setup(args.log_level, args.log_format)
+    except ValueError as e:
+        print(f"appconnector: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    path = config_path(args.config)
+    try:
+        cfg = config.demo(state_dir=DEMO_STATE_DIR) if path is None else config.load(path)
+        validate_for_run(cfg)
+    except ConfigError as e:
+        log.error("bad config: %s", e, extra={"key": e.key})
+        return EXIT_USAGE
+    if path is None:
+        host, port = cfg.dns_listen()[0]
+        log.info("no config file (--config or APPCONNECTOR_CONFIG): starting the standalone single-node demo, "
+                 "state in %s, DNS on %s:%d, upstream verification off, NAT %s. Try: dig @%s -p %d example.com "
+                 "(or kdig @%s -p %d example.com)", DEMO_STATE_DIR, host, port,
+                 "on" if cfg.nat.enabled else "off (not root)", host, port, host, port)
+    try:
+        app = importlib.import_module("appconnector.app")
+    except ImportError as e:
+        log.error("appconnector.app is not available: %s", e)
+        return EXIT_FAIL
+    try:
+        code = asyncio.run(app.serve(cfg))
+    except ConfigError as e:
+        log.error("bad config: %s", e, extra={"key": e.key})
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        log.exception("appconnector failed")
+        return EXIT_FAIL
+    return int(code) if isinstance(code, int) else EXIT_OK
+
+
+# ---- check-config ---------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        cfg = config.load(path)
+        validate_for_run(cfg)
+    except ConfigError as e:
+        return _config_error(e)
+    nets = config.pool_networks(cfg.pool.prefixes)
+    size = sum(n.num_addresses for n in nets) - 1
+    print(f"ok: {cfg.source}: mode {cfg.tailnet.mode}, pool {', '.join(cfg.pool.prefixes)} ({size} addresses "
+          f"for nodes), DNS on {', '.join(f'{h}:{p}' for h, p in cfg.dns_listen())}, "
+          f"upstream {', '.join(cfg.dns.upstream) or 'from /etc/resolv.conf'}, "
+          f"NAT {'on' if cfg.nat.enabled else 'off'}, status on http://{cfg.http.listen}/")
+    if path is None:
+        print("note: no config file given (--config or APPCONNECTOR_CONFIG): checked the defaults "
+              "and APPCONNECTOR_* variables")
+    return EXIT_OK
+
+
+# ---- print-ula ------------------------------------------------------------------------------------
+
+
+def cmd_print_ula(args: argparse.Namespace) -> int:
+    if not 0 <= args.site_id <= 0xFFFF:
+        print("appconnector: --site-id must be 0..65535", file=sys.stderr)
+        return EXIT_USAGE
+    print(ula(args.site_id))
+    return EXIT_OK
+
+
+# ---- talking to a running instance ----------------------------------------------------------------
+
+
+class Unreachable(Exception):
+    pass
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    listen = args.http or load_config(args.config).http.listen
+    config.parse_hostport("--http" if args.http else "http.listen", listen)
+    return f"http://{listen}"
+
+
+def http_call(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """(HTTP status, decoded JSON) from the running instance; raises Unreachable."""
+    url = _base_url(args) + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise Unreachable(f"cannot reach appconnector at {url}: {reason}") from None
+
+
+def _client(fn: Any) -> Any:
+    """Wrap a client command: config errors → 2, unreachable → 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args))
+        except ConfigError as e:
+            return _config_error(e)
+        except Unreachable as e:
+            print(f"appconnector: {e} (is it running? is http.listen the same?)", file=sys.stderr)
+            return EXIT_FAIL
+    return run
+
+
+def _print(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, default=str))
+
+
+@_client
+def cmd_status(args: argparse.Namespace) -> int:
+    code, doc = http_call(args, "/status")
+    if code != 200 or not isinstance(doc, dict):
+        print(f"appconnector: /status answered HTTP {code}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        _print(doc)
+    else:
+        raft = doc.get("raft") or {}
+        pool = doc.get("pool") or {}
+        print(f"{'ready' if doc.get('ready') else 'NOT READY'}  mode={doc.get('mode')}  role={raft.get('role')}  "
+              f"leader={raft.get('leader')}  term={raft.get('term')}  members={len(raft.get('members') or [])}  "
+              f"mappings={pool.get('mappings')}")
+        for name, check in (doc.get("checks") or {}).items():
+            print(f"  {'ok  ' if check.get('ok') else 'FAIL'} {name}: {check.get('detail')}")
+    return EXIT_OK if doc.get("ready") else EXIT_FAIL
+
+
+@_client
+def cmd_pool_show(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit)}
+    if args.node:
+        query["node"] = args.node
+    code, doc = http_call(args, "/pool?" + urllib.parse.urlencode(query))
+    if code != 200 or not isinstance(doc, dict):
+        print(f"appconnector: /pool answered HTTP {code}: {doc}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        _print(doc)
+        return EXIT_OK
+    for m in doc.get("mappings", []):
+        print(f"{m['node']}\t{m['domain']}\t{m['address']}\t{m['last_used']:.0f}")
+    print(f"# {doc.get('shown')} of {doc.get('total')} mapping(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+@_client
+def cmd_pool_lookup(args: argparse.Namespace) -> int:
+    code, doc = http_call(args, "/pool/lookup?" + urllib.parse.urlencode({"node": args.node, "domain": args.domain}))
+    if code == 200 and isinstance(doc, dict):
+        print(doc["address"] if not args.json else json.dumps(doc, indent=2))
+        return EXIT_OK
+    msg = doc.get("error") if isinstance(doc, dict) else doc
+    print(f"appconnector: {args.node} {args.domain}: {msg}", file=sys.stderr)
+    return EXIT_USAGE if code == 400 else EXIT_FAIL
+
+
+@_client
+def cmd_cluster_members(args: argparse.Namespace) -> int:
+    code, doc = http_call(args, "/cluster/members")
+    if code != 200 or not isinstance(doc, dict):
+        print(f"appconnector: /cluster/members answered HTTP {code}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        _print(doc)
+        return EXIT_OK
+    leader = doc.get("leader")
+    for m in doc.get("members") or []:
+        print(f"{m}{'  (leader)' if m == leader else ''}{'  (self)' if m == doc.get('self') else ''}")
+    return EXIT_OK
+
+
+@_client
+def cmd_cluster_remove(args: argparse.Namespace) -> int:
+    code, doc = http_call(args, "/cluster/remove", {"member": args.member})
+    if code == 200:
+        print(f"removed {args.member}")
+        return EXIT_OK
+    msg = doc.get("error") if isinstance(doc, dict) else doc
+    print(f"appconnector: cannot remove {args.member}: {msg}", file=sys.stderr)
+    return EXIT_USAGE if code == 400 else EXIT_FAIL
+
+
+# ---- argument parsing -----------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="appconnector",
+        description="A Tailscale app connector: answers DNS for app domains with addresses from a "
+                    "Raft-replicated pool and steers their traffic to the real services with nftables.",
+        epilog="Exit codes: 0 ok; 1 runtime failure, unhealthy or unreachable; 2 bad config or usage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="PATH",
+                       help="TOML config file (default: $APPCONNECTOR_CONFIG; APPCONNECTOR_<SECTION>_<KEY> "
+                            "variables override its keys)")
+
+    def with_client(p: argparse.ArgumentParser) -> None:
+        with_config(p)
+        p.add_argument("--http", metavar="IP:PORT", help="the instance's http.listen (default: from the config)")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+        p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+    p = sub.add_parser("run", help="run the connector (DNS, pool replica, NAT, status HTTP) until SIGTERM",
+                       description="Run the connector in the foreground until SIGTERM/SIGINT. Without a config "
+                                   "file it starts the standalone single-node demo (DNS on 127.0.0.1:5353, "
+                                   "state in ./state). Exit 0 after a signal, 2 for a bad config, 1 on failure.")
+    with_config(p)
+    p.add_argument("--log-level", default=os.environ.get("APPCONNECTOR_LOG_LEVEL", "info"), choices=logs.LEVELS)
+    p.add_argument("--log-format", default=os.environ.get("APPCONNECTOR_LOG_FORMAT", "kv"), choices=logs.FORMATS,
+                   help="kv: key=value lines (default); json: one JSON object per line")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file (0 valid, 2 invalid)",
+                       description="Load and validate the config as `run` would (including the secret file and, "
+                                   "in tailscale mode, DNS loops through MagicDNS). Exit 0 when valid, 2 with a "
+                                   "message naming the key when not.")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("status", help="health of the running instance (0 ready, 1 not ready or unreachable)",
+                       description="Ask the running instance (http.listen) for its status: readiness checks, "
+                                   "Raft role and leader, pool use. Exit 0 when ready, 1 when not or unreachable.")
+    with_client(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("print-ula", help="print upstream natc's IPv6 ULA prefix for a site ID",
+                       description="Print the ULA prefix upstream natc uses for --site-id (fd7a:115c:a1e0:a99c::/64 "
+                                   "with the site ID in bytes 8-9). appconnector itself answers AAAA with NODATA "
+                                   "(netfilter cannot NAT IPv6 to IPv4), so this is for migrating from natc.")
+    p.add_argument("--site-id", type=int, default=1, help="0..65535 (natc's default is 1)")
+    p.set_defaults(func=cmd_print_ula)
+
+    pool = sub.add_parser("pool", help="inspect the address pool of the running instance",
+                          description="Inspect the replicated pool through the running instance.")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
+    p = pool_sub.add_parser("show", help="list mappings: node, domain, address, last used (unix time)")
+    with_client(p)
+    p.add_argument("--node", help="only this node (StableID in tailscale mode, client IP in standalone mode)")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
+    p.set_defaults(func=cmd_pool_show)
+    p = pool_sub.add_parser("lookup", help="the address a node was given for a domain (1 when unmapped)")
+    with_client(p)
+    p.add_argument("node")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_pool_lookup)
+
+    cluster = sub.add_parser("cluster", help="Raft cluster membership of the running instance",
+                             description="Show or change the Raft cluster through the running instance.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+    p = cluster_sub.add_parser("members", help="list members, marking the leader and this member")
+    with_client(p)
+    p.set_defaults(func=cmd_cluster_members)
+    p = cluster_sub.add_parser("remove", help="remove a member (ip:port) from the cluster; it stops serving",
+                               description="Remove a member from the cluster through Raft. The removed member "
+                                           "stops serving and logs why. Use it for a connector that is gone for "
+                                           "good; a member that is only down rejoins by itself.")
+    with_client(p)
+    p.add_argument("member", metavar="IP:PORT")
+    p.set_defaults(func=cmd_cluster_remove)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,107 @@
+"""The ``appconnector`` command: exit codes scripts rely on (DESIGN.md §7) and messages naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.ops.helpers import cli, free_port
+
+GOOD = """
+[tailnet]
+mode = "standalone"
+[dns]
+listen = ["127.0.0.1:15353"]
+[cluster]
+state_dir = "{state}"
+"""
+
+
+def test_check_config_valid(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(GOOD.format(state=tmp_path / "state"))
+    res = cli("check-config", "--config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok:") and "standalone" in res.stdout
+
+
+def test_check_config_invalid_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[pool]\nreuse_after = "forever"\n')
+    res = cli("check-config", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "pool.reuse_after" in res.stderr
+    cfg.write_text('[dns]\nlistne = []\n')  # a typo in a key name
+    res = cli("check-config", "--config", str(cfg))
+    assert res.returncode == 2 and "dns.listne" in res.stderr
+
+
+def test_check_config_from_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(GOOD.format(state=tmp_path / "state"))
+    res = cli("check-config", env={"APPCONNECTOR_CONFIG": str(cfg), "APPCONNECTOR_HTTP_LISTEN": "nonsense"})
+    assert res.returncode == 2 and "http.listen" in res.stderr
+
+
+def test_check_config_refuses_magicdns_upstream(tmp_path: Path) -> None:
+    cfg = tmp_path / "loop.toml"
+    cfg.write_text('[dns]\nupstream = ["100.100.100.100:53"]\n')
+    res = cli("check-config", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "dns.upstream" in res.stderr and "--accept-dns=false" in res.stderr
+
+
+def test_check_config_missing_file_and_secret(tmp_path: Path) -> None:
+    res = cli("check-config", "--config", str(tmp_path / "absent.toml"))
+    assert res.returncode == 2 and "--config" in res.stderr
+    cfg = tmp_path / "secret.toml"
+    cfg.write_text(GOOD.format(state=tmp_path / "s") + f'secret_file = "{tmp_path / "nosecret"}"\n'
+                   'peers = ["127.0.0.1:16271"]\n')
+    res = cli("check-config", "--config", str(cfg))
+    assert res.returncode == 2 and "cluster.secret_file" in res.stderr
+
+
+def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[tailnet]\nmode = "carrier-pigeon"\n')
+    res = cli("run", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "tailnet.mode" in res.stderr
+
+
+def test_status_unreachable_exits_1() -> None:
+    res = cli("status", "--http", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert res.returncode == 1
+    assert "cannot reach" in res.stderr
+
+
+def test_client_commands_unreachable_exit_1() -> None:
+    http = f"127.0.0.1:{free_port()}"
+    for args in (["pool", "show"], ["pool", "lookup", "n1", "example.com"], ["cluster", "members"],
+                 ["cluster", "remove", "127.0.0.1:6270"]):
+        res = cli(*args, "--http", http, "--timeout", "2")
+        assert res.returncode == 1, (args, res.stderr)
+
+
+def test_bad_usage_exits_2() -> None:
+    assert cli("status", "--bogus").returncode == 2
+    assert cli("pool").returncode == 2
+    assert cli("frobnicate").returncode == 2
+    assert cli("print-ula", "--site-id", "70000").returncode == 2
+
+
+def test_help_explains_each_command() -> None:
+    res = cli("--help")
+    assert res.returncode == 0
+    for word in ("run", "check-config", "status", "print-ula", "pool", "cluster", "Exit codes"):
+        assert word in res.stdout
+    for sub in (["run"], ["check-config"], ["status"], ["pool", "show"], ["pool", "lookup"],
+                ["cluster", "members"], ["cluster", "remove"], ["print-ula"]):
+        res = cli(*sub, "--help")
+        assert res.returncode == 0 and "usage: appconnector" in res.stdout
+
+
+def test_print_ula_matches_upstream_natc() -> None:
+    # natc's TestULA: site 1 → fd7a:115c:a1e0:a99c:0001::/80, 12345 → …:3039::/80
+    assert cli("print-ula").stdout.strip() == "fd7a:115c:a1e0:a99c:1::/80"
+    assert cli("print-ula", "--site-id", "12345").stdout.strip() == "fd7a:115c:a1e0:a99c:3039::/80"
+    assert cli("print-ula", "--site-id", "0").stdout.strip() == "fd7a:115c:a1e0:a99c::/80"
