@@ -77,6 +77,7 @@ class Op:
     at: float | None = None   # touch time
     note: str = ""            # where it came from (member, error text)
     candidates: tuple[int, ...] = ()  # unknown checkouts: the addresses it could have returned (set by check)
+    stale_ok: bool = False    # a local read of a replica that may lag: may observe any earlier state
 
     def describe(self) -> str:
         window = f"[{self.call:.3f} .. {'∞' if self.ret is None else f'{self.ret:.3f}'}]"
@@ -94,7 +95,7 @@ class Op:
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("id", "client", "kind", "node", "domain", "address", "call", "ret",
-                                               "status", "at", "note")}
+                                               "status", "at", "note", "stale_ok")}
 
 
 class History:
@@ -111,12 +112,15 @@ class History:
         return self._clock()
 
     def invoke(self, client: str, kind: str, node: str, domain: str | None = None,
-               address: int | str | None = None, at: float | None = None, call: float | None = None) -> Op:
+               address: int | str | None = None, at: float | None = None, call: float | None = None,
+               stale_ok: bool = False) -> Op:
+        """Record a call. ``stale_ok``: a read of one replica's local state, which the product allows to
+        lag behind the cluster (it may be placed anywhere before its return, not only after its call)."""
         if kind not in KINDS:
             raise ValueError(f"unknown operation kind {kind!r}")
         with self._lock:
             op = Op(len(self.ops), client, kind, node, domain, as_addr(address),
-                    self.now() if call is None else call, at=at)
+                    self.now() if call is None else call, at=at, stale_ok=stale_ok)
             self.ops.append(op)
             return op
 
@@ -329,7 +333,7 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
         return None
     events: list[tuple[float, int, int, Op, bool]] = []
     for i, op in enumerate(ops):
-        events.append((op.call, 0, i, op, True))
+        events.append((-INF if op.stale_ok else op.call, 0, i, op, True))
         events.append((INF if op.ret is None else op.ret, 1, i, op, False))
     events.sort(key=lambda e: (e[0], e[1], e[2]))   # a call at the same instant as a return: concurrent
     head = _Entry(ops[0], True, -1)
@@ -478,7 +482,8 @@ def check(history: History | Iterable[Op], reuse_after: float, clock_slack: floa
 
 
 def _copy(o: Op, address: int) -> Op:
-    return Op(o.id, o.client, o.kind, o.node, o.domain, address, o.call, o.ret, o.status, o.at, o.note)
+    return Op(o.id, o.client, o.kind, o.node, o.domain, address, o.call, o.ret, o.status, o.at, o.note,
+              stale_ok=o.stale_ok)
 
 
 def _as_history(ops: list[Op]) -> History:

@@ -73,7 +73,7 @@ class LoopbackNet:
         marks = "\n".join(f"    ct state new meta skgid {e.gid} ct mark set {e.mark:#x}"
                           for e in self.endpoints.values())
         _nft(f"""table inet {TABLE} {{
-  chain mark {{
+  chain tag {{
     type filter hook output priority 0; policy accept;
 {marks}
   }}
@@ -116,12 +116,21 @@ class LoopbackNet:
         _nft(f"flush chain inet {TABLE} cut\n" + "\n".join(rules) + "\n")
         self.cut = pairs
 
-    def reset(self, name: str) -> int:
-        """Destroy every TCP connection to or from the member's port; returns how many were open."""
+    def reset(self, name: str, pid: int | None = None) -> int:
+        """Destroy every TCP connection of the member: those to its port and those it opened (found by
+        ``pid``). Returns how many sockets were destroyed."""
         port = self.endpoints[name].port
-        r = subprocess.run(["ss", "-K", "-t", "-n", f"( sport = :{port} or dport = :{port} )"],
-                           capture_output=True, text=True, timeout=10)
-        return max(0, len([ln for ln in r.stdout.splitlines() if ln.strip()]) - 1)
+        ports = {port}
+        if pid is not None:
+            listing = subprocess.run(["ss", "-t", "-n", "-p", "-H", "state", "established"],
+                                     capture_output=True, text=True, timeout=10).stdout
+            for line in listing.splitlines():
+                if f"pid={pid}," in line:
+                    fields = line.split()
+                    ports.add(int(fields[2].rsplit(":", 1)[1]))
+        expr = " or ".join(f"sport = :{p} or dport = :{p}" for p in sorted(ports))
+        r = subprocess.run(["ss", "-K", "-t", "-n", "-H", f"( {expr} )"], capture_output=True, text=True, timeout=10)
+        return len([ln for ln in r.stdout.splitlines() if ln.strip()])
 
 
 def preexec_for(gid: int) -> object:

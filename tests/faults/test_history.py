@@ -135,6 +135,21 @@ def test_a_stale_read_after_a_newer_acknowledged_write_fails() -> None:
     assert v2.ok, v2.explain()
 
 
+def test_local_reads_may_lag_but_not_invent() -> None:
+    # A replica's local read may show an older state (DNS hits read local state)...
+    s = Script()
+    s.co("c1", "n1", "a.com", 0, 1, A1)
+    op = s.h.invoke("c2", LOOKUP, "n1", domain="a.com", call=2, stale_ok=True)
+    s.h.ok(op, address=None, ret=3)
+    assert check(s.h, reuse_after=DAY).ok
+    # ...but never a value no order of the writes produced.
+    op = s.h.invoke("c2", DOMAIN_FOR, "n1", address=A1, call=4, stale_ok=True)
+    s.h.ok(op, domain="b.com", ret=5)
+    v = check(s.h, reuse_after=DAY)
+    assert not v.ok
+    assert "b.com" in v.explain()
+
+
 def test_reuse_before_the_deadline_fails_and_after_it_passes() -> None:
     early = Script()
     early.co("c1", "n1", "a.com", 0, 1, A1)

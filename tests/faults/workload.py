@@ -51,6 +51,7 @@ class Mix:
     touch: float = 0.05
     timeout: float = 3.0
     think: float = 0.005           # pause between a client's operations
+    stale_reads: bool = True       # reads are local (DESIGN.md §3): allowed to lag, not to invent
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_clients(history: History, targets: Callable[[], Sequence[Target]], mix: 
                         seen[(node, dom)] = addr
                         stats.ok += 1
                 elif r < mix.checkout + mix.lookup:
-                    op = history.invoke(name, LOOKUP, node, domain=dom)
+                    op = history.invoke(name, LOOKUP, node, domain=dom, stale_ok=mix.stale_reads)
                     history.ok(op, address=t.lookup(node, dom, mix.timeout), note=t.name)
                     with lock:
                         stats.ok += 1
@@ -108,7 +109,7 @@ def run_clients(history: History, targets: Callable[[], Sequence[Target]], mix: 
                         continue
                     (node, dom), addr = rng.choice(known)
                     if r < mix.checkout + mix.lookup + mix.domain_for:
-                        op = history.invoke(name, DOMAIN_FOR, node, address=addr)
+                        op = history.invoke(name, DOMAIN_FOR, node, address=addr, stale_ok=mix.stale_reads)
                         history.ok(op, domain=t.domain_for(node, addr, mix.timeout), note=t.name)
                     else:
                         at = history.now()

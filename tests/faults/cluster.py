@@ -1,0 +1,324 @@
+"""Three (or more) pool member processes on loopback, each with a group id of its own (for the nemesis),
+driven over JSON lines on stdin/stdout (``python -m tests.faults.member``, a real ``RaftReplica``).
+
+Each request carries an ``id``; a reader thread hands answers back by id, so many client threads can
+talk to one member at once. A member that is killed or paused simply stops answering: its pending
+requests time out and are recorded as unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.faults.history import CHECKOUT
+from tests.faults.nemesis import Endpoint, preexec_for
+from tests.faults.workload import Exhausted, Unavailable
+
+REPO = Path(__file__).resolve().parents[2]
+MEMBER_MODULE = "tests.faults.member"
+
+
+@dataclass
+class MemberSpec:
+    name: str
+    port: int
+    gid: int
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    module: str = MEMBER_MODULE           # a test may plant a broken member module instead
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.name, self.gid, self.port)
+
+
+class Member:
+    """One member process and its JSON-lines channel."""
+
+    kind = CHECKOUT
+
+    def __init__(self, spec: MemberSpec, peers: Sequence[str], prefixes: Sequence[str], reuse_after: float,
+                 secret_file: Path, log_dir: Path) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.peers = list(peers)
+        self.prefixes = list(prefixes)
+        self.reuse_after = reuse_after
+        self.secret_file = secret_file
+        self.log_path = log_dir / f"acfault-{spec.name}.log"
+        self.proc: subprocess.Popen[str] | None = None
+        self.paused = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.starts = 0
+        self.ready = threading.Event()
+        self.exit_codes: list[int] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.spec.module,
+                "--self", self.spec.address,
+                "--peers", ",".join(self.peers),
+                "--state-dir", str(self.spec.state_dir),
+                "--prefixes", ",".join(self.prefixes),
+                "--reuse-after", f"{self.reuse_after:g}",
+                "--secret-file", str(self.secret_file),
+                *self.spec.extra_args]
+
+    def start(self) -> None:
+        assert not self.running()
+        self.spec.state_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        env.update(self.spec.env)
+        log = self.log_path.open("a")
+        log.write(f"---- start {time.time():.3f}\n")
+        log.flush()
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, bufsize=1, env=env, cwd=REPO,
+                                     preexec_fn=preexec_for(self.spec.gid))  # type: ignore[arg-type]
+        log.close()
+        self.paused = False
+        self.ready = threading.Event()
+        self.starts += 1
+        threading.Thread(target=self._read, args=(self.proc,), name=f"acfault-read-{self.name}",
+                         daemon=True).start()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for the member's first line (its replica started), or fail with its log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready.is_set():
+                return
+            if not self.running():
+                raise AssertionError(f"{self.name} exited ({self.proc and self.proc.returncode}):\n"
+                                     f"{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.proc is not None and self.running():
+            if self.paused:
+                self.resume()
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.exit_codes.append(self.proc.returncode)
+        self._fail_pending("killed")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait (a planned stop: the member may hand leadership away)."""
+        if self.proc is None:
+            return None
+        if self.running():
+            if self.paused:
+                self.resume()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.exit_codes.append(self.proc.returncode)
+        self._fail_pending("stopped")
+        return self.proc.returncode
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ---- the channel -------------------------------------------------------------------------------
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("id") == 0:
+                self.ready.set()
+                continue
+            with self._lock:
+                fut = self._pending.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        self._fail_pending("exited")
+
+    def _fail_pending(self, why: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"{self.name} {why}"))
+
+    def request(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
+        proc = self.proc
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            raise Unavailable(f"{self.name} is not running")
+        rid = next(self._ids)
+        fut: Future[dict[str, Any]] = Future()
+        with self._lock:
+            self._pending[rid] = fut
+        try:
+            with self._write_lock:
+                proc.stdin.write(json.dumps({"id": rid, "op": op, **args}) + "\n")
+                proc.stdin.flush()
+        except (OSError, ValueError):
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise Unavailable(f"{self.name}: stdin closed") from None
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise Unavailable(f"{self.name}: no answer in {timeout:g}s") from None
+
+    # ---- Target ------------------------------------------------------------------------------------
+
+    def checkout(self, node: str, domain: str, timeout: float) -> int:
+        r = self.request("checkout", timeout, node=node, domain=domain)
+        if r.get("ok"):
+            return _addr(r["address"])
+        err = str(r.get("error", ""))
+        if "exhausted" in err.lower():
+            raise Exhausted(err)
+        raise Unavailable(err or json.dumps(r))
+
+    def lookup(self, node: str, domain: str, timeout: float) -> int | None:
+        r = self._ok(self.request("lookup", timeout, node=node, domain=domain))
+        return None if r.get("address") is None else _addr(r["address"])
+
+    def domain_for(self, node: str, address: int, timeout: float) -> str | None:
+        r = self._ok(self.request("domain_for", timeout, node=node, address=str(ipaddress.IPv4Address(address))))
+        d = r.get("domain")
+        return None if d is None else str(d)
+
+    def touch(self, node: str, address: int, domain: str, at: float, timeout: float) -> bool:
+        """Queue a touch and ask the member to flush; True when it says the batch was applied."""
+        r = self.request("touch", timeout, node=node, address=str(ipaddress.IPv4Address(address)), domain=domain,
+                         at=at, flush=True)
+        return bool(r.get("ok") and r.get("applied", False))
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any]:
+        return self._ok(self.request("status", timeout))
+
+    def state(self, timeout: float = 5.0) -> tuple[str, list[tuple[str, str, int]]]:
+        """(digest, mappings) of the member's local state."""
+        r = self._ok(self.request("state", timeout))
+        return str(r["digest"]), [(str(n), str(d), _addr(a)) for n, d, a in r["mappings"]]
+
+    def _ok(self, r: dict[str, Any]) -> dict[str, Any]:
+        if not r.get("ok"):
+            raise Unavailable(str(r.get("error") or r))
+        return r
+
+
+def _addr(a: object) -> int:
+    return int(ipaddress.IPv4Address(a)) if isinstance(a, str) else int(a)  # type: ignore[call-overload]
+
+
+class Cluster:
+    def __init__(self, base_dir: Path, port_base: int, size: int = 3, prefixes: Sequence[str] = ("100.64.1.0/24",),
+                 reuse_after: float = 48 * 3600.0, gid_base: int = 27400,
+                 member_env: Callable[[str], dict[str, str]] | None = None,
+                 member_module: Callable[[str], str] | None = None) -> None:
+        self.base_dir = base_dir
+        secret = base_dir / "acfault-secret"
+        base_dir.mkdir(parents=True, exist_ok=True)
+        secret.write_text("acfault-shared-secret\n")
+        specs = [MemberSpec(f"m{i + 1}", port_base + i, gid_base + i, base_dir / f"acfault-m{i + 1}")
+                 for i in range(size)]
+        for s in specs:
+            s.env = member_env(s.name) if member_env else {}
+            s.module = member_module(s.name) if member_module else MEMBER_MODULE
+        self.members = {s.name: Member(s, [o.address for o in specs if o is not s], prefixes, reuse_after,
+                                       secret, base_dir) for s in specs}
+
+    def endpoints(self) -> list[Endpoint]:
+        return [m.spec.endpoint for m in self.members.values()]
+
+    def start(self) -> None:
+        for m in self.members.values():
+            m.start()
+        for m in self.members.values():
+            m.wait_ready()
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members.values() if m.running() and not m.paused]
+
+    def leader(self, timeout: float = 10.0) -> Member:
+        """The member every live member agrees leads, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            for m in self.live():
+                with contextlib.suppress(Unavailable):
+                    st = m.status(1.0)
+                    last = st
+                    if st.get("leader_self") or st.get("role") == "leader":
+                        return m
+            time.sleep(0.05)
+        raise AssertionError(f"no leader within {timeout}s (last status {last})")
+
+    def wait_converged(self, timeout: float = 30.0) -> dict[str, str]:
+        """Wait until every running member reports the same digest; returns name → digest."""
+        deadline = time.monotonic() + timeout
+        digests: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            digests = {}
+            for m in self.live():
+                with contextlib.suppress(Unavailable):
+                    digests[m.name] = m.state(5.0)[0]
+            if len(digests) == len(self.members) and len(set(digests.values())) == 1:
+                return digests
+            time.sleep(0.2)
+        raise AssertionError(f"members did not converge within {timeout}s: {digests}")
+
+    def stop(self) -> None:
+        for m in self.members.values():
+            if m.running():
+                m.kill()
