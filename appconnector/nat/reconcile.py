@@ -1,0 +1,71 @@
+"""Puts the desired steer state into the kernel: one nftables transaction per change.
+
+At start (and whenever a delta is refused, e.g. someone flushed our map) the whole table is replaced
+in ONE transaction: delete + create + every element. That is atomic, so traffic sees the old table or
+the new one, never a gap, and flows already in conntrack keep their NAT. It is also faster than reading
+the kernel's map back (listing 100k elements as JSON costs ~1 s) to diff it. Deltas between start-ups
+come from :class:`appconnector.nat.render.SteerModel`. Only ``table inet appconnector`` is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from appconnector import metrics
+from appconnector.nat import render
+from appconnector.nat.nftables import Nftables, NftError
+from appconnector.nat.render import Delta, Key, TableSpec
+from appconnector.pool.api import Address
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """Our nftables table: build, change, read back, remove."""
+
+    def __init__(self, nft: Nftables, spec: TableSpec) -> None:
+        self.nft = nft
+        self.spec = spec
+
+    def rebuild(self, elements: Mapping[Key, Address]) -> None:
+        """Replace the table with one holding exactly ``elements`` (one transaction). Raises NftError."""
+        try:
+            self.nft.run(render.table_commands(self.spec) + render.element_commands(add=elements))
+        except NftError:
+            metrics.NAT_RECONCILES.labels("full", "error").inc()
+            raise
+        metrics.NAT_RECONCILES.labels("full", "ok").inc()
+
+    def apply(self, delta: Delta, everything: Callable[[], Mapping[Key, Address]]) -> None:
+        """Apply ``delta``; if the kernel refuses it, rebuild from ``everything()``. Raises NftError
+        only when the rebuild fails too."""
+        if not delta:
+            return
+        try:
+            self.nft.run(render.element_commands(add=delta.added, remove=delta.removed))
+        except NftError as e:
+            metrics.NAT_RECONCILES.labels("delta", "error").inc()
+            log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
+            self.rebuild(everything())
+            return
+        metrics.NAT_RECONCILES.labels("delta", "ok").inc()
+
+    def remove(self) -> None:
+        """Delete our table (nothing else); fine when it is already gone."""
+        self.nft.run(render.delete_table_commands())
+
+    def exists(self) -> bool:
+        try:
+            self.nft.list(f"table {render.FAMILY} {render.TABLE}")
+        except NftError:
+            return False
+        return True
+
+    def read_seen(self) -> list[Key]:
+        """(node IP, pool address) of flows that started within the seen timeout."""
+        return render.parse_pairs(self.nft.list(f"set {render.FAMILY} {render.TABLE} {render.SEEN}"))
+
+    def unmapped_drops(self) -> int:
+        """Packets to pool addresses that had no mapping, since the table was built."""
+        return render.parse_counter(self.nft.list(f"counter {render.FAMILY} {render.TABLE} {render.UNMAPPED}"))

@@ -1,0 +1,129 @@
+"""A connector's NAT half, run inside a connector namespace by the NAT tests and the benchmark.
+
+argv[1] is a JSON object of options; commands arrive as JSON lines on stdin, answers leave as JSON
+lines on stdout, logs go to stderr. The pool is a real ``LocalPool`` (restored from ``snapshot`` when
+that file exists, saved there on stop) or, with ``raft``, a real ``RaftReplica`` member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from appconnector import metrics
+from appconnector.config import load
+from appconnector.nat.service import NatService
+from appconnector.pool.local import LocalPool
+from appconnector.pool.state import PoolState
+
+
+def ip_text(a: int) -> str:
+    return str(ipaddress.IPv4Address(a))
+
+
+def ip_int(t: str) -> int:
+    return int(ipaddress.IPv4Address(t))
+
+
+def counter_value(counter: Any) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+class CountingPool(LocalPool):
+    """LocalPool that also counts the touch marks handed to it (the NAT service's output)."""
+
+    touch_calls = 0
+
+    def touch(self, node: str, address: int, domain: str, at: float) -> None:
+        self.touch_calls += 1
+        super().touch(node, address, domain, at)
+
+
+async def make_replica(opts: dict[str, Any], cfg: Any) -> Any:
+    if opts.get("raft"):
+        from appconnector.pool.replica import RaftReplica  # only when the cluster variant runs
+
+        replica = RaftReplica(cfg)
+        await replica.start()
+        return replica
+    state = None
+    snap = opts.get("snapshot")
+    if snap and Path(snap).exists():
+        state = PoolState.from_bytes(Path(snap).read_bytes(), cfg.pool.prefixes)
+    pool = CountingPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after, state=state)
+    await pool.start()
+    return pool
+
+
+async def main() -> None:
+    opts: dict[str, Any] = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    env = {f"APPCONNECTOR_{k.upper()}": str(v) for k, v in opts.get("env", {}).items()}
+    cfg = load(opts.get("config"), env=env)
+    replica = await make_replica(opts, cfg)
+    nat = NatService(cfg, replica, None, seen_interval=opts.get("seen_interval", 1.0),
+                     conntrack_interval=opts.get("conntrack_interval", 30.0),
+                     touch_refresh=opts.get("touch_refresh"))
+    await nat.start()
+    out = sys.stdout
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    reply({"ready": True, "enabled": nat.enabled, "reason": nat.reason})
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd.pop("op")
+        try:
+            if op == "checkout":
+                t0 = time.perf_counter()
+                address = await replica.checkout(cmd["node"], cmd["domain"],
+                                                 tuple(sorted(ip_int(t) for t in cmd["targets"])),
+                                                 cmd.get("ttl", 60.0))
+                reply({"address": ip_text(address), "installed": nat.installed(cmd["node"], address),
+                       "seconds": time.perf_counter() - t0})
+            elif op == "set_targets":
+                await replica.set_targets(cmd["domain"], tuple(sorted(ip_int(t) for t in cmd["targets"])),
+                                          cmd.get("ttl", 60.0))
+                reply({"ok": True})
+            elif op == "forget":
+                await replica.forget(cmd["nodes"])
+                reply({"ok": True})
+            elif op == "lookup":
+                found = replica.lookup(cmd["node"], cmd["domain"])
+                reply({"address": ip_text(found[0]) if found else None, "last_used": found[1] if found else None})
+            elif op == "installed":
+                reply({"installed": nat.installed(cmd["node"], ip_int(cmd["address"]))})
+            elif op == "status":
+                reply({**nat.status(), "touch_calls": getattr(replica, "touch_calls", None),
+                       "touch_batches": counter_value(metrics.POOL_TOUCH_BATCHES),
+                       "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
+                       "leader": replica.is_leader()})
+            elif op == "stop":
+                await nat.stop()
+                await replica.stop()
+                snap = opts.get("snapshot")
+                if snap and isinstance(replica, LocalPool):
+                    Path(snap).write_bytes(replica.snapshot())
+                reply({"stopped": True})
+                return
+            else:
+                reply({"error": f"unknown op {op}"})
+        except Exception as e:
+            logging.exception("driver: %s failed", op)
+            reply({"error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,253 @@
+"""The kernel dataplane for real: client namespace → connector namespace (NAT service) → origin namespace.
+
+Needs root, ``ip`` and libnftables; everything happens inside namespaces these tests create.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.nat.netns import (
+    CLIENTS,
+    HERE,
+    ORIGIN,
+    ORIGIN_B,
+    POOL,
+    TAILNET_IF,
+    Driver,
+    Topology,
+    read_json_line,
+    wait_for,
+)
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: network namespaces and nftables"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    if shutil.which("nft") is None:
+        return "needs nftables (nft, libnftables1)"
+    try:
+        from appconnector.nat.nftables import Nftables
+
+        Nftables().close()
+    except Exception as e:
+        return f"needs libnftables: {e}"
+    return None
+
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+
+CLI1, CLI2 = CLIENTS["cli1"], CLIENTS["cli2"]
+ENV = {"tailnet_mode": "standalone", "tailnet_interface": TAILNET_IF, "pool_prefixes": POOL,
+       "nat_max_mappings": 4096, "cluster_state_dir": "/tmp"}
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    t = Topology().create()
+    origin = t.spawn("origin", sys.executable, str(HERE / "origin.py"), ORIGIN, ORIGIN_B)
+    assert origin.stdout is not None
+    assert origin.stdout.readline().strip() == "ready"
+    yield t
+    t.destroy()
+
+
+def client(topo: Topology, role: str, *args: str) -> dict[str, Any]:
+    out = topo.run_in(role, sys.executable, str(HERE / "client.py"), *args, timeout=30).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def driver(topo: Topology, role: str = "conn1", **opts: Any) -> Driver:
+    env = {**ENV, **opts.pop("env", {})}
+    d = Driver(topo, role, env=env, **opts)
+    assert d.hello["enabled"], d.hello
+    return d
+
+
+def nft(topo: Topology, role: str, *args: str) -> str:
+    return topo.run_in(role, "nft", *args, check=False).stdout
+
+
+@pytest.fixture
+def conn(topo: Topology) -> Iterator[Driver]:
+    d = driver(topo)
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+
+
+def test_tcp_udp_icmp_reach_the_real_address(topo: Topology, conn: Driver) -> None:
+    r = conn.call("checkout", node=CLI1, domain="example.com", targets=[ORIGIN])
+    assert r["installed"], "the mapping must be in the kernel when checkout returns (before DNS answers)"
+    pool_ip = r["address"]
+    got = client(topo, "cli1", "http", pool_ip)
+    assert got["ok"], got
+    assert got["body"].startswith(f"origin {ORIGIN} from 198.51.100.11"), got  # masqueraded to conn1
+    assert client(topo, "cli1", "udp", pool_ip, "hello")["reply"] == f"echo {ORIGIN} hello"
+    assert client(topo, "cli1", "icmp", pool_ip)["ok"]
+
+
+def test_second_client_gets_its_own_mapping_and_unmapped_is_dropped(topo: Topology, conn: Driver) -> None:
+    a1 = conn.call("checkout", node=CLI1, domain="one.example", targets=[ORIGIN])["address"]
+    a2 = conn.call("checkout", node=CLI1, domain="two.example", targets=[ORIGIN_B])["address"]
+    b1 = conn.call("checkout", node=CLI2, domain="two.example", targets=[ORIGIN_B])["address"]
+    assert client(topo, "cli1", "http", a2)["body"].startswith(f"origin {ORIGIN_B}")
+    assert client(topo, "cli2", "http", b1)["body"].startswith(f"origin {ORIGIN_B}")
+    assert b1 == a1  # every node has the whole pool: cli2's first address means two.example for it
+    assert client(topo, "cli1", "http", a1)["body"].startswith(f"origin {ORIGIN}")
+    # cli2 has no mapping for a2: its packets are dropped in the connector and counted
+    before = _drops(topo)
+    assert not client(topo, "cli2", "udp", a2, "nobody")["ok"]
+    wait_for(lambda: _drops(topo) > before, 5, "the unmapped-drop counter to count cli2's packet")
+    wait_for(lambda: conn.call("status")["unmapped_drops"] > 0, 5, "the unmapped-drop metric")
+
+
+def _drops(topo: Topology) -> int:
+    out = topo.run_in("conn1", "nft", "-j", "list", "counter", "inet", "appconnector", "unmapped").stdout
+    return int(next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o))
+
+
+def test_changed_target_steers_new_flows(topo: Topology, conn: Driver) -> None:
+    a = conn.call("checkout", node=CLI1, domain="moving.example", targets=[ORIGIN])["address"]
+    assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
+    conn.call("set_targets", domain="moving.example", targets=[ORIGIN_B])
+    assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN_B}")
+
+
+def test_restart_rebuilds_and_stop_leaves_only_others_tables(topo: Topology, tmp_path: Path) -> None:
+    topo.run_in("conn1", "nft", "add table inet acnat_other; add chain inet acnat_other c; "
+                "add rule inet acnat_other c counter accept")
+    unrelated = nft(topo, "conn1", "list", "table", "inet", "acnat_other")
+    snap = str(tmp_path / "pool.snapshot")
+    d = driver(topo, snapshot=snap)
+    a = d.call("checkout", node=CLI1, domain="restart.example", targets=[ORIGIN])["address"]
+    assert client(topo, "cli1", "http", a)["ok"]
+    d.stop()
+    assert "appconnector" not in nft(topo, "conn1", "list", "tables"), "stop must remove our table"
+    assert nft(topo, "conn1", "list", "table", "inet", "acnat_other") == unrelated
+    assert not client(topo, "cli1", "udp", a, "down")["ok"], "nothing steers while the connector is down"
+    # a new process rebuilds the table from the pool alone: no checkout needed
+    d2 = driver(topo, snapshot=snap)
+    try:
+        assert d2.call("installed", node=CLI1, address=a)["installed"]
+        got = client(topo, "cli1", "http", a)
+        assert got["ok"] and got["body"].startswith(f"origin {ORIGIN}"), got
+        # a crash leaves the table; the next start replaces it atomically and keeps steering
+        d2.kill()
+        assert "appconnector" in nft(topo, "conn1", "list", "tables")
+        d3 = driver(topo, snapshot=snap)
+        assert client(topo, "cli1", "http", a)["ok"]
+        d3.stop()
+    finally:
+        if d2.proc.poll() is None:
+            d2.stop()
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "acnat_other", check=False)
+    assert nft(topo, "conn1", "list", "tables").strip() == ""
+
+
+def test_standby_steers_from_the_first_packet_after_failover(topo: Topology, tmp_path: Path) -> None:
+    """Two connectors mirror one pool (the same commands applied to each member's state); the client's
+    subnet route moves to the standby, whose kernel already holds the mapping."""
+    c1, c2 = driver(topo, "conn1"), driver(topo, "conn2")
+    try:
+        a = c1.call("checkout", node=CLI1, domain="failover.example", targets=[ORIGIN])["address"]
+        assert c2.call("checkout", node=CLI1, domain="failover.example", targets=[ORIGIN])["address"] == a
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN} from 198.51.100.11")
+        topo.route_via("conn2")
+        # first packet of a new flow through the standby: one UDP datagram, no retry
+        assert client(topo, "cli1", "udp", a, "first")["reply"] == f"echo {ORIGIN} first"
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN} from 198.51.100.12")
+    finally:
+        topo.route_via("conn1")
+        c1.stop()
+        c2.stop()
+
+
+def test_thousand_flows_make_a_handful_of_touches(topo: Topology) -> None:
+    d = driver(topo, seen_interval=1.0, touch_refresh=0.0)
+    try:
+        a = d.call("checkout", node=CLI1, domain="busy.example", targets=[ORIGIN])["address"]
+        used0 = d.call("lookup", node=CLI1, domain="busy.example")["last_used"]
+        base = d.call("status")
+        got = client(topo, "cli1", "flows", a, "1000")
+        assert got["replies"] >= 990, got
+        wait_for(lambda: d.call("lookup", node=CLI1, domain="busy.example")["last_used"] > used0, 10,
+                 "last_used of the mapping to advance")
+        # the seen set holds the pair ≤ 3 s; one read per second → at most a few marks, never 1,000
+        wait_for(lambda: "busy" not in nft(topo, "conn1", "list", "set", "inet", "appconnector", "seen")
+                 and a not in nft(topo, "conn1", "list", "set", "inet", "appconnector", "seen"), 10,
+                 "the seen set to expire")
+        st = d.call("status")
+        assert 1 <= st["touch_calls"] - base["touch_calls"] <= 5, st
+        assert 1 <= st["touch_batches"] - base["touch_batches"] <= 5, st
+    finally:
+        d.stop()
+
+
+def test_long_flow_is_touched_from_conntrack(topo: Topology) -> None:
+    """A flow older than the seen set's memory still marks its mapping as used (conntrack dump)."""
+    d = driver(topo, seen_interval=1.0, conntrack_interval=1.0, touch_refresh=0.0)
+    try:
+        a = d.call("checkout", node=CLI1, domain="long.example", targets=[ORIGIN])["address"]
+        holder = topo.spawn("cli1", sys.executable, str(HERE / "client.py"), "hold", a, "7")
+        # the seen entry (3 s) expires while the flow goes on; conntrack keeps it visible
+        wait_for(lambda: a not in nft(topo, "conn1", "list", "set", "inet", "appconnector", "seen")
+                 and d.call("status")["touch_calls"] > 0, 10, "the seen entry to expire")
+        t_expired = d.call("lookup", node=CLI1, domain="long.example")["last_used"]
+        wait_for(lambda: d.call("lookup", node=CLI1, domain="long.example")["last_used"] > t_expired + 0.5, 5,
+                 "a touch from the conntrack dump")
+        assert read_json_line(holder, 15)["replies"] > 10
+    finally:
+        d.stop()
+
+
+def test_reassigned_address_drops_old_flows(topo: Topology) -> None:
+    """When a mapping goes (forget, or the address moves to another domain) its conntrack entries go
+    too: the next packet of the same 5-tuple is steered by the new mapping, not the old one."""
+    d = driver(topo)
+    try:
+        old = d.call("checkout", node=CLI1, domain="old.example", targets=[ORIGIN])["address"]
+        assert client(topo, "cli1", "udp", old, "x", "40001")["reply"] == f"echo {ORIGIN} x"
+        assert _ct_count(topo, old) >= 1
+        d.call("forget", nodes=[CLI1])
+        wait_for(lambda: _ct_count(topo, old) == 0, 5,
+                 lambda: f"conntrack entries of the forgotten mapping to go: {d.log()} {_ct(topo)}")
+        new = d.call("checkout", node=CLI1, domain="new.example", targets=[ORIGIN_B])["address"]
+        if new == old:  # same address, same 5-tuple: must now reach the new domain
+            assert client(topo, "cli1", "udp", new, "y", "40001")["reply"] == f"echo {ORIGIN_B} y"
+    finally:
+        d.stop()
+
+
+def _ct_count(topo: Topology, pool_ip: str) -> int:
+    """Conntrack entries of cli1's flows to ``pool_ip``."""
+    out = topo.run_in("conn1", "conntrack", "-L", "-s", CLI1, "-d", pool_ip, check=False)
+    return sum(1 for line in out.stdout.splitlines() if pool_ip in line)
+
+
+def test_no_forwarding_means_dns_only_without_traceback(topo: Topology) -> None:
+    topo.run_in("conn2", "sysctl", "-qw", "net.ipv4.ip_forward=0")
+    try:
+        d = Driver(topo, "conn2", env=ENV)
+        assert not d.hello["enabled"]
+        assert "forwarding" in d.hello["reason"]
+        log = d.stop()
+        assert "Traceback" not in log
+        assert sum("DNS-only" in line for line in log.splitlines()) == 1, log
+        assert "appconnector" not in nft(topo, "conn2", "list", "tables")
+    finally:
+        topo.run_in("conn2", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def _ct(topo: Topology) -> str:
+    return topo.run_in("conn1", "conntrack", "-L", check=False).stdout[-2000:]

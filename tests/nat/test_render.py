@@ -1,0 +1,193 @@
+"""The pure half of NAT: the desired steer map, its JSON, touches and target refresh (no root, no kernel)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+from collections.abc import Sequence
+
+import pytest
+
+from appconnector.nat import render
+from appconnector.nat.render import Delta, SteerModel, TableSpec, pick_target
+from appconnector.nat.seen import PoolRanges, touches
+from appconnector.nat.targets import TargetRefresher
+from appconnector.pool.api import Changes, MappingView
+from appconnector.pool.local import LocalPool
+
+
+def ip(t: str) -> int:
+    return int(ipaddress.IPv4Address(t))
+
+
+N1, N2 = "100.101.0.2", "100.101.0.3"
+P1, P2 = ip("100.64.1.1"), ip("100.64.1.2")
+R1, R2, R3 = ip("198.51.100.10"), ip("198.51.100.20"), ip("198.51.100.30")
+
+
+def test_table_is_sized_from_config_and_keeps_seen_out_of_the_steering_rule() -> None:
+    spec = TableSpec(interface="tailscale0", pool=("100.64.1.0/24", "100.64.9.0/24"), max_mappings=123456)
+    cmds = render.table_commands(spec)
+    objs = [c["add"] for c in cmds if "add" in c]
+    sets = {o["set"]["name"]: o["set"] for o in objs if "set" in o}
+    maps = {o["map"]["name"]: o["map"] for o in objs if "map" in o}
+    assert maps["steer"]["size"] == 123456 and sets["seen"]["size"] == 123456
+    assert maps["steer"]["type"] == ["ipv4_addr", "ipv4_addr"] and maps["steer"]["map"] == "ipv4_addr"
+    assert [e["prefix"]["addr"] for e in sets["pool"]["elem"]] == ["100.64.1.0", "100.64.9.0"]
+    rules = collections.defaultdict(list)
+    for o in objs:
+        if "rule" in o:
+            rules[o["rule"]["chain"]].append(o["rule"]["expr"])
+    # the seen update lives alone in its own chain: a full set cannot stop the DNAT
+    assert len(rules["seen"]) == 1 and any("set" in e for e in rules["seen"][0])
+    assert not any("set" in e for e in rules["steer"][0]) and any("dnat" in e for e in rules["steer"][0])
+    masq = rules["masquerade"][0]
+    assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}} in masq
+    assert any(e.get("match", {}).get("right") == "@pool" and "ct" in e["match"]["left"] for e in masq)
+    drop = rules["unmapped"][0]
+    assert {"drop": None} in drop and {"counter": "unmapped"} in drop
+    assert any(e.get("match", {}).get("right") == "100.64.1.0" for e in drop), "the DNS address is exempt"
+    # only our table, replaced in the same transaction
+    assert cmds[:3] == [{"add": {"table": {"family": "inet", "name": "appconnector"}}},
+                        {"delete": {"table": {"family": "inet", "name": "appconnector"}}},
+                        {"add": {"table": {"family": "inet", "name": "appconnector"}}}]
+
+
+def test_element_commands_delete_before_add_and_batch() -> None:
+    cmds = render.element_commands(add={(1, 2): 3, (4, 5): 6, (7, 8): 9}, remove=[(1, 2)], chunk=2)
+    assert [next(iter(c)) for c in cmds] == ["delete", "add", "add"]
+    assert cmds[0]["delete"]["element"]["elem"] == [{"concat": ["0.0.0.1", "0.0.0.2"]}]
+    assert cmds[1]["add"]["element"]["elem"][0] == [{"concat": ["0.0.0.1", "0.0.0.2"]}, "0.0.0.3"]
+    assert len(cmds[2]["add"]["element"]["elem"]) == 1
+
+
+def test_parse_seen_and_counter_output() -> None:
+    listed = [{"set": {"name": "seen", "elem": [
+        {"elem": {"val": {"concat": ["100.101.0.2", "100.64.1.1"]}, "timeout": 15, "expires": 9}},
+        {"concat": ["100.101.0.3", "100.64.1.2"]}]}}]
+    assert render.parse_pairs(listed) == [(ip(N1), P1), (ip(N2), P2)]
+    assert render.parse_pairs([{"set": {"name": "seen"}}]) == []
+    assert render.parse_counter([{"counter": {"name": "unmapped", "packets": 7, "bytes": 420}}]) == 7
+
+
+def test_pick_target_is_deterministic_spreads_and_moves_few_nodes() -> None:
+    nodes = [f"n{i}" for i in range(3000)]
+    two = {n: pick_target(n, (R1, R2)) for n in nodes}
+    assert two == {n: pick_target(n, (R1, R2)) for n in nodes}
+    counts = collections.Counter(two.values())
+    assert min(counts.values()) > 1200, counts
+    three = {n: pick_target(n, (R1, R2, R3)) for n in nodes}
+    moved = [n for n in nodes if three[n] != two[n]]
+    assert all(three[n] == R3 for n in moved), "adding a target only moves nodes onto it"
+    assert 700 < len(moved) < 1300
+    assert pick_target("x", ()) is None and pick_target("x", (R1,)) == R1
+
+
+def test_model_mirrors_checkouts_removals_and_targets() -> None:
+    m = SteerModel()
+    d = m.apply(Changes(added=[(N1, P1, "a.example")], targets={"a.example": (R1,)}))
+    assert d.added == {(ip(N1), P1): R1} and d.removed == []
+    assert m.installed(N1, P1) and m.node_for_ip(ip(N1)) == N1
+    # a mapping whose domain has no targets yet has no element
+    d = m.apply(Changes(added=[(N2, P1, "b.example")]))
+    assert not d and not m.installed(N2, P1)
+    d = m.apply(Changes(targets={"b.example": (R2,)}))
+    assert d.added == {(ip(N2), P1): R2}
+    # a changed target is a delete plus an add of the same key (the kernel will not overwrite data)
+    d = m.apply(Changes(targets={"a.example": (R3,)}))
+    assert d.removed == [(ip(N1), P1)] and d.added == {(ip(N1), P1): R3}
+    # reassignment of an address to another domain
+    d = m.apply(Changes(removed=[(N1, P1, "a.example")], added=[(N1, P1, "b.example")]))
+    assert d.removed == [(ip(N1), P1)] and d.added == {(ip(N1), P1): R2}
+    d = m.apply(Changes(removed=[(N1, P1, "b.example"), (N2, P1, "b.example")]))
+    assert sorted(d.removed) == sorted([(ip(N1), P1), (ip(N2), P1)]) and len(m) == 0
+    assert m.domains() == []
+
+
+def test_model_uses_directory_ips_and_follows_their_changes() -> None:
+    m = SteerModel()
+    m.set_node_ips({"nodeA": ["100.101.0.7"]})
+    m.apply(Changes(added=[("nodeA", P1, "a.example"), ("nodeB", P1, "a.example")], targets={"a.example": (R1,)}))
+    assert m.elements() == {(ip("100.101.0.7"), P1): R1}, "nodeB is unknown and not an IP: no element yet"
+    d = m.set_node_ips({"nodeA": ["100.101.0.8"], "nodeB": ["100.101.0.9"]})
+    assert d.removed == [(ip("100.101.0.7"), P1)]
+    assert d.added == {(ip("100.101.0.8"), P1): R1, (ip("100.101.0.9"), P1): R1}
+    assert m.node_for_ip(ip("100.101.0.9")) == "nodeB"
+
+
+def test_reset_rebuilds_everything() -> None:
+    m = SteerModel()
+    m.apply(Changes(added=[(N1, P2, "old.example")], targets={"old.example": (R1,)}))
+    full = m.reset([MappingView(N1, "a.example", P1, 0.0), MappingView(N2, "a.example", P1, 0.0)],
+                   {"a.example": (R2,)})
+    assert full == {(ip(N1), P1): R2, (ip(N2), P1): R2}
+    assert not m.installed(N1, P2)
+    assert Delta() == Delta() and not Delta()
+
+
+def test_pool_ranges() -> None:
+    r = PoolRanges(["100.64.9.0/24", "100.64.1.0/30"])
+    assert ip("100.64.1.3") in r and ip("100.64.1.4") not in r and ip("100.64.9.255") in r
+    assert ip("100.64.8.255") not in r
+
+
+def test_touches_mark_each_pair_once_and_only_when_stale() -> None:
+    async def run() -> None:
+        now = [1000.0]
+        pool = LocalPool(["100.64.1.0/24"], clock=lambda: now[0])
+        await pool.start()
+        a = await pool.checkout(N1, "a.example", (R1,), 60)
+        now[0] = 1250.0
+        pairs = [(ip(N1), a)] * 50 + [(ip(N2), a), (ip(N1), P2 + 5)]  # unknown node, unmapped address
+        assert touches(pairs, render.ip_text, pool, now=1100.0, refresh=200) == 0, "fresh: no mark"
+        assert touches(pairs, render.ip_text, pool, now=1250.0, refresh=200) == 1
+        pool.flush_touches()
+        found = pool.lookup(N1, "a.example")
+        assert found is not None and found[1] == 1250.0
+        await pool.stop()
+
+    asyncio.run(run())
+
+
+def test_target_refresher_proposes_only_changes_and_keeps_last_on_failure() -> None:
+    async def run() -> None:
+        now = [1000.0]
+        pool = LocalPool(["100.64.1.0/24"], clock=lambda: now[0])
+        await pool.start()
+        await pool.checkout(N1, "a.example", (R1,), 60)
+        answers: dict[str, Sequence[int] | Exception] = {"a.example": [R1]}
+        asked: list[str] = []
+
+        async def resolver(domain: str) -> tuple[Sequence[int], float]:
+            asked.append(domain)
+            answer = answers[domain]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer, 60.0
+
+        r = TargetRefresher(pool, resolver, lambda: ["a.example"], min_ttl=30, clock=lambda: now[0])
+        for _ in range(3):
+            now[0] += 31
+            await r.round()
+        assert asked and r.proposals == 0, "unchanged addresses cost no Raft entry"
+        answers["a.example"] = [R2, R1]
+        now[0] += 61
+        await r.round()
+        assert r.proposals == 1 and pool.targets("a.example") == (R1, R2)
+        answers["a.example"] = OSError("upstream down")
+        now[0] += 61
+        await r.round()
+        assert pool.targets("a.example") == (R1, R2), "a failed refresh keeps the last addresses"
+        answers["a.example"] = []
+        now[0] += 61
+        await r.round()
+        assert pool.targets("a.example") == (R1, R2), "an empty answer keeps them too"
+        await pool.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("node", ["100.101.0.2", "nStableID"])
+def test_parse_node_ip(node: str) -> None:
+    assert (render.parse_node_ip(node) is not None) == (node[0].isdigit())
