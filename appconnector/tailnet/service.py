@@ -1,0 +1,99 @@
+"""Everything tailscale mode needs from tailscaled, built from the config in one object for the app.
+
+    tailnet = TailnetService(cfg)
+    await tailnet.start()                    # status + watch, routes advertised (and approved if configured)
+    decision = await tailnet.discover_cluster(has_state=...)   # JOIN / BOOTSTRAP / RESUME (waits otherwise)
+    tailnet.identity, tailnet.directory      # NodeIdentity / NodeDirectory for DNS and NAT
+    tailnet.raft_address()                   # this member's "tailnet-IPv4:raft_port"
+    tailnet.checks()                         # readiness checks for the status server
+    await tailnet.stop()                     # watch ends, Raft filter removed (routes stay advertised)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from appconnector.config import Config
+from appconnector.tailnet.api import TailnetUnavailable
+from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter, raft_address
+from appconnector.tailnet.directory import TailnetDirectory
+from appconnector.tailnet.identity import TailnetIdentity
+from appconnector.tailnet.localapi import LocalAPIClient
+from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover
+
+log = logging.getLogger(__name__)
+
+
+class TailnetService:
+    """Owns the LocalAPI client, the node directory, the whois cache, route advertisement and the
+    Raft-port filter. ``raft_filter`` is off when the cluster has no tag (single member) or when
+    ``enable_raft_filter`` is False (tests without root)."""
+
+    def __init__(self, cfg: Config, enable_raft_filter: bool | None = None) -> None:
+        self.cfg = cfg
+        self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
+        self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
+        self.identity = TailnetIdentity(self.client, self.directory)
+        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes)
+        self.approver = RouteApprover(cfg, cfg.pool.prefixes)
+        want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
+        self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
+        self.routes_advertised = False
+
+    async def start(self) -> None:
+        """Read status (raises TailnetUnavailable when tailscaled is not running), start the watch,
+        put the Raft filter in place and advertise the pool routes."""
+        await self.directory.start()
+        me = self.directory.self_node()
+        if me is None or not me.ipv4:
+            raise TailnetUnavailable("tailscaled has no tailnet IPv4 for this node yet (is it logged in? "
+                                     "`tailscale up`)")
+        if self.cfg.cluster.tag and self.cfg.cluster.tag not in me.tags:
+            log.warning("this node does not carry cluster.tag %s: it cannot join the cluster "
+                        "(tailscale up --advertise-tags=%s)", self.cfg.cluster.tag, self.cfg.cluster.tag)
+        if self.raft_filter is not None:
+            self.raft_filter.follow(self.directory, self.cfg.cluster.tag)
+        if self.cfg.tailnet.advertise_routes:
+            await self.advertiser.advertise()
+            self.routes_advertised = True
+            await self.approver.approve(me.node)
+
+    def raft_address(self) -> str | None:
+        me = self.directory.self_node()
+        return raft_address(me, self.cfg.cluster.raft_port) if me else None
+
+    async def discover_cluster(self, has_state: bool) -> Decision:
+        """Wait until it is safe to start Raft; see ``tailnet.cluster``."""
+        return await ClusterDiscovery(self.directory, self.cfg, has_state).decide()
+
+    def members(self) -> list[str]:
+        """Raft addresses of every tagged node (self included), for the replica's partner list."""
+        return [a for n in self.directory.tagged(self.cfg.cluster.tag)
+                if (a := raft_address(n, self.cfg.cluster.raft_port))]
+
+    def checks(self) -> dict[str, Callable[[], tuple[bool, str]]]:
+        def tailscaled() -> tuple[bool, str]:
+            me = self.directory.self_node()
+            if me is None:
+                return False, "no status from tailscaled yet"
+            return True, f"{me.name or me.node} {', '.join(me.ipv4)}; {len(self.directory.nodes())} node(s)"
+
+        def routes() -> tuple[bool, str]:
+            if not self.cfg.tailnet.advertise_routes:
+                return True, "not managed (tailnet.advertise_routes = false)"
+            return self.routes_advertised, ("advertised: " + ", ".join(self.advertiser.prefixes)
+                                            if self.routes_advertised else "not advertised yet")
+        return {"tailscaled": tailscaled, "routes": routes}
+
+    async def withdraw_routes(self) -> None:
+        await self.advertiser.withdraw()
+        self.routes_advertised = False
+
+    async def stop(self) -> None:
+        await self.directory.stop()
+        if self.raft_filter is not None:
+            try:
+                self.raft_filter.remove()
+            except Exception as e:
+                log.warning("could not remove the Raft-port filter: %s", e)
