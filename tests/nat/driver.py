@@ -46,10 +46,11 @@ class CountingPool(LocalPool):
 
 
 async def make_replica(opts: dict[str, Any], cfg: Any) -> Any:
-    if opts.get("raft"):
+    raft = opts.get("raft")
+    if raft:
         from appconnector.pool.replica import RaftReplica  # only when the cluster variant runs
 
-        replica = RaftReplica(cfg)
+        replica = RaftReplica(cfg, raft["self"], raft["peers"], raft["secret"])
         await replica.start()
         return replica
     state = None

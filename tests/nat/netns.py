@@ -126,10 +126,10 @@ def read_json_line(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 class Driver:
     """A NAT service running in a connector namespace (tests/nat/driver.py), driven over stdin/stdout."""
 
-    def __init__(self, topo: Topology, role: str, **options: Any) -> None:
+    def __init__(self, topo: Topology, role: str, wrapper: tuple[str, ...] = (), **options: Any) -> None:
         self.role = role
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix=f"acnat-{role}-", suffix=".log")  # noqa: SIM115
-        self.proc = topo.spawn(role, sys.executable, str(HERE / "driver.py"), json.dumps(options),
+        self.proc = topo.spawn(role, *wrapper, sys.executable, str(HERE / "driver.py"), json.dumps(options),
                                stderr=self.log_file)
         try:
             self.hello = read_json_line(self.proc, 20)

@@ -173,6 +173,31 @@ def test_standby_steers_from_the_first_packet_after_failover(topo: Topology, tmp
         c2.stop()
 
 
+def test_standby_of_a_raft_cluster_steers_after_failover(topo: Topology, tmp_path: Path) -> None:
+    """Two connectors forming a real 2-member Raft cluster across their namespaces: a checkout through
+    one is applied by both, and the standby's kernel steers the first packet after the route moves."""
+    pytest.importorskip("appconnector.pool.replica", reason="RaftReplica not available")
+    members = {"conn1": "100.101.0.11:16270", "conn2": "100.101.0.12:16270"}
+    drivers = {}
+    try:
+        for role, me in members.items():
+            raft = {"self": me, "peers": [p for p in members.values() if p != me], "secret": "acnat-test"}
+            drivers[role] = driver(topo, role, raft=raft, env={"cluster_state_dir": str(tmp_path / role)})
+        wait_for(lambda: any(d.call("status")["leader"] for d in drivers.values()), 20, "a Raft leader")
+        c1, c2 = drivers["conn1"], drivers["conn2"]
+        a = c1.call("checkout", node=CLI1, domain="raft.example", targets=[ORIGIN], timeout=30)["address"]
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN} from 198.51.100.11")
+        wait_for(lambda: c2.call("installed", node=CLI1, address=a)["installed"], 10,
+                 "the standby to mirror the mapping")
+        topo.route_via("conn2")
+        assert client(topo, "cli1", "udp", a, "first")["reply"] == f"echo {ORIGIN} first"
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN} from 198.51.100.12")
+    finally:
+        topo.route_via("conn1")
+        for d in drivers.values():
+            d.stop()
+
+
 def test_thousand_flows_make_a_handful_of_touches(topo: Topology) -> None:
     d = driver(topo, seen_interval=1.0, touch_refresh=0.0)
     try:
@@ -247,6 +272,17 @@ def test_no_forwarding_means_dns_only_without_traceback(topo: Topology) -> None:
         assert "appconnector" not in nft(topo, "conn2", "list", "tables")
     finally:
         topo.run_in("conn2", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def test_without_net_admin_means_dns_only_without_traceback(topo: Topology) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
+    d = Driver(topo, "conn2", wrapper=("setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"), env=ENV)
+    assert not d.hello["enabled"]
+    assert "CAP_NET_ADMIN" in d.hello["reason"]
+    log = d.stop()
+    assert "Traceback" not in log
+    assert sum("DNS-only" in line for line in log.splitlines()) == 1, log
 
 
 def _ct(topo: Topology) -> str:
