@@ -13,7 +13,6 @@ nearly all of them).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Mapping
@@ -41,14 +40,16 @@ def ip_text(address: int) -> str:
 
 
 def ip_int(text: str) -> int:
-    return int(ipaddress.IPv4Address(text))
+    """Dotted IPv4 text → integer (strict: ``inet_pton``; raises OSError on anything else)."""
+    value: int = _PACK.unpack(socket.inet_pton(socket.AF_INET, text))[0]
+    return value
 
 
 def parse_node_ip(node: str) -> int | None:
     """A node string that is itself an IPv4 address (standalone mode), else None."""
     try:
-        return int(ipaddress.IPv4Address(node))
-    except ValueError:
+        return ip_int(node)
+    except OSError:
         return None
 
 

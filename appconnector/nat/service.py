@@ -262,9 +262,9 @@ class NatService:
             if self._out_of_sync:
                 self._rebuild(self._model.elements())
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
-        if conntrack:
+        if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
             pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)
-        metrics.NAT_UNMAPPED_DROPS.set(await asyncio.to_thread(reconciler.unmapped_drops))
+            metrics.NAT_UNMAPPED_DROPS.set(await asyncio.to_thread(reconciler.unmapped_drops))
 
         def node_for_ip(ip: int) -> str | None:
             with self._lock:

@@ -97,7 +97,15 @@ def test_tcp_udp_icmp_reach_the_real_address(topo: Topology, conn: Driver) -> No
     assert client(topo, "cli1", "icmp", pool_ip)["ok"]
 
 
-def test_second_client_gets_its_own_mapping_and_unmapped_is_dropped(topo: Topology, conn: Driver) -> None:
+def test_second_client_gets_its_own_mapping_and_unmapped_is_dropped(topo: Topology) -> None:
+    conn = driver(topo, conntrack_interval=1.0)
+    try:
+        _second_client(topo, conn)
+    finally:
+        conn.stop()
+
+
+def _second_client(topo: Topology, conn: Driver) -> None:
     a1 = conn.call("checkout", node=CLI1, domain="one.example", targets=[ORIGIN])["address"]
     a2 = conn.call("checkout", node=CLI1, domain="two.example", targets=[ORIGIN_B])["address"]
     b1 = conn.call("checkout", node=CLI2, domain="two.example", targets=[ORIGIN_B])["address"]
