@@ -43,6 +43,7 @@ class TailnetDirectory:
         self._callbacks: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
+        self._refresh_lock = asyncio.Lock()  # the watch and the resync must not apply statuses out of order
         self.generation = 0  # bumped on every change: tests and the identity cache wait on it
 
     # ---- NodeDirectory --------------------------------------------------------------------------
@@ -83,7 +84,11 @@ class TailnetDirectory:
 
     async def refresh(self) -> None:
         """Rebuild the list from ``status``."""
-        status = await self.client.status()
+        async with self._refresh_lock:
+            status = await self.client.status()
+            self._apply_status(status)
+
+    def _apply_status(self, status: dict[str, Any]) -> None:
         nodes: dict[str, NodeInfo] = {}
         numeric: dict[int, str] = {}
         entries: list[Any] = list((status.get("Peer") or {}).values())
