@@ -248,9 +248,13 @@ class Model:
                       f"{fmt_addr(addr)} (last used {self.lb_text(lb)})"
                       + (": a stale read or lost write" if addr is not None else ": never allocated"))
             return [], reason
-        # touch
+        # touch: it refreshes the mapping if it still exists; the address may have been reassigned (an
+        # eviction this partition cannot see), which turns the touch into a no-op.
         if op.status == OK and addr == op.address and op.at is not None:
-            return [(addr, _later(lb, op.at - self.clock_slack))], ""
+            outs = [(addr, _later(lb, op.at - self.clock_slack))]
+            if self.evictable(lb, latest):
+                outs.append((None, None))
+            return outs, ""
         return [st], ""
 
     # Per (node, address): the value is the domain.

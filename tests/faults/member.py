@@ -30,7 +30,7 @@ from typing import Any
 from appconnector import config
 from appconnector.pool import replica as replica_module
 from appconnector.pool.api import Changes, PoolExhausted, ReplicaUnavailable
-from appconnector.pool.replica import RaftReplica, StateError
+from appconnector.pool.replica import RaftReplica, RaftTuning, StateError
 from appconnector.pool.state import PoolState
 
 log = logging.getLogger("acfault.member")
@@ -119,7 +119,10 @@ async def amain(args: argparse.Namespace) -> int:
         replica_module.PoolState = BrokenPoolState  # type: ignore[misc]
     secret = Path(args.secret_file).read_text().strip() if args.secret_file else None
     peers = [p for p in args.peers.split(",") if p]
-    rep = RaftReplica(cfg, args.self, peers, secret)
+    tuning = RaftTuning()
+    if args.compaction_entries:
+        tuning = dataclasses.replace(tuning, compaction_min_entries=args.compaction_entries)
+    rep = RaftReplica(cfg, args.self, peers, secret, tuning=tuning)
     try:
         await rep.start()
     except StateError as e:
@@ -161,6 +164,7 @@ def main() -> None:
     p.add_argument("--reuse-after", type=float, default=48 * 3600.0)
     p.add_argument("--secret-file", default="")
     p.add_argument("--broken", action="store_true")
+    p.add_argument("--compaction-entries", type=int, default=0, help="compact (write a full dump) this often")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -126,7 +126,7 @@ class Nemesis:
 
     def run(self, steps: list[Step], settle: float = 0.5) -> None:
         i = 0
-        while not self.stop.is_set():
+        while steps and not self.stop.is_set():
             steps[i % len(steps)](self)
             i += 1
             self._wait(settle)

@@ -183,6 +183,14 @@ def test_a_refresh_or_touch_postpones_reuse() -> None:
     v = check(touched.h, reuse_after=10)
     assert not v.ok
     assert "last used ≥ 8.000" in v.explain()
+    # A touch of a mapping whose address was already reassigned proves nothing (seen in a fault run).
+    late = Script()
+    late.co("c1", "n1", "a.com", 0, 1, A1)
+    late.co("c2", "n1", "b.com", 11, 12, A1)            # A1 moves to b.com after the deadline
+    late.touch("nat", "n1", A1, "a.com", 13, 13.5, at=13)
+    late.co("c3", "n1", "a.com", 14, 15, A2)            # a.com gets a new address: fine
+    v = check(late.h, reuse_after=10)
+    assert v.ok, v.explain()
     # A touch carrying the wrong domain is a no-op.
     wrong = Script()
     wrong.co("c1", "n1", "a.com", 0, 1, A1)
