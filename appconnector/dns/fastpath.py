@@ -16,6 +16,7 @@ lets the event loop skip storing an answer that raced with a removal).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 
@@ -23,34 +24,59 @@ from appconnector.dns import wire
 from appconnector.pool.api import Address, Changes, PoolReader
 from appconnector.tailnet.api import NodeInfo
 
-_PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00"  # qdcount=1, ancount=0, nscount=0
+_QUERY_FLAGS = frozenset((b"\x00", b"\x01"))  # first flags byte of a plain query, RD off or on
+_COUNTS_PLAIN = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # qd=1 an=0 ns=0 ar=0
+_COUNTS_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"    # qd=1 an=0 ns=0 ar=1
 _AR0 = b"\x00\x00"
-_AR1 = b"\x00\x01"
-_OPT_TYPE = b"\x00\x29"
+_OPT_HEAD = b"\x00\x00\x29"  # root owner, type OPT
 _OPT_NO_DO = wire.opt_record(False)
 _OPT_DO = wire.opt_record(True)
 
 MAX_ENTRIES = 1 << 20
 
 
-class FastEntry:
-    """One ready answer. ``heads`` is indexed by RD | CD<<1 | OPT<<2 (flags and counts words)."""
+def _question_end(data: bytes) -> int:
+    """Offset after the first question (no compression), or -1."""
+    pos = 12
+    n = len(data)
+    while pos < n:
+        length = data[pos]
+        if length == 0:
+            return pos + 5 if pos + 5 <= n else -1
+        if length > 63:
+            return -1
+        pos += length + 1
+    return -1
 
-    __slots__ = ("address", "domain", "heads", "last_used", "node", "tail")
+
+class FastEntry:
+    """One ready answer. ``heads`` is indexed by RD | CD<<1 | OPT<<2 (flags and counts words);
+    ``bodies`` (filled on first use, indexed by those bits | DO<<3) hold everything after the ID for
+    queries spelling the name as ``question`` does."""
+
+    __slots__ = ("address", "bodies", "domain", "heads", "last_used", "node", "question", "tail")
 
     def __init__(self, node: str, domain: str, address: Address, last_used: float, rcode: int,
-                 answers: tuple[bytes, ...], authority: tuple[bytes, ...]) -> None:
+                 answers: tuple[bytes, ...], authority: tuple[bytes, ...], question: bytes) -> None:
+        self.question = question
+        self.bodies: list[bytes | None] = [None] * 16
         self.node = node
         self.domain = domain
         self.address = address
         self.last_used = last_used
         self.tail = b"".join(answers) + b"".join(authority)
-        heads = []
-        for i in range(8):
-            qflags = (wire.RD if i & 1 else 0) | (wire.CD if i & 2 else 0)
-            flags = wire.response_flags(qflags, rcode)
-            heads.append(struct.pack("!5H", flags, 1, len(answers), len(authority), 1 if i & 4 else 0))
-        self.heads = tuple(heads)
+        self.heads = _heads(rcode, len(answers), len(authority))
+
+
+@functools.cache
+def _heads(rcode: int, ancount: int, nscount: int) -> tuple[bytes, ...]:
+    """Flags and counts words for each RD | CD<<1 | OPT<<2 combination (shared by entries)."""
+    heads = []
+    for i in range(8):
+        qflags = (wire.RD if i & 1 else 0) | (wire.CD if i & 2 else 0)
+        flags = wire.response_flags(qflags, rcode)
+        heads.append(struct.pack("!5H", flags, 1, ancount, nscount, 1 if i & 4 else 0))
+    return tuple(heads)
 
 
 class FastPath:
@@ -72,47 +98,55 @@ class FastPath:
         return len(self._entries)
 
     def answer(self, data: bytes, ip: str) -> bytes | None:
-        """The ready answer to ``data`` from ``ip``, or None (take the general path)."""
-        n = len(data)
-        if n < 17 or data[2] & 0xFE or data[4:10] != _PLAIN_COUNTS:
+        """The ready answer to ``data`` from ``ip``, or None (take the general path).
+
+        No label walk for the common shapes: a stored key is a complete, valid question, so when the
+        bytes after the header (no EDNS), or before a trailing option-less OPT, equal one, the
+        message has exactly that shape. Only an OPT carrying options needs the walk to find it.
+        """
+        if data[2:3] not in _QUERY_FLAGS:  # QR, opcode, AA, TC clear (RD free); short data → b""
             return None
-        pos = 12
-        while True:
-            length = data[pos]
-            if length == 0:
-                break
-            if length > 63:
-                return None
-            pos += length + 1
-            if pos >= n:
-                return None
-        qend = pos + 5
-        ar = data[10:12]
-        if ar == _AR0:
-            if qend != n:
-                return None
+        counts = data[4:12]
+        if counts == _COUNTS_PLAIN:
+            question = data[12:]
             opt = b""
             variant = 0
-        elif ar == _AR1:
-            if (qend + 11 > n or data[qend] != 0 or data[qend + 1:qend + 3] != _OPT_TYPE
-                    or data[qend + 6] != 0 or qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != n):
+        elif counts == _COUNTS_OPT:
+            n = len(data)
+            if data[-11:-8] == _OPT_HEAD and data[-2:] == _AR0 and n > 27:
+                question = data[12:-11]
+                opt_at = n - 11
+            else:
+                opt_at = _question_end(data)
+                if opt_at < 0 or opt_at + 11 > n or data[opt_at:opt_at + 3] != _OPT_HEAD \
+                        or opt_at + 11 + ((data[opt_at + 9] << 8) | data[opt_at + 10]) != n:
+                    return None
+                question = data[12:opt_at]
+            if data[opt_at + 6]:  # EDNS version: BADVERS is the general path's
                 return None
-            opt = _OPT_DO if data[qend + 7] & 128 else _OPT_NO_DO
-            variant = 4
+            if data[opt_at + 7] & 0x80:
+                opt, variant = _OPT_DO, 12
+            else:
+                opt, variant = _OPT_NO_DO, 4
         else:
             return None
         info = self._identity(ip)
         if info is None:
             return None
-        entry = self._entries.get((info.node, data[12:qend].lower()))
+        entry = self._entries.get((info.node, question.lower()))
         if entry is None:
             return None
         if self.now - entry.last_used >= self.refresh:
             entry.last_used = self.now
             self._touch(entry.node, entry.address, entry.domain, self.now)
         self.hits += 1
-        head = entry.heads[variant | (data[2] & 1) | ((data[3] & 0x10) >> 3)]
-        return data[0:2] + head + data[12:qend] + entry.tail + opt
+        variant |= (data[2] & 1) | ((data[3] & 0x10) >> 3)
+        if question == entry.question:  # same spelling as when stored: the whole body is ready
+            body = entry.bodies[variant]
+            if body is None:
+                body = entry.bodies[variant] = entry.heads[variant & 7] + question + entry.tail + opt
+            return data[:2] + body
+        return data[:2] + entry.heads[variant & 7] + question + entry.tail + opt
 
     def store(self, query: wire.Query, node: str, domain: str, address: Address, last_used: float,
               reply_rcode: int, answers: tuple[bytes, ...], authority: tuple[bytes, ...],
@@ -124,7 +158,8 @@ class FastPath:
         if len(self._entries) >= MAX_ENTRIES:
             self.clear()
         key = query.question.lower()
-        self._entries[(node, key)] = FastEntry(node, domain, address, last_used, reply_rcode, answers, authority)
+        self._entries[(node, key)] = FastEntry(node, domain, address, last_used, reply_rcode, answers, authority,
+                                                query.question)
         self._by_mapping.setdefault((node, domain), set()).add(key)
 
     def clear(self) -> None:

@@ -66,6 +66,8 @@ class DnsService:
         self._pool_nets = pool_networks(cfg.pool.prefixes)
         self._ignore_nets = [ipaddress.ip_network(p, strict=False) for p in cfg.pool.ignore_destinations]
         self.fast = FastPath(identity.cached, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time())
+        # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
+        self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer
         self.server = DnsServer(self, cfg.dns_listen())
         self._errors = RateLimitedLog(log)
         self._clock_task: asyncio.Task[None] | None = None
@@ -93,6 +95,7 @@ class DnsService:
 
     async def stop(self) -> None:
         await self.server.stop()
+        self.upstream.close()
         if self._clock_task is not None:
             self._clock_task.cancel()
             await asyncio.gather(self._clock_task, return_exceptions=True)
@@ -113,9 +116,6 @@ class DnsService:
             self._fast_reported = hits
 
     # ---- QueryHandler --------------------------------------------------------------------------------
-
-    def fast_answer(self, data: bytes, ip: str) -> bytes | None:
-        return self.fast.answer(data, ip)
 
     async def answer(self, data: bytes, ip: str, transport: str) -> bytes | None:
         """The general path: parse, decide, look up, encode. Never raises."""

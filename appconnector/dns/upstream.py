@@ -4,8 +4,8 @@ UDP first, TCP when the answer comes back truncated. Each resolver is asked in t
 REFUSED, garbage or silence within ``timeout`` moves on to the next, and when none answers the
 result is a failure (the service answers SERVFAIL). Positive answers are cached by their TTL,
 NXDOMAIN/NODATA by the SOA minimum (RFC 2308), failures for a second so a dead upstream is not
-hammered. Concurrent lookups of one (name, type) share one query. Messages are built and parsed with
-dnslib: this path only runs for names not yet in the pool.
+hammered. Concurrent lookups of one (name, type) share one query. Messages are built and read by
+``wire`` (fuzzed with the rest of it).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import dnslib
-
+from appconnector.dns import wire
 from appconnector.dns.policy import Resolution
 from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE
 from appconnector.tailnet.loops import resolv_conf_nameservers
@@ -33,6 +32,7 @@ NO_SOA_NEGATIVE_TTL = 5        # RFC 2308 §5: no SOA, do not cache long
 MAX_CACHE_TTL = 86400
 MAX_CACHE_ENTRIES = 200_000
 MAX_CNAME_CHAIN = 16
+CHANNEL_QUERIES = 1000         # queries per upstream UDP socket before a fresh one (new source port)
 
 
 def system_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
@@ -51,20 +51,36 @@ def system_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     return servers
 
 
-class _OneAnswer(asyncio.DatagramProtocol):
-    """Receives the first datagram carrying our query ID (the socket is connected to the resolver)."""
+class _UdpChannel(asyncio.DatagramProtocol):
+    """A UDP socket connected to one resolver, shared by concurrent queries (matched by ID): a socket
+    per query cost more than the rest of a new name. Replaced after ``CHANNEL_QUERIES`` queries so the
+    source port keeps changing (an off-path spoofer must guess port and ID)."""
 
-    def __init__(self, ident: int, done: asyncio.Future[bytes]) -> None:
-        self._ident = ident
-        self._done = done
+    def __init__(self) -> None:
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.used = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if len(data) >= 12 and struct.unpack_from("!H", data)[0] == self._ident and not self._done.done():
-            self._done.set_result(data)
+        if len(data) >= 12:
+            fut = self.pending.pop(int.from_bytes(data[:2], "big"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(data)
 
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: fail fast
-        if not self._done.done():
-            self._done.set_exception(exc)
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: every query here fails fast
+        self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("upstream socket closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
 
 
 class UpstreamResolver:
@@ -77,6 +93,7 @@ class UpstreamResolver:
         self._clock = clock
         self._cache: dict[tuple[str, int], tuple[float, Resolution]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[Resolution]] = {}
+        self._channels: dict[tuple[str, int], _UdpChannel] = {}
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
         """Addresses of ``domain`` (normalised, no trailing dot) of ``qtype`` (A or AAAA)."""
@@ -130,7 +147,7 @@ class UpstreamResolver:
             except TimeoutError:
                 problems.append(f"{server[0]}:{server[1]} timed out")
                 continue
-            except (OSError, ValueError, EOFError, asyncio.IncompleteReadError, dnslib.DNSError) as e:
+            except (OSError, ValueError, EOFError, asyncio.IncompleteReadError) as e:
                 problems.append(f"{server[0]}:{server[1]}: {e}")
                 continue
             if res.kind != "failure":
@@ -141,26 +158,43 @@ class UpstreamResolver:
         return Resolution("failure", detail="; ".join(problems))
 
     async def _ask(self, server: tuple[str, int], domain: str, qtype: int) -> Resolution:
+        channel = await self._channel(server)
         ident = random.getrandbits(16)
-        query = dnslib.DNSRecord(dnslib.DNSHeader(id=ident, rd=1), q=dnslib.DNSQuestion(domain + ".", qtype))
-        query.add_ar(dnslib.EDNS0(udp_len=1232))
-        packet = query.pack()
-        data = await self._udp(server, packet, ident)
-        reply = dnslib.DNSRecord.parse(data)
-        if reply.header.tc:
-            data = await self._tcp(server, packet)
-            reply = dnslib.DNSRecord.parse(data)
+        while ident in channel.pending:
+            ident = random.getrandbits(16)
+        packet = wire.build_query(ident, domain, qtype)
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        channel.pending[ident] = done
+        try:
+            assert channel.transport is not None
+            channel.transport.sendto(packet)
+            reply = wire.parse_response(await done)
+        finally:
+            if channel.pending.get(ident) is done:
+                del channel.pending[ident]
+        if reply.truncated:
+            reply = wire.parse_response(await self._tcp(server, packet))
         return interpret(reply, ident, domain, qtype)
 
-    async def _udp(self, server: tuple[str, int], packet: bytes, ident: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _OneAnswer(ident, done), remote_addr=server)
-        try:
-            transport.sendto(packet)
-            return await done
-        finally:
-            transport.close()
+    async def _channel(self, server: tuple[str, int]) -> _UdpChannel:
+        channel = self._channels.get(server)
+        if channel is None or channel.transport is None or channel.transport.is_closing() \
+                or channel.used >= CHANNEL_QUERIES:
+            if channel is not None and channel.transport is not None:
+                # retire: answers still in flight may arrive until the timeout
+                asyncio.get_running_loop().call_later(self.timeout + 0.5, channel.transport.close)
+            loop = asyncio.get_running_loop()
+            _, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=server)
+            self._channels[server] = channel
+        channel.used += 1
+        return channel
+
+    def close(self) -> None:
+        """Close the shared sockets (the service calls this on stop)."""
+        for channel in self._channels.values():
+            if channel.transport is not None:
+                channel.transport.close()
+        self._channels.clear()
 
     async def _tcp(self, server: tuple[str, int], packet: bytes) -> bytes:
         reader, writer = await asyncio.open_connection(server[0], server[1])
@@ -173,44 +207,41 @@ class UpstreamResolver:
             writer.close()
 
 
-def interpret(reply: dnslib.DNSRecord, ident: int, domain: str, qtype: int) -> Resolution:
+def interpret(reply: wire.Response, ident: int, domain: str, qtype: int) -> Resolution:
     """Turn an upstream response into a Resolution (pure; follows CNAME chains inside the answer)."""
-    if reply.header.id != ident or not reply.questions:
+    if reply.ident != ident:
         return Resolution("failure", detail="reply does not match the query")
-    q = reply.questions[0]
-    if str(q.qname).lower().rstrip(".") != domain or q.qtype != qtype:
+    if reply.qname != domain or reply.qtype != qtype:
         return Resolution("failure", detail="reply is for another question")
-    rcode = reply.header.rcode
-    if rcode == dnslib.RCODE.NXDOMAIN:
+    if reply.rcode == wire.NXDOMAIN:
         return Resolution("nxdomain", ttl=_negative_ttl(reply))
-    if rcode != dnslib.RCODE.NOERROR:
-        return Resolution("failure", detail=f"rcode {dnslib.RCODE.get(rcode)}")
+    if reply.rcode != wire.NOERROR:
+        return Resolution("failure", detail=f"rcode {wire.RCODE_NAMES.get(reply.rcode, reply.rcode)}")
     name = domain
     ttl = MAX_CACHE_TTL
     addresses: list[str] = []
     for _ in range(MAX_CNAME_CHAIN):
         target = None
-        for rr in reply.rr:
-            if str(rr.rname).lower().rstrip(".") != name:
+        for rr in reply.answers:
+            if rr.name != name:
                 continue
-            if rr.rtype == qtype:
-                addresses.append(str(rr.rdata))
+            if rr.rtype == qtype and isinstance(rr.value, str):
+                addresses.append(rr.value)
                 ttl = min(ttl, rr.ttl)
-            elif rr.rtype == dnslib.QTYPE.CNAME:
-                target = str(rr.rdata.label).lower().rstrip(".")
+            elif rr.rtype == wire.TYPE_CNAME and isinstance(rr.value, str):
+                target = rr.value
                 ttl = min(ttl, rr.ttl)
         if addresses or target is None:
             break
         name = target
     if not addresses:
         return Resolution("nodata", ttl=_negative_ttl(reply))
-    ordered = sorted(set(addresses), key=lambda a: ipaddress.ip_address(a))
+    ordered = sorted(set(addresses), key=ipaddress.ip_address)
     return Resolution("ok", tuple(ordered), ttl)
 
 
-def _negative_ttl(reply: dnslib.DNSRecord) -> int:
-    for rr in reply.auth:
-        if rr.rtype == dnslib.QTYPE.SOA:
-            return int(min(rr.ttl, rr.rdata.times[-1]))
+def _negative_ttl(reply: wire.Response) -> int:
+    for rr in reply.authority:
+        if rr.rtype == wire.TYPE_SOA and isinstance(rr.value, int):
+            return min(rr.ttl, rr.value)
     return NO_SOA_NEGATIVE_TTL
-

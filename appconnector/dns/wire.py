@@ -8,8 +8,8 @@ the question case is preserved byte for byte (RFC 8906) and the pre-built fast p
 the query's ID and question onto ready answer bytes.
 
 Parsing never raises anything but :class:`Malformed` / :class:`FormatError` (the fuzz target checks).
-Upstream responses (names with compression pointers, CNAME chains) are parsed with dnslib in
-``upstream.py``, not here.
+Upstream responses (compression pointers, CNAME chains) are read by :func:`parse_response`: dnslib
+took ~115 µs per response here, a third of the cost of a new name.
 """
 
 from __future__ import annotations
@@ -286,3 +286,112 @@ def rcode_of(response: bytes) -> int:
     if response[11] and response[-11] == 0 and response[-10:-8] == b"\x00\x29":
         rcode |= response[-6] << 4
     return rcode
+
+
+# ---- upstream responses ----------------------------------------------------------------------------
+
+TYPE_CNAME = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A resource record of an upstream response: lower-case owner name without the trailing dot,
+    and for CNAME the target name, for A/AAAA the address text, for SOA the minimum field."""
+
+    name: str
+    rtype: int
+    ttl: int
+    value: str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    ident: int
+    flags: int
+    rcode: int
+    qname: str
+    qtype: int
+    answers: tuple[Record, ...]
+    authority: tuple[Record, ...]
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & TC)
+
+
+def build_query(ident: int, domain: str, qtype: int, payload: int = OUR_UDP_PAYLOAD) -> bytes:
+    """A recursive query (RD set) with an OPT record, for the upstream resolvers."""
+    return (struct.pack("!6H", ident, RD, 1, 0, 0, 1) + domain_to_wire(domain) + struct.pack("!HH", qtype, CLASS_IN)
+            + b"\x00" + struct.pack("!HHIH", TYPE_OPT, payload, 0, 0))
+
+
+def _name_at(data: bytes, pos: int) -> tuple[str, int]:
+    """Read a possibly compressed name; returns (lower-case text without the dot, offset after it)."""
+    labels: list[str] = []
+    end = -1
+    jumps = 0
+    total = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("name runs past the end")
+        n = data[pos]
+        if n == 0:
+            if end < 0:
+                end = pos + 1
+            return ".".join(labels), end
+        if n & 0xC0 == 0xC0:
+            if pos + 1 >= len(data):
+                raise ValueError("truncated compression pointer")
+            if end < 0:
+                end = pos + 2
+            jumps += 1
+            if jumps > 64:
+                raise ValueError("compression loop")
+            pos = ((n & 0x3F) << 8) | data[pos + 1]
+            continue
+        if n & 0xC0:
+            raise ValueError("reserved label type")
+        total += n + 1
+        if total > 255 or pos + 1 + n > len(data):
+            raise ValueError("bad label")
+        labels.append(data[pos + 1:pos + 1 + n].decode("latin-1").lower())
+        pos += 1 + n
+
+
+def parse_response(data: bytes) -> Response:
+    """Parse an upstream response (answer and authority sections). Raises ValueError when malformed."""
+    if len(data) < HEADER_LEN:
+        raise ValueError("shorter than a DNS header")
+    ident, flags, qd, an, ns, _ar = struct.unpack_from("!6H", data)
+    if not flags & QR or qd != 1:
+        raise ValueError("not a response to one question")
+    qname, pos = _name_at(data, HEADER_LEN)
+    if pos + 4 > len(data):
+        raise ValueError("question runs past the end")
+    (qtype,) = struct.unpack_from("!H", data, pos)
+    pos += 4
+    sections: list[list[Record]] = [[], []]
+    for i, count in enumerate((an, ns)):
+        for _ in range(count):
+            name, pos = _name_at(data, pos)
+            if pos + 10 > len(data):
+                raise ValueError("record runs past the end")
+            rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+            pos += 10
+            if pos + rdlen > len(data):
+                raise ValueError("record data runs past the end")
+            value: str | int | None = None
+            if rtype == TYPE_A and rdlen == 4:
+                value = str(ipaddress.IPv4Address(data[pos:pos + 4]))
+            elif rtype == TYPE_AAAA and rdlen == 16:
+                value = str(ipaddress.IPv6Address(data[pos:pos + 16]))
+            elif rtype == TYPE_CNAME:
+                value = _name_at(data, pos)[0]
+            elif rtype == TYPE_SOA:
+                after = _name_at(data, _name_at(data, pos)[1])[1]
+                if after + 20 > pos + rdlen:
+                    raise ValueError("short SOA")
+                value = struct.unpack_from("!I", data, after + 16)[0]
+            sections[i].append(Record(name, rtype, ttl & 0x7FFFFFFF, value))
+            pos += rdlen
+    return Response(ident, flags, flags & 0xF, qname, qtype, tuple(sections[0]), tuple(sections[1]))

@@ -4,7 +4,8 @@ Properties, for any bytes at all:
   * ``wire.parse_query`` raises nothing but ``Malformed`` or ``FormatError``;
   * the fast path never raises, and when it answers, its bytes equal what the general path encodes
     for the same query (a differential check of the hand-written fast parser against the full one);
-  * every response the general path encodes for a parsed query is readable by dnspython.
+  * every response the general path encodes for a parsed query is readable by dnspython;
+  * the upstream-response reader raises nothing but ValueError.
 
 In the test suite (``test_fuzz_wire.py``) hypothesis runs a bounded number of examples; set
 ``APPCONNECTOR_LONG=1`` for a long hypothesis run. For millions of inputs run the mutation fuzzer:
@@ -15,12 +16,14 @@ In the test suite (``test_fuzz_wire.py``) hypothesis runs a bounded number of ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import time
 
 import dns.exception
 import dns.message
+import dns.rrset
 
 from appconnector.dns import wire
 from appconnector.dns.fastpath import FastPath
@@ -38,7 +41,17 @@ def _seed_query(name: str, rdtype: str, edns: bool, do: bool = False) -> bytes:
     return m.to_wire()
 
 
+def _seed_response() -> bytes:
+    q = dns.message.make_query("www.example", "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("www.example.", 60, "IN", "CNAME", "edge.example."))
+    r.answer.append(dns.rrset.from_text("edge.example.", 60, "IN", "A", "192.0.2.1"))
+    r.authority.append(dns.rrset.from_text("example.", 60, "IN", "SOA", "ns.example. h.example. 1 2 3 4 5"))
+    return r.to_wire()
+
+
 SEEDS = [
+    _seed_response(),
     _seed_query("app.example", "A", False),
     _seed_query("App.Example", "A", True),
     _seed_query("app.example", "AAAA", True, do=True),
@@ -59,6 +72,8 @@ def make_fast_path() -> FastPath:
 
 def check(data: bytes, fast: FastPath) -> None:
     """Raise AssertionError when a property above fails for ``data``."""
+    with contextlib.suppress(ValueError):  # the upstream-response reader: ValueError or a Response
+        wire.parse_response(data)
     try:
         query: wire.Query | None = wire.parse_query(data)
     except (wire.Malformed, wire.FormatError):

@@ -69,10 +69,21 @@ def test_interpret_follows_cname_chains_and_checks_the_question() -> None:
     reply.add_answer(dnslib.RR("www.example", dnslib.QTYPE.CNAME, rdata=dnslib.CNAME("edge.cdn.example"), ttl=300))
     reply.add_answer(dnslib.RR("edge.cdn.example", dnslib.QTYPE.A, rdata=dnslib.A("203.0.113.5"), ttl=20))
     reply.add_answer(dnslib.RR("unrelated.example", dnslib.QTYPE.A, rdata=dnslib.A("203.0.113.6"), ttl=20))
-    res = interpret(dnslib.DNSRecord.parse(reply.pack()), q.header.id, "www.example", wire.TYPE_A)
+    packed = bytes(reply.pack())  # dnslib compresses the names: the parser must follow the pointers
+    res = interpret(wire.parse_response(packed), q.header.id, "www.example", wire.TYPE_A)
     assert res == Resolution("ok", ("203.0.113.5",), 20)
-    other = interpret(dnslib.DNSRecord.parse(reply.pack()), q.header.id, "evil.example", wire.TYPE_A)
+    other = interpret(wire.parse_response(packed), q.header.id, "evil.example", wire.TYPE_A)
     assert other.kind == "failure"
+
+
+def test_negative_ttl_is_the_soa_minimum_capped_by_its_ttl() -> None:
+    q = dnslib.DNSRecord.question("gone.example", "A")
+    reply = q.reply()
+    reply.header.rcode = dnslib.RCODE.NXDOMAIN
+    reply.add_auth(dnslib.RR("example", dnslib.QTYPE.SOA, ttl=600, rdata=dnslib.SOA(
+        "ns.example", "h.example", (1, 3600, 600, 86400, 45))))
+    res = interpret(wire.parse_response(bytes(reply.pack())), q.header.id, "gone.example", wire.TYPE_A)
+    assert res == Resolution("nxdomain", ttl=45)
 
 
 def test_system_resolvers_reads_resolv_conf(tmp_path: object) -> None:
