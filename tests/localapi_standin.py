@@ -43,6 +43,7 @@ In-process (pytest)::
 Separate process::
 
     python tests/localapi_standin.py --socket /tmp/x.sock --state state.json
+    set_state("/tmp/x.sock", {...}); get_state("/tmp/x.sock")   # from any process (blocking helpers)
 
 Peers added without ``node_id`` get the next free one; ``addresses`` are IPs (IPv4 and/or IPv6).
 """
@@ -443,6 +444,35 @@ class Standin:
     def _json(self, writer: asyncio.StreamWriter, status: int, doc: Any, indent: bool = False) -> bool:
         data = json.dumps(doc, indent="\t" if indent else None).encode() + b"\n"
         return self._write(writer, status, "application/json", data)
+
+
+def _control(socket_path: str, method: str, body: bytes = b"") -> dict[str, Any]:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(socket_path)
+        s.sendall(f"{method} /standin/v0/state HTTP/1.1\r\nHost: {LOCALAPI_HOST}\r\nConnection: close\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"stand-in refused {method}: {data[:200]!r}")
+    doc: dict[str, Any] = json.loads(payload)
+    return doc
+
+
+def get_state(socket_path: str) -> dict[str, Any]:
+    """The state of a running stand-in (in this or another process)."""
+    return _control(socket_path, "GET")
+
+
+def set_state(socket_path: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Replace a running stand-in's state; its watchers get the netmap change. Blocking: from async
+    code in the stand-in's own process, use ``Standin.load_state`` instead."""
+    return _control(socket_path, "PUT", json.dumps(state).encode())
 
 
 async def _main(socket_path: str, state_file: str | None) -> None:

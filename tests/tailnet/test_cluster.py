@@ -22,6 +22,7 @@ from appconnector.tailnet.cluster import (
     ClusterDiscovery,
     candidates,
     decide,
+    probe_tcp,
     render_raft_filter,
 )
 from appconnector.tailnet.directory import TailnetDirectory
@@ -111,6 +112,39 @@ def test_discovery_probes_real_ports(tmp_path: Path) -> None:
                 server.close()
             assert decision.action is Action.JOIN and decision.via == (f"127.0.0.1:{port}",)
             assert disc.self_address() == f"127.0.0.2:{port}"
+        finally:
+            await s.stop()
+    run(body())
+
+
+def test_discovery_lowest_bootstraps_only_when_nobody_answers(tmp_path: Path) -> None:
+    """A (lowest StableID, fresh) bootstraps after confirm_rounds silent probes, but joins when B answers."""
+    async def body() -> None:
+        port = 20000 + (os.getpid() + 7) % 20000
+        sock = str(tmp_path / "a.sock")
+        s = await started(sock, _two_connectors("nConnA"))
+        d = TailnetDirectory(LocalAPIClient(sock))
+        await d.refresh()
+        cfg = config.load(None, env={"APPCONNECTOR_CLUSTER_TAG": TAG, "APPCONNECTOR_CLUSTER_RAFT_PORT": str(port),
+                                     "APPCONNECTOR_CLUSTER_SECRET_FILE": "/dev/null"})
+        probes: list[str] = []
+
+        async def counting_probe(addr: str) -> bool:
+            probes.append(addr)
+            return await probe_tcp(addr, 0.5)
+
+        try:
+            decision = await asyncio.wait_for(
+                ClusterDiscovery(d, cfg, has_state=False, probe=counting_probe, interval=0.05).decide(), 5)
+            assert decision.action is Action.BOOTSTRAP
+            assert len(probes) >= 2, "a bootstrap decision must hold for two probes in a row"
+            # B runs a cluster (its Raft port answers): A, although lowest, joins it
+            server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.2", port)
+            try:
+                decision = await asyncio.wait_for(ClusterDiscovery(d, cfg, has_state=False, interval=0.05).decide(), 5)
+            finally:
+                server.close()
+            assert decision.action is Action.JOIN and decision.via == (f"127.0.0.2:{port}",)
         finally:
             await s.stop()
     run(body())

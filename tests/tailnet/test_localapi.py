@@ -19,6 +19,7 @@ from appconnector.tailnet.localapi import (
     LocalAPIError,
     whois_addr,
 )
+from tests.localapi_standin import get_state, set_state
 from tests.tailnet.helpers import TAG, base_state, run, started
 
 
@@ -174,8 +175,8 @@ def test_standin_separate_process(tmp_path: Path) -> None:
             # control path: replace the state; the stranger becomes known
             doc = base_state("delta")
             doc["peers"].append({"stable_id": "nNew", "addresses": ["100.101.0.50"]})
-            status, _ = await c.request("PUT", "/standin/v0/state", json.dumps(doc).encode())
-            assert status == 200
+            await asyncio.to_thread(set_state, sock, doc)
+            assert [p["stable_id"] for p in (await asyncio.to_thread(get_state, sock))["peers"]][-1] == "nNew"
             assert (await c.whois("100.101.0.50") or {})["Node"]["StableID"] == "nNew"
         finally:
             proc.terminate()
