@@ -10,15 +10,17 @@ come from :class:`appconnector.nat.render.SteerModel`. Only ``table inet appconn
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Mapping
 
 from appconnector import metrics
 from appconnector.nat import render
-from appconnector.nat.nftables import Nftables, NftError
+from appconnector.nat.nftables import Nftables, NftError, dump_set_keys
 from appconnector.nat.render import Delta, Key, TableSpec
 from appconnector.pool.api import Address
 
 log = logging.getLogger(__name__)
+_PAIR = struct.Struct("!II")  # a seen key: node IP . pool address, network order
 
 
 class Reconciler:
@@ -63,8 +65,10 @@ class Reconciler:
         return True
 
     def read_seen(self) -> list[Key]:
-        """(node IP, pool address) of flows that started within the seen timeout."""
-        return render.parse_pairs(self.nft.list(f"set {render.FAMILY} {render.TABLE} {render.SEEN}"))
+        """(node IP, pool address) of flows that started within the seen timeout (raw netlink dump:
+        libnftables' listing is far slower for big sets, see nftables.py)."""
+        keys = dump_set_keys(render.FAMILY, render.TABLE, render.SEEN)
+        return [_PAIR.unpack(k) for k in keys if len(k) == _PAIR.size]
 
     def unmapped_drops(self) -> int:
         """Packets to pool addresses that had no mapping, since the table was built."""

@@ -162,22 +162,6 @@ def element_commands(add: Mapping[Key, Address] = {}, remove: Iterable[Key] = ()
     return out
 
 
-def parse_pairs(objects: Iterable[Mapping[str, object]]) -> list[Key]:
-    """(node IP, pool address) pairs from ``list set … seen`` JSON output."""
-    pairs: list[Key] = []
-    for obj in objects:
-        s = obj.get("set")
-        if not isinstance(s, dict):
-            continue
-        for e in s.get("elem", []):
-            if isinstance(e, dict) and "elem" in e:  # an element with timeout/expires around it
-                e = e["elem"].get("val", e["elem"])
-            if isinstance(e, dict) and isinstance(e.get("concat"), list) and len(e["concat"]) == 2:
-                a, b = e["concat"]
-                pairs.append((ip_int(a), ip_int(b)))
-    return pairs
-
-
 def parse_counter(objects: Iterable[Mapping[str, object]]) -> int:
     """Packets of the named counter in ``list counter …`` JSON output."""
     for obj in objects:
