@@ -26,6 +26,8 @@ DNS_SERVFAIL = Counter("appconnector_dns_servfail", "SERVFAIL answers by reason 
                        "(upstream, loop, exhausted, unavailable, tailnet, internal)", ["reason"], registry=REGISTRY)
 DNS_UDP_SEND_ERRORS = Counter("appconnector_dns_udp_send_errors", "UDP answers the kernel refused to send",
                               registry=REGISTRY)
+DNS_DROPPED = Counter("appconnector_dns_dropped", "UDP queries dropped: too many already in flight",
+                      registry=REGISTRY)
 DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
 DNS_FIRST_ANSWER = Histogram("appconnector_dns_new_name_seconds", "Time to answer a name with a new checkout",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -140,6 +140,25 @@ def config(upstream_port: int, dns_port: int) -> Config:
         "APPCONNECTOR_NAT_ENABLED": "false"})
 
 
+def start_echo(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, int]:
+    """The ceiling of this process's UDP loop: the same add_reader drain as the DNS listener, but the
+    'answer' is the query with QR set (no parsing, no lookup)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    recv, send = sock.recvfrom, sock.sendto
+
+    def ready() -> None:
+        for _ in range(64):
+            try:
+                data, addr = recv(65535)
+            except BlockingIOError:
+                return
+            send(data[:2] + b"\x81\x80" + data[4:], addr)
+    loop.add_reader(sock.fileno(), ready)
+    return sock, int(sock.getsockname()[1])
+
+
 async def run_connector(cfg: Config, replica: Replica, work: Any) -> Any:
     """Start the service on ``replica``, run ``work(port)`` in a thread (it blocks on subprocesses)."""
     service = DnsService(cfg, replica, StandaloneIdentity())
@@ -178,17 +197,19 @@ def main() -> int:
                 await pool.start()
                 try:
                     cfg = config(ub_port, free_port())
+                    echo_sock, echo_port = start_echo(asyncio.get_running_loop())
 
                     def scenario(port: int) -> dict[str, Any]:
                         dnsperf(port, known, None, once=True)  # map every name for 127.0.0.1
                         # alternate Unbound and the connector: the machine is shared, its load drifts
-                        fast_runs = []
+                        fast_runs, echo_runs = [], []
                         for _ in range(args.rounds):
                             unbound_runs.append(dnsperf(ub_port, known, args.seconds)["qps"])
                             fast_runs.append(dnsperf(port, known, args.seconds)["qps"])
-                            print(f"unbound {unbound_runs[-1]:.0f} qps, connector {fast_runs[-1]:.0f} qps",
-                                  file=sys.stderr)
-                        fast = {"qps": statistics.median(fast_runs), "runs": fast_runs}
+                            echo_runs.append(dnsperf(echo_port, known, args.seconds)["qps"])
+                            print(f"unbound {unbound_runs[-1]:.0f} qps, connector {fast_runs[-1]:.0f} qps, "
+                                  f"echo {echo_runs[-1]:.0f} qps", file=sys.stderr)
+                        fast = {"qps": statistics.median(fast_runs), "runs": fast_runs, "echo": echo_runs}
                         fresh = work / "fresh.txt"
                         fresh.write_text("".join(f"s{i}.new.test A\n" for i in range(args.new_names)))
                         new = dnsperf(port, fresh, None, once=True)
@@ -196,6 +217,8 @@ def main() -> int:
                         return {"fast": fast, "new": new, "lat": lat}
                     return dict(await run_connector(cfg, pool, scenario))
                 finally:
+                    asyncio.get_running_loop().remove_reader(echo_sock.fileno())
+                    echo_sock.close()
                     await pool.stop()
             res = uvloop.run(single())
             ub_qps = statistics.median(unbound_runs)
@@ -205,6 +228,10 @@ def main() -> int:
             rows.append(("known mappings, connector (fast path, uvloop)", f"{res['fast']['qps']:,.0f} qps",
                          f"**{statistics.median(ratios):.2f}** of Unbound (median of per-round ratios "
                          + ", ".join(f"{r:.2f}" for r in ratios) + "; target ≥ 0.7)"))
+            echo_ratios = [e / u for e, u in zip(res["fast"]["echo"], unbound_runs, strict=True)]
+            rows.append(("UDP echo in this process (ceiling of Python + uvloop, no DNS work)",
+                         f"{statistics.median(res['fast']['echo']):,.0f} qps",
+                         f"{statistics.median(echo_ratios):.2f} of Unbound"))
             rows.append(("new names, single node (LocalPool): checkouts/s", f"{res['new']['qps']:,.0f}/s",
                          f"{int(res['new']['completed'])} names, each an upstream lookup + checkout"))
             lat = res["lat"]

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from appconnector.dns.ratelimit import RateLimitedLog
-from appconnector.metrics import DNS_MALFORMED, DNS_UDP_SEND_ERRORS
+from appconnector.metrics import DNS_DROPPED, DNS_UDP_SEND_ERRORS
 
 log = logging.getLogger(__name__)
 _errors = RateLimitedLog(log)
@@ -95,11 +95,14 @@ class DnsServer:
         self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[Any]] = set()  # TCP connections between queries
         self._accepting = True
 
     def spawn(self, coro: Any) -> None:
         if not self._accepting or len(self._tasks) >= MAX_INFLIGHT:
             coro.close()
+            DNS_DROPPED.inc()
+            _errors.warning("overload", "DNS: dropped a query: %d queries already in flight", len(self._tasks))
             return
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -138,6 +141,8 @@ class DnsServer:
             loop.remove_reader(listener.sock.fileno())
         for tcp in self._tcp:
             tcp.close()
+        for task in list(self._idle):  # connections waiting for their next query have nothing to finish
+            task.cancel()
         if self._tasks and drain_timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout)
         for task in list(self._tasks):
@@ -161,20 +166,25 @@ class DnsServer:
         ip = peer[0] if peer else ""
         try:
             while self._accepting:
+                if task is not None:
+                    self._idle.add(task)
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
                     (length,) = struct.unpack("!H", head)
                     data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     return
+                finally:
+                    self._idle.discard(task)
                 reply = self.handler.fast_answer(data, ip)
                 if reply is None:
                     reply = await self.handler.answer(data, ip, "tcp")
                 if reply is None:
-                    DNS_MALFORMED.labels("tcp").inc()
-                    return  # nothing sensible to say: close, as RFC 7766 allows
+                    return  # nothing sensible to say (counted as malformed): close, as RFC 7766 allows
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 await writer.drain()
+        except asyncio.CancelledError:
+            pass  # stop() while idle
         except Exception:
             _errors.exception("tcp", "DNS TCP connection from %s failed", ip)
         finally:

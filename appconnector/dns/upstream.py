@@ -122,6 +122,14 @@ class UpstreamResolver:
         self._store(key, res)
         return res
 
+    async def ipv4_targets(self, domain: str) -> tuple[list[int], float]:
+        """The domain's real IPv4 addresses (as ints, ascending) and their TTL, for the leader's target
+        refresh (``nat.targets``); raises LookupError on NXDOMAIN, NODATA or failure. Shares the cache."""
+        res = await self.resolve(domain, wire.TYPE_A)
+        if res.kind != "ok":
+            raise LookupError(f"{res.kind} {res.detail}".strip())
+        return [int(ipaddress.IPv4Address(a)) for a in res.addresses], float(res.ttl)
+
     def _store(self, key: tuple[str, int], res: Resolution) -> None:
         ttl = FAILURE_CACHE_SECONDS if res.kind == "failure" else min(res.ttl, MAX_CACHE_TTL)
         if ttl <= 0:

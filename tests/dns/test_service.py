@@ -221,3 +221,17 @@ def test_kdig_gets_the_pool_address(svc: Running, transport: str) -> None:
     full = subprocess.run(["kdig", f"@{svc.host}", "-p", str(svc.port), transport, "nope.test", "A"],
                           capture_output=True, text=True, timeout=10, check=True).stdout
     assert "status: NXDOMAIN" in full
+
+
+def test_tcp_carries_several_queries_on_one_connection(svc: Running) -> None:
+    import socket as _socket
+    queries = [dns.message.make_query(name, "A") for name in ("app.test", "other.test", "noexist.test")]
+    with _socket.create_connection((svc.host, svc.port), timeout=5) as conn:
+        conn.sendall(b"".join(struct.pack("!H", len(w)) + w for w in (q.to_wire() for q in queries)))
+        replies = []
+        for _ in queries:
+            (n,) = struct.unpack("!H", conn.recv(2, _socket.MSG_WAITALL))
+            replies.append(dns.message.from_wire(conn.recv(n, _socket.MSG_WAITALL)))
+    by_id = {m.id: m for m in replies}
+    assert [by_id[q.id].rcode() for q in queries] == [dns.rcode.NOERROR, dns.rcode.NOERROR, dns.rcode.NXDOMAIN]
+    assert a_of(by_id[queries[0].id]) == a_of(svc.query("app.test"))

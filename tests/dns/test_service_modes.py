@@ -167,3 +167,14 @@ def test_stop_drains_queries_in_flight(running: Start, stub: StubUpstream) -> No
     assert time.monotonic() - started < 5
     with pytest.raises(dns.exception.Timeout):
         dns.query.udp(dns.message.make_query("x.example", "A"), r.host, port=r.port, timeout=0.3)
+
+
+def test_stop_does_not_wait_for_idle_tcp_connections(running: Start, stub: StubUpstream) -> None:
+    import socket
+    r = running(make_config(upstream=[f"127.0.0.1:{stub.port}"]))
+    with socket.create_connection((r.host, r.port), timeout=5) as idle:
+        assert r.query("a.example", tcp=True).rcode() == dns.rcode.NOERROR
+        started = time.monotonic()
+        r.call(r.service.stop())  # type: ignore[union-attr]
+        assert time.monotonic() - started < 2  # not the 5 s drain deadline, not the 10 s idle timeout
+        assert idle.recv(1) == b""  # closed by the server

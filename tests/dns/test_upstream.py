@@ -31,6 +31,7 @@ def test_answers_nxdomain_nodata_and_cache_by_ttl_and_soa_minimum(unbound: Unbou
         assert nx.kind == "nxdomain" and nx.ttl == 60  # the zone's SOA minimum
         nodata = await r.resolve("v6only.test", wire.TYPE_A)
         assert nodata.kind == "nodata" and nodata.ttl == 60
+        assert await r.ipv4_targets("app.test") == ([0xC000020A, 0xC000020B], 300.0)
         six = await r.resolve("v6only.test", wire.TYPE_AAAA)
         assert six.addresses == ("2001:db8::1",)
         unbound_port, r.servers = r.servers, [("127.0.0.1", 9)]  # nothing listens: only the cache answers
