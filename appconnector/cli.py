@@ -21,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from appconnector import config, logs
@@ -121,6 +122,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           f"for nodes), DNS on {', '.join(f'{h}:{p}' for h, p in cfg.dns_listen())}, "
           f"upstream {', '.join(cfg.dns.upstream) or 'from /etc/resolv.conf'}, "
           f"NAT {'on' if cfg.nat.enabled else 'off'}, status on http://{cfg.http.listen}/")
+    if not cfg.standalone and not Path(cfg.tailnet.localapi_socket).exists():
+        print(f"note: {cfg.tailnet.localapi_socket} does not exist yet: `run` needs tailscaled running "
+              "(tailnet.localapi_socket)")
     if path is None:
         print("note: no config file given (--config or APPCONNECTOR_CONFIG): checked the defaults "
               "and APPCONNECTOR_* variables")
@@ -245,8 +249,12 @@ def cmd_cluster_members(args: argparse.Namespace) -> int:
         _print(doc)
         return EXIT_OK
     leader = doc.get("leader")
+    connected = doc.get("connected")
     for m in doc.get("members") or []:
-        print(f"{m}{'  (leader)' if m == leader else ''}{'  (self)' if m == doc.get('self') else ''}")
+        marks = [w for w, on in (("leader", m == leader), ("self", m == doc.get("self")),
+                                 ("unreachable", isinstance(connected, list) and bool(doc.get("self"))
+                                  and m not in connected and m != doc.get("self"))) if on]
+        print(m + (f"  ({', '.join(marks)})" if marks else ""))
     return EXIT_OK
 
 
