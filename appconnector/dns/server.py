@@ -27,6 +27,7 @@ MAX_INFLIGHT = 10_000       # general-path tasks at once; beyond that UDP querie
 UDP_BUFFER = 4 << 20
 UDP_BATCH = 64             # datagrams per readiness callback before yielding to the loop
 RECV_SIZE = 65535
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux; missing from some Python builds' socket module
 
 
 class QueryHandler(Protocol):
@@ -85,6 +86,25 @@ class _UdpListener:
                 _errors.warning("udp-send", "DNS UDP send failed: %s", e)
 
 
+def _socket(host: str, kind: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
+    if kind == socket.SOCK_STREAM:  # TIME_WAIT after a restart; never on UDP, where it lets a second
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # process share (steal) the port
+    # The DNS address may be put on lo just after us (NAT owns it): bind anyway, packets come once it is
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+    sock.setblocking(False)
+    return sock
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"DNS cannot listen on {host}:{port} (dns.listen): {e.strerror}") from e
+
+
 class DnsServer:
     """Listeners on ``addresses`` (``[(ip, port)]``; port 0 picks a free port, see ``bound``)."""
 
@@ -112,20 +132,19 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         try:
             for host, port in self.addresses:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                udp = _socket(host, socket.SOCK_DGRAM)
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_BUFFER)
-                sock.bind((host, port))
-                sock.setblocking(False)
-                port = sock.getsockname()[1]
-                listener = _UdpListener(self, sock)
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_BUFFER)
+                _bind(udp, host, port)
+                port = udp.getsockname()[1]
+                listener = _UdpListener(self, udp)
                 self._udp.append(listener)
-                loop.add_reader(sock.fileno(), listener.ready)
-                tcp = await asyncio.start_server(self._tcp_connection, host, port, reuse_address=True)
-                self._tcp.append(tcp)
+                loop.add_reader(udp.fileno(), listener.ready)
+                tcp_sock = _socket(host, socket.SOCK_STREAM)
+                _bind(tcp_sock, host, port)
+                tcp_sock.listen(128)
+                self._tcp.append(await asyncio.start_server(self._tcp_connection, sock=tcp_sock))
                 self.bound.append((host, port))
         except BaseException:
             await self.stop(drain_timeout=0)

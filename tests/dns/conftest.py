@@ -239,7 +239,11 @@ class Running:
         self.identity = identity
         self.upstream = UpstreamResolver([_hp(u) for u in cfg.dns.upstream], timeout=upstream_timeout)
         self.service: DnsService | None = None
-        self.call(self._start())
+        try:
+            self.call(self._start())
+        except BaseException:
+            self.close()
+            raise
         assert self.service is not None
         self.host, self.port = self.service.bound[0]
 

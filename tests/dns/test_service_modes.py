@@ -178,3 +178,14 @@ def test_stop_does_not_wait_for_idle_tcp_connections(running: Start, stub: StubU
         r.call(r.service.stop())  # type: ignore[union-attr]
         assert time.monotonic() - started < 2  # not the 5 s drain deadline, not the 10 s idle timeout
         assert idle.recv(1) == b""  # closed by the server
+
+
+def test_a_taken_port_is_a_clear_error_naming_dns_listen(stub: StubUpstream) -> None:
+    import socket
+
+    from tests.dns.conftest import free_port
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        with pytest.raises(OSError, match=r"dns\.listen"):
+            Running(make_config(upstream=[f"127.0.0.1:{stub.port}"], port=port))
