@@ -1,7 +1,7 @@
 """Faults for processes talking TCP on loopback: partitions, connection resets, pauses, kills, clock skew.
 
 Partitions on loopback cannot use addresses (every member connects from 127.0.0.1), so each member runs
-with a group id of its own and a table of ours, ``inet acfault``, marks every new connection with the
+with a group id of its own and a table of ours, ``inet acfault_<port>``, marks every new connection with the
 initiator's group (``ct mark``, set in the output hook from ``meta skgid``). A cut between members X and
 Y drops, in the input hook, packets of connections that X initiated towards Y's port or Y towards X's:
 both directions of exactly those connections, nothing else on the host. Connection resets use
@@ -64,15 +64,17 @@ class LoopbackNet:
 
     def __init__(self, endpoints: Iterable[Endpoint]) -> None:
         self.endpoints = {e.name: e for e in endpoints}
+        # One table per run (``acfault_<lowest port>``) so runs in parallel never touch each other's rules.
+        self.table = f"{TABLE}_{min(e.port for e in self.endpoints.values())}"
         self.cut: set[frozenset[str]] = set()
         self.installed = False
 
     def install(self) -> None:
         require_root_tools()
-        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, timeout=10)
+        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=10)
         marks = "\n".join(f"    ct state new meta skgid {e.gid} ct mark set {e.mark:#x}"
                           for e in self.endpoints.values())
-        _nft(f"""table inet {TABLE} {{
+        _nft(f"""table inet {self.table} {{
   chain tag {{
     type filter hook output priority 0; policy accept;
 {marks}
@@ -86,7 +88,7 @@ class LoopbackNet:
 
     def remove(self) -> None:
         if self.installed:
-            subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, timeout=10)
+            subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=10)
             self.installed = False
 
     def partition(self, *groups: Iterable[str]) -> None:
@@ -111,9 +113,9 @@ class LoopbackNet:
         for pair in sorted(pairs, key=sorted):
             a, b = (self.endpoints[n] for n in sorted(pair))
             for x, y in ((a, b), (b, a)):
-                rules.append(f"add rule inet {TABLE} cut ct mark {x.mark:#x} meta l4proto tcp "
+                rules.append(f"add rule inet {self.table} cut ct mark {x.mark:#x} meta l4proto tcp "
                              f"ct original proto-dst {y.port} drop")
-        _nft(f"flush chain inet {TABLE} cut\n" + "\n".join(rules) + "\n")
+        _nft(f"flush chain inet {self.table} cut\n" + "\n".join(rules) + "\n")
         self.cut = pairs
 
     def reset(self, name: str, pid: int | None = None) -> int:

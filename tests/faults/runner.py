@@ -161,6 +161,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
         restart_all: bool = True, artifacts: Path | None = None) -> RunResult:
     history = History()
     faults = FaultLog()
+    probe = getattr(cluster, "probe_node", "acfault-probe")  # a node the clients never use
     stop = threading.Event()
     nemesis = Nemesis(cluster, net, faults, stop, hold=hold, seed=seed)
     nem = threading.Thread(target=nemesis.run, args=(steps,), name="acfault-nemesis", daemon=True)
@@ -190,7 +191,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
         cluster.leader(timeout=15)
         for m in cluster.live():
             try:
-                m.checkout("acfault-probe", "probe.example.com", 10.0)
+                m.checkout(probe, "probe.example.com", 10.0)
                 break
             except Unavailable:
                 continue
@@ -202,7 +203,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
         digest, maps = m.state()
         if digest != digests[m.name]:
             problems.append(f"{m.name}: digest changed after convergence ({digests[m.name]} → {digest})")
-        maps = [x for x in maps if x[0] != "acfault-probe"]
+        maps = [x for x in maps if x[0] != probe]
         total = len(maps)
         problems += [f"{m.name}: {p}" for p in no_two_domains(maps)]
         history.record_state(m.name, maps, at=t)

@@ -1,0 +1,301 @@
+"""Whole connectors (``appconnector run``) under faults and bad input, asked over real DNS.
+
+Three standalone connectors on loopback (NAT off: they share one kernel), clients on 127.0.0.40-43
+(standalone mode: the client IP is the node). ``APPCONNECTOR_LONG=1`` runs longer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("appconnector.app", reason="the connector (app.py) has not landed")
+
+import dns.message
+import dns.query
+import dns.rcode
+
+from tests.faults.connector import ConnectorCluster, ConnectorMember
+from tests.faults.dnsclient import can_bind, loopback_nodes
+from tests.faults.nemesis import LoopbackNet, NemesisUnavailable, require_root_tools
+from tests.faults.runner import ALL_STEPS, run
+from tests.faults.workload import Mix, Unavailable
+
+pytestmark = [pytest.mark.root, pytest.mark.cluster]
+
+LONG = os.environ.get("APPCONNECTOR_LONG") == "1"
+SCALE = 10.0 if LONG else 1.0
+
+
+def _report(name: str, data: dict[str, object]) -> None:
+    path = os.environ.get("ACFAULT_REPORT")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, "long": LONG, **data}, default=str) + "\n")
+
+
+@pytest.fixture
+def nodes() -> list[str]:
+    try:
+        require_root_tools()
+    except NemesisUnavailable as e:
+        pytest.skip(str(e))
+    ns = loopback_nodes(4)
+    if not all(can_bind(n) for n in ns):
+        pytest.skip("cannot bind 127.0.0.40-43 as DNS client addresses")
+    return ns
+
+
+def _connectors(tmp_path: Path, port_base: int, size: int = 3) -> Iterator[tuple[ConnectorCluster, LoopbackNet]]:
+    c = ConnectorCluster(tmp_path / "acfault", port_base, size=size)
+    net = LoopbackNet(c.endpoints())
+    net.install()
+    try:
+        c.start()
+        yield c, net
+    finally:
+        c.stop()
+        net.remove()
+
+
+def test_connectors_answer_consistently_under_faults(tmp_path: Path, nodes: list[str]) -> None:
+    gen = _connectors(tmp_path, 27500)
+    c, net = next(gen)
+    try:
+        mix = Mix(nodes=tuple(nodes), domains=tuple(f"d{i}.example.com" for i in range(40)),
+                  checkout=1.0, lookup=0.0, domain_for=0.0, touch=0.0)
+        r = run(c, net, duration=14 * SCALE, steps=ALL_STEPS, mix=mix, clients=6, reuse_after=48 * 3600.0,
+                artifacts=tmp_path / "out")
+        for m in c.members.values():  # nothing crashed or diverged along the way
+            assert "Traceback" not in m.log_text(), m.log_text()[-3000:]
+    finally:
+        gen.close()
+    _report("connector_faults", r.summary())
+    assert r.verdict.ok, r.verdict.explain()[:6000]
+    assert not r.problems, r.problems
+    assert len(set(r.digests.values())) == 1 and len(r.digests) == 3
+    assert r.history.counts().get("resolve:ok", 0) >= 200
+    assert r.mappings >= 100
+
+
+def test_leader_kill_to_next_answered_new_name(tmp_path: Path, nodes: list[str]) -> None:
+    """kill -9 the leader connector; a client asks a surviving connector for a name it never asked
+    before, retrying on SERVFAIL or silence like a stub resolver. Times go to docs/reliability.md."""
+    gen = _connectors(tmp_path, 27530)
+    c, _net = next(gen)
+    times: list[float] = []
+    try:
+        for round_ in range(int(3 * SCALE)):
+            leader = c.leader(timeout=20)
+            survivor = next(m for m in c.members.values() if m is not leader)
+            survivor.checkout(nodes[0], f"warm{round_}.example.com", 5.0)
+            t0 = time.monotonic()
+            leader.kill()
+            address = _resolve_until(survivor, nodes[1], f"new{round_}.example.com", 30.0)
+            times.append(time.monotonic() - t0)
+            leader.start()
+            leader.wait_ready()
+            c.wait_converged()
+            for m in c.members.values():
+                assert m.lookup(nodes[1], f"new{round_}.example.com", 5.0) == address, m.name
+    finally:
+        gen.close()
+    _report("connector_leader_kill", {"seconds": [round(t, 3) for t in times]})
+    print("leader kill → next new name answered over DNS:", ", ".join(f"{t:.3f}s" for t in times))
+
+
+def _resolve_until(m: ConnectorMember, node: str, domain: str, deadline: float) -> int:
+    end = time.monotonic() + deadline
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            return m.checkout(node, domain, 1.0)
+        except Unavailable as e:
+            last = e
+            time.sleep(0.02)
+    raise AssertionError(f"{m.name} never answered {domain}: {last}")
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one(tmp_path: Path, nodes: list[str]) -> Iterator[ConnectorMember]:
+    gen = _connectors(tmp_path, 27560, size=1)
+    c, _net = next(gen)
+    try:
+        yield c.members["c1"]
+    finally:
+        gen.close()
+
+
+def _metric(m: ConnectorMember, name: str) -> float:
+    total = 0.0
+    for line in m.metrics().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _garbage(rng: random.Random) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 12))                       # shorter than a header
+    if kind == 1:
+        return rng.randbytes(rng.randrange(12, 600))                      # random
+    if kind == 2:  # a header claiming questions that are not there
+        return struct.pack("!HHHHHH", rng.randrange(65536), 0x0100, 5, 0, 0, 0)
+    if kind == 3:  # a name whose compression pointer points at itself
+        return struct.pack("!HHHHHH", rng.randrange(65536), 0x0100, 1, 0, 0, 0) + b"\xc0\x0c\x00\x01\x00\x01"
+    if kind == 4:  # a label longer than 63
+        head = struct.pack("!HHHHHH", rng.randrange(65536), 0x0100, 1, 0, 0, 0)
+        return head + b"\x50" + b"a" * 80 + b"\x00\x00\x01\x00\x01"
+    return struct.pack("!HHHHHH", rng.randrange(65536), 0x0100, 1, 0, 0, 0) + b"\x03abc"  # name cut short
+
+
+def _ask(m: ConnectorMember, node: str, name: str, tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, "A")
+    if tcp:
+        return dns.query.tcp(q, "127.0.0.1", port=m.dns_port, timeout=5, source=node)
+    return dns.query.udp(q, "127.0.0.1", port=m.dns_port, timeout=5, source=node)
+
+
+def test_malformed_dns_at_rate_over_udp_and_tcp(one: ConnectorMember, nodes: list[str]) -> None:
+    m = one
+    first = _ask(m, nodes[0], "before.example.com")
+    assert first.rcode() == dns.rcode.NOERROR and first.answer
+    malformed0 = _metric(m, "appconnector_dns_malformed_total")
+    rng = random.Random(6)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((nodes[1], 0))
+    sent = 0
+    end = time.monotonic() + 1.5 * SCALE
+    while time.monotonic() < end:
+        for _ in range(200):
+            s.sendto(_garbage(rng), ("127.0.0.1", m.dns_port))
+            sent += 1
+        time.sleep(0.005)
+    # A header with no question gets FORMERR with its ID echoed (DESIGN.md §4).
+    s.settimeout(2)
+    while True:  # drain answers to the garbage
+        try:
+            s.recv(65535)
+        except TimeoutError:
+            break
+    s.sendto(struct.pack("!HHHHHH", 0xBEEF, 0x0100, 0, 0, 0, 0), ("127.0.0.1", m.dns_port))
+    reply = s.recv(65535)
+    assert reply[:2] == b"\xbe\xef" and reply[3] & 0x0F == dns.rcode.FORMERR, reply[:12].hex()
+    s.close()
+    # Garbage over TCP, with honest and lying length prefixes, on many connections.
+    for i in range(60):
+        with socket.create_connection(("127.0.0.1", m.dns_port), timeout=3) as t:
+            body = _garbage(rng)
+            length = len(body) if i % 3 else len(body) + 50  # a prefix longer than what follows
+            with_prefix = struct.pack("!H", length) + body
+            t.sendall(with_prefix)
+            t.shutdown(socket.SHUT_WR)
+            t.settimeout(3)
+            try:
+                while t.recv(65535):
+                    pass
+            except (TimeoutError, ConnectionResetError):
+                pass
+    assert m.running()
+    after = _ask(m, nodes[0], "after.example.com")
+    assert after.rcode() == dns.rcode.NOERROR and after.answer
+    assert _ask(m, nodes[0], "before.example.com", tcp=True).answer[0] == first.answer[0]
+    assert _metric(m, "appconnector_dns_malformed_total") > malformed0, "malformed queries were not counted"
+    log = m.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    print(f"sent {sent} malformed UDP datagrams and 60 TCP messages")
+
+
+def test_half_open_and_oversized_tcp(one: ConnectorMember, nodes: list[str]) -> None:
+    m = one
+    idle: list[socket.socket] = []
+    try:
+        for i in range(300):
+            t = socket.create_connection(("127.0.0.1", m.dns_port), timeout=3)
+            if i % 2:
+                t.sendall(b"\x00")           # half a length prefix, then nothing
+            idle.append(t)
+        # Oversized: a 65535-byte message of junk, and a UDP datagram of 65000 bytes.
+        with socket.create_connection(("127.0.0.1", m.dns_port), timeout=3) as big:
+            big.sendall(b"\xff\xff" + bytes(65535))
+            big.settimeout(5)
+            try:
+                reply = big.recv(65535)
+            except (TimeoutError, ConnectionResetError):
+                reply = b""
+            if len(reply) >= 6:
+                assert reply[5] & 0x0F in (dns.rcode.FORMERR, dns.rcode.REFUSED), reply[:8].hex()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.sendto(bytes(65000), ("127.0.0.1", m.dns_port))
+        u.close()
+        # Still serving, both transports, while 300 connections hang.
+        r = _ask(m, nodes[2], "while-idle.example.com", tcp=True)
+        assert r.rcode() == dns.rcode.NOERROR and r.answer
+        assert _ask(m, nodes[2], "while-idle.example.com").answer[0] == r.answer[0]
+        # The idle connections are closed by the server (its idle timeout), not kept forever.
+        deadline = time.monotonic() + 30
+        closed = 0
+        for t in idle:
+            t.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                if t.recv(1) == b"":
+                    closed += 1
+            except (TimeoutError, ConnectionResetError):
+                pass
+        assert closed == len(idle), f"only {closed} of {len(idle)} idle connections were closed"
+    finally:
+        for t in idle:
+            t.close()
+    assert m.running()
+    assert "Traceback" not in m.log_text()
+
+
+def test_corrupt_journal_refused_by_connector(tmp_path: Path, nodes: list[str]) -> None:
+    """A connector whose journal is corrupt refuses to start (exit 1, the file named); the other two keep
+    answering, and with the bad state moved away it rejoins and catches up."""
+    gen = _connectors(tmp_path, 27580)
+    c, _net = next(gen)
+    try:
+        c.leader(timeout=20)
+        answers = {f"j{i}.example.com": c.members["c1"].checkout(nodes[0], f"j{i}.example.com", 5.0)
+                   for i in range(30)}
+        c.wait_converged()
+        c3 = c.members["c3"]
+        assert c3.stop() == 0, c3.log_text()[-2000:]
+        journals = list(c3.state_dir.glob("raft-*/journal"))
+        assert journals, list(c3.state_dir.rglob("*"))
+        data = bytearray(journals[0].read_bytes())
+        data[60:80] = b"\xee" * 20
+        journals[0].write_bytes(bytes(data))
+        c3.start()
+        assert c3.proc is not None
+        code = c3.proc.wait(30)
+        log = c3.log_text().split("---- start")[-1]
+        assert code == 1, log[-2000:]
+        assert str(journals[0]) in log and re.search("refus", log), log[-2000:]
+        assert "Traceback" not in log, log[-2000:]
+        for name in ("c1", "c2"):
+            m = c.members[name]
+            assert m.checkout(nodes[0], "j3.example.com", 5.0) == answers["j3.example.com"]
+            m.checkout(nodes[1], f"fresh-{name}.example.com", 5.0)
+        for d in c3.state_dir.glob("raft-*"):
+            d.rename(tmp_path / f"acfault-bad-{d.name}")
+        c3.start()
+        c3.wait_ready()
+        c.wait_converged()
+        assert c3.lookup(nodes[0], "j3.example.com", 5.0) == answers["j3.example.com"]
+    finally:
+        gen.close()
