@@ -155,7 +155,7 @@ listen = "{ip}:8893"
         table = _in_ns("nft", "list", "table", "inet", "appconnector_raft").stdout
         assert "127.0.0.1" in table and "127.0.0.2" in table and "dport 6270" in table, table
     finally:
-        for sid, p in procs.items():
+        for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         codes = {}
