@@ -238,14 +238,32 @@ class SteerModel:
 
     # -- changes -------------------------------------------------------------------------------------
     def reset(self, mappings: Iterable[MappingView], targets_of: Mapping[str, Targets]) -> dict[Key, Address]:
-        """Forget everything and mirror ``mappings``; returns the full element set."""
+        """Forget everything and mirror ``mappings``; returns the full element set. (The same rules as
+        :meth:`apply`, in one pass with a per-node IP cache: it runs at every start.)"""
         self._clear()
-        self._targets = dict(targets_of)
+        self._targets = {d: tuple(sorted(t)) for d, t in targets_of.items()}
+        ips: dict[str, tuple[int, ...]] = {}
+        elements: dict[Key, Address] = {}
+        owner = self._owner
         for m in mappings:
-            self._add_mapping(m.node, m.address, m.domain)
-        for mid in list(self._domain):
-            self._render(mid)
-        return self.elements()
+            node, address, domain = m.node, m.address, m.domain
+            mid = (node, address)
+            self._add_mapping(node, address, domain)
+            node_ips = ips.get(node)
+            if node_ips is None:
+                node_ips = ips[node] = self.ips_of(node)
+            target = pick_target(node, self._targets.get(domain, ()))
+            if target is None:
+                continue
+            keys: dict[Key, Address] = {}
+            for ip in node_ips:
+                key = (ip, address)
+                if owner.setdefault(key, mid) == mid:
+                    keys[key] = target
+                    elements[key] = target
+            if keys:
+                self._keys[mid] = keys
+        return elements
 
     def apply(self, changes: Changes) -> Delta:
         """Mirror one applied pool command."""
@@ -268,7 +286,7 @@ class SteerModel:
 
     def set_node_ips(self, node_ips: Mapping[str, Iterable[str]]) -> Delta:
         """Replace the directory's node → tailnet IPv4s; re-render the nodes whose IPs changed."""
-        new = {n: tuple(sorted(ip_int(ip) for ip in ips)) for n, ips in node_ips.items()}
+        new = {n: tuple(sorted(i for i in map(parse_node_ip, ips) if i is not None)) for n, ips in node_ips.items()}
         changed = {n for n in set(new) | set(self._node_ips) if new.get(n) != self._node_ips.get(n)}
         self._set_ips(new)
         touched = {(n, a) for n in changed for a in self._by_node.get(n, ())}

@@ -187,3 +187,26 @@ def test_target_refresher_proposes_only_changes_and_keeps_last_on_failure() -> N
 @pytest.mark.parametrize("node", ["100.101.0.2", "nStableID"])
 def test_parse_node_ip(node: str) -> None:
     assert (render.parse_node_ip(node) is not None) == (node[0].isdigit())
+
+
+def test_reset_and_incremental_changes_agree() -> None:
+    """Start-up (reset) and live mirroring (apply) must render the same kernel elements."""
+    import random
+
+    rng = random.Random(7)
+    targets = {f"d{j}.example": tuple(sorted(rng.sample([R1, R2, R3], rng.randint(1, 3)))) for j in range(20)}
+    nodes = [f"100.101.0.{i}" for i in range(1, 40)] + ["stableA", "stableB"]
+    views = [MappingView(n, f"d{rng.randrange(20)}.example", P1 + k, 0.0) for k, n in enumerate(nodes * 3)]
+    live = SteerModel()
+    live.set_node_ips({"stableA": ["100.101.1.1", "100.101.1.2"], "stableB": ["100.101.1.3"]})
+    installed: dict[render.Key, int] = {}
+    live.apply(Changes(targets=targets))
+    for v in views:
+        d = live.apply(Changes(added=[(v.node, v.address, v.domain)]))
+        for k in d.removed:
+            del installed[k]
+        installed.update(d.added)
+    fresh = SteerModel()
+    fresh.set_node_ips({"stableA": ["100.101.1.1", "100.101.1.2"], "stableB": ["100.101.1.3"]})
+    assert fresh.reset(views, targets) == live.elements() == installed
+    assert len(installed) == 39 * 3 + 3 * 3
