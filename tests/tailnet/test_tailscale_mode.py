@@ -4,7 +4,8 @@ namespace of their own (the Raft-port filter is applied there, never on the host
 Shows, with real processes: two fresh tagged connectors form ONE cluster (the lowest StableID
 bootstraps, the other joins), both advertise the pool route without wiping the routes already there,
 a client is identified by whois (the node is its StableID) and gets the same address from either
-connector, and both stop with exit 0 on SIGTERM.
+connector, a peer without the cluster secret gets nothing from the Raft port while one with it does,
+the Raft-port filter lists exactly the tagged connectors, and both stop with exit 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -151,6 +152,16 @@ listen = "{ip}:8893"
         assert _query("127.0.0.2", 5353) == a, "the other connector answers the same replicated mapping"
         res = _cli("pool", "lookup", "nClient", "github.com", "--http", "127.0.0.2:8893")
         assert res.returncode == 0 and res.stdout.strip() == a, "the node is the client's StableID (whois)"
+
+        # the Raft port talks only to holders of the secret (pysyncobj's utility protocol as the probe)
+        probe = ("import sys\nfrom pysyncobj.utility import TcpUtility, UtilityException\n"
+                 "try:\n st = TcpUtility(password=sys.argv[1], timeout=2)"
+                 ".executeCommand('127.0.0.1:6270', ['status'])\n"
+                 "except UtilityException as e:\n print('refused', e); sys.exit(1)\n"
+                 "print('leader', st.get('leader'))\n")
+        assert _in_ns(sys.executable, "-c", probe, "e2e-shared-secret").returncode == 0
+        wrong = _in_ns(sys.executable, "-c", probe, "not-the-secret")
+        assert wrong.returncode == 1, wrong.stdout + wrong.stderr
 
         table = _in_ns("nft", "list", "table", "inet", "appconnector_raft").stdout
         assert "127.0.0.1" in table and "127.0.0.2" in table and "dport 6270" in table, table
