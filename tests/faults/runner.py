@@ -147,12 +147,14 @@ class RunResult:
     problems: list[str] = field(default_factory=list)
     mappings: int = 0
     lagging_read_keys: int = 0
+    guard: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         return {"operations": len(self.history.ops), "checked": self.verdict.operations,
                 "partitions": self.verdict.partitions, "anomalies": len(self.verdict.anomalies),
                 "lagging_read_keys": self.lagging_read_keys,
                 "faults": self.faults.counts(), "ops": self.history.counts(), "mappings": self.mappings,
+                "guard": self.guard,
                 "problems": self.problems, "client_errors": self.stats.errors[:5]}
 
 
@@ -197,6 +199,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
                 continue
     digests = cluster.wait_converged(timeout=30)
     problems: list[str] = []
+    guard: dict[str, int] = {}  # journal guard counters summed over members (since their last start)
     total = 0
     t = history.now()
     for m in cluster.members.values():
@@ -208,6 +211,9 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
         problems += [f"{m.name}: {p}" for p in no_two_domains(maps)]
         history.record_state(m.name, maps, at=t)
         st = m.status()
+        for k in ("appends_rewritten", "tails_held", "truncations_refused", "diverged"):
+            if isinstance(st.get(k), int):
+                guard[k] = guard.get(k, 0) + int(st[k])
         if st.get("diverged"):
             problems.append(f"{m.name}: diverged {st.get('diverged')} (raft safety)")
         if "may have diverged" in m.log_text():
@@ -216,7 +222,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
     # For the record: how many keys saw a local read that lagged (allowed by design, DESIGN.md §3).
     strict = [dataclasses.replace(o, stale_ok=False) for o in history.ops]
     lagging = len(check(strict, reuse_after=reuse_after, clock_slack=clock_slack).anomalies)
-    result = RunResult(history, verdict, faults, stats, digests, problems, total, lagging)
+    result = RunResult(history, verdict, faults, stats, digests, problems, total, lagging, guard)
     if artifacts is not None:
         artifacts.mkdir(parents=True, exist_ok=True)
         history.save(artifacts / "history.jsonl")

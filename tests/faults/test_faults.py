@@ -84,8 +84,8 @@ def test_history_is_linearizable_under_every_fault(tmp_path: Path, net_ok: None)
     assert counts.get("kill -9", 0) >= 2 and counts.get("SIGSTOP", 0) >= 1 and counts.get("partition", 0) >= 1, counts
     assert counts.get("tcp reset", 0) >= 1 and any("0 connections" not in f.detail
                                                    for f in r.faults.faults if f.kind == "tcp reset"), r.faults.faults
-    assert r.history.counts().get("checkout:ok", 0) >= 200
-    assert r.mappings >= 100
+    assert r.history.counts().get("checkout:ok", 0) >= 100
+    assert r.mappings >= 50
 
 
 def test_address_reuse_under_faults(tmp_path: Path, net_ok: None) -> None:
