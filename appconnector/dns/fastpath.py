@@ -10,14 +10,15 @@ pre-built records (owned by a pointer to the question) and our OPT when the clie
 
 Anything else, or a miss, returns None and the service takes the general path, which fills this
 cache after answering. Entries die when the pool reports the mapping removed (the observer runs on
-the replica's apply thread: single dict operations are atomic under the GIL, and ``generation``
-lets the event loop skip storing an answer that raced with a removal).
+the replica's apply thread; writers share a lock, and ``generation`` lets the event loop skip storing
+an answer read from the pool before a removal it has not seen).
 """
 
 from __future__ import annotations
 
 import functools
 import struct
+import threading
 from collections.abc import Callable
 
 from appconnector.dns import wire
@@ -93,6 +94,9 @@ class FastPath:
         self.hits = 0
         self._entries: dict[tuple[str, bytes], FastEntry] = {}
         self._by_mapping: dict[tuple[str, str], set[bytes]] = {}
+        # store/remove/clear may run on the replica's apply thread and the event loop at once; answer()
+        # only reads one dict entry and stays lock-free
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -153,16 +157,21 @@ class FastPath:
               generation: int) -> None:
         """Remember the answer just given for ``query`` (an A or AAAA of a pool mapping), unless the
         pool removed a mapping since ``generation`` was read (the answer may be stale)."""
-        if generation != self.generation:
-            return
-        if len(self._entries) >= MAX_ENTRIES:
-            self.clear()
+        entry = FastEntry(node, domain, address, last_used, reply_rcode, answers, authority, query.question)
         key = query.question.lower()
-        self._entries[(node, key)] = FastEntry(node, domain, address, last_used, reply_rcode, answers, authority,
-                                                query.question)
-        self._by_mapping.setdefault((node, domain), set()).add(key)
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._entries) >= MAX_ENTRIES:
+                self._clear()
+            self._entries[(node, key)] = entry
+            self._by_mapping.setdefault((node, domain), set()).add(key)
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self.generation += 1
         self._entries.clear()
         self._by_mapping.clear()
@@ -172,10 +181,11 @@ class FastPath:
     def on_changes(self, changes: Changes) -> None:
         if not changes.removed:
             return
-        self.generation += 1
-        for node, _address, domain in changes.removed:
-            for key in self._by_mapping.pop((node, domain), ()):
-                self._entries.pop((node, key), None)
+        with self._lock:
+            self.generation += 1
+            for node, _address, domain in changes.removed:
+                for key in self._by_mapping.pop((node, domain), ()):
+                    self._entries.pop((node, key), None)
 
     def on_reset(self, reader: PoolReader) -> None:
         self.clear()
