@@ -183,6 +183,8 @@ class TailnetDirectory:
                 log.warning("tailscaled closed the IPN bus watch; reconnecting")
             except (TailnetUnavailable, LocalAPIError) as e:
                 log.warning("IPN bus watch failed: %s; retrying in %.1fs", e, self.retry_interval)
+            except Exception:  # never let the watch die: the node list would silently go stale
+                log.exception("IPN bus watch broke; retrying in %.1fs", self.retry_interval)
             await asyncio.sleep(self.retry_interval)
 
     async def _resync_loop(self) -> None:

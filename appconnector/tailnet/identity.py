@@ -10,6 +10,7 @@ for one IP share a single whois.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 
@@ -48,22 +49,19 @@ class TailnetIdentity:
                 TAILNET_WHOIS.labels("stranger").inc()
                 return None
             del self._strangers[ip]
-        if (pending := self._inflight.get(ip)) is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[NodeInfo | None] = asyncio.get_running_loop().create_future()
-        self._inflight[ip] = fut
-        try:
-            info = await self._ask(ip)
-        except BaseException as e:
-            if not fut.done():
-                fut.set_exception(e)
-                fut.exception()  # retrieved here: waiters re-raise it, no "never retrieved" noise
-            raise
-        else:
-            fut.set_result(info)
-            return info
-        finally:
-            self._inflight.pop(ip, None)
+        # One whois per IP however many queries wait for it; the lookup runs as its own task so a
+        # cancelled caller (a DNS client that gave up) does not cancel it for the others.
+        task = self._inflight.get(ip)
+        if task is None:
+            task = asyncio.ensure_future(self._ask(ip))
+            self._inflight[ip] = task
+            task.add_done_callback(functools.partial(self._done, ip))
+        return await asyncio.shield(task)
+
+    def _done(self, ip: str, task: asyncio.Future[NodeInfo | None]) -> None:
+        self._inflight.pop(ip, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here so an error nobody waited for is not reported as lost
 
     async def _ask(self, ip: str) -> NodeInfo | None:
         try:

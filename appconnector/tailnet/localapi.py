@@ -110,7 +110,7 @@ class LocalAPIClient:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
                         yield _strip_nulls(_json_object(line))
-        except (OSError, asyncio.IncompleteReadError) as e:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             raise TailnetUnavailable(f"LocalAPI watch on {self.socket_path}: {e}") from e
         finally:
             writer.close()

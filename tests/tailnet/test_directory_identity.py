@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -130,4 +131,25 @@ def test_whois_unavailable_raises_and_is_counted(tmp_path: Path) -> None:
         with pytest.raises(TailnetUnavailable):
             await ident.whois("100.101.0.10")
         assert _whois_count("error") == errors + 1
+    run(body())
+
+
+def test_concurrent_whois_share_one_lookup(tmp_path: Path) -> None:
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state())
+        try:
+            ident = TailnetIdentity(LocalAPIClient(sock))
+            results = await asyncio.gather(*(ident.whois("100.100.0.2") for _ in range(20)))
+            assert {r.node if r else None for r in results} == {"nConn2"}
+            assert sum(1 for _, p in s.requests if "whois" in p) == 1
+            # a caller that gives up does not cancel the lookup for the others
+            waiter = asyncio.ensure_future(ident.whois("100.101.0.10"))
+            other = asyncio.ensure_future(ident.whois("100.101.0.10"))
+            await asyncio.sleep(0)
+            waiter.cancel()
+            got = await other
+            assert got is not None and got.node == "nClientA"
+        finally:
+            await s.stop()
     run(body())
