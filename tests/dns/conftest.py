@@ -229,9 +229,10 @@ class Running:
     """A DnsService + LocalPool on a uvloop event loop in a background thread."""
 
     def __init__(self, cfg: Config, identity: NodeIdentity | None = None, upstream_timeout: float = 0.5,
-                 identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity]] | None = None) -> None:
+                 identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity]] | None = None,
+                 use_uvloop: bool = True) -> None:
         self.cfg = cfg
-        self.loop = uvloop.new_event_loop()
+        self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after)

@@ -189,3 +189,11 @@ def test_a_taken_port_is_a_clear_error_naming_dns_listen(stub: StubUpstream) -> 
         taken.bind(("127.0.0.1", port))
         with pytest.raises(OSError, match=r"dns\.listen"):
             Running(make_config(upstream=[f"127.0.0.1:{stub.port}"], port=port))
+
+
+def test_works_on_the_default_asyncio_loop_too(running: Start, unbound: Unbound) -> None:
+    r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]), use_uvloop=False)
+    first = a_of(r.query("app.test"))
+    assert len(first) == 1
+    assert a_of(r.query("app.test")) == first == a_of(r.query("app.test", tcp=True))
+    assert r.service.fast.hits >= 2  # type: ignore[union-attr]
