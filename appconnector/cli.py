@@ -87,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("no config file (--config or APPCONNECTOR_CONFIG): starting the standalone single-node demo, "
                  "state in %s, DNS on %s:%d, upstream verification off, NAT %s. Try: dig @%s -p %d example.com "
                  "(or kdig @%s -p %d example.com)", DEMO_STATE_DIR, host, port,
-                 "on" if cfg.nat.enabled else "off (not root)", host, port, host, port)
+                 "on" if cfg.nat.enabled else ("off (not root)" if os.geteuid() else "off (nat.enabled = false)"),
+                 host, port, host, port)
     try:
         app = importlib.import_module("appconnector.app")
     except ImportError as e:
