@@ -15,23 +15,21 @@ The library runs in the network namespace of the calling process. A context is n
 every call goes through one lock. Errors come back as :class:`NftError` with libnftables' message.
 
 One read bypasses the library: :func:`dump_set_keys` asks the kernel for a set's elements over a raw
-netfilter netlink socket and decodes only the keys. libnftables' ``list set`` builds its whole cache
-and output first (measured here: 6.9 s and superlinear for 100,000 ``seen`` elements, 0.25 s for
-10,000); the kernel dump decoded with ``struct`` is linear and far cheaper (bench/README.md).
+netfilter netlink socket (:mod:`appconnector.nat.netlink`) and decodes only the keys. libnftables'
+``list set`` builds its whole cache and output first (measured here: 5-7 s, superlinear, for 100,000
+``seen`` elements); the kernel dump decoded with ``struct`` is linear and ~6x cheaper there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import json
-import os
-import socket
-import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from appconnector.nat import netlink
 
 LIBRARY = "libnftables.so.1"
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON: JSON output, and JSON input is tried first
@@ -110,94 +108,48 @@ class Nftables:
                 self._ctx = None
 
 
-# ---- raw netlink read of a set's keys ---------------------------------------------------------------
-_NETLINK_NETFILTER = 12
-_NFNL_SUBSYS_NFTABLES = 10
-_NFT_MSG_GETSETELEM = 13
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+# ---- raw netlink read of a set's keys (see netlink.py for why) ----------------------------------------
+_NFT_MSG_GETSETELEM = (10 << 8) | 13  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM
 _NFPROTO = {"inet": 1, "ip": 2}
-_LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3
-_LIST_ELEM = 1
-_ELEM_KEY = 1
-_DATA_VALUE = 1
-_NLA_TYPE_MASK = 0x3FFF
-_NLMSGHDR = struct.Struct("=IHHII")
-_NLATTR = struct.Struct("=HH")
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _NLATTR.pack(_NLATTR.size + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _attrs(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    """(type, payload start, payload end) of the attributes in buf[start:end]."""
-    out = []
-    while start + 4 <= end:
-        length, kind = _NLATTR.unpack_from(buf, start)
-        if length < 4:
-            break
-        out.append((kind & _NLA_TYPE_MASK, start + 4, start + length))
-        start += (length + 3) & ~3
-    return out
+_LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3  # NFTA_SET_ELEM_LIST_*
+_ELEM_KEY, _DATA_VALUE = 1, 1                      # NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE
 
 
 def dump_set_keys(family: str, table: str, name: str) -> list[bytes]:
     """Every element key of set ``family table name`` as raw bytes (a concatenation of ipv4_addr
-    fields is 4 network-order bytes per field). Raises NftError (ENOENT when the set is missing)."""
-    seq = 1
-    request = (struct.pack("=BBH", _NFPROTO[family], 0, 0)
-               + _attr(_LIST_TABLE, table.encode() + b"\0") + _attr(_LIST_SET, name.encode() + b"\0"))
-    msg_type = (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETSETELEM
-    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), msg_type, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0)
+    fields is 4 network-order bytes per field). Raises NftError (e.g. when the set is missing)."""
+    payload = (netlink.attr(_LIST_TABLE, table.encode() + b"\0")
+               + netlink.attr(_LIST_SET, name.encode() + b"\0"))
     keys: list[bytes] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
-        sock.sendto(header + request, (0, 0))
-        while True:
-            buf = sock.recv(1 << 18)
-            pos = 0
-            while pos + _NLMSGHDR.size <= len(buf):
-                length, kind, _flags, got_seq, _pid = _NLMSGHDR.unpack_from(buf, pos)
-                if length < _NLMSGHDR.size:
-                    raise NftError("malformed netlink reply")
-                end = pos + length
-                if got_seq == seq:
-                    if kind == _NLMSG_DONE:
-                        return keys
-                    if kind == _NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, pos + _NLMSGHDR.size)[0]
-                        if code:
-                            raise NftError(f"list set {family} {table} {name}: {os.strerror(code)}"
-                                           + (" (no such set)" if code == errno.ENOENT else ""))
-                        return keys
-                    _collect_keys(buf, pos + _NLMSGHDR.size + 4, end, keys)
-                pos = (end + 3) & ~3
+    try:
+        for buf, start, end in netlink.dump(_NFT_MSG_GETSETELEM, _NFPROTO[family], payload):
+            _collect_keys(buf, start, end, keys)
+    except OSError as e:
+        raise NftError(f"list set {family} {table} {name}: {e.strerror or e}") from None
+    return keys
 
 
 def _collect_keys(buf: bytes, start: int, end: int, keys: list[bytes]) -> None:
-    """Append the NFTA_DATA_VALUE of each element's key in one GETSETELEM message (a hot loop: no
-    intermediate lists)."""
-    unpack = _NLATTR.unpack_from
-    for kind, a, b in _attrs(buf, start, end):
-        if kind != _LIST_ELEMENTS:
-            continue
-        e = a
-        while e + 4 <= b:
-            elen, _ekind = unpack(buf, e)  # NFTA_LIST_ELEM
-            if elen < 4:
+    """Append each element's NFTA_DATA_VALUE key (a hot loop: no generators per element)."""
+    unpack = netlink.NLATTR.unpack_from
+    mask = netlink.NLA_TYPE_MASK
+    elements = netlink.find(buf, start, end, _LIST_ELEMENTS)
+    if elements is None:
+        return
+    e, b = elements
+    while e + 4 <= b:
+        elen, _ = unpack(buf, e)  # NFTA_LIST_ELEM
+        if elen < 4:
+            break
+        f, f_end = e + 4, e + elen
+        while f + 4 <= f_end:
+            flen, fkind = unpack(buf, f)
+            if flen < 4:
                 break
-            f, f_end = e + 4, e + elen
-            while f + 4 <= f_end:
-                flen, fkind = unpack(buf, f)
-                if flen < 4:
-                    break
-                if fkind & _NLA_TYPE_MASK == _ELEM_KEY:
-                    vlen, vkind = unpack(buf, f + 4)
-                    if vkind & _NLA_TYPE_MASK == _DATA_VALUE and vlen >= 4:
-                        keys.append(buf[f + 8:f + 4 + vlen])
-                    break
-                f += (flen + 3) & ~3
-            e += (elen + 3) & ~3
+            if fkind & mask == _ELEM_KEY:
+                vlen, vkind = unpack(buf, f + 4)
+                if vkind & mask == _DATA_VALUE and vlen >= 4:
+                    keys.append(buf[f + 8:f + 4 + vlen])
+                break
+            f += (flen + 3) & ~3
+        e += (elen + 3) & ~3
