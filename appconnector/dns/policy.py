@@ -8,6 +8,7 @@ and two lists of encoded records.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -62,6 +63,9 @@ Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
 def _inside(address: str, networks: Networks) -> bool:
+    if ":" not in address:  # IPv4 text: integer arithmetic, ipaddress objects cost more than the lookup
+        value = int.from_bytes(socket.inet_aton(address), "big")
+        return any(net.version == 4 and value & int(net.netmask) == int(net.network_address) for net in networks)
     ip = ipaddress.ip_address(address)
     return any(ip in net for net in networks)
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from appconnector.config import Config, parse_hostport, pool_networks
 from appconnector.dns import wire
@@ -73,6 +75,7 @@ class DnsService:
         self._clock_task: asyncio.Task[None] | None = None
         self._fast_reported = 0
         self._fast_queries = DNS_QUERIES.labels("fast", "NOERROR")
+        self._query_counters: dict[tuple[str, int], Any] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class DnsService:
         except wire.FormatError as e:
             DNS_MALFORMED.labels(transport).inc()
             self._errors.info("formerr", "DNS: FORMERR to %s: %s", ip, e)
-            DNS_QUERIES.labels(transport, "FORMERR").inc()
+            self._count(transport, wire.FORMERR)
             return wire.encode_error(e.ident, e.flags, wire.FORMERR)
         started = time.perf_counter()
         try:
@@ -140,8 +143,15 @@ class DnsService:
         if fresh:
             DNS_FIRST_ANSWER.observe(time.perf_counter() - started)
         limit = wire.udp_limit(query) if transport == "udp" else None
-        DNS_QUERIES.labels(transport, wire.RCODE_NAMES.get(reply.rcode, str(reply.rcode))).inc()
+        self._count(transport, reply.rcode)
         return wire.encode_response(query, reply.rcode, reply.answers, reply.authority, udp_limit=limit)
+
+    def _count(self, transport: str, rcode: int) -> None:
+        child = self._query_counters.get((transport, rcode))
+        if child is None:  # labels() takes a lock and builds a key: once per (transport, rcode)
+            child = self._query_counters[(transport, rcode)] = DNS_QUERIES.labels(
+                transport, wire.RCODE_NAMES.get(rcode, str(rcode)))
+        child.inc()
 
     # ---- the decision ---------------------------------------------------------------------------------
 
@@ -218,7 +228,7 @@ class DnsService:
                 if res6.kind == "failure":
                     DNS_SERVFAIL.labels("upstream").inc()
                 return self.policy.real_records(q.qtype, res6), False
-            targets = tuple(sorted(int(ipaddress.IPv4Address(a)) for a in res.addresses))
+            targets = tuple(sorted(int.from_bytes(socket.inet_aton(a), "big") for a in res.addresses))
             ttl = float(res.ttl)
         if q.qtype != wire.TYPE_A:
             return self.policy.nodata(), False  # AAAA of a steerable name: no pool address spent on it

@@ -32,6 +32,8 @@ NO_SOA_NEGATIVE_TTL = 5        # RFC 2308 §5: no SOA, do not cache long
 MAX_CACHE_TTL = 86400
 MAX_CACHE_ENTRIES = 200_000
 MAX_CNAME_CHAIN = 16
+_CACHE_HIT = DNS_UPSTREAM_CACHE.labels("hit")
+_CACHE_MISS = DNS_UPSTREAM_CACHE.labels("miss")
 CHANNEL_QUERIES = 1000         # queries per upstream UDP socket before a fresh one (new source port)
 
 
@@ -101,11 +103,11 @@ class UpstreamResolver:
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
-            DNS_UPSTREAM_CACHE.labels("hit").inc()
+            _CACHE_HIT.inc()
             res = cached[1]
             remaining = max(0, int(cached[0] - now))
             return Resolution(res.kind, res.addresses, min(res.ttl, remaining), res.detail)
-        DNS_UPSTREAM_CACHE.labels("miss").inc()
+        _CACHE_MISS.inc()
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
