@@ -124,7 +124,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           f"upstream {', '.join(cfg.dns.upstream) or 'from /etc/resolv.conf'}, "
           f"NAT {'on' if cfg.nat.enabled else 'off'}, status on http://{cfg.http.listen}/")
     if not cfg.standalone:
-        print(f"split DNS: point the app domains at {nets[0].network_address} (the reserved first pool address); "
+        dns_host = cfg.dns_listen()[0][0]
+        print(f"split DNS: point the app domains at {dns_host}"
+              f"{' (the reserved first pool address)' if not cfg.dns.listen else ''}; "
               f"clients need the route(s) {', '.join(str(n) for n in nets)} (Linux: tailscale set --accept-routes)")
     if not cfg.standalone and not Path(cfg.tailnet.localapi_socket).exists():
         print(f"note: {cfg.tailnet.localapi_socket} does not exist yet: `run` needs tailscaled running "
