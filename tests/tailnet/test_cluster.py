@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,6 +82,19 @@ def test_candidates_from_nodes() -> None:
                                             Candidate("nB", "100.100.0.2:6270", True)]
 
 
+def _free_port() -> int:
+    """A TCP port free on both 127.0.0.1 and 127.0.0.2 (the two connectors' "tailnet" addresses)."""
+    while True:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port: int = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.2", port))
+            except OSError:
+                continue
+            return port
+
+
 def _two_connectors(self_id: str) -> dict[str, object]:
     return {"self": {"stable_id": self_id, "addresses": ["127.0.0.1" if self_id == "nConnA" else "127.0.0.2"],
                      "tags": [TAG]},
@@ -91,7 +105,7 @@ def _two_connectors(self_id: str) -> dict[str, object]:
 def test_discovery_probes_real_ports(tmp_path: Path) -> None:
     """B (higher StableID) waits while nobody listens, and joins as soon as A's Raft port answers."""
     async def body() -> None:
-        port = 20000 + os.getpid() % 20000
+        port = _free_port()
         sock = str(tmp_path / "b.sock")
         s = await started(sock, _two_connectors("nConnB"))
         d = TailnetDirectory(LocalAPIClient(sock))
@@ -120,7 +134,7 @@ def test_discovery_probes_real_ports(tmp_path: Path) -> None:
 def test_discovery_lowest_bootstraps_only_when_nobody_answers(tmp_path: Path) -> None:
     """A (lowest StableID, fresh) bootstraps after confirm_rounds silent probes, but joins when B answers."""
     async def body() -> None:
-        port = 20000 + (os.getpid() + 7) % 20000
+        port = _free_port()
         sock = str(tmp_path / "a.sock")
         s = await started(sock, _two_connectors("nConnA"))
         d = TailnetDirectory(LocalAPIClient(sock))
