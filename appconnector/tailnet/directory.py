@@ -41,6 +41,7 @@ class TailnetDirectory:
         self._by_numeric: dict[int, str] = {}
         self._self: NodeInfo | None = None
         self._callbacks: list[Callable[[], None]] = []
+        self._prefs_callbacks: list[Callable[[dict[str, Any]], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()  # the watch and the resync must not apply statuses out of order
@@ -55,6 +56,10 @@ class TailnetDirectory:
         self._callbacks.append(callback)
 
     # ---- extras the cluster and identity parts use ---------------------------------------------------
+
+    def subscribe_prefs(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(prefs)`` whenever tailscaled announces new prefs (someone ran ``tailscale set``)."""
+        self._prefs_callbacks.append(callback)
 
     def self_node(self) -> NodeInfo | None:
         return self._self
@@ -108,6 +113,12 @@ class TailnetDirectory:
 
     def apply_notify(self, notify: dict[str, Any]) -> bool:
         """Apply one Notify. Returns False when it cannot be applied exactly (caller re-reads status)."""
+        if isinstance(prefs := notify.get("Prefs"), dict):
+            for cb in list(self._prefs_callbacks):
+                try:
+                    cb(prefs)
+                except Exception:
+                    log.exception("prefs subscriber failed")
         if not any(k in notify for k in _PEER_FIELDS):
             # ≥1.100 without the peer-change bit sends empty notifications for peer changes; so may
             # versions in between. Prefs/State-only notifications carry a field we recognise.

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from appconnector.config import Config
 from appconnector.tailnet.api import TailnetUnavailable
@@ -20,7 +23,7 @@ from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter,
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.identity import TailnetIdentity
 from appconnector.tailnet.localapi import LocalAPIClient
-from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover
+from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover, union_routes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class TailnetService:
         want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
         self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
         self.routes_advertised = False
+        self._readvertise: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Read status (raises TailnetUnavailable when tailscaled is not running), start the watch,
@@ -57,7 +61,26 @@ class TailnetService:
         if self.cfg.tailnet.advertise_routes:
             await self.advertiser.advertise()
             self.routes_advertised = True
+            self.directory.subscribe_prefs(self._on_prefs)
             await self.approver.approve(me.node)
+
+    def _on_prefs(self, prefs: dict[str, Any]) -> None:
+        """Someone changed tailscaled's prefs: if our routes went missing (``tailscale set
+        --advertise-routes`` replaces the whole list), put them back, keeping theirs."""
+        have = union_routes(prefs.get("AdvertiseRoutes") or [], [])
+        if not self.routes_advertised or all(p in have for p in self.advertiser.prefixes):
+            return
+        if self._readvertise is not None and not self._readvertise.done():
+            return
+        log.warning("the pool routes were removed from tailscaled's advertised routes; advertising them again "
+                    "(set tailnet.advertise_routes = false to manage routes yourself)")
+        self._readvertise = asyncio.ensure_future(self._advertise_again())
+
+    async def _advertise_again(self) -> None:
+        try:
+            await self.advertiser.advertise()
+        except Exception as e:
+            log.error("could not advertise the pool routes again: %s", e)
 
     def raft_address(self) -> str | None:
         me = self.directory.self_node()
@@ -87,10 +110,14 @@ class TailnetService:
         return {"tailscaled": tailscaled, "routes": routes}
 
     async def withdraw_routes(self) -> None:
-        await self.advertiser.withdraw()
         self.routes_advertised = False
+        await self.advertiser.withdraw()
 
     async def stop(self) -> None:
+        if self._readvertise is not None:
+            self._readvertise.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readvertise
         await self.directory.stop()
         if self.raft_filter is not None:
             try:

@@ -9,8 +9,9 @@ import pytest
 from appconnector import config
 from appconnector.tailnet.api import TailnetUnavailable
 from appconnector.tailnet.cluster import Action
+from appconnector.tailnet.localapi import LocalAPIClient
 from appconnector.tailnet.service import TailnetService
-from tests.tailnet.helpers import TAG, base_state, run, started
+from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 
 def _cfg(sock: str, **env: str) -> config.Config:
@@ -36,11 +37,17 @@ def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
             assert node is not None and node.node == "nClientA"
             checks = {k: f() for k, f in svc.checks().items()}
             assert all(ok for ok, _ in checks.values()), checks
+            # an operator replaces the advertised routes (`tailscale set --advertise-routes=...`):
+            # ours come back, theirs stay
+            await wait_for(lambda: bool(s._watchers), what="watch connected")
+            await LocalAPIClient(sock).patch_prefs({"AdvertiseRoutes": ["10.7.0.0/16"], "AdvertiseRoutesSet": True})
+            await wait_for(lambda: s.prefs["AdvertiseRoutes"] == ["10.7.0.0/16", "100.64.1.0/24"],
+                           what="pool route advertised again")
             # with Raft state of its own a member resumes, whatever answers
             d = await svc.discover_cluster(has_state=True)
             assert d.action is Action.RESUME
             await svc.withdraw_routes()
-            assert s.prefs["AdvertiseRoutes"] == ["192.168.1.0/24"]
+            assert s.prefs["AdvertiseRoutes"] == ["10.7.0.0/16"]
         finally:
             await svc.stop()
             await s.stop()
