@@ -28,6 +28,7 @@ from typing import Any
 from tests.faults.dnsclient import DnsTarget
 from tests.faults.history import RESOLVE
 from tests.faults.nemesis import Endpoint, preexec_for
+from tests.faults.netns import Topology, entered, sh
 from tests.faults.workload import Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,9 @@ class ConnectorMember:
 
     def __init__(self, name: str, base: Path, raft_port: int, dns_port: int, http_port: int, gid: int,
                  peers: Sequence[str], prefixes: Sequence[str], reuse_after: float, secret: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, host: str = "127.0.0.1", netns: str | None = None,
+                 client_netns: str | None = None, upstream: str | None = None, nat: bool = False,
+                 interface: str = "eth0") -> None:
         self.name = name
         self.raft_port = raft_port
         self.dns_port = dns_port
@@ -56,24 +59,28 @@ class ConnectorMember:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
-        self.dns = DnsTarget(name, "127.0.0.1", dns_port)
+        self.netns = netns
+        self.host = host
+        self.dns = DnsTarget(name, host, dns_port, netns=client_netns)
         peer_list = ", ".join(f'"{p}"' for p in peers)
         prefix_list = ", ".join(f'"{p}"' for p in prefixes)
+        upstream_line = f'upstream = ["{upstream}"]\nverify_upstream = true' if upstream else "verify_upstream = false"
         self.config_path.write_text(f"""[tailnet]
 mode = "standalone"
+interface = "{interface}"
 [dns]
-listen = ["127.0.0.1:{dns_port}"]
-verify_upstream = false
+listen = ["{host}:{dns_port}"]
+{upstream_line}
 [pool]
 prefixes = [{prefix_list}]
 reuse_after = "{reuse_after:g}s"
 [cluster]
 state_dir = "{self.state_dir}"
-self = "127.0.0.1:{raft_port}"
+self = "{host}:{raft_port}"
 peers = [{peer_list}]
 secret_file = "{secret}"
 [nat]
-enabled = false
+enabled = {"true" if nat else "false"}
 [http]
 listen = "127.0.0.1:{http_port}"
 """)
@@ -93,7 +100,10 @@ listen = "127.0.0.1:{http_port}"
         with self.log_path.open("ab") as log:
             log.write(f"---- start {time.time():.3f}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen([*appconnector_command(), "run", "--config", str(self.config_path)],
+            argv = [*appconnector_command(), "run", "--config", str(self.config_path)]
+            if self.netns:  # ip netns exec execs the connector: same pid, so signals reach it
+                argv = ["ip", "netns", "exec", self.netns, *argv]
+            self.proc = subprocess.Popen(argv,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO,
                                          preexec_fn=preexec_for(self.gid))  # type: ignore[arg-type]
         self.paused = False
@@ -163,8 +173,10 @@ listen = "127.0.0.1:{http_port}"
     def _get(self, path: str, timeout: float) -> tuple[int, Any]:
         url = f"http://127.0.0.1:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"null") if path != "/metrics" else r.read()
+            with entered(self.netns):  # the status HTTP listens on the connector's own loopback
+                resp = urllib.request.urlopen(url, timeout=timeout)
+            with resp as r:
+                return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             body = e.read()
             try:
@@ -186,7 +198,9 @@ listen = "127.0.0.1:{http_port}"
     def metrics(self, timeout: float = 2.0) -> str:
         url = f"http://127.0.0.1:{self.http_port}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with entered(self.netns):
+                resp = urllib.request.urlopen(url, timeout=timeout)
+            with resp as r:
                 return str(r.read().decode())
         except OSError as e:
             raise Unavailable(f"{self.name} /metrics: {e}") from None
@@ -226,17 +240,33 @@ class ConnectorCluster:
     probe_node = PROBE_NODE
 
     def __init__(self, base: Path, port_base: int, size: int = 3, prefixes: Sequence[str] = ("100.64.1.0/24",),
-                 reuse_after: float = 48 * 3600.0, gid_base: int | None = None) -> None:
+                 reuse_after: float = 48 * 3600.0, gid_base: int | None = None,
+                 topology: Topology | None = None) -> None:
+        """On loopback, or with ``topology`` one namespace per connector with NAT on and the topology's
+        upstream resolver (same ports in every namespace)."""
         base.mkdir(parents=True, exist_ok=True)
         secret = base / "acfault-secret"
         secret.write_text("acfault-connector-secret\n")
-        raft = [port_base + i for i in range(size)]
+        self.topology = topology
+        if topology is not None:
+            self.probe_node = topology.clients(5)[-1]
+        names = [f"c{i + 1}" for i in range(size)]
+        if topology is None:
+            hosts = {n: "127.0.0.1" for n in names}
+            raft = {n: port_base + i for i, n in enumerate(names)}
+        else:
+            hosts = {n: topology.address(n) for n in names}
+            raft = {n: port_base for n in names}
         gid_base = gid_base or port_base
-        self.members = {
-            f"c{i + 1}": ConnectorMember(f"c{i + 1}", base, raft[i], port_base + 20 + i, port_base + 40 + i,
-                                         gid_base + i, [f"127.0.0.1:{p}" for p in raft if p != raft[i]],
-                                         prefixes, reuse_after, secret)
-            for i in range(size)}
+        self.members = {}
+        for i, n in enumerate(names):
+            peers = [f"{hosts[o]}:{raft[o]}" for o in names if o != n]
+            dns_port, http_port = (port_base + 20 + i, port_base + 40 + i) if topology is None else (53, 8893)
+            ns_opts: dict[str, object] = {} if topology is None else {
+                "host": hosts[n], "netns": topology.ns(n), "client_netns": topology.ns("cl"),
+                "upstream": f"{topology.upstream}:53", "nat": True}
+            self.members[n] = ConnectorMember(n, base, raft[n], dns_port, http_port, gid_base + i, peers, prefixes,
+                                              reuse_after, secret, **ns_opts)  # type: ignore[arg-type]
 
     def endpoints(self) -> list[Endpoint]:
         return [m.endpoint for m in self.members.values()]
@@ -283,3 +313,19 @@ class ConnectorCluster:
         for m in self.members.values():
             if m.running():
                 m.kill()
+
+
+def steer_map(m: ConnectorMember) -> dict[tuple[int, int], int]:
+    """The kernel steer map of a namespaced connector: (node IP, pool address) → real address."""
+    assert m.netns is not None
+    out = sh("ip", "netns", "exec", m.netns, "nft", "-j", "list", "map", "inet", "appconnector", "steer").stdout
+    doc = json.loads(out)
+    elements: dict[tuple[int, int], int] = {}
+    for obj in doc.get("nftables", []):
+        for elem in (obj.get("map") or {}).get("elem", []):
+            key, value = elem
+            if isinstance(key, dict) and "elem" in key:
+                key = key["elem"]["val"]
+            a, b = key["concat"]
+            elements[(int(ipaddress.IPv4Address(a)), int(ipaddress.IPv4Address(b)))] = int(ipaddress.IPv4Address(value))
+    return elements

@@ -17,23 +17,35 @@ import dns.rcode
 import dns.rdatatype
 
 from tests.faults.history import RESOLVE
+from tests.faults.netns import entered
 from tests.faults.workload import Exhausted, Unavailable
 
 
 class DnsTarget:
     kind = RESOLVE
 
-    def __init__(self, name: str, host: str, port: int) -> None:
+    def __init__(self, name: str, host: str, port: int, netns: str | None = None) -> None:
         self.name = name
         self.host = host
         self.port = port
+        self.netns = netns  # the namespace the client sockets are opened in (None: this one)
 
     def query(self, node: str, domain: str, timeout: float, qtype: str = "A") -> dns.message.Message:
         q = dns.message.make_query(domain, qtype)
         try:
-            r = dns.query.udp(q, self.host, port=self.port, timeout=timeout, source=node)
+            with entered(self.netns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.bind((node, 0))
+                r = dns.query.udp(q, self.host, port=self.port, timeout=timeout, sock=sock)
             if r.flags & dns.flags.TC:
-                r = dns.query.tcp(q, self.host, port=self.port, timeout=timeout, source=node)
+                with entered(self.netns):
+                    tsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                with tsock:
+                    tsock.bind((node, 0))
+                    tsock.settimeout(timeout)
+                    tsock.connect((self.host, self.port))
+                    r = dns.query.tcp(q, self.host, port=self.port, timeout=timeout, sock=tsock)
         except (dns.exception.Timeout, OSError) as e:
             raise Unavailable(f"no answer: {type(e).__name__}") from None
         return r

@@ -6,9 +6,11 @@ Three standalone connectors on loopback (NAT off: they share one kernel), client
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import re
+import shutil
 import socket
 import struct
 import time
@@ -23,10 +25,12 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from tests.faults.connector import ConnectorCluster, ConnectorMember
+from tests.faults.connector import ConnectorCluster, ConnectorMember, steer_map
 from tests.faults.dnsclient import can_bind, loopback_nodes
 from tests.faults.nemesis import LoopbackNet, NemesisUnavailable, require_root_tools
-from tests.faults.runner import ALL_STEPS, run
+from tests.faults.netns import NetnsNet, Topology, wait_until
+from tests.faults.runner import ALL_STEPS, Nemesis, run
+from tests.faults.upstream import Upstream, targets_of
 from tests.faults.workload import Mix, Unavailable
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
@@ -123,6 +127,50 @@ def _resolve_until(m: ConnectorMember, node: str, domain: str, deadline: float) 
             last = e
             time.sleep(0.02)
     raise AssertionError(f"{m.name} never answered {domain}: {last}")
+
+
+def test_kernel_steer_maps_match_the_pool_after_faults(tmp_path: Path, nodes: list[str]) -> None:
+    """Three connectors in namespaces of their own with NAT on: after kills, pauses, a cut-off leader,
+    reset storms and a whole-cluster kill -9, every member's kernel steer map holds exactly one element
+    per mapping, pointing at one of the domain's real addresses, and all three maps are identical."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip netns)")
+    topo = Topology(f"{os.getpid() % 100000}").create()
+    upstream = Upstream(topo.upstream, 53, topo.ns("cl"))
+    c = ConnectorCluster(tmp_path / "acfault", 27700, topology=topo)
+    net = NetnsNet(topo, c.endpoints())
+    try:
+        net.install()
+        c.start()
+        mix = Mix(nodes=tuple(topo.clients(4)), domains=tuple(f"n{i}.example.com" for i in range(30)),
+                  checkout=1.0, lookup=0.0, domain_for=0.0, touch=0.0)
+        steps = [Nemesis.kill_leader, Nemesis.isolate_leader, Nemesis.pause_follower, Nemesis.reset_storm,
+                 Nemesis.restart_member]
+        r = run(c, net, duration=12 * SCALE, steps=steps, mix=mix, clients=4, reuse_after=48 * 3600.0,  # type: ignore[arg-type]
+                artifacts=tmp_path / "out")
+        assert r.verdict.ok, r.verdict.explain()[:6000]
+        assert not r.problems, r.problems
+        assert r.mappings >= 30
+        maps: dict[str, dict[tuple[int, int], int]] = {}
+
+        def settled() -> bool:
+            for name, m in c.members.items():
+                want = {(int(ipaddress.IPv4Address(n)), a): d for n, d, a in m.state()[1]}
+                got = steer_map(m)
+                if set(got) != set(want) or any(str(ipaddress.IPv4Address(v)) not in targets_of(want[k])
+                                                for k, v in got.items()):
+                    return False
+                maps[name] = got
+            return len({tuple(sorted(g.items())) for g in maps.values()}) == 1
+
+        wait_until(settled, 20, f"steer maps never matched the pools: {maps}")
+        for m in c.members.values():
+            assert "Traceback" not in m.log_text(), m.log_text()[-3000:]
+        _report("nat_invariant", {**r.summary(), "steer_elements": len(next(iter(maps.values())))})
+    finally:
+        c.stop()
+        upstream.close()
+        topo.destroy()
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
