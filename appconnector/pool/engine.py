@@ -1,0 +1,490 @@
+"""The Raft engine behind :class:`~appconnector.pool.replica.RaftReplica`: pysyncobj 0.3.17, held to Raft.
+
+This module is the only one that knows pysyncobj. The replica talks to it through :class:`Engine`
+(propose a command, ask who leads, hand leadership away, stop), so another Raft library could replace it.
+
+What it adds to pysyncobj, and why (DESIGN.md §6):
+
+* The journal guard (:mod:`appconnector.pool.raftlog`) in front of pysyncobj's ``append_entries``
+  handling, so followers truncate only at a term conflict and commit only what the leader vouched for.
+* Its own tick thread (``autoTick`` off) so the journal can be wrapped before anything runs, with an
+  eventfd in pysyncobj's poller to wake it when a command is proposed, and an adaptive heartbeat: a short
+  ``appendEntriesPeriod`` while entries flow, a long one when idle. pysyncobj's own loop polls at a fixed
+  period, which costs either latency or idle CPU (measured in bench/README.md).
+* The state lives in one ``SyncObjConsumer`` whose only replicated method applies a command tuple to the
+  pure :class:`~appconnector.pool.state.PoolState`. The full dump keeps pysyncobj's forked writer (no custom
+  serializer); the state goes into it as ``PoolState.to_bytes()`` behind our own format number.
+* pysyncobj logs a corrupt dump and starts empty; :func:`validate_state_dir` reads the dump, journal and
+  meta file first and refuses to start with a message naming the file.
+
+pysyncobj's private attributes used here are listed in ``_PRIVATE`` and checked at start-up, so a
+different pysyncobj version fails loudly instead of silently losing the guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pysyncobj
+from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.poller import POLL_EVENT_TYPE
+
+from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_append
+
+log = logging.getLogger(__name__)
+
+PYSYNCOBJ_VERSION = "0.3.17"
+STATE_FORMAT = 1
+"""Version of what the consumer puts into pysyncobj's full dump (bump when the layout changes)."""
+
+# pysyncobj internals the guard reaches (checked at start-up against this exact version).
+_RAFT_LOG = "_SyncObj__raftLog"
+_TRANSPORT = "_SyncObj__transport"
+_ON_MESSAGE = "_SyncObj__onMessageReceived"
+_COMMIT_INDEX = "_SyncObj__raftCommitIndex"
+_NEXT_APPEND = "_SyncObj__newAppendEntriesTime"
+_PRIVATE = (_RAFT_LOG, _TRANSPORT, _ON_MESSAGE, _COMMIT_INDEX, _NEXT_APPEND, "_poller")
+
+ResultCallback = Callable[[Any, int], None]
+"""pysyncobj's callback(result, fail_reason); fail_reason 0 is success."""
+
+
+class StateError(RuntimeError):
+    """The state directory cannot be used (corrupt dump, journal or meta file). The message names it."""
+
+
+class StateMachine(Protocol):
+    """What the engine needs of the pure state (``PoolState``)."""
+
+    def apply(self, command: tuple[Any, ...]) -> tuple[object, Any]: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+class Engine(Protocol):
+    """The small interface the replica uses; everything Raft-specific stays behind it."""
+
+    def propose(self, request_id: str, command: tuple[Any, ...], callback: ResultCallback) -> None: ...
+
+    def is_leader(self) -> bool: ...
+
+    def leader(self) -> str | None: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def transfer_leadership(self, done: Callable[[bool], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RaftTuning:
+    """pysyncobj timing. Defaults are ours; :meth:`pysyncobj_defaults` gives the library's for comparison.
+
+    Latency through a follower is about two heartbeat periods plus round trips (entry out, commit index
+    out), so the busy period sets it; idle CPU is mostly heartbeats, so the idle period sets that.
+    """
+
+    busy_period: float = 0.002
+    idle_period: float = 0.05
+    busy_window: float = 0.25  # stay on the short period this long after the last new entry
+    raft_min_timeout: float = 0.4
+    raft_max_timeout: float = 1.0
+    leader_fallback: float = 1.5  # pysyncobj default 30 s of stale leadership after a cut-off
+    connection_timeout: float = 3.5
+    connection_retry: float = 0.3  # pysyncobj default 5 s between reconnects
+    batch_bytes: int = 1 << 16  # appendEntriesBatchSizeBytes; the replica keeps commands below it
+    compaction_min_entries: int = 5000
+    compaction_min_time: float = 300.0
+    adaptive: bool = True
+    library_defaults: bool = False
+
+    @classmethod
+    def pysyncobj_defaults(cls) -> RaftTuning:
+        """pysyncobj's own timing (autoTick at 50 ms, 100 ms heartbeats): the benchmark's reference."""
+        return cls(busy_period=0.1, idle_period=0.1, raft_min_timeout=0.4, raft_max_timeout=1.4,
+                   leader_fallback=30.0, connection_retry=5.0, adaptive=False, library_defaults=True)
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """One member's files inside ``cluster.state_dir``."""
+
+    dir: Path
+
+    @classmethod
+    def for_member(cls, state_dir: str | Path, self_address: str) -> StatePaths:
+        safe = self_address.replace("[", "").replace("]", "").replace(":", "_")
+        return cls(Path(state_dir) / f"raft-{safe}")
+
+    @property
+    def journal(self) -> Path:
+        return self.dir / "journal"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "journal.meta"
+
+    @property
+    def dump(self) -> Path:
+        return self.dir / "dump"
+
+
+# --- the state inside pysyncobj's full dump ------------------------------------------------------------
+
+
+class _DumpedState:
+    """Pickles as (format, PoolState bytes). Built in the parent, pickled in pysyncobj's forked writer."""
+
+    __slots__ = ("data", "format", "state")
+
+    def __init__(self, fmt: int, data: bytes | None = None, state: StateMachine | None = None) -> None:
+        self.format = fmt
+        self.data = data
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, tuple[int, bytes]]:
+        data = self.data if self.data is not None else self.state.to_bytes()  # type: ignore[union-attr]
+        return (_DumpedState, (self.format, data))
+
+
+class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
+    """Holds the state machine; its one replicated method applies a command."""
+
+    def __init__(self, state: StateMachine, restore: Callable[[bytes], StateMachine],
+                 on_applied: Callable[[str, tuple[Any, ...], object, Any], None],
+                 on_replaced: Callable[[StateMachine], None]) -> None:
+        super().__init__()
+        self._state = state
+        self._restore = restore
+        self._on_applied = on_applied
+        self._on_replaced = on_replaced
+        self.lock = threading.Lock()
+        self.failure: str | None = None
+
+    @property
+    def state(self) -> StateMachine:
+        return self._state
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply(self, request_id: str, command: tuple[Any, ...]) -> object:
+        """Runs on every member, in log order, on the tick thread."""
+        with self.lock:
+            result, changes = self._state.apply(command)
+        self._on_applied(request_id, command, result, changes)
+        return result
+
+    def _serialize(self) -> dict[str, Any]:
+        return {"pool": _DumpedState(STATE_FORMAT, state=self._state)}
+
+    def _deserialize(self, data: dict[str, Any]) -> None:
+        # Start-up (after validate_state_dir) and snapshot installs from the leader land here.
+        try:
+            dumped = data["pool"]
+            if dumped.format != STATE_FORMAT:
+                raise StateError(f"state format {dumped.format}, this version reads {STATE_FORMAT}")
+            state = self._restore(dumped.data)
+        except Exception as e:
+            # pysyncobj would log this and go on with the old state: we stop instead (see RaftReplica).
+            self.failure = f"cannot load the pool state from a full dump: {e!r}"
+            log.critical(self.failure)
+            raise
+        with self.lock:
+            self._state = state
+        self._on_replaced(state)
+
+
+# --- validating the files before pysyncobj opens them -------------------------------------------------
+
+_JOURNAL_NAME = b"PYSYNCOBJ"
+_JOURNAL_HEADER = 24 + 8 + 4 + 4  # name, version, format, last-record offset
+
+
+def read_journal(path: Path) -> list[tuple[int, int, bytes]]:
+    """(index, term, command) of every record in a pysyncobj journal file; StateError when corrupt."""
+    raw = path.read_bytes()
+    if len(raw) < _JOURNAL_HEADER or not raw[:24].startswith(_JOURNAL_NAME):
+        raise StateError(f"{path}: not a pysyncobj journal (bad header)")
+    fmt, end = struct.unpack_from("<II", raw, 32)
+    if fmt != 1:
+        raise StateError(f"{path}: journal format {fmt}, expected 1")
+    if not _JOURNAL_HEADER <= end <= len(raw):
+        raise StateError(f"{path}: journal end offset {end} outside the file ({len(raw)} bytes)")
+    out: list[tuple[int, int, bytes]] = []
+    pos = _JOURNAL_HEADER
+    while pos < end:
+        if pos + 4 > end:
+            raise StateError(f"{path}: truncated record at offset {pos}")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        if size < 17 or pos + 8 + size > end:
+            raise StateError(f"{path}: record at offset {pos} has a bad length {size}")
+        (trailer,) = struct.unpack_from("<I", raw, pos + 4 + size)
+        if trailer != size:
+            raise StateError(f"{path}: record at offset {pos}: length {size} but trailer {trailer}")
+        idx, term = struct.unpack_from("<QQ", raw, pos + 4)
+        command = raw[pos + 20:pos + 4 + size]
+        if out and (idx != out[-1][0] + 1 or term < out[-1][1]):
+            raise StateError(f"{path}: record at offset {pos}: index {idx} term {term} does not follow "
+                             f"index {out[-1][0]} term {out[-1][1]}")
+        if command[0] > 3:
+            raise StateError(f"{path}: record {idx}: unknown command type {command[0]}")
+        if command[0] == 0:
+            try:
+                pickle.loads(command[1:])
+            except Exception as e:
+                raise StateError(f"{path}: record {idx}: command does not decode ({e!r})") from None
+        out.append((idx, term, command))
+        pos += 8 + size
+    return out
+
+
+def read_dump(path: Path) -> tuple[Any, tuple[bytes, int, int], tuple[bytes, int, int], Any]:
+    """The (data, last entry, entry before it, cluster) tuple of a full dump; StateError when corrupt."""
+    try:
+        with gzip.open(path, "rb") as f:
+            dump = pickle.load(f)
+    except Exception as e:
+        raise StateError(f"{path}: full dump does not decode ({e!r})") from None
+    if not (isinstance(dump, tuple) and len(dump) == 4 and isinstance(dump[0], list) and len(dump[0]) == 2):
+        raise StateError(f"{path}: full dump has an unexpected layout")
+    consumer = dump[0][1]
+    if not isinstance(consumer, dict) or not isinstance(consumer.get("pool"), _DumpedState):
+        raise StateError(f"{path}: full dump holds no pool state")
+    if consumer["pool"].format != STATE_FORMAT:
+        raise StateError(f"{path}: pool state format {consumer['pool'].format}, this version reads {STATE_FORMAT}")
+    return dump
+
+
+def validate_state_dir(paths: StatePaths, restore: Callable[[bytes], object]) -> dict[str, object]:
+    """Read the dump, journal and meta file as pysyncobj would and refuse (StateError) if any is corrupt.
+
+    Returns what was found (for the start-up log line): entries, dump index, stored cluster members.
+    """
+    found: dict[str, object] = {"journal_entries": 0, "dump_index": None, "dump_members": None}
+    if paths.dump.exists():
+        dump = read_dump(paths.dump)
+        try:
+            restore(dump[0][1]["pool"].data)
+        except Exception as e:
+            raise StateError(f"{paths.dump}: pool state does not restore ({e!r})") from None
+        found["dump_index"] = dump[1][1]
+        found["dump_members"] = sorted(str(getattr(n, "address", n)) for n in dump[3])
+    if paths.journal.exists():
+        found["journal_entries"] = len(read_journal(paths.journal))
+    if paths.meta.exists():
+        try:
+            meta = pickle.loads(paths.meta.read_bytes())
+        except Exception as e:
+            raise StateError(f"{paths.meta}: journal meta file does not decode ({e!r})") from None
+        if not isinstance(meta, dict):
+            raise StateError(f"{paths.meta}: journal meta file holds {type(meta).__name__}, not a dict")
+        found["term"] = meta.get("currentTerm")
+    return found
+
+
+def check_pysyncobj() -> None:
+    """Refuse to run on a pysyncobj whose internals the guard was not written against."""
+    version = getattr(pysyncobj.syncobj, "VERSION", None)
+    if version != PYSYNCOBJ_VERSION:
+        raise RuntimeError(f"pysyncobj {version} found; the journal guard is written for {PYSYNCOBJ_VERSION}")
+    if not __debug__:
+        raise RuntimeError("python -O strips pysyncobj's replay checks (asserts): run without -O")
+
+
+# --- the SyncObj -----------------------------------------------------------------------------------------
+
+
+class PoolSyncObj(SyncObj):  # type: ignore[misc]
+    """pysyncobj's SyncObj with the journal guard, its own tick thread and adaptive heartbeats."""
+
+    def __init__(self, self_address: str, partners: Sequence[str], consumer: PoolConsumer,
+                 paths: StatePaths, secret: str | None, tuning: RaftTuning, *, bind_address: str | None = None,
+                 guard: bool = True,
+                 dynamic_membership: bool = False,
+                 on_leader_change: Callable[[], None] | None = None) -> None:
+        check_pysyncobj()
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        self._tuning = tuning
+        conf = SyncObjConf(
+            password=secret,
+            autoTick=False,
+            appendEntriesUseBatch=True,  # never off: see DESIGN.md §6
+            appendEntriesPeriod=tuning.busy_period,
+            raftMinTimeout=tuning.raft_min_timeout,
+            raftMaxTimeout=tuning.raft_max_timeout,
+            leaderFallbackTimeout=tuning.leader_fallback,
+            connectionTimeout=tuning.connection_timeout,
+            connectionRetryTime=tuning.connection_retry,
+            appendEntriesBatchSizeBytes=tuning.batch_bytes,
+            logCompactionMinEntries=tuning.compaction_min_entries,
+            logCompactionMinTime=tuning.compaction_min_time,
+            journalFile=str(paths.journal),
+            fullDumpFile=str(paths.dump),
+            bindAddress=bind_address or self_address,  # pysyncobj binds 0.0.0.0 otherwise
+            maxBindRetries=3,
+            bindRetryTime=0.2,
+            dynamicMembershipChange=dynamic_membership,
+            onStateChanged=(lambda old, new: on_leader_change()) if on_leader_change else None,
+        )
+        super().__init__(self_address, list(partners), conf, consumers=[consumer])
+        for name in _PRIVATE:
+            if not hasattr(self, name):
+                raise RuntimeError(f"pysyncobj internals changed ({name} missing): the journal guard cannot run")
+        self.consumer = consumer
+        self.guarded = guard
+        self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied))
+        if guard:
+            setattr(self, _RAFT_LOG, self.journal)
+            self._handle_message = getattr(self, _ON_MESSAGE)
+            getattr(self, _TRANSPORT).setOnMessageReceivedCallback(self._guarded_message)
+        self.divergence = DivergenceWatch()
+        logging.getLogger("pysyncobj").addHandler(self.divergence)
+        self.appends_rewritten = 0
+        self.tails_held = 0
+        self._busy_until = 0.0
+        self._calls: list[Callable[[], None]] = []
+        self._calls_lock = threading.Lock()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller.subscribe(self._wake_fd, self._on_wake, POLL_EVENT_TYPE.READ)
+        self._stopping = threading.Event()
+        self._status: dict[str, object] = {}
+        self._status_at = 0.0
+        self._thread = threading.Thread(target=self._tick_loop, name=f"raft-{self_address}", daemon=True)
+        self._thread.start()
+        # pysyncobj pickles every SyncObj attribute it did not create itself into the full dump; ours (locks,
+        # threads, the journal) cannot be pickled, so every dump failed ("Failed to store full dump").
+        self._SyncObj__properies.update(self.__dict__)
+
+    # --- the guard -----------------------------------------------------------------------------------
+
+    def _guarded_message(self, node: Any, message: Any) -> None:
+        if (not isinstance(message, dict) or message.get("type") != "append_entries"
+                or message.get("term", -1) < self.raftCurrentTerm):
+            self._handle_message(node, message)
+            return
+        plan = plan_append(message, self.journal)
+        if plan is None:
+            self._handle_message(node, message)
+            return
+        if plan.dropped or plan.hold_after is not None or plan.message["commit_index"] != message["commit_index"]:
+            self.appends_rewritten += 1
+        commit_before = int(getattr(self, _COMMIT_INDEX))
+        if plan.hold_after is not None:
+            self.tails_held += 1
+            self.journal.hold_tail(plan.hold_after)
+        self.journal.begin_append()
+        try:
+            self._handle_message(node, plan.message)
+        finally:
+            self.journal.end_append()
+            if plan.hold_after is not None:
+                self.journal.release_tail()
+                # pysyncobj clamps its commit index to the (held) log end; the tail is back, so is the index.
+                if int(getattr(self, _COMMIT_INDEX)) < commit_before <= self.journal.last_index():
+                    setattr(self, _COMMIT_INDEX, commit_before)
+                    self.journal.setRaftCommitIndex(commit_before)
+
+    # --- the tick thread -----------------------------------------------------------------------------
+
+    def _on_wake(self, fd: int, event: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+
+    def wake(self) -> None:
+        """Make the tick thread run now (a proposal or a call is waiting)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake_fd, 1)
+
+    def call_on_tick(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the tick thread (pysyncobj is not thread-safe)."""
+        with self._calls_lock:
+            self._calls.append(fn)
+        self.wake()
+
+    def mark_busy(self) -> None:
+        self._busy_until = time.monotonic() + self._tuning.busy_window
+
+    def _next_wait(self) -> float:
+        t = self._tuning
+        if not t.adaptive:
+            return 0.05 if t.library_defaults else t.busy_period
+        now = time.monotonic()
+        busy = now < self._busy_until or self.journal.last_index() > self.raftLastApplied
+        period = t.busy_period if busy else t.idle_period
+        if self.conf.appendEntriesPeriod != period:
+            self.conf.appendEntriesPeriod = period
+            if busy:
+                setattr(self, _NEXT_APPEND, 0.0)  # send the new entries now, not at the idle beat
+        if not self._isLeader():
+            return t.idle_period
+        return max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - now))
+
+    def _tick_loop(self) -> None:
+        last_index = self.journal.last_index()
+        while not self._stopping.is_set():
+            with self._calls_lock:
+                calls, self._calls = self._calls, []
+            for fn in calls:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("raft call failed")
+            try:
+                self.doTick(self._next_wait())
+            except Exception:
+                log.exception("raft tick failed")
+                time.sleep(0.01)
+            index = self.journal.last_index()
+            if index != last_index:
+                last_index = index
+                self.mark_busy()
+            now = time.monotonic()
+            if now - self._status_at > 0.5:
+                self._status_at = now
+                self._status = self.getStatus()
+        try:
+            self._doDestroy()
+        except Exception:
+            log.exception("raft shutdown failed")
+
+    # --- the Engine interface ------------------------------------------------------------------------
+
+    def propose(self, request_id: str, command: tuple[Any, ...], callback: ResultCallback) -> None:
+        self.mark_busy()
+        self.consumer.apply(request_id, command, callback=callback)
+        self.wake()
+
+    def is_leader(self) -> bool:
+        return bool(self._isLeader())
+
+    def leader(self) -> str | None:
+        node = self._getLeader()
+        return None if node is None else str(node.address)
+
+    def status(self) -> dict[str, object]:
+        return dict(self._status)
+
+    def transfer_leadership(self, done: Callable[[bool], None]) -> None:
+        def run() -> None:
+            self.transferLeadership(callback=lambda res, err: done(err == 0))
+        self.call_on_tick(run)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        logging.getLogger("pysyncobj").removeHandler(self.divergence)
+        with contextlib.suppress(OSError):
+            os.close(self._wake_fd)

@@ -1,0 +1,529 @@
+"""``RaftReplica``: the :class:`~appconnector.pool.api.Replica` contract on a pysyncobj cluster.
+
+The asyncio side of the pool. Writes become command tuples proposed through the Raft engine
+(:mod:`appconnector.pool.engine`); they resolve when this member has applied them, whichever member
+proposed them to the leader. Reads go to the local state under the state lock, never through Raft.
+
+* Concurrent checkouts are gathered into one ``checkout_batch`` entry (several entries in flight at once);
+  each entry stays well below ``appendEntriesBatchSizeBytes``, because pysyncobj's chunked path for
+  larger commands is unreliable and the journal guard does not cover it.
+* Completion is seen on apply: each proposal carries a request id, and the apply hook resolves the
+  waiting futures. pysyncobj was seen to drop callbacks and to report ``LEADER_CHANGED`` for writes that
+  were applied (DESIGN.md §6), so its callback is only used to retry sooner on errors; a proposal that
+  has not been applied after ``retry_after`` is proposed again. Every command is idempotent, so a write
+  applied twice gives the same answer.
+* The proposer reads the clock: ``now`` and ``reuse_deadline = now - pool.reuse_after`` go into the
+  command (the state machine never reads a clock).
+* Touches are queued (newest time per mapping) and flushed as one ``touch_batch`` at least every second.
+* Observers are called on the engine's apply thread after each apply, outside the state lock; a
+  snapshot install from the leader gives them ``on_reset``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from appconnector import metrics
+from appconnector.config import Config, ConfigError
+from appconnector.pool.api import (
+    Address,
+    MappingView,
+    PoolError,
+    PoolObserver,
+    PoolReader,
+    Replica,
+    ReplicaUnavailable,
+    Targets,
+)
+from appconnector.pool.engine import (
+    PoolConsumer,
+    PoolSyncObj,
+    RaftTuning,
+    StateError,
+    StateMachine,
+    StatePaths,
+    validate_state_dir,
+)
+from appconnector.pool.state import PoolState
+
+log = logging.getLogger(__name__)
+
+TOUCH_FLUSH_INTERVAL = 0.5
+"""Queued touches go out at least this often (the contract says at least every second)."""
+MAX_IN_FLIGHT = 4
+"""checkout_batch entries proposed and not yet applied; more checkouts wait and join a later batch."""
+RETRY_AFTER = 2.0
+"""Propose again when a write was not applied in this time (dropped callback, lost leader)."""
+WRITE_DEADLINE = 15.0
+"""Give up (ReplicaUnavailable) when a write was not applied in this time."""
+
+
+@dataclass
+class _Proposal:
+    rid: str
+    command: tuple[Any, ...]
+    futures: list[asyncio.Future[Any]]
+    started: float
+    attempts: int = 0
+    timer: asyncio.TimerHandle | None = None
+    done: bool = False
+    kind: str = "write"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RaftReplica:
+    """The replicated pool on pysyncobj. One per process; construct, ``await start()``, use, ``await stop()``."""
+
+    def __init__(self, cfg: Config, self_address: str, partners: list[str], secret: str | None, *,
+                 bind_address: str | None = None, tuning: RaftTuning | None = None, guard: bool = True,
+                 dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE) -> None:
+        partners = [p for p in partners if p != self_address]
+        if partners and not secret:
+            raise ConfigError("cluster.secret_file", "", "a secret file: required when the cluster has more "
+                              "than one member (pysyncobj pickles its messages)")
+        self._prefixes = tuple(cfg.pool.prefixes)
+        self._reuse_after = cfg.pool.reuse_after
+        self.self_address = self_address
+        self.partners = partners
+        self._secret = secret
+        self._bind = bind_address
+        self._tuning = tuning or RaftTuning()
+        self._guard = guard
+        self._dynamic = dynamic_membership
+        self._write_deadline = write_deadline
+        self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
+        self._engine: PoolSyncObj | None = None
+        self._consumer: PoolConsumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observers: list[PoolObserver] = []
+        self._observer_lock = threading.RLock()  # apply + observer calls in order; add_observer waits for it
+        self._nonce = f"{os.getpid():x}.{time.time_ns():x}"
+        self._rids = itertools.count(1)
+        self._waiting: dict[str, _Proposal] = {}  # rid → proposal, read on the apply thread
+        self._waiting_lock = threading.Lock()
+        self._queue: list[tuple[tuple[str, str, Targets, float], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._in_flight = 0
+        self._touches: dict[tuple[str, Address, str], float] = {}
+        self._touch_lock = threading.Lock()
+        self._touch_task: asyncio.Task[None] | None = None
+        self._stopped = True
+        self._fatal: str | None = None
+        self.applied = 0
+        self.started_info: dict[str, object] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def _restore(self, data: bytes) -> StateMachine:
+        return PoolState.from_bytes(data, self._prefixes)
+
+    async def start(self) -> None:
+        """Validate the state directory (StateError names the bad file), then join the cluster."""
+        self._loop = asyncio.get_running_loop()
+        self.started_info = validate_state_dir(self.paths, self._restore)
+        members = self.started_info.get("dump_members")
+        wanted = sorted([self.self_address, *self.partners])
+        if members is not None and members != wanted:
+            # PySyncObj #133: with dynamic membership the dump's member list wins over the configured one.
+            if self._dynamic:
+                log.warning("raft: members stored in the dump %s differ from the configured %s; the stored "
+                            "membership is used (change it with `cluster remove`/joins)", members, wanted)
+            else:
+                log.warning("raft: members stored in the dump %s differ from the configured %s; static "
+                            "membership: the configured members are used", members, wanted)
+        consumer = PoolConsumer(PoolState(self._prefixes), self._restore, self._on_applied, self._on_replaced)
+        self._consumer = consumer
+        self._engine = await asyncio.to_thread(
+            PoolSyncObj, self.self_address, self.partners, consumer, self.paths, self._secret,
+            self._tuning, bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
+            on_leader_change=self._on_role_change)
+        self._stopped = False
+        self._touch_task = self._loop.create_task(self._touch_loop(), name="raft-touch-flush")
+        log.info("raft: member %s started (partners %s, state %s, found %s)", self.self_address,
+                 self.partners, self.paths.dir, self.started_info)
+
+    async def stop(self) -> None:
+        """Flush touches, hand leadership away if leader, stop the engine."""
+        if self._stopped or self._engine is None:
+            return
+        if self._touch_task is not None:
+            self._touch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._touch_task
+        self._flush_touches()
+        engine = self._engine
+        if engine.is_leader() and self.partners:
+            old_leader = engine.leader()
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+
+            def transferred(ok: bool) -> None:
+                loop.call_soon_threadsafe(done.set)
+
+            engine.transfer_leadership(transferred)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)
+            deadline = time.monotonic() + 2 * self._tuning.raft_max_timeout
+            while engine.leader() == old_leader and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        self._stopped = True
+        await asyncio.to_thread(engine.close)
+        for p in list(self._waiting.values()):
+            self._fail(p, ReplicaUnavailable("replica stopped"))
+
+    def _on_role_change(self) -> None:
+        if self._engine is not None:
+            metrics.RAFT_ROLE.set(1 if self._engine.is_leader() else 0)
+
+    # ---- the apply thread ---------------------------------------------------------------------------
+
+    def _on_applied(self, rid: str, command: tuple[Any, ...], result: object, changes: Any) -> None:
+        self.applied += 1
+        if changes:
+            with self._observer_lock:
+                for obs in list(self._observers):
+                    try:
+                        obs.on_changes(changes)
+                    except Exception:
+                        log.exception("pool observer %r failed on changes", obs)
+        with self._waiting_lock:
+            proposal = self._waiting.pop(rid, None)
+        if proposal is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._resolve, proposal, result)
+
+    def _on_replaced(self, state: StateMachine) -> None:
+        with self._observer_lock:
+            for obs in list(self._observers):
+                try:
+                    obs.on_reset(self)
+                except Exception:
+                    log.exception("pool observer %r failed on reset", obs)
+
+    # ---- proposals (event loop) ---------------------------------------------------------------------
+
+    def _check_open(self) -> PoolSyncObj:
+        if self._fatal or (self._consumer is not None and self._consumer.failure):
+            raise ReplicaUnavailable(f"replica failed: {self._fatal or (self._consumer and self._consumer.failure)}")
+        if self._stopped or self._engine is None:
+            raise ReplicaUnavailable("replica is not running")
+        return self._engine
+
+    def _propose(self, command: tuple[Any, ...], futures: list[asyncio.Future[Any]], kind: str) -> _Proposal:
+        rid = f"{self._nonce}:{next(self._rids)}"
+        proposal = _Proposal(rid, command, futures, time.monotonic(), kind=kind)
+        with self._waiting_lock:
+            self._waiting[rid] = proposal
+        self._send(proposal)
+        return proposal
+
+    def _send(self, p: _Proposal) -> None:
+        if p.done:
+            return
+        engine = self._engine
+        loop = self._loop
+        assert loop is not None
+        if engine is None or self._stopped:
+            self._fail(p, ReplicaUnavailable("replica is not running"))
+            return
+        if time.monotonic() - p.started > self._write_deadline:
+            self._fail(p, ReplicaUnavailable(f"write not committed within {self._write_deadline:g}s (no leader?)"))
+            return
+        if p.attempts:
+            metrics.RAFT_RETRIES.inc()
+        p.attempts += 1
+        if p.timer is not None:
+            p.timer.cancel()
+        p.timer = loop.call_later(min(RETRY_AFTER, max(0.05, self._write_deadline - (time.monotonic() - p.started))),
+                                  self._send, p)
+
+        def on_result(result: object, err: int) -> None:
+            if err != 0 and not p.done:  # retry soon; an apply that still arrives resolves it first
+                loop.call_soon_threadsafe(self._retry_soon, p)
+
+        try:
+            engine.propose(p.rid, p.command, on_result)
+        except Exception as e:  # pysyncobj raising here is a bug, not an outcome: fail loudly
+            log.exception("raft: propose failed")
+            self._fail(p, ReplicaUnavailable(f"propose failed: {e!r}"))
+
+    def _retry_soon(self, p: _Proposal) -> None:
+        if p.done or self._loop is None:
+            return
+        if p.timer is not None:
+            p.timer.cancel()
+        p.timer = self._loop.call_later(0.05, self._send, p)
+
+    def _finish(self, p: _Proposal) -> bool:
+        if p.done:
+            return False
+        p.done = True
+        if p.timer is not None:
+            p.timer.cancel()
+        with self._waiting_lock:
+            self._waiting.pop(p.rid, None)
+        if p.kind == "checkout":
+            self._in_flight -= 1
+            if self._queue:
+                self._schedule_flush()
+        metrics.RAFT_COMMIT_SECONDS.observe(time.monotonic() - p.started)
+        return True
+
+    def _resolve(self, p: _Proposal, result: object) -> None:
+        if not self._finish(p):
+            return
+        if p.kind == "checkout":
+            results = result if isinstance(result, list) else [result] * len(p.futures)
+            for fut, r in zip(p.futures, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(r, BaseException):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(r)
+            return
+        for fut in p.futures:
+            if fut.done():
+                continue
+            if isinstance(result, PoolError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    def _fail(self, p: _Proposal, error: Exception) -> None:
+        if not self._finish(p):
+            return
+        if p.kind == "checkout":
+            metrics.POOL_CHECKOUTS.labels("error").inc(len(p.futures))
+        for fut in p.futures:
+            if not fut.done():
+                fut.set_exception(error)
+
+    # ---- checkouts ----------------------------------------------------------------------------------
+
+    async def checkout(self, node: str, domain: str, targets: Targets, ttl: float) -> Address:
+        self._check_open()
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.append(((node, domain, tuple(targets), float(ttl)), fut))
+        self._schedule_flush()
+        address = await fut
+        assert isinstance(address, int)
+        return address
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_checkouts)
+
+    def _flush_checkouts(self) -> None:
+        self._flush_scheduled = False
+        budget = self._tuning.batch_bytes // 2  # margin for pysyncobj's own framing of the entry
+        while self._queue and self._in_flight < MAX_IN_FLIGHT:
+            items: list[tuple[str, str, Targets, float]] = []
+            futures: list[asyncio.Future[Any]] = []
+            size = 64
+            while self._queue:
+                item, fut = self._queue[0]
+                cost = len(item[0]) + len(item[1]) + 6 * len(item[2]) + 24
+                if items and size + cost > budget:
+                    break
+                self._queue.pop(0)
+                if fut.done():  # cancelled by its caller
+                    continue
+                items.append(item)
+                futures.append(fut)
+                size += cost
+            if not items:
+                continue
+            now = time.time()
+            command = ("checkout_batch", tuple(items), now, now - self._reuse_after)
+            if len(pickle.dumps(command, 2)) >= budget and len(items) > 1:
+                half = len(items) // 2  # estimate was off (long names): put the second half back
+                self._queue[0:0] = list(zip(items[half:], futures[half:], strict=True))
+                items, futures = items[:half], futures[:half]
+                command = ("checkout_batch", tuple(items), now, now - self._reuse_after)
+            self._in_flight += 1
+            self._propose(command, futures, "checkout")
+
+    # ---- other writes -------------------------------------------------------------------------------
+
+    async def _write(self, command: tuple[Any, ...]) -> object:
+        self._check_open()
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._propose(command, [fut], "write")
+        return await fut
+
+    async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
+        await self._write(("set_targets", domain, tuple(targets), float(ttl), time.time()))
+
+    async def forget(self, nodes: Sequence[str]) -> None:
+        await self._write(("forget", tuple(nodes), time.time()))
+
+    async def set_excluded(self, addresses: Iterable[Address]) -> None:
+        await self._write(("set_excluded", tuple(addresses), time.time()))
+
+    # ---- touches ------------------------------------------------------------------------------------
+
+    def touch(self, node: str, address: Address, domain: str, at: float) -> None:
+        key = (node, address, domain)
+        with self._touch_lock:
+            if at > self._touches.get(key, -1.0):
+                self._touches[key] = at
+
+    def _flush_touches(self) -> int:
+        with self._touch_lock:
+            queued, self._touches = self._touches, {}
+        if not queued or self._engine is None or self._loop is None:
+            return 0
+        batch = [(node, address, domain, at) for (node, address, domain), at in queued.items()]
+        budget = self._tuning.batch_bytes // 2
+        chunk: list[tuple[str, Address, str, float]] = []
+        size = 64
+        for t in batch:
+            cost = len(t[0]) + len(t[2]) + 32
+            if chunk and size + cost > budget:
+                self._propose_touches(chunk)
+                chunk, size = [], 64
+            chunk.append(t)
+            size += cost
+        if chunk:
+            self._propose_touches(chunk)
+        metrics.POOL_TOUCHES.inc(len(batch))
+        return len(batch)
+
+    def _propose_touches(self, chunk: list[tuple[str, Address, str, float]]) -> None:
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        fut.add_done_callback(lambda f: f.exception())  # a lost touch batch only delays a last-used mark
+        metrics.POOL_TOUCH_BATCHES.inc()
+        self._propose(("touch_batch", tuple(chunk)), [fut], "touch")
+
+    async def _touch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TOUCH_FLUSH_INTERVAL)
+            try:
+                self._flush_touches()
+                self._publish()
+            except Exception:
+                log.exception("raft: touch flush failed")
+
+    def _publish(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        metrics.RAFT_ROLE.set(1 if engine.is_leader() else 0)
+        metrics.RAFT_TERM.set(engine.raftCurrentTerm)
+        status = engine.status()
+        leader_commit = status.get("leader_commit_idx")
+        if isinstance(leader_commit, int):
+            metrics.RAFT_COMMIT_LAG.set(max(0, leader_commit - engine.raftLastApplied))
+        state = self._state()
+        with self._state_lock():
+            if isinstance(state, PoolState):
+                state.publish_metrics()
+
+    # ---- reads --------------------------------------------------------------------------------------
+
+    def _state(self) -> StateMachine:
+        if self._consumer is None:
+            raise ReplicaUnavailable("replica is not started")
+        return self._consumer.state
+
+    def _state_lock(self) -> threading.Lock:
+        if self._consumer is None:
+            raise ReplicaUnavailable("replica is not started")
+        return self._consumer.lock
+
+    def _pool(self) -> PoolState:
+        state = self._state()
+        assert isinstance(state, PoolState)
+        return state
+
+    def lookup(self, node: str, domain: str) -> tuple[Address, float] | None:
+        with self._state_lock():
+            return self._pool().lookup(node, domain)
+
+    def domain_for(self, node: str, address: Address) -> str | None:
+        with self._state_lock():
+            return self._pool().domain_for(node, address)
+
+    def targets(self, domain: str) -> Targets:
+        with self._state_lock():
+            return self._pool().targets(domain)
+
+    def target_info(self, domain: str) -> tuple[Targets, float, float] | None:
+        with self._state_lock():
+            return self._pool().target_info(domain)
+
+    def mappings(self) -> Iterator[MappingView]:
+        with self._state_lock():
+            copy = list(self._pool().mappings())
+        return iter(copy)
+
+    def stats(self) -> dict[str, int | float]:
+        with self._state_lock():
+            return self._pool().stats()
+
+    def digest(self) -> str:
+        with self._state_lock():
+            return self._pool().digest()
+
+    # ---- observers, status ----------------------------------------------------------------------------
+
+    def add_observer(self, observer: PoolObserver) -> None:
+        with self._observer_lock:  # no apply between the reset and the first change it sees
+            self._observers.append(observer)
+            reader: PoolReader = self
+            observer.on_reset(reader)
+
+    def is_leader(self) -> bool:
+        return self._engine is not None and self._engine.is_leader()
+
+    def status(self) -> dict[str, object]:
+        engine = self._engine
+        if engine is None:
+            return {"engine": "pysyncobj", "role": "stopped"}
+        role = "leader" if engine.is_leader() else ("follower" if engine.leader() else "candidate")
+        raw = engine.status()
+        with self._touch_lock:
+            queued = len(self._touches)
+        return {
+            "engine": "pysyncobj",
+            "role": role,
+            "term": engine.raftCurrentTerm,
+            "leader": engine.leader(),
+            "commit_index": engine.raftCommitIndex,
+            "applied_index": engine.raftLastApplied,
+            "leader_commit_index": raw.get("leader_commit_idx"),
+            "log_length": raw.get("log_len"),
+            "members": sorted([self.self_address, *self.partners]),
+            "connected": sorted(k.removeprefix("partner_node_status_server_") for k, v in raw.items()
+                                if k.startswith("partner_node_status_server_") and v == 2),
+            "queued_touches": queued,
+            "in_flight": self._in_flight,
+            "queued_checkouts": len(self._queue),
+            "guard": engine.guarded,
+            "appends_rewritten": engine.appends_rewritten,
+            "tails_held": engine.tails_held,
+            "truncations_refused": engine.journal.refused,
+            "diverged": engine.divergence.count + engine.journal.truncated_applied,
+            "failure": self._fatal or (self._consumer.failure if self._consumer else None),
+        }
+
+
+def _conforms(replica: RaftReplica) -> Replica:
+    return replica  # mypy checks here that RaftReplica implements the Replica protocol
+
+
+__all__ = ["RaftReplica", "RaftTuning", "StateError"]
