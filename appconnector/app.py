@@ -1,0 +1,214 @@
+"""Wiring and lifecycle of one connector: the parts start in dependency order and stop in reverse.
+
+    tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS → status HTTP
+    → leader duties
+
+Stop (SIGTERM/SIGINT): DNS drains first so no answer is given that cannot be steered, then the
+leader duties, then the replica flushes queued touches and hands leadership away, then NAT removes
+its table, then the tailnet watch ends. ``serve`` returns the process exit code (DESIGN.md §7):
+0 after a signal, 1 for a runtime failure (the log says which part and why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import dnslib
+
+from appconnector.config import Config, ConfigError
+from appconnector.dns.service import DnsService
+from appconnector.http import StatusServer
+from appconnector.leader import LeaderDuties
+from appconnector.nat.service import NatService
+from appconnector.pool.api import Address
+from appconnector.pool.engine import StateError, StatePaths
+from appconnector.pool.replica import RaftReplica
+from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
+from appconnector.tailnet.cluster import Action
+from appconnector.tailnet.service import TailnetService
+from appconnector.tailnet.standalone import StandaloneIdentity
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], tuple[bool, str]]
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+class StartupError(RuntimeError):
+    """A part could not start; the message says which and why."""
+
+
+class Connector:
+    """One connector process. ``await start()``, then ``await stop()`` (idempotent)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.tailnet: TailnetService | None = None
+        self.replica: RaftReplica | None = None
+        self.nat: NatService | None = None
+        self.dns: DnsService | None = None
+        self.http: StatusServer | None = None
+        self.leader: LeaderDuties | None = None
+        self._started: list[_Stoppable] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        identity: NodeIdentity
+        if cfg.standalone:
+            identity = StandaloneIdentity()
+            self_address, partners = cfg.raft_self(), list(cfg.cluster.peers)
+        else:
+            self.tailnet = TailnetService(cfg)
+            try:
+                await self.tailnet.start()
+            except TailnetUnavailable as e:
+                raise StartupError(f"tailscaled: {e} (socket {cfg.tailnet.localapi_socket})") from e
+            self._started.append(self.tailnet)
+            identity = self.tailnet.identity
+            self_address, partners = await self._tailnet_membership(self.tailnet)
+
+        self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret())
+        try:
+            await self.replica.start()
+        except StateError as e:
+            raise StartupError(f"pool state in {cfg.cluster.state_dir}: {e}; refusing to start "
+                               "(move the bad file away to rejoin from the other members)") from e
+        self._started.append(self.replica)
+
+        # Built before NAT starts (NAT puts the DNS address on lo first); shares its upstream cache.
+        self.dns = DnsService(cfg, self.replica, identity)
+        upstream = self.dns.upstream
+
+        async def resolve_targets(domain: str) -> tuple[list[Address], float]:
+            res = await upstream.resolve(domain, dnslib.QTYPE.A)
+            if res.kind != "ok":
+                raise LookupError(f"{res.kind} {res.detail}".strip())
+            return [int(_ipv4(a)) for a in res.addresses], float(res.ttl)
+
+        directory = self.tailnet.directory if self.tailnet is not None else None
+        self.nat = NatService(cfg, self.replica, directory,
+                              resolver=resolve_targets if cfg.dns.verify_upstream else None)
+        await self.nat.start()
+        self._started.append(self.nat)
+
+        await self.dns.start()
+        self._started.append(self.dns)
+
+        checks: dict[str, Check] = {"raft": self._raft_check, "nat": self._nat_check}
+        if self.tailnet is not None:
+            checks.update(self.tailnet.checks())
+        self.http = StatusServer(cfg, self.replica, checks)
+        try:
+            await self.http.start()
+        except OSError as e:
+            raise StartupError(f"http.listen {cfg.http.listen}: {e.strerror or e}") from e
+        self._started.append(self.http)
+
+        if directory is not None:
+            self.leader = LeaderDuties(cfg, self.replica, directory)
+            self.leader.start()
+            self._started.append(self.leader)
+        log.info("connector ready: DNS on %s, raft %s (%d partner(s)), NAT %s",
+                 ", ".join(f"{h}:{p}" for h, p in self.dns.bound), self_address, len(partners),
+                 self.nat.reason)
+
+    async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str]]:
+        """This member's Raft address and its partners, after the split-brain-safe discovery."""
+        me = tailnet.raft_address()
+        if me is None:
+            raise StartupError("tailscaled reports no tailnet IPv4 for this node")
+        if not self.cfg.cluster.tag:
+            return me, []
+        has_state = StatePaths.for_member(self.cfg.cluster.state_dir, me).dir.exists()
+        decision = await tailnet.discover_cluster(has_state)
+        log.info("cluster: %s (%s)", decision.action.value, decision.reason)
+        members = tailnet.members()
+        if decision.action is Action.JOIN:
+            members = sorted({*members, *decision.via})
+        return me, [m for m in members if m != me]
+
+    def _raft_check(self) -> tuple[bool, str]:
+        if self.replica is None:
+            return False, "not started"
+        st = self.replica.status()
+        if st.get("failure"):
+            return False, f"failed: {st['failure']}"
+        if not st.get("leader"):
+            return False, f"no leader known (role {st.get('role')})"
+        lag = _int(st.get("leader_commit_index")) - _int(st.get("applied_index"))
+        if lag > 1000:
+            return False, f"catching up: {lag} entries behind the leader"
+        return True, f"{st.get('role')}, leader {st.get('leader')}, term {st.get('term')}"
+
+    def _nat_check(self) -> tuple[bool, str]:
+        if self.nat is None:
+            return False, "not started"
+        st = self.nat.status()
+        if not self.cfg.nat.enabled:
+            return True, "off (nat.enabled = false): DNS only"
+        if not st.get("enabled"):
+            return False, f"kernel steering off: {st.get('reason')}"
+        if st.get("out_of_sync"):
+            return False, "kernel table out of sync; rebuilding"
+        return True, f"{st.get('steer_elements')} steer element(s)"
+
+    async def stop(self) -> None:
+        while self._started:
+            part = self._started.pop()
+            try:
+                await part.stop()
+            except Exception:  # keep stopping the rest: the table and the journal matter most
+                log.exception("stopping %s failed", type(part).__name__)
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) else 0
+
+
+def _ipv4(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+async def serve(cfg: Config) -> int:
+    """Run a connector until SIGTERM/SIGINT. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    Path(cfg.cluster.state_dir).mkdir(parents=True, exist_ok=True)
+    connector = Connector(cfg)
+    try:
+        start = loop.create_task(connector.start())
+        waiter = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if start not in done:  # a signal during start-up (e.g. waiting for the cluster)
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+            log.info("stopped during start-up")
+            return 0
+        waiter.cancel()
+        start.result()
+        await stop.wait()
+        log.info("signal received: draining DNS, flushing touches, removing the nftables table")
+        return 0
+    except ConfigError:
+        raise
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    finally:
+        await connector.stop()
