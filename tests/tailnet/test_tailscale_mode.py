@@ -10,6 +10,7 @@ the Raft-port filter lists exactly the tagged connectors, and both stop with exi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -56,6 +57,8 @@ def netns() -> Iterator[str]:
         pytest.skip("needs root: a network namespace for the connectors and their Raft-port filter")
     if not shutil.which("ip"):
         pytest.skip("needs iproute2")
+    if importlib.util.find_spec("appconnector.app") is None:
+        pytest.skip("needs appconnector.app (the lead's wiring) to be present")
     subprocess.run(["ip", "netns", "add", NS], check=True, capture_output=True)
     try:
         subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True, capture_output=True)
