@@ -206,6 +206,11 @@ class NatService:
             self._out_of_sync = True
         metrics.NAT_ELEMENTS.set(len(self._model))
 
+    def _resync(self) -> None:
+        with self._lock:
+            if self._out_of_sync and self._kernel_ready():
+                self._rebuild(self._model.elements())
+
     def _purge(self, pairs: list[Key]) -> None:
         try:
             n = seen.conntrack_purge(pairs)
@@ -258,9 +263,8 @@ class NatService:
         reconciler = self._reconciler
         if reconciler is None or not self._kernel_ready():
             return 0
-        with self._lock:
-            if self._out_of_sync:
-                self._rebuild(self._model.elements())
+        if self._out_of_sync:  # off the event loop: a full rebuild of a big map takes a second or more
+            await asyncio.to_thread(self._resync)
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
         if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
             pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)

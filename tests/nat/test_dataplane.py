@@ -132,6 +132,17 @@ def test_changed_target_steers_new_flows(topo: Topology, conn: Driver) -> None:
     assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN_B}")
 
 
+def test_table_removed_behind_our_back_is_rebuilt_on_the_next_change(topo: Topology, conn: Driver) -> None:
+    a = conn.call("checkout", node=CLI1, domain="kept.example", targets=[ORIGIN])["address"]
+    topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")
+    assert not client(topo, "cli1", "udp", a, "gone")["ok"], "without our table nothing steers"
+    b = conn.call("checkout", node=CLI1, domain="next.example", targets=[ORIGIN_B])
+    assert b["installed"], "the refused delta must have been followed by a full rebuild"
+    assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
+    assert client(topo, "cli1", "http", b["address"])["body"].startswith(f"origin {ORIGIN_B}")
+    assert not conn.call("status")["out_of_sync"]
+
+
 def test_restart_rebuilds_and_stop_leaves_only_others_tables(topo: Topology, tmp_path: Path) -> None:
     topo.run_in("conn1", "nft", "add table inet acnat_other; add chain inet acnat_other c; "
                 "add rule inet acnat_other c counter accept")
