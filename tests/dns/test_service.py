@@ -66,9 +66,12 @@ def test_a_record_is_the_nodes_pool_address(svc: Running) -> None:
                                             int(ipaddress.IPv4Address("192.0.2.11")))
     # asked again (any spelling, UDP or TCP): the same address, from the fast path
     before = svc.service.fast.hits  # type: ignore[union-attr]
+    published = metric("appconnector_dns_fast_path_answers_total")
     for name, tcp in (("app.test", False), ("APP.test.", False), ("app.test", True)):
         assert a_of(svc.query(name, tcp=tcp)) == [address]
     assert svc.service.fast.hits >= before + 3  # type: ignore[union-attr]
+    wait_until(lambda: metric("appconnector_dns_fast_path_answers_total") >= published + 3, 3,
+               "fast-path answers to reach /metrics")
 
 
 def test_other_names_get_other_addresses(svc: Running) -> None:
