@@ -96,6 +96,7 @@ class UpstreamResolver:
         self._cache: dict[tuple[str, int], tuple[float, Resolution]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[Resolution]] = {}
         self._channels: dict[tuple[str, int], _UdpChannel] = {}
+        self._opening: dict[tuple[str, int], asyncio.Future[_UdpChannel]] = {}
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
         """Addresses of ``domain`` (normalised, no trailing dot) of ``qtype`` (A or AAAA)."""
@@ -190,13 +191,24 @@ class UpstreamResolver:
         channel = self._channels.get(server)
         if channel is None or channel.transport is None or channel.transport.is_closing() \
                 or channel.used >= CHANNEL_QUERIES:
-            if channel is not None and channel.transport is not None:
-                # retire: answers still in flight may arrive until the timeout
-                asyncio.get_running_loop().call_later(self.timeout + 0.5, channel.transport.close)
-            loop = asyncio.get_running_loop()
-            _, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=server)
-            self._channels[server] = channel
+            opening = self._opening.get(server)
+            if opening is None:  # one new socket however many queries arrive while it opens
+                opening = self._opening[server] = asyncio.ensure_future(self._open(server))
+            channel = await asyncio.shield(opening)
         channel.used += 1
+        return channel
+
+    async def _open(self, server: tuple[str, int]) -> _UdpChannel:
+        loop = asyncio.get_running_loop()
+        try:
+            _, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=server)
+        finally:
+            del self._opening[server]
+        old = self._channels.get(server)
+        if old is not None and old.transport is not None:
+            # retire the old socket once answers still in flight have had their time
+            loop.call_later(self.timeout + 0.5, old.transport.close)
+        self._channels[server] = channel
         return channel
 
     def close(self) -> None:

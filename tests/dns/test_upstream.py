@@ -92,3 +92,20 @@ def test_system_resolvers_reads_resolv_conf(tmp_path: object) -> None:
     p = Path(str(tmp_path)) / "resolv.conf"
     p.write_text("# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch example\nnameserver bogus\n")
     assert system_resolvers(str(p)) == [("192.0.2.53", 53), ("fe80::1", 53)]
+
+
+def test_concurrent_names_share_one_upstream_socket_until_rotation(stub: StubUpstream) -> None:
+    from appconnector.dns import upstream as upstream_module
+    r = UpstreamResolver([("127.0.0.1", stub.port)])
+
+    async def go() -> None:
+        results = await asyncio.gather(*(r.resolve(f"n{i}.example", wire.TYPE_A) for i in range(50)))
+        assert all(x.kind == "ok" for x in results)
+        assert len(r._channels) == 1
+        first = r._channels[("127.0.0.1", stub.port)]
+        assert first.used == 50
+        first.used = upstream_module.CHANNEL_QUERIES
+        assert (await r.resolve("after.example", wire.TYPE_A)).kind == "ok"
+        assert r._channels[("127.0.0.1", stub.port)] is not first  # a fresh source port
+        r.close()
+    asyncio.run(go())
