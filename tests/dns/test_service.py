@@ -238,3 +238,19 @@ def test_tcp_carries_several_queries_on_one_connection(svc: Running) -> None:
     by_id = {m.id: m for m in replies}
     assert [by_id[q.id].rcode() for q in queries] == [dns.rcode.NOERROR, dns.rcode.NOERROR, dns.rcode.NXDOMAIN]
     assert a_of(by_id[queries[0].id]) == a_of(svc.query("app.test"))
+
+
+@pytest.mark.parametrize(("option", "want"), [
+    ("+edns=1", ["status: BADVERS", "Version: 0;"]),
+    ("+cookie", ["status: NOERROR", "UDP size: 1232 B"]),
+    ("+nsid", ["status: NOERROR", "UDP size: 1232 B"]),
+    ("+dnssec", ["status: NOERROR", "flags: do;"]),
+    ("+noedns", ["status: NOERROR", "Flags: qr aa rd;", "ADDITIONAL: 0"]),
+])
+def test_kdig_edns_variants(svc: Running, option: str, want: list[str]) -> None:
+    if shutil.which("kdig") is None:
+        pytest.skip("needs kdig (apt-get install knot-dnsutils)")
+    out = subprocess.run(["kdig", f"@{svc.host}", "-p", str(svc.port), option, "app.test", "A"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    for text in want:
+        assert text in out, out
