@@ -125,11 +125,40 @@ def _drops(topo: Topology) -> int:
     return int(next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o))
 
 
-def test_changed_target_steers_new_flows(topo: Topology, conn: Driver) -> None:
+def test_changed_target_steers_new_flows_and_existing_flows_keep_theirs(topo: Topology, conn: Driver) -> None:
     a = conn.call("checkout", node=CLI1, domain="moving.example", targets=[ORIGIN])["address"]
-    assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
+    assert client(topo, "cli1", "udp", a, "before", "40010")["reply"] == f"echo {ORIGIN} before"
     conn.call("set_targets", domain="moving.example", targets=[ORIGIN_B])
     assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN_B}")
+    # the same 5-tuple is still the old flow (its conntrack entry keeps its NAT)
+    assert client(topo, "cli1", "udp", a, "during", "40010")["reply"] == f"echo {ORIGIN} during"
+
+
+def test_a_full_seen_set_never_stops_steering(topo: Topology) -> None:
+    d = driver(topo, env={"nat_max_mappings": 1024})
+    try:
+        fill = ", ".join(f"10.9.{i // 256}.{i % 256} . 100.64.1.9" for i in range(1024))
+        topo.run_in("conn1", "nft", f"add element inet appconnector seen {{ {fill} }}")
+        more = topo.run_in("conn1", "nft", "add element inet appconnector seen { 10.10.0.1 . 100.64.1.9 }",
+                           check=False)
+        assert more.returncode != 0, "the seen set should be full"
+        a = d.call("checkout", node=CLI1, domain="full.example", targets=[ORIGIN])["address"]
+        got = client(topo, "cli1", "http", a)
+        assert got["ok"] and got["body"].startswith(f"origin {ORIGIN}"), got
+    finally:
+        d.stop()
+
+
+def test_dns_address_is_a_local_route_while_running(topo: Topology) -> None:
+    """Tailscale mode: DNS listens on the pool's reserved first address; it is made local on lo."""
+    d = driver(topo, env={"tailnet_mode": "tailscale"})
+    try:
+        local = topo.run_in("conn1", "ip", "route", "show", "table", "local").stdout
+        assert any(line.startswith("local 100.64.1.0 dev lo") and "scope host" in line
+                   for line in local.splitlines()), local
+    finally:
+        d.stop()
+    assert "100.64.1.0" not in topo.run_in("conn1", "ip", "route", "show", "table", "local").stdout
 
 
 def test_table_removed_behind_our_back_is_rebuilt_on_the_next_change(topo: Topology, conn: Driver) -> None:
