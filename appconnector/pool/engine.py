@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import pysyncobj
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_append
@@ -428,7 +429,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                 setattr(self, _NEXT_APPEND, 0.0)  # send the new entries now, not at the idle beat
         if not self._isLeader():
             return t.idle_period
-        return max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - now))
+        # pysyncobj's own clock (CLOCK_MONOTONIC_RAW here), not time.monotonic(): they drift apart.
+        return max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - raft_clock()))
 
     def _tick_loop(self) -> None:
         last_index = self.journal.last_index()
@@ -463,7 +465,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
     def propose(self, request_id: str, command: tuple[Any, ...], callback: ResultCallback) -> None:
         self.mark_busy()
         self.consumer.apply(request_id, command, callback=callback)
-        self.wake()
+        if not self._tuning.library_defaults:  # the reference waits for its next tick, as autoTick does
+            self.wake()
 
     def is_leader(self) -> bool:
         return bool(self._isLeader())
