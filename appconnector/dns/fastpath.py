@@ -33,7 +33,7 @@ _OPT_HEAD = b"\x00\x00\x29"  # root owner, type OPT
 _OPT_NO_DO = wire.opt_record(False)
 _OPT_DO = wire.opt_record(True)
 
-MAX_ENTRIES = 1 << 20
+MAX_ENTRIES = 1 << 18  # ~0.7 KB each (≤ ~180 MB); when full, start again (misses refill from the pool's local state)
 
 
 def _question_end(data: bytes) -> int:
@@ -60,7 +60,7 @@ class FastEntry:
     def __init__(self, node: str, domain: str, address: Address, last_used: float, rcode: int,
                  answers: tuple[bytes, ...], authority: tuple[bytes, ...], question: bytes) -> None:
         self.question = question
-        self.bodies: list[bytes | None] = [None] * 16
+        self.bodies: list[bytes | None] | None = None  # made on the first hit: most entries never get one
         self.node = node
         self.domain = domain
         self.address = address
@@ -146,9 +146,12 @@ class FastPath:
         self.hits += 1
         variant |= (data[2] & 1) | ((data[3] & 0x10) >> 3)
         if question == entry.question:  # same spelling as when stored: the whole body is ready
-            body = entry.bodies[variant]
+            bodies = entry.bodies
+            if bodies is None:
+                bodies = entry.bodies = [None] * 16
+            body = bodies[variant]
             if body is None:
-                body = entry.bodies[variant] = entry.heads[variant & 7] + question + entry.tail + opt
+                body = bodies[variant] = entry.heads[variant & 7] + question + entry.tail + opt
             return data[:2] + body
         return data[:2] + entry.heads[variant & 7] + question + entry.tail + opt
 
