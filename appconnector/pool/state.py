@@ -36,6 +36,7 @@ import math
 import struct
 import sys
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -69,6 +70,10 @@ Touch = tuple[str, Address, str, float]
 """One last-used mark: (node, address, domain, at)."""
 
 
+_HIT, _NEW, _REUSED, _EXHAUSTED, _ERROR = range(5)
+_CHECKOUT_COUNTERS = [metrics.POOL_CHECKOUTS.labels(r) for r in ("hit", "new", "reused", "exhausted", "error")]
+
+
 class InvalidCommand(PoolError):
     """A command or request the state cannot read (wrong shape or types). Nothing was changed."""
 
@@ -79,6 +84,17 @@ def _lru_key(last_used: float, offset: int) -> int:
     A single int costs about half a (float, int) tuple, which matters at a million mappings.
     """
     return (int.from_bytes(_DOUBLE.pack(last_used), "little") << _OFFSET_BITS) | offset
+
+
+_NOT_FINITE_OR_NEGATIVE = 0x7FF0_0000_0000_0000
+"""IEEE bits at or above this are inf, NaN or have the sign bit set."""
+
+
+def _time_bits(times: Sequence[float]) -> array[int]:
+    """The IEEE bits of many times at once (what _lru_key computes one by one)."""
+    bits = array("Q")
+    bits.frombytes(array("d", times).tobytes())
+    return bits
 
 
 def _key_time(key: int) -> float:
@@ -98,6 +114,8 @@ def _finite_time(value: object) -> float | None:
 
 def _clean_targets(targets: object) -> Targets | None:
     """Sorted, de-duplicated IPv4 integers, or None if ``targets`` is not a sequence of them."""
+    if targets == ():
+        return ()
     if not isinstance(targets, tuple | list):
         return None
     out = set()
@@ -110,6 +128,8 @@ def _clean_targets(targets: object) -> Targets | None:
 
 def _text(value: object) -> str | None:
     """An interned plain str (domains and nodes repeat across many mappings), or None if not text."""
+    if type(value) is str:
+        return sys.intern(value)
     if not isinstance(value, str):
         return None
     return sys.intern(str.__str__(value))
@@ -139,7 +159,7 @@ class PoolState:
     def __init__(self, prefixes: Sequence[str]) -> None:
         self.space = AddressSpace(prefixes)
         self._nodes: dict[str, _Node] = {}
-        self._domain_refs: dict[str, int] = {}  # domain → number of mappings holding it
+        self._domain_refs: Counter[str] = Counter()  # domain → number of mappings holding it
         self._targets: dict[str, tuple[Targets, float, float]] = {}  # domain → (addresses, ttl, updated)
         self._excluded: set[int] = set()  # offsets the allocator skips
         self._high_water = 0.0  # 0.0: no command time seen yet
@@ -250,49 +270,49 @@ class PoolState:
         if d is None or not math.isfinite(d):
             d = -math.inf  # no usable deadline: reuse nothing
         d = float(d) - shift
-        results: list[int | PoolError] = []
-        counts = {"hit": 0, "new": 0, "reused": 0, "exhausted": 0, "error": 0}
-        for req in requests:
-            results.append(self._checkout_one(req, t, d, changes, counts))
-        for result, n in counts.items():
+        counts = [0, 0, 0, 0, 0]  # indexes: the _HIT.. constants
+        checkout_one = self._checkout_one
+        results = [checkout_one(req, t, d, changes, counts) for req in requests]
+        for i, n in enumerate(counts):
             if n:
-                metrics.POOL_CHECKOUTS.labels(result).inc(n)
-        if counts["exhausted"]:
-            metrics.POOL_EXHAUSTED.inc(counts["exhausted"])
+                _CHECKOUT_COUNTERS[i].inc(n)
+        if counts[_EXHAUSTED]:
+            metrics.POOL_EXHAUSTED.inc(counts[_EXHAUSTED])
         return results
 
     def _checkout_one(self, req: object, now: float, deadline: float, changes: Changes,
-                      counts: dict[str, int]) -> int | PoolError:
+                      counts: list[int]) -> int | PoolError:
         if not isinstance(req, tuple | list) or len(req) != 4:
-            counts["error"] += 1
+            counts[_ERROR] += 1
             return InvalidCommand(f"checkout request must be (node, domain, targets, ttl), got {_describe(req)}")
         node, domain, targets, ttl = _text(req[0]), _text(req[1]), _clean_targets(req[2]), _finite_time(req[3])
         if node is None or domain is None or targets is None or ttl is None:
-            counts["error"] += 1
+            counts[_ERROR] += 1
             return InvalidCommand(f"checkout request has bad fields: {_describe(req)}")
         n = self._nodes.get(node)
         offset = n.by_domain.get(domain) if n is not None else None
         if n is not None and offset is not None:
-            counts["hit"] += 1
+            counts[_HIT] += 1
             self._mark_used(n, offset, now)
+            address = self.space.address(offset)
         else:
             if n is None:
                 n = _Node()
             offset = self._take_free(n)
             if offset is not None:
-                counts["new"] += 1
+                counts[_NEW] += 1
             else:
                 offset = self._take_expired(n, deadline, node, changes)
                 if offset is None:
-                    counts["exhausted"] += 1
+                    counts[_EXHAUSTED] += 1
                     return PoolExhausted(node, domain)
-                counts["reused"] += 1
+                counts[_REUSED] += 1
             self._nodes[node] = n
-            self._map(node, n, offset, domain, now, changes)
+            address = self._map(node, n, offset, domain, now, changes)
         if targets and domain not in self._targets:
             self._targets[domain] = (targets, ttl, now)
             changes.targets[domain] = targets
-        return self.space.address(offset)
+        return address
 
     def _take_free(self, n: _Node) -> int | None:
         """Pop the node's lowest free offset: a freed one below the cursor, else the cursor itself."""
@@ -320,14 +340,17 @@ class PoolState:
         self._unmap(node, n, offset, changes)
         return offset
 
-    def _map(self, node: str, n: _Node, offset: int, domain: str, now: float, changes: Changes) -> None:
+    def _map(self, node: str, n: _Node, offset: int, domain: str, now: float, changes: Changes) -> int:
+        """Record the mapping; returns its address."""
         n.owner[offset] = domain
         n.used[offset] = now
         n.by_domain[domain] = offset
         n.lru.add(_lru_key(now, offset))
         self._domain_refs[domain] = self._domain_refs.get(domain, 0) + 1
         self._mappings += 1
-        changes.added.append((node, self.space.address(offset), domain))
+        address = self.space.address(offset)
+        changes.added.append((node, address, domain))
+        return address
 
     def _unmap(self, node: str, n: _Node, offset: int, changes: Changes) -> None:
         """Remove one mapping; the offset stays below the cursor and is NOT put on the free heap (callers
@@ -509,9 +532,14 @@ class PoolState:
         for p in self.space.prefixes:
             _put_blob(out, p.encode())
         _put_u32_array(out, sorted(self.space.address(o) for o in self._excluded))
-        encoded = [d.encode("utf-8", "surrogatepass") for d in domains]
-        _put_u32_array(out, [len(e) for e in encoded])
-        out += b"".join(encoded)
+        joined = "".join(domains)
+        if joined.isascii():  # the usual case: one encode, lengths in characters = bytes
+            _put_u32_array(out, list(map(len, domains)))
+            out += joined.encode("ascii")
+        else:
+            encoded = [d.encode("utf-8", "surrogatepass") for d in domains]
+            _put_u32_array(out, [len(e) for e in encoded])
+            out += b"".join(encoded)
         out += _U32.pack(len(self._targets))
         for d in sorted(self._targets):
             addrs, ttl, updated = self._targets[d]
@@ -520,14 +548,19 @@ class PoolState:
         out += _U32.pack(len(self._nodes))
         for node in sorted(self._nodes):
             n = self._nodes[node]
-            offsets = [o for o, d in enumerate(n.owner) if d is not None]
-            name = node.encode("utf-8", "surrogatepass")
-            out += _NODE_HEAD.pack(len(name), len(offsets))
-            out += name
             owner, used = n.owner, n.used
-            out += _le(array("I", offsets)).tobytes()
-            out += _le(array("I", [index[owner[o]] for o in offsets])).tobytes()  # type: ignore[index]
-            out += _le(array("d", [used[o] for o in offsets])).tobytes()
+            name = node.encode("utf-8", "surrogatepass")
+            out += _NODE_HEAD.pack(len(name), len(n.by_domain))
+            out += name
+            if len(n.by_domain) == len(owner) - 1:  # dense (the usual case): whole arrays at C speed
+                out += _le(array("I", range(1, len(owner)))).tobytes()
+                out += _le(array("I", map(index.__getitem__, owner[1:]))).tobytes()  # type: ignore[arg-type]
+                out += _le(used[1:]).tobytes()
+            else:
+                offsets = [o for o, d in enumerate(owner) if d is not None]
+                out += _le(array("I", offsets)).tobytes()
+                out += _le(array("I", [index[owner[o]] for o in offsets])).tobytes()  # type: ignore[index]
+                out += _le(array("d", [used[o] for o in offsets])).tobytes()
         out += hashlib.sha256(out).digest()
         return bytes(out)
 
@@ -547,23 +580,27 @@ class PoolState:
             raise ValueError(f"pool snapshot is corrupt: {e}") from None
         return state
 
-    def _restore_node(self, node: str, offsets: Sequence[int], domains: list[str], used: Sequence[float]) -> None:
+    def _restore_node(self, node: str, offsets: array[int], domains: list[str], used: array[float]) -> None:
+        """Install one node's mappings (validated by the caller: offsets strictly ascending, 1..size-1)."""
         n = _Node()
         top = offsets[-1]
-        owner: list[str | None] = [None] * (top + 1)
-        times = array("d", bytes(8 * (top + 1)))
-        for o, d, t in zip(offsets, domains, used, strict=True):
-            owner[o] = d
-            times[o] = t
+        if top == len(offsets):  # dense (the usual case): offsets are exactly 1..top
+            owner: list[str | None] = [None, *domains]
+            times = array("d", [0.0])
+            times.extend(used)
+        else:
+            owner = [None] * (top + 1)
+            times = array("d", bytes(8 * (top + 1)))
+            for o, d, t in zip(offsets, domains, used, strict=True):
+                owner[o] = d
+                times[o] = t
+            excluded = self._excluded
+            n.free = [o for o in range(1, top) if owner[o] is None and o not in excluded]  # ascending: a heap
         n.owner, n.used = owner, times
         n.by_domain = dict(zip(domains, offsets, strict=True))
-        n.lru = SortedList(_lru_key(t, o) for o, t in zip(offsets, used, strict=True))
-        excluded = self._excluded
-        n.free = [o for o in range(1, top) if owner[o] is None and o not in excluded]  # ascending: a valid heap
+        n.lru = SortedList([(b << _OFFSET_BITS) | o for b, o in zip(_time_bits(used), offsets, strict=True)])
         self._nodes[node] = n
-        refs = self._domain_refs
-        for d in domains:
-            refs[d] = refs.get(d, 0) + 1
+        self._domain_refs.update(domains)  # Counter: counts in C
         self._mappings += len(offsets)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -641,9 +678,15 @@ class _Reader:
         same_pool = old == new
         excluded_addrs = self.array("I", self.u32())
         lengths = self.array("I", self.u32())
-        domains: list[str] = []
-        for length in lengths:
-            domains.append(sys.intern(self.take(length).decode("utf-8", "surrogatepass")))
+        blob = self.take(sum(lengths))
+        ends = list(itertools.accumulate(lengths))
+        starts = [0, *ends[:-1]] if ends else []
+        if blob.isascii():  # the usual case: decode once, slice characters
+            text = blob.decode("ascii")
+            domains = [sys.intern(text[a:b]) for a, b in zip(starts, ends, strict=True)]
+        else:
+            domains = [sys.intern(blob[a:b].decode("utf-8", "surrogatepass"))
+                       for a, b in zip(starts, ends, strict=True)]
         if len(set(domains)) != len(domains):
             raise ValueError("pool snapshot repeats a domain")
         dropped_excluded = 0
@@ -675,13 +718,13 @@ class _Reader:
             used = self.array("d", count)
             if count == 0:
                 raise ValueError(f"pool snapshot has an empty node {node!r}")
-            if any(b <= a for a, b in itertools.pairwise(offsets)):
+            if len(set(offsets)) != count or offsets.tolist() != sorted(offsets):
                 raise ValueError(f"pool snapshot offsets of node {node!r} are not strictly ascending")
             if offsets[0] == 0 or offsets[-1] >= old.size:
                 raise ValueError(f"pool snapshot maps node {node!r} outside its pool")
             if max(dom_idx) >= len(domains) or len(set(dom_idx)) != count:
                 raise ValueError(f"pool snapshot has bad or repeated domains for node {node!r}")
-            if not all(_finite_time(t) is not None for t in used):
+            if max(_time_bits(used)) >= _NOT_FINITE_OR_NEGATIVE:
                 raise ValueError(f"pool snapshot has a bad last-used time for node {node!r}")
             if not same_pool:
                 kept = []
@@ -696,7 +739,7 @@ class _Reader:
                 offsets = array("I", [k[0] for k in kept])
                 dom_idx = array("I", [k[1] for k in kept])
                 used = array("d", [k[2] for k in kept])
-            elif any(o in state._excluded for o in offsets):
+            elif not state._excluded.isdisjoint(offsets):
                 raise ValueError(f"pool snapshot maps node {node!r} to an excluded address")
             state._restore_node(node, offsets, [domains[i] for i in dom_idx], used)
         if self.pos != len(self.data):
