@@ -345,9 +345,9 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self.consumer = consumer
         self.guarded = guard
         self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied))
+        self._handle_message = getattr(self, _ON_MESSAGE)
         if guard:
             setattr(self, _RAFT_LOG, self.journal)
-            self._handle_message = getattr(self, _ON_MESSAGE)
             getattr(self, _TRANSPORT).setOnMessageReceivedCallback(self._guarded_message)
         self.divergence = DivergenceWatch()
         logging.getLogger("pysyncobj").addHandler(self.divergence)
@@ -395,6 +395,15 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                 if int(getattr(self, _COMMIT_INDEX)) < commit_before <= self.journal.last_index():
                     setattr(self, _COMMIT_INDEX, commit_before)
                     self.journal.setRaftCommitIndex(commit_before)
+
+    def deliver(self, node: Any, message: Any, done: Callable[[], None]) -> None:
+        """Hand ``message`` from ``node`` to the engine on the tick thread as the transport would (tests)."""
+        def run() -> None:
+            try:
+                (self._guarded_message if self.guarded else self._handle_message)(node, message)
+            finally:
+                done()
+        self.call_on_tick(run)
 
     # --- the tick thread -----------------------------------------------------------------------------
 

@@ -1,0 +1,110 @@
+"""RaftReplica in this process as a one-member cluster: the asyncio facade, observers, durability.
+
+Multi-member behaviour (followers, elections, kills, secrets) is in test_cluster*.py with real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
+from appconnector.pool.api import Changes, PoolExhausted, PoolReader
+from appconnector.pool.member import free_ports
+from appconnector.pool.replica import RaftReplica
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[Changes] = []
+        self.resets: list[list[tuple[str, str, int]]] = []
+
+    def on_changes(self, changes: Changes) -> None:
+        self.changes.append(changes)
+
+    def on_reset(self, reader: PoolReader) -> None:
+        self.resets.append(sorted((m.node, m.domain, m.address) for m in reader.mappings()))
+
+
+def _cfg(tmp_path: Path, prefix: str = "100.64.3.0/24") -> Config:
+    return Config(pool=PoolConfig(prefixes=(prefix,)), cluster=ClusterConfig(state_dir=str(tmp_path)))
+
+
+async def _leader(replica: RaftReplica) -> None:
+    for _ in range(300):
+        if replica.is_leader():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a one-member cluster did not elect itself")
+
+
+def test_more_than_one_member_needs_the_secret(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        RaftReplica(_cfg(tmp_path), "127.0.0.1:1", ["127.0.0.1:2"], None)
+    assert err.value.key == "cluster.secret_file"
+
+
+def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+
+    async def first() -> dict[tuple[str, str], int]:
+        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        await r.start()
+        await _leader(r)
+        rec = Recorder()
+        r.add_observer(rec)
+        assert rec.resets == [[]]
+        got = await asyncio.gather(*(r.checkout(f"n{i % 3}", f"d{i}.example", (0x01010101,), 60.0)
+                                     for i in range(60)))
+        assert len(set(zip([i % 3 for i in range(60)], got, strict=True))) == 60  # distinct per node
+        assert sum(len(c.added) for c in rec.changes) == 60
+        assert len(rec.changes) < 60  # gathered into fewer checkout_batch entries than checkouts
+        assert await r.checkout("n0", "d0.example", (), 60.0) == got[0]  # idempotent
+        assert r.targets("d5.example") == (0x01010101,)
+        before = r.lookup("n0", "d0.example")
+        assert before is not None
+        r.touch("n0", got[0], "d0.example", before[1] + 100.0)
+        for _ in range(200):  # flushed within a second
+            found = r.lookup("n0", "d0.example")
+            if found and found[1] == before[1] + 100.0:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the touch never reached the state")
+        await r.set_targets("d1.example", (0x02020202,), 30.0)
+        assert r.targets("d1.example") == (0x02020202,)
+        await r.stop()
+        return {(m.node, m.domain): m.address for m in r.mappings()}
+
+    async def second(expected: dict[tuple[str, str], int]) -> None:
+        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        await r.start()
+        await _leader(r)
+        for _ in range(300):
+            if r.status()["applied_index"] == r.status()["commit_index"] and r.stats()["mappings"] == 60:
+                break
+            await asyncio.sleep(0.01)
+        rec = Recorder()
+        r.add_observer(rec)
+        assert {(n, d): a for n, d, a in rec.resets[0]} == expected
+        assert r.targets("d1.example") == (0x02020202,)
+        await r.stop()
+
+    expected = asyncio.run(first())
+    asyncio.run(second(expected))
+
+
+def test_pool_exhausted_reaches_the_caller(tmp_path: Path) -> None:
+    async def run() -> None:
+        r = RaftReplica(_cfg(tmp_path, "100.64.4.0/30"), f"127.0.0.1:{free_ports(1)[0]}", [], None)
+        await r.start()
+        await _leader(r)
+        results = await asyncio.gather(*(r.checkout("n", f"d{i}.example", (), 60.0) for i in range(4)),
+                                       return_exceptions=True)
+        assert sum(isinstance(x, int) for x in results) == 3
+        assert [type(x) for x in results if not isinstance(x, int)] == [PoolExhausted]
+        await r.stop()
+
+    asyncio.run(run())
