@@ -439,7 +439,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         if not self._isLeader():
             return t.idle_period
         # pysyncobj's own clock (CLOCK_MONOTONIC_RAW here), not time.monotonic(): they drift apart.
-        return max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - raft_clock()))
+        return float(max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - raft_clock())))
 
     def _tick_loop(self) -> None:
         last_index = self.journal.last_index()
