@@ -267,6 +267,47 @@ def read_dump(path: Path) -> tuple[Any, tuple[bytes, int, int], tuple[bytes, int
     return dump
 
 
+def write_journal(path: Path, records: Sequence[tuple[int, int, bytes]]) -> None:
+    """Write (index, term, command) records as a pysyncobj journal file, atomically (tmp + rename)."""
+    body = bytearray()
+    for idx, term, command in records:
+        size = 16 + len(command)
+        body += struct.pack("<IQQ", size, idx, term) + command + struct.pack("<I", size)
+    header = (_JOURNAL_NAME.ljust(24, b"\0") + PYSYNCOBJ_VERSION.encode().ljust(8, b"\0")
+              + struct.pack("<II", 1, _JOURNAL_HEADER + len(body)))
+    tmp = path.with_name(path.name + ".repair")
+    with open(tmp, "wb") as f:
+        f.write(header + body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def repair_interrupted_compaction(paths: StatePaths) -> int:
+    """Trim a journal that still starts before the full dump; returns the entries trimmed.
+
+    pysyncobj writes the dump in a forked child, and only on a later tick rewrites the journal to start
+    at the dump's last two entries. Killed in between, it finds a journal that does not start with those
+    two and *clears* it down to them, dropping every entry after the dump that the journal held (on all
+    members at once if they compacted together, which they tend to: same log length). Trimming the
+    front instead keeps those entries.
+    """
+    if not (paths.dump.exists() and paths.journal.exists()):
+        return 0
+    dump = read_dump(paths.dump)
+    last, before = (dump[1][1], dump[1][2], bytes(dump[1][0])), (dump[2][1], dump[2][2], bytes(dump[2][0]))
+    records = read_journal(paths.journal)
+    if len(records) >= 2 and records[0] == before and records[1] == last:
+        return 0
+    for k in range(1, len(records) - 1):
+        if records[k] == before and records[k + 1] == last:
+            write_journal(paths.journal, records[k:])
+            log.warning("raft: %s still started %d entries before the full dump (compaction interrupted); "
+                        "trimmed them, kept the %d after it", paths.journal, k, len(records) - k - 2)
+            return k
+    return 0
+
+
 def validate_state_dir(paths: StatePaths, restore: Callable[[bytes], object]) -> dict[str, object]:
     """Read the dump, journal and meta file as pysyncobj would and refuse (StateError) if any is corrupt.
 
@@ -283,6 +324,8 @@ def validate_state_dir(paths: StatePaths, restore: Callable[[bytes], object]) ->
         found["dump_members"] = sorted(str(getattr(n, "address", n)) for n in dump[3])
     if paths.journal.exists():
         found["journal_entries"] = len(read_journal(paths.journal))
+    if paths.dump.exists() and paths.journal.exists():
+        found["journal_trimmed"] = repair_interrupted_compaction(paths)
     if paths.meta.exists():
         try:
             meta = pickle.loads(paths.meta.read_bytes())

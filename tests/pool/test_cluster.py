@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from appconnector.pool.engine import read_dump, read_journal, write_journal
 from appconnector.pool.member import MemberError, MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
 
@@ -288,3 +289,34 @@ def test_corrupt_dump_or_journal_is_refused_with_a_clear_message(tmp_path: Path)
     resp = _restart_refused(m)
     assert resp["error"] == "StateError" and str(journal) in resp["message"], resp
     assert "refusing to start" in m.log_text()
+
+
+def test_a_journal_left_untrimmed_by_an_interrupted_compaction_keeps_later_entries(tmp_path: Path) -> None:
+    """pysyncobj writes the dump first and trims the journal on a later tick; a kill in between leaves
+    a journal that starts before the dump, which pysyncobj would clear down to the dump's last entry."""
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+
+    def member(compact_every: int) -> MemberProcess:
+        m = MemberProcess(addr, [], tmp_path / "state", extra=("--compact-every", str(compact_every)),
+                          log_path=tmp_path / "single.log").start()
+        m.wait_ready()
+        _wait(lambda: m.status()["role"] == "leader", 10, "the single member to lead")
+        return m
+
+    m = member(40)  # compacts: a dump, and the journal trimmed to start at its last entries
+    acked = m.call("load", count=150, concurrency=1, node_prefix="b", domain_prefix="b")["acked"]
+    assert m.stop() == 0
+    state = next((tmp_path / "state").glob("raft-*"))
+    trimmed = read_journal(state / "journal")
+    dump_index = read_dump(state / "dump")[1][1]
+    assert trimmed[0][0] > 20 and trimmed[-1][0] > dump_index, "no entries after the dump to keep"
+
+    # The state a kill between writing the dump and trimming the journal leaves behind: the journal
+    # still holds entries the dump covers (their content no longer matters: no-ops here).
+    first, term = trimmed[0][0], trimmed[0][1]
+    write_journal(state / "journal", [(i, term, b"\x01") for i in range(first - 20, first)] + trimmed)
+    m = member(10**6)
+    for node, domain, address in acked:
+        assert m.call("lookup", node=node, domain=domain)["address"] == address
+    assert "compaction interrupted" in m.log_text()
+    assert m.stop() == 0
