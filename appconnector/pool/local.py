@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,9 +93,12 @@ class LocalPool:
         return result
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            log.warning("pool: dropped a touch with a bad time %r", at)
+            return
         key = (node, address, domain)
         with self._touch_lock:
-            if at > self._touches.get(key, -1.0):
+            if at > self._touches.get(key, -math.inf):
                 self._touches[key] = at
 
     def flush_touches(self) -> int:

@@ -442,15 +442,18 @@ class PoolState:
                 new.add(o)
         added, lifted = sorted(new - self._excluded), sorted(self._excluded - new)
         self._excluded = new
-        for o in added:
-            for node in sorted(self._nodes):
+        if added:
+            for node in sorted(self._nodes):  # one pass over nodes; each stops at its own cursor
                 n = self._nodes[node]
-                if o < n.cursor and n.owner[o] is not None:
-                    log.warning("pool: %s is held by a tailnet node: dropping its mapping for node %s (%s)",
-                                format_address(self.space.address(o)), node, n.owner[o])
-                    self._unmap(node, n, o, changes)
-                    if not n.by_domain:
-                        del self._nodes[node]
+                for o in added:
+                    if o >= n.cursor:
+                        break
+                    if n.owner[o] is not None:
+                        log.warning("pool: %s is held by a tailnet node: dropping its mapping for node %s (%s)",
+                                    format_address(self.space.address(o)), node, n.owner[o])
+                        self._unmap(node, n, o, changes)
+                if not n.by_domain:
+                    del self._nodes[node]
         for o in lifted:
             for n in self._nodes.values():
                 if o < n.cursor and n.owner[o] is None:

@@ -105,6 +105,7 @@ async def test_touches_are_coalesced_and_flushed_within_a_second() -> None:
         for t in (T0 + 5, T0 + 50, T0 + 20):
             pool.touch("n", a, "a", t)
         pool.touch("n", a, "wrong-domain", T0 + 99)
+        pool.touch("n", a, "a", "not a time")  # type: ignore[arg-type]  # dropped, never raises
         assert pool.status()["queued_touches"] == 2
         deadline = time.monotonic() + 3.0
         while pool.lookup("n", "a") != (a, T0 + 50):

@@ -298,6 +298,19 @@ def test_excluded_addresses_are_skipped_and_their_mappings_dropped() -> None:
     assert a == ip("100.64.1.1")
 
 
+def test_exclusions_drop_mappings_of_every_node_in_a_stable_order() -> None:
+    state = PoolState(["100.64.1.0/29"])
+    for node in ["z", "a", "m"]:
+        for d in ["x", "y", "w"]:
+            checkout(state, node, d)
+    changes = state.set_excluded([ip("100.64.1.3"), ip("100.64.1.1")], T0)
+    assert changes.removed == [(node, ip(a), d) for node in ["a", "m", "z"]
+                               for a, d in [("100.64.1.1", "x"), ("100.64.1.3", "w")]]
+    assert state.stats()["mappings"] == 3 and state.stats()["nodes"] == 3
+    state.set_excluded([ip("100.64.1.2"), ip("100.64.1.1"), ip("100.64.1.3")], T0)
+    assert state.stats()["nodes"] == 0  # nodes left without mappings are gone
+
+
 def test_excluding_everything_exhausts() -> None:
     state = PoolState(["100.64.1.0/30"])
     state.set_excluded([ip("100.64.1.1"), ip("100.64.1.2"), ip("100.64.1.3")], T0)
