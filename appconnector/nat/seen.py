@@ -6,8 +6,8 @@ Two sources, both read in bulk so the number of Raft entries depends on time, no
   every few seconds (its timeout is a little longer than the read interval, so it stays small);
 - a periodic conntrack dump of pool-bound entries (original destination in the pool): long flows
   show only their first packet to the NAT chains, so without this a day-long SSH session would let
-  its address look idle and be reassigned. The dump is read raw (netlink.py); deletes of a
-  reassigned address's entries go through pyroute2 with a kernel-side filter (few entries, rare).
+  its address look idle and be reassigned. The dump is read raw (netlink.py): pyroute2's conntrack
+  decoder costs ~1 ms per entry (DESIGN.md §5 suggested pyroute2 here; measured, it is too slow).
 
 :func:`touches` turns pairs into at most one ``replica.touch`` per (node, address) per round, and only
 when the replicated last-used is older than the refresh interval (so a busy mapping costs one mark
@@ -22,13 +22,10 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
-from pyroute2 import Conntrack
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
 from appconnector import metrics
 from appconnector.config import pool_networks
 from appconnector.nat import netlink
-from appconnector.nat.render import Key, ip_text
+from appconnector.nat.render import Key
 from appconnector.pool.api import Address, Replica
 
 
@@ -46,45 +43,49 @@ class PoolRanges:
 
 
 _CT_GET = (1 << 8) | 1            # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET
+_CT_DELETE = (1 << 8) | 2         # IPCTNL_MSG_CT_DELETE
 _CTA_TUPLE_ORIG, _CTA_TUPLE_IP = 1, 1
 _CTA_IP_V4_SRC, _CTA_IP_V4_DST = 1, 2
 _U32 = struct.Struct("!I")
+
+
+def _pool_bound(buf: bytes, start: int, end: int) -> tuple[int, int, tuple[int, int]] | None:
+    """(source, destination, bounds of the CTA_TUPLE_ORIG payload) of one conntrack dump message."""
+    find = netlink.find
+    orig = find(buf, start, end, _CTA_TUPLE_ORIG)
+    ips = orig and find(buf, orig[0], orig[1], _CTA_TUPLE_IP)
+    if not orig or not ips:
+        return None
+    src = find(buf, ips[0], ips[1], _CTA_IP_V4_SRC)
+    dst = find(buf, ips[0], ips[1], _CTA_IP_V4_DST)
+    if src is None or dst is None or dst[1] - dst[0] != 4 or src[1] - src[0] != 4:
+        return None
+    return _U32.unpack_from(buf, src[0])[0], _U32.unpack_from(buf, dst[0])[0], orig
 
 
 def conntrack_pairs(pool: PoolRanges) -> set[Key]:
     """(node IP, pool address) of every IPv4 conntrack entry whose original destination is in the pool.
     A raw netlink dump (see netlink.py: pyroute2's decoder costs ~1 ms per entry)."""
     pairs: set[Key] = set()
-    find = netlink.find
     for buf, start, end in netlink.dump(_CT_GET, socket.AF_INET):
-        orig = find(buf, start, end, _CTA_TUPLE_ORIG)
-        ips = orig and find(buf, orig[0], orig[1], _CTA_TUPLE_IP)
-        if not ips:
-            continue
-        src = find(buf, ips[0], ips[1], _CTA_IP_V4_SRC)
-        dst = find(buf, ips[0], ips[1], _CTA_IP_V4_DST)
-        if src is None or dst is None or dst[1] - dst[0] != 4 or src[1] - src[0] != 4:
-            continue
-        daddr = _U32.unpack_from(buf, dst[0])[0]
-        if daddr in pool:
-            pairs.add((_U32.unpack_from(buf, src[0])[0], daddr))
+        entry = _pool_bound(buf, start, end)
+        if entry is not None and entry[1] in pool:
+            pairs.add((entry[0], entry[1]))
     return pairs
 
 
 def conntrack_purge(pairs: Iterable[Key]) -> int:
-    """Delete conntrack entries whose original tuple is (node IP → pool address); returns how many."""
-    deleted = 0
-    with Conntrack() as ct:
-        for node_ip, address in pairs:
-            want = NFCTAttrTuple(family=socket.AF_INET, saddr=ip_text(node_ip), daddr=ip_text(address))
-            entries = list(ct.dump_entries(tuple_orig=want))
-            for entry in entries:
-                try:
-                    ct.delete(entry)
-                    deleted += 1
-                except OSError:  # gone meanwhile (NetlinkError is an OSError)
-                    pass
-    return deleted
+    """Delete conntrack entries whose original tuple goes from node IP to pool address, for each
+    (node IP, pool address) in ``pairs``; returns how many were deleted."""
+    wanted = set(pairs)
+    tuples: list[bytes] = []
+    for buf, start, end in netlink.dump(_CT_GET, socket.AF_INET):
+        entry = _pool_bound(buf, start, end)
+        if entry is not None and (entry[0], entry[1]) in wanted:
+            a, b = entry[2]
+            tuples.append(netlink.attr(_CTA_TUPLE_ORIG | netlink.NLA_F_NESTED, buf[a:b]))
+    errors = netlink.request_all(_CT_DELETE, socket.AF_INET, tuples)
+    return sum(1 for e in errors if e == 0)  # ENOENT: gone meanwhile
 
 
 def touches(pairs: Iterable[Key], node_for_ip: Callable[[int], str | None], replica: Replica,
