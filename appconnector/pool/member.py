@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
-from appconnector.pool.api import PoolError
+from appconnector.pool.api import Changes, PoolError, PoolReader
 from appconnector.pool.engine import RaftTuning, StateError
 from appconnector.pool.replica import RaftReplica
 
@@ -69,11 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class CountingObserver:
+    """Counts what the replica tells its observers (the NAT mirror's view), for status."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+        self.changes = 0
+        self.mappings_at_last_reset = 0
+
+    def on_changes(self, changes: Changes) -> None:
+        self.changes += 1
+
+    def on_reset(self, reader: PoolReader) -> None:
+        self.resets += 1
+        self.mappings_at_last_reset = sum(1 for _ in reader.mappings())
+
+
 class Member:
     """The command handlers around one replica."""
 
     def __init__(self, replica: RaftReplica) -> None:
         self.replica = replica
+        self.observer = CountingObserver()
+        replica.add_observer(self.observer)
         self.stopping = asyncio.Event()
         self.acked: list[tuple[str, str, int]] = []  # every checkout `load` got an answer for
 
@@ -120,6 +138,8 @@ class Member:
         if req.get("digest"):  # O(state): only when asked
             status["digest"] = self.replica.digest()
         status["mapping_count"] = self.replica.stats()["mappings"]
+        status["observer"] = {"resets": self.observer.resets, "changes": self.observer.changes,
+                              "mappings_at_last_reset": self.observer.mappings_at_last_reset}
         status["pid"] = os.getpid()
         return {"status": status}
 

@@ -320,3 +320,22 @@ def test_a_journal_left_untrimmed_by_an_interrupted_compaction_keeps_later_entri
         assert m.call("lookup", node=node, domain=domain)["address"] == address
     assert "compaction interrupted" in m.log_text()
     assert m.stop() == 0
+
+
+def test_a_member_behind_the_compacted_log_catches_up_by_snapshot(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory(extra=("--compact-every", "30")).start()
+    leader = c.wait_leader()
+    lagging = c.followers()[0]
+    lagging.kill()
+    acked = leader.call("load", count=400, concurrency=4, node_prefix="s", domain_prefix="s")["acked"]
+    _wait(lambda: leader.status()["log_length"] < 100, 20, "the leader to compact its log")
+    own = next(p for p in (c.root / "state").glob("raft-*") if p.name.endswith(lagging.self_address.split(":")[1]))
+    assert not (own / "dump").exists()  # so a state replacement after the restart is the leader's snapshot
+    back = c.spawn(lagging.self_address)
+    back.wait_ready()
+    c.converged(timeout=30)
+    for node, domain, address in acked[::20]:
+        assert back.call("lookup", node=node, domain=domain)["address"] == address
+    # The snapshot replaced its state wholesale: observers (the NAT mirror) were told to rebuild.
+    observer = back.status()["observer"]
+    assert observer["resets"] >= 2 and observer["mappings_at_last_reset"] > len(acked) // 2
