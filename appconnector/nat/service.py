@@ -106,7 +106,9 @@ class NatService:
         metrics.NAT_ENABLED.set(1 if self.enabled else 0)
 
     async def stop(self) -> None:
-        """Stop reading, remove our table and the DNS route. Later pool changes are ignored."""
+        """Stop reading, remove our table and the DNS route. Later pool changes are ignored. Idempotent."""
+        if self._stopped:
+            return
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
