@@ -210,3 +210,35 @@ def test_reset_and_incremental_changes_agree() -> None:
     fresh.set_node_ips({"stableA": ["100.101.1.1", "100.101.1.2"], "stableB": ["100.101.1.3"]})
     assert fresh.reset(views, targets) == live.elements() == installed
     assert len(installed) == 39 * 3 + 3 * 3
+
+
+def test_netlink_decoders_read_keys_and_tuples() -> None:
+    """The raw dump decoders, on messages laid out as the kernel sends them."""
+    import struct
+
+    from appconnector.nat import netlink, nftables, seen
+
+    nested = netlink.NLA_F_NESTED
+
+    def elem(key: bytes) -> bytes:
+        inner = (netlink.attr(1 | nested, netlink.attr(1, key))       # NFTA_SET_ELEM_KEY / DATA_VALUE
+                 + netlink.attr(4, struct.pack("!Q", 15000))          # TIMEOUT
+                 + netlink.attr(5, struct.pack("!Q", 9000)))          # EXPIRATION
+        return netlink.attr(1 | nested, inner)                        # NFTA_LIST_ELEM
+
+    k1, k2 = struct.pack("!II", ip(N1), P1), struct.pack("!II", ip(N2), P2)
+    msg = (netlink.attr(1, b"appconnector\0") + netlink.attr(2, b"seen\0")
+           + netlink.attr(3 | nested, elem(k1) + elem(k2)))
+    keys: list[bytes] = []
+    nftables._collect_keys(msg, 0, len(msg), keys)
+    assert keys == [k1, k2]
+
+    ip_attrs = netlink.attr(1, struct.pack("!I", ip(N1))) + netlink.attr(2, struct.pack("!I", P1))
+    proto = netlink.attr(1, b"\x11") + netlink.attr(2, struct.pack("!H", 4000)) + netlink.attr(3, struct.pack("!H", 53))
+    tuple_orig = netlink.attr(1 | nested, ip_attrs) + netlink.attr(2 | nested, proto)
+    ct = netlink.attr(1 | nested, tuple_orig) + netlink.attr(3, struct.pack("!I", 0))
+    found = seen._pool_bound(ct, 0, len(ct))
+    assert found is not None and found[:2] == (ip(N1), P1)
+    a, b = found[2]
+    assert ct[a:b] == tuple_orig, "the original tuple is sent back verbatim to delete the entry"
+    assert seen._pool_bound(netlink.attr(3, b"\0\0\0\0"), 0, 8) is None
