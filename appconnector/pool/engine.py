@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pysyncobj
-from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 
@@ -63,6 +63,10 @@ ResultCallback = Callable[[Any, int], None]
 
 class StateError(RuntimeError):
     """The state directory cannot be used (corrupt dump, journal or meta file). The message names it."""
+
+
+class BindError(RuntimeError):
+    """The Raft port could not be bound (in use, or not an address of this machine)."""
 
 
 class StateMachine(Protocol):
@@ -381,7 +385,13 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             dynamicMembershipChange=dynamic_membership,
             onStateChanged=(lambda old, new: on_leader_change()) if on_leader_change else None,
         )
-        super().__init__(self_address, list(partners), conf, consumers=[consumer])
+        try:
+            super().__init__(self_address, list(partners), conf, consumers=[consumer])
+        except SyncObjException as e:
+            if e.errorCode == "BindError":
+                raise BindError(f"cannot listen for Raft on {bind_address or self_address}: the port is in use "
+                                "or the address is not one of this machine's") from None
+            raise
         for name in _PRIVATE:
             if not hasattr(self, name):
                 raise RuntimeError(f"pysyncobj internals changed ({name} missing): the journal guard cannot run")

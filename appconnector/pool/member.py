@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolError, PoolReader
-from appconnector.pool.engine import RaftTuning, StateError
+from appconnector.pool.engine import BindError, RaftTuning, StateError
 from appconnector.pool.replica import RaftReplica
 
 log = logging.getLogger("appconnector.pool.member")
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'defaults': pysyncobj's own timing (benchmark reference)")
     p.add_argument("--compact-every", type=int, default=None,
                    help="log compaction (full dump) after this many entries (default 5000)")
+    p.add_argument("--dynamic-membership", action="store_true",
+                   help="members change through Raft (add_member/remove_member); the stored list wins")
     p.add_argument("--write-deadline", type=float, default=15.0,
                    help="seconds before a write that was not committed fails with ReplicaUnavailable")
     p.add_argument("--no-guard", action="store_true",
@@ -123,6 +125,14 @@ class Member:
 
     async def op_forget(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.replica.forget(list(req["nodes"]))
+        return {}
+
+    async def op_add_member(self, req: dict[str, Any]) -> dict[str, Any]:
+        await self.replica.add_member(req["member"])
+        return {}
+
+    async def op_remove_member(self, req: dict[str, Any]) -> dict[str, Any]:
+        await self.replica.remove_member(req["member"])
         return {}
 
     async def op_lookup(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -266,12 +276,13 @@ async def run(args: argparse.Namespace) -> int:
 
     try:
         replica = RaftReplica(cfg, args.self_address, list(args.partner), secret, bind_address=args.bind,
-                              tuning=tuning, guard=not args.no_guard, write_deadline=args.write_deadline)
+                              tuning=tuning, guard=not args.no_guard, write_deadline=args.write_deadline,
+                              dynamic_membership=args.dynamic_membership)
         await replica.start()
-    except (StateError, ConfigError) as e:
+    except (StateError, ConfigError, BindError) as e:
         log.error("refusing to start: %s", e)
         write(json.dumps({"event": "error", "error": type(e).__name__, "message": str(e)}))
-        return 2
+        return 1 if isinstance(e, BindError) else 2
     member = Member(replica)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

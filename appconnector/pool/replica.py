@@ -46,6 +46,7 @@ from appconnector.pool.api import (
     Targets,
 )
 from appconnector.pool.engine import (
+    BindError,
     PoolConsumer,
     PoolSyncObj,
     RaftTuning,
@@ -479,6 +480,58 @@ class RaftReplica:
         with self._state_lock():
             return self._pool().digest()
 
+    # ---- membership ---------------------------------------------------------------------------------
+
+    async def add_member(self, address: str) -> None:
+        """Add a member through Raft (dynamic membership only); start it with the current members as
+        partners. One change at a time: pysyncobj refuses a second until the first is applied."""
+        await self._change_members("add", address)
+
+    async def remove_member(self, address: str) -> None:
+        """Remove a member through Raft (dynamic membership only). Not this member itself."""
+        if address == self.self_address:
+            raise ValueError("a member cannot remove itself: ask another member")
+        await self._change_members("remove", address)
+
+    async def _change_members(self, action: str, address: str) -> None:
+        engine = self._check_open()
+        if not self._dynamic:
+            raise PoolError("static membership: the members are cluster.peers; change them on every member")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def done(result: object, err: int) -> None:
+            loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_result(err))
+
+        def run() -> None:
+            try:
+                change = engine.addNodeToCluster if action == "add" else engine.removeNodeFromCluster
+                change(address, callback=done)
+            except Exception as e:
+                log.exception("raft: %s %s failed", action, address)
+                error = ReplicaUnavailable(f"{action} {address}: {e}")
+                loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_exception(error))
+
+        engine.call_on_tick(run)
+        try:
+            err = await asyncio.wait_for(fut, self._write_deadline)
+        except TimeoutError:
+            raise ReplicaUnavailable(f"{action} {address}: not committed within {self._write_deadline:g}s") from None
+        if err != 0:
+            raise ReplicaUnavailable(f"{action} {address}: refused by Raft (pysyncobj reason {err}: no leader, "
+                                     "or another membership change is still in progress)")
+        log.warning("raft: member %s %s", address, "added" if action == "add" else "removed")
+
+    def members(self) -> list[str]:
+        """This member and the partners it currently knows (the stored membership when dynamic)."""
+        engine = self._engine
+        if engine is None:
+            return sorted([self.self_address, *self.partners])
+        raw = engine.status()
+        others = [k.removeprefix("partner_node_status_server_") for k in raw
+                  if k.startswith("partner_node_status_server_")]
+        return sorted([self.self_address, *(others if raw else self.partners)])
+
     # ---- observers, status ----------------------------------------------------------------------------
 
     def add_observer(self, observer: PoolObserver) -> None:
@@ -507,7 +560,8 @@ class RaftReplica:
             "applied_index": engine.raftLastApplied,
             "leader_commit_index": raw.get("leader_commit_idx"),
             "log_length": raw.get("log_len"),
-            "members": sorted([self.self_address, *self.partners]),
+            "self": self.self_address,
+            "members": self.members(),
             "connected": sorted(k.removeprefix("partner_node_status_server_") for k, v in raw.items()
                                 if k.startswith("partner_node_status_server_") and v == 2),
             "queued_touches": queued,
@@ -526,4 +580,4 @@ def _conforms(replica: RaftReplica) -> Replica:
     return replica  # mypy checks here that RaftReplica implements the Replica protocol
 
 
-__all__ = ["RaftReplica", "RaftTuning", "StateError"]
+__all__ = ["BindError", "RaftReplica", "RaftTuning", "StateError"]

@@ -339,3 +339,25 @@ def test_a_member_behind_the_compacted_log_catches_up_by_snapshot(cluster_factor
     # The snapshot replaced its state wholesale: observers (the NAT mirror) were told to rebuild.
     observer = back.status()["observer"]
     assert observer["resets"] >= 2 and observer["mappings_at_last_reset"] > len(acked) // 2
+
+
+def test_dynamic_membership_removes_a_member_through_raft(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory(extra=("--dynamic-membership",)).start()
+    leader = c.wait_leader()
+    gone = c.followers()[0]
+    with pytest.raises(MemberError):  # a member cannot remove itself
+        leader.call("remove_member", member=leader.self_address)
+    leader.call("remove_member", member=gone.self_address, timeout=20)
+    gone.kill()
+    rest = sorted(a for a in c.addrs if a != gone.self_address)
+    _wait(lambda: all(m.status()["members"] == rest for m in c.live()), 10, "both members to drop it")
+    # Two members are now the whole cluster: they commit without the removed one.
+    follower = next(m for m in c.live() if m is not leader)
+    assert follower.call("checkout", node="n", domain="after.example", targets=[1], ttl=60)["address"]
+
+
+def test_static_membership_refuses_changes(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory().start()
+    with pytest.raises(MemberError) as err:
+        c.wait_leader().call("remove_member", member=c.followers()[0].self_address)
+    assert "static membership" in err.value.response["message"]

@@ -6,6 +6,7 @@ Multi-member behaviour (followers, elections, kills, secrets) is in test_cluster
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.member import free_ports
-from appconnector.pool.replica import RaftReplica
+from appconnector.pool.replica import BindError, RaftReplica
 
 
 class Recorder:
@@ -108,3 +109,17 @@ def test_pool_exhausted_reaches_the_caller(tmp_path: Path) -> None:
         await r.stop()
 
     asyncio.run(run())
+
+
+def test_a_busy_raft_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+
+        async def run() -> None:
+            r = RaftReplica(_cfg(tmp_path), addr, [], None)
+            with pytest.raises(BindError, match=r"cannot listen for Raft on 127\.0\.0\.1"):
+                await r.start()
+
+        asyncio.run(run())
