@@ -149,6 +149,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.log: list[tuple[Any, ...]] = []
         self.now = 10_000.0
+        self.last_checkout: tuple[Any, ...] | None = None
 
     @initialize(pool=st.sampled_from(POOLS))
     def start(self, pool: list[str]) -> None:
@@ -174,6 +175,7 @@ class PoolMachine(RuleBasedStateMachine):
         now = self.advance(step)
         deadline = now - reuse
         before = {(m.node, m.address): (m.domain, m.last_used) for m in self.state.mappings()}
+        skewed = self.state.clock_skew_events
         result = self.run(("checkout_batch", tuple((n, d, t, 60.0) for n, d, t in requests), now, deadline))
         assert isinstance(result, list)
         assert same_results(result, self.ref.checkout(requests, now, deadline)), (result, requests)
@@ -182,6 +184,25 @@ class PoolMachine(RuleBasedStateMachine):
             old = before.get((m.node, m.address))
             if old is not None and old[0] != m.domain:
                 assert old[1] < deadline, (m, old, deadline)
+        clamped = self.state.clock_skew_events != skewed
+        self.last_checkout = (requests, now, deadline, result, len(self.log), clamped)
+
+    @precondition(lambda self: self.last_checkout is not None and self.last_checkout[4] == len(self.log))
+    @rule()
+    def retry_last_checkout(self) -> None:
+        # pysyncobj may report an applied write as failed; the proposer's retry right after it
+        # must give the same answers (idempotent) and, without clock skew, leave the state as it was
+        # (a clamped time may move on by another five minutes on the retry).
+        requests, now, deadline, first, _, clamped = self.last_checkout
+        before = self.state.to_bytes()
+        skewed = self.state.clock_skew_events
+        result = self.run(("checkout_batch", tuple((n, d, t, 60.0) for n, d, t in requests), now, deadline))
+        assert isinstance(result, list)
+        assert same_results(result, first)
+        assert same_results(result, self.ref.checkout(requests, now, deadline))
+        if not clamped and self.state.clock_skew_events == skewed:
+            assert self.state.to_bytes() == before
+        self.last_checkout = (requests, now, deadline, first, len(self.log), clamped)
 
     @rule(data=st.data(), step=st.sampled_from([0, 1, 20, -30, 2000]))
     def touch(self, data: st.DataObject, step: int) -> None:
