@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -469,3 +472,45 @@ def test_stats() -> None:
     assert s["nodes"] == 3 and s["pool_size"] == 19 and s["excluded"] == 1
     assert s["mappings"] == 6 + 7 + 8 - 3  # the exclusion dropped one mapping per node
     assert s["max_node_use"] == 7 and s["high_water"] == T0 + 31
+
+
+REPLAY_SCRIPT = """
+import random, sys
+from appconnector.pool.state import PoolState
+rng = random.Random(7)
+state = PoolState(["100.64.1.0/27", "100.64.3.0/28"])
+nodes = [f"node-{i}" for i in range(6)]
+domains = [f"d{i}.example" for i in range(40)]
+base = 0x64400100
+now = 1_700_000_000.0
+for step in range(3000):
+    now += rng.choice([0, 1, 5, 60])
+    kind = rng.random()
+    if kind < 0.6:
+        reqs = tuple((rng.choice(nodes), rng.choice(domains), (rng.randrange(1, 9),), 30.0) for _ in range(3))
+        state.apply(("checkout_batch", reqs, now, now - 120))
+    elif kind < 0.85:
+        state.apply(("touch_batch", tuple((rng.choice(nodes), base + rng.randrange(40), rng.choice(domains), now)
+                                          for _ in range(4))))
+    elif kind < 0.9:
+        state.apply(("set_targets", rng.choice(domains), (rng.randrange(1, 9),), 30.0, now))
+    elif kind < 0.95:
+        state.apply(("set_excluded", tuple(base + rng.randrange(40) for _ in range(rng.randrange(3))), now))
+    else:
+        state.apply(("forget", (rng.choice(nodes),), now))
+print(state.digest(), state.stats()["mappings"])
+"""
+
+
+def test_replicas_with_different_hash_seeds_reach_the_same_bytes() -> None:
+    # every replica is its own process with its own PYTHONHASHSEED: set and dict internals differ, the
+    # state must not
+    outputs = set()
+    for seed in ("1", "2", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", REPLAY_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=120, check=True)
+        outputs.add(proc.stdout.strip())
+    assert len(outputs) == 1, outputs
+    digest, mappings = outputs.pop().split()
+    assert len(digest) == 64 and int(mappings) > 50
