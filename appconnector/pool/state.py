@@ -138,13 +138,14 @@ def _text(value: object) -> str | None:
 class _Node:
     """One node's mappings. ``owner[o]`` is the domain at offset ``o`` (None: free or reserved)."""
 
-    __slots__ = ("by_domain", "free", "lru", "owner", "used")
+    __slots__ = ("by_domain", "free", "lru", "owner")
 
     def __init__(self) -> None:
-        self.by_domain: dict[str, int] = {}  # domain → offset
+        # domain → _lru_key(last_used, offset): the key carries both, and the same int object sits in
+        # lru, so a mapping costs one int besides its dict slot, list slot and sorted-list slot
+        self.by_domain: dict[str, int] = {}
         self.owner: list[str | None] = [None]  # offset → domain; index 0 is the DNS address
-        self.used: array[float] = array("d", [0.0])  # offset → last used
-        self.lru: SortedList = SortedList()  # _lru_key(last_used, offset) of every mapping
+        self.lru: SortedList = SortedList()  # every mapping's key, oldest use first
         self.free: list[int] = []  # heap: offsets below len(owner) that are free (lazy: re-checked on pop)
 
     @property
@@ -290,11 +291,11 @@ class PoolState:
             counts[_ERROR] += 1
             return InvalidCommand(f"checkout request has bad fields: {_describe(req)}")
         n = self._nodes.get(node)
-        offset = n.by_domain.get(domain) if n is not None else None
-        if n is not None and offset is not None:
+        key = n.by_domain.get(domain) if n is not None else None
+        if n is not None and key is not None:
             counts[_HIT] += 1
-            self._mark_used(n, offset, now)
-            address = self.space.address(offset)
+            self._mark_used(n, domain, key, now)
+            address = self.space.address(key & _OFFSET_MASK)
         else:
             if n is None:
                 n = _Node()
@@ -320,21 +321,20 @@ class PoolState:
             o = heapq.heappop(n.free)
             if n.owner[o] is None and o not in self._excluded:
                 return o
-        excluded, owner, used, size = self._excluded, n.owner, n.used, self.space.size
+        excluded, owner, size = self._excluded, n.owner, self.space.size
         while len(owner) < size:
             o = len(owner)
             owner.append(None)
-            used.append(0.0)
             if o not in excluded:
                 return o
         return None
 
     def _take_expired(self, n: _Node, deadline: float, node: str, changes: Changes) -> int | None:
         """Unmap and return the node's least recently used offset if its last use is before deadline."""
-        if not n.lru:
+        if not n.lru or not deadline > 0.0:  # times are >= 0: nothing is used before a deadline <= 0
             return None
         key = n.lru[0]
-        if not _key_time(key) < deadline:
+        if not key < _lru_key(deadline, 0):  # same order as last_used < deadline
             return None
         offset: int = key & _OFFSET_MASK
         self._unmap(node, n, offset, changes)
@@ -342,10 +342,10 @@ class PoolState:
 
     def _map(self, node: str, n: _Node, offset: int, domain: str, now: float, changes: Changes) -> int:
         """Record the mapping; returns its address."""
+        key = _lru_key(now, offset)
         n.owner[offset] = domain
-        n.used[offset] = now
-        n.by_domain[domain] = offset
-        n.lru.add(_lru_key(now, offset))
+        n.by_domain[domain] = key
+        n.lru.add(key)
         self._domain_refs[domain] = self._domain_refs.get(domain, 0) + 1
         self._mappings += 1
         address = self.space.address(offset)
@@ -357,10 +357,8 @@ class PoolState:
         decide: a reused offset is taken at once, an excluded one must not be handed out)."""
         domain = n.owner[offset]
         assert domain is not None
-        n.lru.remove(_lru_key(n.used[offset], offset))
-        del n.by_domain[domain]
+        n.lru.remove(n.by_domain.pop(domain))
         n.owner[offset] = None
-        n.used[offset] = 0.0
         self._mappings -= 1
         refs = self._domain_refs[domain] - 1
         if refs:
@@ -371,12 +369,12 @@ class PoolState:
                 changes.targets[domain] = ()  # nobody maps it any more: its targets go too
         changes.removed.append((node, self.space.address(offset), domain))
 
-    def _mark_used(self, n: _Node, offset: int, at: float) -> None:
-        old = n.used[offset]
-        if at > old:
-            n.lru.remove(_lru_key(old, offset))
-            n.used[offset] = at
-            n.lru.add(_lru_key(at, offset))
+    def _mark_used(self, n: _Node, domain: str, key: int, at: float) -> None:
+        new = _lru_key(at, key & _OFFSET_MASK)
+        if new > key:  # same offset, so the keys order like the times: only a newer time counts
+            n.lru.remove(key)
+            n.lru.add(new)
+            n.by_domain[domain] = new
 
     # ---- other commands ---------------------------------------------------------------------------------
 
@@ -397,7 +395,7 @@ class PoolState:
             offset = self.space.offset(address) if n is not None else None
             if n is None or offset is None or offset >= n.cursor or n.owner[offset] != domain:
                 continue  # unknown, reassigned or never mapped: nothing to mark
-            self._mark_used(n, offset, admitted[0])
+            self._mark_used(n, domain, n.by_domain[domain], admitted[0])
         if bad:
             log.warning("pool: touch_batch skipped %d malformed entries", bad)
 
@@ -426,7 +424,7 @@ class PoolState:
             if n is None:
                 continue
             count = len(n.by_domain)
-            for offset in sorted(n.by_domain.values()):
+            for offset in sorted(key & _OFFSET_MASK for key in n.by_domain.values()):
                 self._unmap(node, n, offset, changes)
             log.info("pool: forgot node %s (%d mappings)", node, count)
 
@@ -466,10 +464,10 @@ class PoolState:
 
     def lookup(self, node: str, domain: str) -> tuple[Address, float] | None:
         n = self._nodes.get(node)
-        offset = n.by_domain.get(domain) if n is not None else None
-        if n is None or offset is None:
+        key = n.by_domain.get(domain) if n is not None else None
+        if key is None:
             return None
-        return self.space.address(offset), n.used[offset]
+        return self.space.address(key & _OFFSET_MASK), _key_time(key)
 
     def domain_for(self, node: str, address: Address) -> str | None:
         n = self._nodes.get(node)
@@ -492,8 +490,8 @@ class PoolState:
 
     def mappings(self) -> Iterator[MappingView]:
         for node, n in self._nodes.items():
-            for domain, offset in n.by_domain.items():
-                yield MappingView(node, domain, self.space.address(offset), n.used[offset])
+            for domain, key in n.by_domain.items():
+                yield MappingView(node, domain, self.space.address(key & _OFFSET_MASK), _key_time(key))
 
     def excluded(self) -> list[Address]:
         return [self.space.address(o) for o in sorted(self._excluded)]
@@ -551,19 +549,20 @@ class PoolState:
         out += _U32.pack(len(self._nodes))
         for node in sorted(self._nodes):
             n = self._nodes[node]
-            owner, used = n.owner, n.used
+            owner = n.owner
             name = node.encode("utf-8", "surrogatepass")
             out += _NODE_HEAD.pack(len(name), len(n.by_domain))
             out += name
-            if len(n.by_domain) == len(owner) - 1:  # dense (the usual case): whole arrays at C speed
-                out += _le(array("I", range(1, len(owner)))).tobytes()
-                out += _le(array("I", map(index.__getitem__, owner[1:]))).tobytes()  # type: ignore[arg-type]
-                out += _le(used[1:]).tobytes()
+            if len(n.by_domain) == len(owner) - 1:  # dense (the usual case): no gaps to skip
+                offsets: Sequence[int] = range(1, len(owner))
+                domains_here: list[str] = owner[1:]  # type: ignore[assignment]
             else:
                 offsets = [o for o, d in enumerate(owner) if d is not None]
-                out += _le(array("I", offsets)).tobytes()
-                out += _le(array("I", [index[owner[o]] for o in offsets])).tobytes()  # type: ignore[index]
-                out += _le(array("d", [used[o] for o in offsets])).tobytes()
+                domains_here = [owner[o] for o in offsets]  # type: ignore[misc]
+            out += _le(array("I", offsets)).tobytes()
+            out += _le(array("I", map(index.__getitem__, domains_here))).tobytes()
+            # last-used times: the keys' upper bits are the IEEE doubles, written as such
+            out += _le(array("Q", [k >> _OFFSET_BITS for k in map(n.by_domain.__getitem__, domains_here)])).tobytes()
         out += hashlib.sha256(out).digest()
         return bytes(out)
 
@@ -589,19 +588,16 @@ class PoolState:
         top = offsets[-1]
         if top == len(offsets):  # dense (the usual case): offsets are exactly 1..top
             owner: list[str | None] = [None, *domains]
-            times = array("d", [0.0])
-            times.extend(used)
         else:
             owner = [None] * (top + 1)
-            times = array("d", bytes(8 * (top + 1)))
-            for o, d, t in zip(offsets, domains, used, strict=True):
+            for o, d in zip(offsets, domains, strict=True):
                 owner[o] = d
-                times[o] = t
             excluded = self._excluded
             n.free = [o for o in range(1, top) if owner[o] is None and o not in excluded]  # ascending: a heap
-        n.owner, n.used = owner, times
-        n.by_domain = dict(zip(domains, offsets, strict=True))
-        n.lru = SortedList([(b << _OFFSET_BITS) | o for b, o in zip(_time_bits(used), offsets, strict=True)])
+        keys = [(b << _OFFSET_BITS) | o for b, o in zip(_time_bits(used), offsets, strict=True)]
+        n.owner = owner
+        n.by_domain = dict(zip(domains, keys, strict=True))
+        n.lru = SortedList(keys)
         self._nodes[node] = n
         self._domain_refs.update(domains)  # Counter: counts in C
         self._mappings += len(offsets)
