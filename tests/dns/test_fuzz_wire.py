@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,8 @@ from tests.dns.fuzz_wire import SEEDS, check, main, make_fast_path
 
 LONG = os.environ.get("APPCONNECTOR_LONG") == "1"
 FAST = make_fast_path()
+# the long run takes many minutes on a shared machine: lift pytest-timeout's 300 s for it
+pytestmark = pytest.mark.timeout(3600 if LONG else 300)
 
 
 @settings(max_examples=200_000 if LONG else 1500, deadline=None, suppress_health_check=list(HealthCheck))
