@@ -135,10 +135,12 @@ class AnswerPolicy:
 
     # ---- records ------------------------------------------------------------------------------------
 
-    def soa(self, ttl: int | None = None) -> bytes:
+    def soa(self, ttl: int | None = None, owner: bytes | None = None) -> bytes:
         """The SOA we synthesise for any name; its minimum (and TTL) is the negative-caching TTL."""
         t = self.ttl if ttl is None else ttl
-        return wire.rr_soa(_NS_WIRE, _HOSTMASTER_WIRE, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, t, t)
+        if owner is None:
+            return wire.rr_soa(_NS_WIRE, _HOSTMASTER_WIRE, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, t, t)
+        return wire.rr_soa(_NS_WIRE, _HOSTMASTER_WIRE, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, t, t, owner)
 
     def local(self, qtype: int) -> Reply:
         """Types answered locally for any name: SOA and NS synthesised, others NODATA."""
@@ -152,9 +154,10 @@ class AnswerPolicy:
         """NOERROR, no answer, our SOA in authority (RFC 2308 §2.2)."""
         return Reply(wire.NOERROR, (), (self.soa(self._neg(negative_ttl)),))
 
-    def nxdomain(self, negative_ttl: int | None = None) -> Reply:
-        """NXDOMAIN with our SOA in authority (RFC 2308 §2.1)."""
-        return Reply(wire.NXDOMAIN, (), (self.soa(self._neg(negative_ttl)),))
+    def nxdomain(self, qname: bytes, negative_ttl: int | None = None) -> Reply:
+        """NXDOMAIN with our SOA in authority (RFC 2308 §2.1), owned by the parent of ``qname`` (the
+        question's wire name): a SOA at the name itself would say the name exists."""
+        return Reply(wire.NXDOMAIN, (), (self.soa(self._neg(negative_ttl), wire.parent_owner(qname)),))
 
     def _neg(self, negative_ttl: int | None) -> int:
         return self.ttl if negative_ttl is None else min(self.ttl, negative_ttl)

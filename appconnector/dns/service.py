@@ -216,7 +216,7 @@ class DnsService:
                     domain, ", ".join(res.addresses))
                 return Reply(wire.SERVFAIL), False
             if action is Action.NXDOMAIN:
-                return self.policy.nxdomain(res.ttl), False
+                return self.policy.nxdomain(q.qname, res.ttl), False
             if action is Action.NODATA:
                 return self.policy.nodata(res.ttl), False
             if action is Action.PASS_THROUGH:

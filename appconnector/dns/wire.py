@@ -222,10 +222,19 @@ def rr_ns(target: bytes, ttl: int) -> bytes:
 
 
 def rr_soa(mname: bytes, rname: bytes, serial: int, refresh: int, retry: int, expire: int,
-           minimum: int, ttl: int) -> bytes:
-    """A SOA record owned by the question name; names are wire names."""
+           minimum: int, ttl: int, owner: bytes = _OWNER_PTR) -> bytes:
+    """A SOA record owned by the question name (or ``owner``, see :func:`parent_owner`)."""
     rdata = mname + rname + struct.pack("!5I", serial, refresh, retry, expire, minimum)
-    return _OWNER_PTR + struct.pack("!HHIH", TYPE_SOA, CLASS_IN, ttl, len(rdata)) + rdata
+    return owner + struct.pack("!HHIH", TYPE_SOA, CLASS_IN, ttl, len(rdata)) + rdata
+
+
+def parent_owner(qname: bytes) -> bytes:
+    """An owner name for the question's parent: a pointer to its second label, or the root for a
+    single-label name. An NXDOMAIN's SOA belongs above the name that does not exist."""
+    if not qname or qname[0] == 0 or qname[1 + qname[0]] == 0:
+        return b"\x00"
+    offset = HEADER_LEN + 1 + qname[0]
+    return bytes((0xC0 | offset >> 8, offset & 0xFF))
 
 
 def opt_record(do: bool, ext_rcode: int = 0) -> bytes:

@@ -88,8 +88,11 @@ def check(data: bytes, fast: FastPath) -> None:
         early = POLICY.precheck(query)
         rcode = early.rcode if early is not None else wire.NOERROR
         raw = wire.encode_response(query, rcode, (), (POLICY.soa(),), udp_limit=wire.udp_limit(query))
+        nx = POLICY.nxdomain(query.qname) if query.question else None
         try:
             dns.message.from_wire(raw, question_only=False)
+            if nx is not None:
+                dns.message.from_wire(wire.encode_response(query, nx.rcode, nx.answers, nx.authority))
         except dns.exception.DNSException as e:
             # dnspython refuses some question types in a response (e.g. OPT or meta types as the
             # question); those are not ours to fix, anything else is.

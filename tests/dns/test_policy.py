@@ -50,11 +50,20 @@ def test_precheck_order_and_rcodes() -> None:
 def test_negative_answers_carry_soa_with_the_smaller_ttl() -> None:
     policy = AnswerPolicy(ttl=120)
     q = _q()
-    for reply, rcode in ((policy.nxdomain(30), dns.rcode.NXDOMAIN), (policy.nodata(600), dns.rcode.NOERROR)):
+    for reply, rcode in ((policy.nxdomain(q.qname, 30), dns.rcode.NXDOMAIN), (policy.nodata(600), dns.rcode.NOERROR)):
         m = dns.message.from_wire(wire.encode_response(q, reply.rcode, reply.answers, reply.authority))
         assert m.rcode() == rcode and not m.answer
         soa = m.authority[0]
         assert soa.rdtype == dns.rdatatype.SOA and soa.ttl == soa[0].minimum == (30 if rcode else 120)
+        # NXDOMAIN: the SOA sits above the missing name; NODATA: at the (existing) name
+        assert str(soa.name) == ("example." if rcode else "app.example.")
+
+
+def test_nxdomain_soa_of_a_single_label_name_is_the_root() -> None:
+    q = wire.parse_query(dns.message.make_query("localhost", "A").to_wire())
+    reply = AnswerPolicy(ttl=120).nxdomain(q.qname, 30)
+    m = dns.message.from_wire(wire.encode_response(q, reply.rcode, reply.answers, reply.authority))
+    assert str(m.authority[0].name) == "."
 
 
 def test_real_records_never_nxdomain_for_aaaa_of_a_name_with_a() -> None:
