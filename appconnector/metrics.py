@@ -48,6 +48,8 @@ POOL_TOUCHES = Counter("appconnector_pool_touches", "Last-used marks sent throug
 POOL_TOUCH_BATCHES = Counter("appconnector_pool_touch_batches", "touch_batch commands proposed", registry=REGISTRY)
 POOL_CLOCK_SKEW = Counter("appconnector_pool_clock_skew", "Commands applied with the high-water time (skewed)",
                           registry=REGISTRY)
+POOL_INVALID_COMMANDS = Counter("appconnector_pool_invalid_commands",
+                                "Pool commands or entries ignored as malformed (nothing changed)", registry=REGISTRY)
 RAFT_ROLE = Gauge("appconnector_raft_leader", "1 when this member is the Raft leader", registry=REGISTRY)
 RAFT_TERM = Gauge("appconnector_raft_term", "Current Raft term", registry=REGISTRY)
 RAFT_COMMIT_LAG = Gauge("appconnector_raft_commit_lag", "Leader commit index minus local applied index",

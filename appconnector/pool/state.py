@@ -193,11 +193,13 @@ class PoolState:
             else:
                 raise InvalidCommand(f"unknown pool command {name!r}")
         except InvalidCommand as e:
+            metrics.POOL_INVALID_COMMANDS.inc()
             log.warning("pool: ignored command: %s", e)
             return e, changes
         except (TypeError, ValueError, IndexError, KeyError) as e:
             # Unpacking a malformed tuple; no state was touched before the shape was known.
             err = InvalidCommand(f"malformed pool command {_describe(command)}: {e}")
+            metrics.POOL_INVALID_COMMANDS.inc()
             log.warning("pool: ignored command: %s", err)
             return err, changes
         return None, changes
@@ -279,6 +281,10 @@ class PoolState:
                 _CHECKOUT_COUNTERS[i].inc(n)
         if counts[_EXHAUSTED]:
             metrics.POOL_EXHAUSTED.inc(counts[_EXHAUSTED])
+        if counts[_ERROR]:
+            metrics.POOL_INVALID_COMMANDS.inc(counts[_ERROR])
+            log.warning("pool: checkout_batch refused %d malformed requests (first: %s)", counts[_ERROR],
+                        next(r for r in results if isinstance(r, InvalidCommand)))
         return results
 
     def _checkout_one(self, req: object, now: float, deadline: float, changes: Changes,
@@ -397,6 +403,7 @@ class PoolState:
                 continue  # unknown, reassigned or never mapped: nothing to mark
             self._mark_used(n, domain, n.by_domain[domain], admitted[0])
         if bad:
+            metrics.POOL_INVALID_COMMANDS.inc(bad)
             log.warning("pool: touch_batch skipped %d malformed entries", bad)
 
     def _set_targets(self, domain: object, targets: object, ttl: object, now: object, changes: Changes) -> None:

@@ -368,14 +368,17 @@ def test_malformed_commands_change_nothing_and_say_why(command: object) -> None:
     state = PoolState(["100.64.1.0/29"])
     checkout(state, "n", "a")
     before = state.to_bytes()
+    counted = metrics.POOL_INVALID_COMMANDS._value.get()
     result, changes = state.apply(command)  # type: ignore[arg-type]
     assert isinstance(result, InvalidCommand) and str(result)
     assert not changes
     assert state.to_bytes() == before
+    assert metrics.POOL_INVALID_COMMANDS._value.get() == counted + 1
 
 
-def test_malformed_requests_inside_a_batch_fail_alone() -> None:
+def test_malformed_requests_inside_a_batch_fail_alone(caplog: pytest.LogCaptureFixture) -> None:
     state = PoolState(["100.64.1.0/29"])
+    counted = metrics.POOL_INVALID_COMMANDS._value.get()
     results, changes = state.apply(("checkout_batch", (
         ("n", "a", (), 60.0), ("n", 7, (), 60.0), ("n",), ("n", "b", (-1,), 60.0), ("n", "c", (), -5.0),
         "junk", ("n", "d", [ip("192.0.2.1")], 60),
@@ -384,6 +387,8 @@ def test_malformed_requests_inside_a_batch_fail_alone() -> None:
     assert results[0] == ip("100.64.1.1") and results[6] == ip("100.64.1.2")
     assert all(isinstance(r, InvalidCommand) for r in results[1:6])
     assert [a[2] for a in changes.added] == ["a", "d"]
+    assert metrics.POOL_INVALID_COMMANDS._value.get() == counted + 5
+    assert "refused 5 malformed requests" in caplog.text
 
 
 def test_odd_but_well_typed_input_does_not_crash() -> None:
