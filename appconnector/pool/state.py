@@ -102,12 +102,21 @@ def _key_time(key: int) -> float:
     return t
 
 
-def _finite_time(value: object) -> float | None:
-    """``value`` as a non-negative finite float, or None if it is not one (bools are not times)."""
+def _finite_number(value: object) -> float | None:
+    """``value`` as a finite float, or None if it is not one (bools are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    t = float(value)
-    if not math.isfinite(t) or t < 0:
+    try:
+        t = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return t if math.isfinite(t) else None
+
+
+def _finite_time(value: object) -> float | None:
+    """``value`` as a non-negative finite float, or None if it is not one."""
+    t = _finite_number(value)
+    if t is None or t < 0:
         return None
     return t + 0.0  # -0.0 → 0.0, so equal times have equal keys
 
@@ -269,10 +278,8 @@ class PoolState:
         t, shift = admitted
         if t < self._high_water:
             t = self._high_water  # a slow proposer's checkout still counts as use "now"
-        d = deadline if not isinstance(deadline, bool) and isinstance(deadline, int | float) else None
-        if d is None or not math.isfinite(d):
-            d = -math.inf  # no usable deadline: reuse nothing
-        d = float(d) - shift
+        d = _finite_number(deadline)
+        d = -math.inf if d is None else d - shift  # no usable deadline: reuse nothing
         counts = [0, 0, 0, 0, 0]  # indexes: the _HIT.. constants
         checkout_one = self._checkout_one
         results = [checkout_one(req, t, d, changes, counts) for req in requests]

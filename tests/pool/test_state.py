@@ -363,6 +363,7 @@ def test_time_catches_up_after_a_quiet_spell() -> None:
     (), ("nope",), ("checkout_batch",), ("checkout_batch", None, T0, 0.0), ("checkout_batch", (), "x", 0.0),
     ("touch_batch", 5), ("set_targets", 5, (), 1.0, T0), ("set_targets", "a", ("x",), 1.0, T0),
     ("forget", "n", T0), ("forget", ("n",), float("nan")), ("set_excluded", ("x",), T0), 42, None,
+    ("checkout_batch", (), 10**400, 0.0), ("set_targets", "a", (), 10**400, T0),
 ])
 def test_malformed_commands_change_nothing_and_say_why(command: object) -> None:
     state = PoolState(["100.64.1.0/29"])
@@ -380,7 +381,7 @@ def test_malformed_requests_inside_a_batch_fail_alone(caplog: pytest.LogCaptureF
     state = PoolState(["100.64.1.0/29"])
     counted = metrics.POOL_INVALID_COMMANDS._value.get()
     results, changes = state.apply(("checkout_batch", (
-        ("n", "a", (), 60.0), ("n", 7, (), 60.0), ("n",), ("n", "b", (-1,), 60.0), ("n", "c", (), -5.0),
+        ("n", "a", (), 60.0), ("n", 7, (), 60.0), ("n",), ("n", "b", (-1,), 60.0), ("n", "c", (), 10**400),
         "junk", ("n", "d", [ip("192.0.2.1")], 60),
     ), T0, 0.0))
     assert isinstance(results, list)
@@ -396,10 +397,13 @@ def test_odd_but_well_typed_input_does_not_crash() -> None:
     weird = ["", "A.Example.", "\x00\udcff", "x" * 10_000]
     for d in weird:
         assert isinstance(checkout(state, "node\udc80", d), int)
-    state.touch_batch([("node\udc80", ip("100.64.1.1"), "", float("inf")), ("x", -1, "a", T0), (1, 2, 3, 4)])
+    state.touch_batch([("node\udc80", ip("100.64.1.1"), "", float("inf")), ("x", -1, "a", T0), (1, 2, 3, 4),
+                       ("n", 10**400, "a", T0), ("n", ip("100.64.1.1"), "a", 10**400)])
     restored = PoolState.from_bytes(state.to_bytes(), ["100.64.1.0/29"])
     assert restored.to_bytes() == state.to_bytes()
     assert {m.domain for m in restored.mappings()} == set(weird)
+    results, _ = state.checkout_batch([("n", "deadline", (), 1.0)], T0, 10**400)  # no usable deadline
+    assert isinstance(results[0], int)
 
 
 # ---- snapshot ------------------------------------------------------------------------------------------
