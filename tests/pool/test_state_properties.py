@@ -340,3 +340,29 @@ def test_damaged_snapshots_raise_value_error_only(noise: bytes, at: int, xor: in
         except ValueError:
             continue
         assert restored.to_bytes() == candidate  # only an intact snapshot is accepted
+
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.just(10**400)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5) | st.binary(max_size=3),
+    lambda inner: st.tuples(inner, inner) | st.tuples(inner, inner, inner, inner) | st.lists(inner, max_size=3),
+    max_leaves=12,
+)
+COMMAND_NAMES = st.sampled_from(["checkout_batch", "touch_batch", "set_targets", "forget", "set_excluded", "x"])
+
+
+@settings(max_examples=600 if LONG else 100, deadline=None)
+@given(commands=st.lists(st.one_of(
+    st.tuples(COMMAND_NAMES).flatmap(lambda n: st.lists(JUNK, max_size=5).map(lambda rest: (*n, *rest))),
+    JUNK,
+), max_size=8))
+def test_apply_never_raises_and_the_state_stays_sound(commands: list[Any]) -> None:
+    state = PoolState(["100.64.1.0/29"])
+    state.checkout_batch([("n", "a", (), 60.0)], 1000.0, 0.0)
+    for command in commands:
+        result, _ = state.apply(command)
+        assert result is None or isinstance(result, list | Exception)
+    data = state.to_bytes()
+    assert PoolState.from_bytes(data, ["100.64.1.0/29"]).to_bytes() == data
+    for m in state.mappings():
+        assert state.domain_for(m.node, m.address) == m.domain
