@@ -44,7 +44,7 @@ from sortedcontainers import SortedList
 
 from appconnector import metrics
 from appconnector.pool.addresses import AddressSpace, format_address
-from appconnector.pool.api import Address, Changes, MappingView, PoolError, PoolExhausted, Targets
+from appconnector.pool.api import Address, Changes, MappingView, PoolError, PoolExhausted, PoolReader, Targets
 
 log = logging.getLogger("appconnector.pool.state")
 
@@ -763,3 +763,7 @@ class _Reader:
             log.warning("pool: restored a snapshot of pool %s into pool %s: dropped %d mappings and %d "
                         "exclusions outside the new pool", list(old.prefixes), list(new.prefixes),
                         dropped, dropped_excluded)
+
+
+def _conforms(state: PoolState) -> PoolReader:
+    return state  # mypy checks here that PoolState implements the PoolReader protocol
