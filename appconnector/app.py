@@ -114,10 +114,9 @@ class Connector:
             raise StartupError(f"http.listen {cfg.http.listen}: {e.strerror or e}") from e
         self._started.append(self.http)
 
-        if directory is not None:
-            self.leader = LeaderDuties(cfg, self.replica, directory)
-            self.leader.start()
-            self._started.append(self.leader)
+        self.leader = LeaderDuties(cfg, self.replica, directory)
+        self.leader.start()
+        self._started.append(self.leader)
         log.info("connector ready: DNS on %s, raft %s (%d partner(s)), NAT %s",
                  ", ".join(f"{h}:{p}" for h, p in self.dns.bound), self_address, len(partners),
                  self.nat.reason)

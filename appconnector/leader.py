@@ -6,6 +6,11 @@
   ever delays a forget, never hastens it.
 * ``set_excluded``: addresses that tailnet nodes hold inside the pool are skipped by the allocator
   (the default pool sits in Tailscale's CGNAT range); proposed when the set changes, with a warning.
+* The pool's clock: the state machine clamps a command time more than 5 min ahead of its high-water
+  mark (a fast proposer clock must not reclaim addresses early). After a quiet spell every honest
+  command would look "ahead", so the leader re-proposes ``set_excluded`` (idempotent, it carries
+  ``now``) at least every ``HEARTBEAT`` seconds: the high-water mark stays within a minute of real time
+  and the clamp only bites for real skew. Standalone mode has no directory: only the heartbeat runs.
 
 Every member runs the loop; it acts only while ``replica.is_leader()``. The pure decisions are
 ``AbsenceTracker`` and ``excluded_addresses`` tested without a cluster.
@@ -24,6 +29,8 @@ from appconnector.pool.api import Address, PoolError, Replica
 from appconnector.tailnet.api import NodeDirectory, NodeInfo
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT = 60.0
 
 
 def excluded_addresses(nodes: Iterable[NodeInfo], pool: list[ipaddress.IPv4Network]) -> frozenset[Address]:
@@ -66,7 +73,7 @@ class AbsenceTracker:
 class LeaderDuties:
     """Periodic leader-only proposals. ``interval`` seconds between rounds."""
 
-    def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory, *, interval: float = 10.0,
+    def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None, *, interval: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.replica = replica
         self.directory = directory
@@ -76,6 +83,7 @@ class LeaderDuties:
         self._pool = pool_networks(cfg.pool.prefixes)
         self._absence = AbsenceTracker(cfg.pool.reuse_after)
         self._excluded: frozenset[Address] | None = None
+        self._proposed_at = -HEARTBEAT
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -103,14 +111,17 @@ class LeaderDuties:
             self._excluded = None  # a new term re-proposes what it sees
             return
         now = self.clock()
-        nodes = self.directory.nodes()
+        nodes = self.directory.nodes() if self.directory is not None else {}
         excluded = excluded_addresses(nodes.values(), self._pool)
-        if excluded != self._excluded:
-            if excluded:
+        if excluded != self._excluded or now - self._proposed_at >= HEARTBEAT:
+            if excluded and excluded != self._excluded:
                 log.warning("tailnet nodes hold %d address(es) inside the pool; the allocator skips them "
                             "(choose pool.prefixes outside the addresses Tailscale assigns)", len(excluded))
             await self.replica.set_excluded(sorted(excluded))
             self._excluded = excluded
+            self._proposed_at = now
+        if self.directory is None:
+            return
         gone = self._absence.observe({m.node for m in self.replica.mappings()}, nodes, now)
         if gone:
             log.info("forgetting %d node(s) absent from the tailnet for %.0fs: %s", len(gone), self.reuse_after,

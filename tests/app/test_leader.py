@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 from appconnector import config
-from appconnector.leader import AbsenceTracker, excluded_addresses
+from appconnector.leader import AbsenceTracker, LeaderDuties, excluded_addresses
+from appconnector.pool.local import LocalPool
 from appconnector.tailnet.api import NodeInfo
 
 
@@ -31,3 +33,25 @@ def test_nodes_without_mappings_are_not_tracked() -> None:
     t = AbsenceTracker(reuse_after=1)
     assert t.observe(set(), set(), now=0) == []
     assert t.observe({"n3"}, set(), now=5) == [] and t.observe({"n3"}, set(), now=6) == ["n3"]
+
+
+def test_leader_heartbeat_keeps_the_pool_clock_current_through_quiet_spells() -> None:
+    """After an idle hour a real checkout must count as use *now*, not clamped as clock skew."""
+    cfg = config.load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone"})
+
+    async def scenario() -> None:
+        now = [10_000.0]
+        pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after, clock=lambda: now[0])
+        await pool.start()
+        duties = LeaderDuties(cfg, pool, None, clock=lambda: now[0])
+        await pool.checkout("100.101.0.2", "a.example", (), 60)
+        for _ in range(360):  # an hour with nothing but leader rounds every 10 s
+            now[0] += 10
+            await duties.round()
+        assert pool.stats()["high_water"] >= now[0] - 60
+        await pool.checkout("100.101.0.2", "b.example", (), 60)
+        found = pool.lookup("100.101.0.2", "b.example")
+        assert found is not None and found[1] == now[0], "the checkout's last-used is the real time"
+        await pool.stop()
+
+    asyncio.run(scenario())
