@@ -28,6 +28,7 @@ import gzip
 import logging
 import os
 import pickle
+import socket
 import struct
 import threading
 import time
@@ -114,6 +115,7 @@ class RaftTuning:
     compaction_min_time: float = 300.0
     adaptive: bool = True
     library_defaults: bool = False
+    bind_wait: float = 5.0  # a restarted member may find its port held a moment (see _close_inherited_fds)
 
     @classmethod
     def pysyncobj_defaults(cls) -> RaftTuning:
@@ -350,6 +352,39 @@ def check_pysyncobj() -> None:
         raise RuntimeError("python -O strips pysyncobj's replay checks (asserts): run without -O")
 
 
+def _wait_port_free(address: str, timeout: float) -> None:
+    """Wait (sleeping, not spinning as pysyncobj's bind retries do) until ``address`` can be bound."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, int(port)))
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise BindError(f"cannot listen for Raft on {address}: {e.strerror}") from None
+        time.sleep(0.1)
+
+
+_TICK_THREADS: set[int] = set()
+
+
+def _close_inherited_fds() -> None:
+    """In a child forked by pysyncobj's log compaction (from a tick thread): close every inherited
+    descriptor above stderr. The child only writes the dump file, which it opens itself; left open, its
+    copies of the listening socket and peer connections would keep the port bound after a kill -9 of
+    the parent (a restart then cannot listen) and hide the parent's death from its peers."""
+    if threading.get_ident() in _TICK_THREADS:
+        os.closerange(3, 65536)
+
+
+os.register_at_fork(after_in_child=_close_inherited_fds)
+
+
 # --- the SyncObj -----------------------------------------------------------------------------------------
 
 
@@ -363,6 +398,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                  on_leader_change: Callable[[], None] | None = None) -> None:
         check_pysyncobj()
         paths.dir.mkdir(parents=True, exist_ok=True)
+        _wait_port_free(bind_address or self_address, tuning.bind_wait)
         self._tuning = tuning
         conf = SyncObjConf(
             password=secret,
@@ -495,6 +531,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         return float(max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - raft_clock())))
 
     def _tick_loop(self) -> None:
+        _TICK_THREADS.add(threading.get_ident())
         last_index = self.journal.last_index()
         while not self._stopping.is_set():
             with self._calls_lock:
@@ -521,6 +558,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             self._doDestroy()
         except Exception:
             log.exception("raft shutdown failed")
+        _TICK_THREADS.discard(threading.get_ident())
 
     # --- the Engine interface ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.member import free_ports
-from appconnector.pool.replica import BindError, RaftReplica
+from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
 
 
 class Recorder:
@@ -118,7 +118,7 @@ def test_a_busy_raft_port_is_a_clear_error(tmp_path: Path) -> None:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
 
         async def run() -> None:
-            r = RaftReplica(_cfg(tmp_path), addr, [], None)
+            r = RaftReplica(_cfg(tmp_path), addr, [], None, tuning=RaftTuning(bind_wait=0.5))
             with pytest.raises(BindError, match=r"cannot listen for Raft on 127\.0\.0\.1"):
                 await r.start()
 
