@@ -177,6 +177,10 @@ class RaftReplica:
             deadline = time.monotonic() + 2 * self._tuning.raft_max_timeout
             while engine.leader() == old_leader and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            if engine.leader() not in (old_leader, None):
+                log.info("raft: handed leadership to %s before stopping", engine.leader())
+            else:
+                log.warning("raft: could not hand leadership away before stopping (no caught-up follower)")
         self._stopped = True
         await asyncio.to_thread(engine.close)
         for p in list(self._waiting.values()):

@@ -361,3 +361,14 @@ def test_static_membership_refuses_changes(cluster_factory: Callable[..., Cluste
     with pytest.raises(MemberError) as err:
         c.wait_leader().call("remove_member", member=c.followers()[0].self_address)
     assert "static membership" in err.value.response["message"]
+
+
+def test_a_stopping_leader_hands_leadership_to_a_follower(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory().start()
+    leader = c.wait_leader()
+    leader.call("checkout", node="n", domain="before.example", targets=[1], ttl=60)
+    assert leader.stop() == 0
+    assert "handed leadership to 127.0.0.1:" in leader.log_text()
+    new = c.wait_leader()
+    assert new is not leader
+    assert new.call("lookup", node="n", domain="before.example")["address"] is not None
