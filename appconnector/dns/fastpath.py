@@ -8,6 +8,9 @@ bytes of the A and AAAA questions we store cannot be changed by it). The answer 
 ID, a pre-computed flags+counts word, the client's own question bytes (case preserved), the
 pre-built records (owned by a pointer to the question) and our OPT when the client sent one.
 
+A second, exact cache maps (client IP, the query's bytes after the ID) to the finished reply bytes,
+so a client repeating itself (the common case: same flags, same spelling) costs one dict lookup.
+
 Anything else, or a miss, returns None and the service takes the general path, which fills this
 cache after answering. Entries die when the pool reports the mapping removed (the observer runs on
 the replica's apply thread; writers share a lock, and ``generation`` lets the event loop skip storing
@@ -25,7 +28,6 @@ from appconnector.dns import wire
 from appconnector.pool.api import Address, Changes, PoolReader
 from appconnector.tailnet.api import NodeInfo
 
-_QUERY_FLAGS = frozenset((b"\x00", b"\x01"))  # first flags byte of a plain query, RD off or on
 _COUNTS_PLAIN = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # qd=1 an=0 ns=0 ar=0
 _COUNTS_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"    # qd=1 an=0 ns=0 ar=1
 _AR0 = b"\x00\x00"
@@ -33,7 +35,10 @@ _OPT_HEAD = b"\x00\x00\x29"  # root owner, type OPT
 _OPT_NO_DO = wire.opt_record(False)
 _OPT_DO = wire.opt_record(True)
 
-MAX_ENTRIES = 1 << 18  # ~0.7 KB each (≤ ~180 MB); when full, start again (misses refill from the pool's local state)
+# When full, start again (misses refill from the pool's local state): ~0.7 KB per entry, ~0.3 KB per
+# exact line, so at most ~130 MB.
+MAX_ENTRIES = 1 << 17
+MAX_EXACT = 1 << 17
 
 
 def _question_end(data: bytes) -> int:
@@ -51,22 +56,25 @@ def _question_end(data: bytes) -> int:
 
 
 class FastEntry:
-    """One ready answer. ``heads`` is indexed by RD | CD<<1 | OPT<<2 (flags and counts words);
-    ``bodies`` (filled on first use, indexed by those bits | DO<<3) hold everything after the ID for
-    queries spelling the name as ``question`` does."""
+    """One ready answer for (node, question). ``heads`` is indexed by RD | CD<<1 | OPT<<2 (flags and
+    counts words). ``touch_due``: when a hit should next queue a touch. ``alive`` goes False when the
+    pool removes the mapping, which retires the exact-cache lines that point here."""
 
-    __slots__ = ("address", "bodies", "domain", "heads", "last_used", "node", "question", "tail")
+    __slots__ = ("address", "alive", "domain", "heads", "node", "tail", "touch_due")
 
-    def __init__(self, node: str, domain: str, address: Address, last_used: float, rcode: int,
-                 answers: tuple[bytes, ...], authority: tuple[bytes, ...], question: bytes) -> None:
-        self.question = question
-        self.bodies: list[bytes | None] | None = None  # made on the first hit: most entries never get one
+    def __init__(self, node: str, domain: str, address: Address, touch_due: float, rcode: int,
+                 answers: tuple[bytes, ...], authority: tuple[bytes, ...]) -> None:
         self.node = node
         self.domain = domain
         self.address = address
-        self.last_used = last_used
+        self.touch_due = touch_due
+        self.alive = True
         self.tail = b"".join(answers) + b"".join(authority)
         self.heads = _heads(rcode, len(answers), len(authority))
+
+
+def _same_node(info: NodeInfo | None, node: str) -> bool:
+    return info is not None and info.node == node
 
 
 @functools.cache
@@ -81,10 +89,12 @@ def _heads(rcode: int, ancount: int, nscount: int) -> tuple[bytes, ...]:
 
 
 class FastPath:
-    """The cache and the glue. ``now`` is a coarse clock the service advances (one read per second,
-    not one per query); ``touch`` queues a last-used mark when an entry's is older than ``refresh``."""
+    """The caches and the glue. ``cached_identity`` maps a client IP to its node without I/O; None
+    means the IP is the node (standalone mode: one call less per query). ``now`` is a coarse clock
+    the service advances (one read per second, not one per query); ``touch`` queues a last-used mark
+    when an entry's is older than ``refresh``."""
 
-    def __init__(self, cached_identity: Callable[[str], NodeInfo | None],
+    def __init__(self, cached_identity: Callable[[str], NodeInfo | None] | None,
                  touch: Callable[[str, Address, str, float], None], refresh: float, now: float) -> None:
         self._identity = cached_identity
         self._touch = touch
@@ -94,6 +104,7 @@ class FastPath:
         self.hits = 0
         self._entries: dict[tuple[str, bytes], FastEntry] = {}
         self._by_mapping: dict[tuple[str, str], set[bytes]] = {}
+        self._exact: dict[tuple[str, bytes], tuple[FastEntry, bytes]] = {}
         # store/remove/clear may run on the replica's apply thread and the event loop at once; answer()
         # only reads one dict entry and stays lock-free
         self._lock = threading.Lock()
@@ -104,11 +115,22 @@ class FastPath:
     def answer(self, data: bytes, ip: str) -> bytes | None:
         """The ready answer to ``data`` from ``ip``, or None (take the general path).
 
-        No label walk for the common shapes: a stored key is a complete, valid question, so when the
-        bytes after the header (no EDNS), or before a trailing option-less OPT, equal one, the
-        message has exactly that shape. Only an OPT carrying options needs the walk to find it.
+        First the exact cache: this client sent these very bytes (after the ID) before and they were
+        answered here, so the reply is the new ID plus the stored bytes. Otherwise the shape check:
+        no label walk for the common shapes, since a stored key is a complete, valid question, so
+        when the bytes after the header (no EDNS), or before a trailing option-less OPT, equal one,
+        the message has exactly that shape. Only an OPT carrying options needs the walk to find it.
         """
-        if data[2:3] not in _QUERY_FLAGS:  # QR, opcode, AA, TC clear (RD free); short data → b""
+        rest = data[2:]
+        hit = self._exact.get((ip, rest))
+        if hit is not None:
+            entry = hit[0]
+            if entry.alive and (self._identity is None or _same_node(self._identity(ip), entry.node)):
+                if self.now >= entry.touch_due:
+                    self._touch_entry(entry)
+                self.hits += 1
+                return data[:2] + hit[1]
+        if len(data) < 17 or data[2] & 0xFE:  # QR, opcode, AA, TC clear (RD free)
             return None
         counts = data[4:12]
         if counts == _COUNTS_PLAIN:
@@ -128,45 +150,48 @@ class FastPath:
                 question = data[12:opt_at]
             if data[opt_at + 6]:  # EDNS version: BADVERS is the general path's
                 return None
-            if data[opt_at + 7] & 0x80:
-                opt, variant = _OPT_DO, 12
-            else:
-                opt, variant = _OPT_NO_DO, 4
+            opt = _OPT_DO if data[opt_at + 7] & 0x80 else _OPT_NO_DO
+            variant = 4
         else:
             return None
-        info = self._identity(ip)
-        if info is None:
+        if self._identity is None:
+            node = ip
+        else:
+            info = self._identity(ip)
+            if info is None:
+                return None
+            node = info.node
+        stored = self._entries.get((node, question.lower()))
+        if stored is None:
             return None
-        entry = self._entries.get((info.node, question.lower()))
-        if entry is None:
-            return None
-        if self.now - entry.last_used >= self.refresh:
-            entry.last_used = self.now
-            self._touch(entry.node, entry.address, entry.domain, self.now)
+        if self.now >= stored.touch_due:
+            self._touch_entry(stored)
         self.hits += 1
-        variant |= (data[2] & 1) | ((data[3] & 0x10) >> 3)
-        if question == entry.question:  # same spelling as when stored: the whole body is ready
-            bodies = entry.bodies
-            if bodies is None:
-                bodies = entry.bodies = [None] * 16
-            body = bodies[variant]
-            if body is None:
-                body = bodies[variant] = entry.heads[variant & 7] + question + entry.tail + opt
-            return data[:2] + body
-        return data[:2] + entry.heads[variant & 7] + question + entry.tail + opt
+        body = stored.heads[variant | (data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + stored.tail + opt
+        if len(self._exact) >= MAX_EXACT:
+            self._exact.clear()
+        self._exact[(ip, rest)] = (stored, body)
+        return data[:2] + body
+
+    def _touch_entry(self, entry: FastEntry) -> None:
+        entry.touch_due = self.now + self.refresh
+        self._touch(entry.node, entry.address, entry.domain, self.now)
 
     def store(self, query: wire.Query, node: str, domain: str, address: Address, last_used: float,
               reply_rcode: int, answers: tuple[bytes, ...], authority: tuple[bytes, ...],
               generation: int) -> None:
         """Remember the answer just given for ``query`` (an A or AAAA of a pool mapping), unless the
         pool removed a mapping since ``generation`` was read (the answer may be stale)."""
-        entry = FastEntry(node, domain, address, last_used, reply_rcode, answers, authority, query.question)
+        entry = FastEntry(node, domain, address, last_used + self.refresh, reply_rcode, answers, authority)
         key = query.question.lower()
         with self._lock:
             if generation != self.generation:
                 return
             if len(self._entries) >= MAX_ENTRIES:
                 self._clear()
+            old = self._entries.get((node, key))
+            if old is not None:
+                old.alive = False
             self._entries[(node, key)] = entry
             self._by_mapping.setdefault((node, domain), set()).add(key)
 
@@ -176,8 +201,11 @@ class FastPath:
 
     def _clear(self) -> None:
         self.generation += 1
+        for entry in self._entries.values():
+            entry.alive = False
         self._entries.clear()
         self._by_mapping.clear()
+        self._exact.clear()
 
     # ---- PoolObserver (apply thread) ----------------------------------------------------------------
 
@@ -188,7 +216,9 @@ class FastPath:
             self.generation += 1
             for node, _address, domain in changes.removed:
                 for key in self._by_mapping.pop((node, domain), ()):
-                    self._entries.pop((node, key), None)
+                    entry = self._entries.pop((node, key), None)
+                    if entry is not None:
+                        entry.alive = False
 
     def on_reset(self, reader: PoolReader) -> None:
         self.clear()

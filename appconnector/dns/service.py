@@ -40,6 +40,7 @@ from appconnector.metrics import (
 from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable
 from appconnector.pool.names import normalise_domain
 from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
+from appconnector.tailnet.standalone import StandaloneIdentity
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class DnsService:
         self.upstream = upstream if upstream is not None else UpstreamResolver(servers)
         self._pool_nets = pool_networks(cfg.pool.prefixes)
         self._ignore_nets = [ipaddress.ip_network(p, strict=False) for p in cfg.pool.ignore_destinations]
-        self.fast = FastPath(identity.cached, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time())
+        node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
+        self.fast = FastPath(node_of, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time())
         # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
         self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer
         self.server = DnsServer(self, cfg.dns_listen())

@@ -13,6 +13,7 @@ from appconnector.dns import wire
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.policy import AnswerPolicy
 from appconnector.pool.api import Changes
+from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.standalone import StandaloneIdentity
 
 POOL_ADDR = 0x64400105  # 100.64.1.5
@@ -140,10 +141,29 @@ def test_fast_path_touches_once_per_refresh_interval_and_dies_with_the_mapping()
     assert touches == []
     fast.now = 1000.0 + 301
     fast.answer(q("app.example"), "100.100.0.1")
-    fast.answer(q("app.example"), "100.100.0.1")
+    fast.answer(q("app.example"), "100.100.0.1")  # from the exact cache
+    fast.answer(q("APP.example"), "100.100.0.1")
     assert touches == [("100.100.0.1", POOL_ADDR, "app.example", 1301.0)]
     gen = fast.generation
     fast.on_changes(Changes(removed=[("100.100.0.1", POOL_ADDR, "app.example")]))
     assert fast.generation != gen
     assert fast.answer(q("app.example"), "100.100.0.1") is None
     assert fast.answer(q("app.example", "AAAA"), "100.100.0.1") is None
+
+
+def test_exact_cache_follows_identity_changes_and_removals() -> None:
+    nodes = {"100.100.0.1": NodeInfo("nA", "a", ("100.100.0.1",))}
+    fast = FastPath(nodes.get, lambda *a: None, refresh=300.0, now=0.0)
+    query = wire.parse_query(q("app.example"))
+    reply = AnswerPolicy(ttl=120).pool_answer(query.qtype, POOL_ADDR)
+    fast.store(query, "nA", "app.example", POOL_ADDR, 0.0, reply.rcode, reply.answers, reply.authority,
+               fast.generation)
+    data = q("app.example")
+    first = fast.answer(data, "100.100.0.1")
+    assert first is not None and fast.answer(data, "100.100.0.1") == first  # second: exact cache
+    nodes["100.100.0.1"] = NodeInfo("nB", "b", ("100.100.0.1",))  # the IP now belongs to another node
+    assert fast.answer(data, "100.100.0.1") is None
+    nodes["100.100.0.1"] = NodeInfo("nA", "a", ("100.100.0.1",))
+    assert fast.answer(data, "100.100.0.1") == first
+    fast.on_changes(Changes(removed=[("nA", POOL_ADDR, "app.example")]))
+    assert fast.answer(data, "100.100.0.1") is None
