@@ -46,7 +46,6 @@ class _UdpListener:
         self._server = server
         self.sock = sock
         self._fast = server.handler.fast_answer
-        self.accepting = True
 
     def ready(self) -> None:
         recv = self.sock.recvfrom
@@ -154,7 +153,6 @@ class DnsServer:
         self._accepting = False
         loop = asyncio.get_running_loop()
         for listener in self._udp:
-            listener.accepting = False
             loop.remove_reader(listener.sock.fileno())
         for tcp in self._tcp:
             tcp.close()
