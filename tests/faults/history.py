@@ -206,19 +206,30 @@ def _later(lb: float | None, t: float) -> float:
 class Model:
     reuse_after: float
     clock_slack: float = 0.0
+    timeless: bool = False
+    """No reassignment can happen within the history (reuse_after longer than it): last-used bounds are
+    not tracked, which keeps the search's states few (Lowe's cache then prunes almost everything)."""
 
     def evictable(self, lb: float | None, latest: float) -> bool:
         """May a mapping last used no earlier than ``lb`` be reassigned by a command stamped by ``latest``?"""
         if lb is None:
             return True
+        if self.timeless:
+            return False
         return lb + self.reuse_after < latest + self.clock_slack
 
     def stamp(self, op: Op) -> float:
         """The earliest the command of ``op`` could have been stamped."""
-        return op.call - self.clock_slack
+        return 0.0 if self.timeless else op.call - self.clock_slack
+
+    def touched(self, op: Op) -> float:
+        assert op.at is not None
+        return 0.0 if self.timeless else op.at - self.clock_slack
 
     def lb_text(self, lb: float | None) -> str:
-        return "never" if lb is None else f"≥ {lb:.3f}"
+        if lb is None:
+            return "never"
+        return "within the history" if self.timeless else f"≥ {lb:.3f}"
 
     # Per (node, domain): the value is the address.
     def step_domain(self, st: State, op: Op) -> tuple[list[State], str]:
@@ -234,6 +245,8 @@ class Model:
                     outs.append((a, _later(lb, self.stamp(op)) if op.kind == CHECKOUT else lb))
                 elif addr is None or self.evictable(lb, latest):
                     outs.append((a, self.stamp(op)))
+            if outs:
+                return outs, ""
             reason = (f"({op.node}, {op.domain}) held {fmt_addr(addr)} (last used {self.lb_text(lb)}, "
                       f"reusable only after {self.reuse_after:g}s), yet {fmt_addr(op.address)} was answered: "
                       f"an acknowledged mapping was lost")
@@ -251,7 +264,7 @@ class Model:
         # touch: it refreshes the mapping if it still exists; the address may have been reassigned (an
         # eviction this partition cannot see), which turns the touch into a no-op.
         if op.status == OK and addr == op.address and op.at is not None:
-            outs = [(addr, _later(lb, op.at - self.clock_slack))]
+            outs = [(addr, _later(lb, self.touched(op)))]
             if self.evictable(lb, latest):
                 outs.append((None, None))
             return outs, ""
@@ -270,6 +283,8 @@ class Model:
                 outs.append((d, _later(lb, self.stamp(op)) if op.kind == CHECKOUT else lb))
             elif dom is None or self.evictable(lb, latest):
                 outs.append((d, self.stamp(op)))
+            if outs:
+                return outs, ""
             reason = (f"{fmt_addr(op.address)} already meant {dom} for node {op.node} "
                       f"(last used {self.lb_text(lb)}, reusable only after {self.reuse_after:g}s), "
                       f"yet it was answered for {d}: one address, two domains")
@@ -282,7 +297,7 @@ class Model:
                       f"acknowledged owner is {dom or '-'}: a stale read or lost write")
             return [], reason
         if op.status == OK and dom == op.domain and op.at is not None:
-            return [(dom, _later(lb, op.at - self.clock_slack))], ""
+            return [(dom, _later(lb, self.touched(op)))], ""
         return [st], ""
 
 
@@ -330,11 +345,24 @@ class Verdict:
         return "\n".join([head, *(a.explain() for a in self.anomalies)])
 
 
+SEARCH_BUDGET = 300_000
+"""Steps tried per partition before the search gives up (reported as an anomaly: undecided)."""
+
+
 def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str]], init: State,
-               name: str, state_text: Callable[[State], str]) -> Anomaly | None:
-    """Wing-Gong search with Lowe's cache over one partition; None when linearizable."""
+               name: str, state_text: Callable[[State], str], budget: int | None = None) -> Anomaly | None:
+    """Wing-Gong search with Lowe's cache over one partition; None when linearizable.
+
+    Reads that may lag (``stale_ok``) are not searched (each could go anywhere before its return, which
+    makes the search exponential): once the other operations are ordered, each such read must match a
+    state of that order reached by operations invoked before the read returned.
+    """
+    budget = SEARCH_BUDGET if budget is None else budget
+    lagging = [o for o in ops if o.stale_ok]
+    ops = [o for o in ops if not o.stale_ok]
     if not ops:
-        return None
+        ops_states: list[tuple[Op | None, State]] = [(None, init)]
+        return _check_lagging(lagging, ops_states, step, name, state_text)
     events: list[tuple[float, int, int, Op, bool]] = []
     for i, op in enumerate(ops):
         events.append((-INF if op.stale_ok else op.call, 0, i, op, True))
@@ -378,8 +406,15 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
     stack: list[tuple[_Entry, State, list[State]]] = []
     best: tuple[int, list[Op], State] = (-1, [], init)
     entry = head.next
+    tried = 0
     while head.next is not None:
         assert entry is not None
+        tried += 1
+        if tried > budget:
+            anomaly = _explain(ops, step, best, name, state_text)
+            anomaly.reasons.insert(0, f"undecided: the search tried {budget} steps (a very concurrent or "
+                                      "very wrong history)")
+            return anomaly
         if entry.is_call:
             bit = 1 << entry.index
             outs, _ = step(state, entry.op)
@@ -415,6 +450,30 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
             state = before
             entry = top.next
             break
+    # Linearized: replay the order to get the state after each operation, for the lagging reads.
+    # Each frame's successor state is the next frame's "before"; the last one's is the final state.
+    order_states: list[tuple[Op | None, State]] = [(None, init)]
+    order_states += [(stack[i][0].op, stack[i + 1][1]) for i in range(len(stack) - 1)]
+    if stack:
+        order_states.append((stack[-1][0].op, state))
+    return _check_lagging(lagging, order_states, step, name, state_text)
+
+
+def _check_lagging(lagging: list[Op], order_states: list[tuple[Op | None, State]],
+                   step: Callable[[State, Op], tuple[list[State], str]], name: str,
+                   state_text: Callable[[State], str]) -> Anomaly | None:
+    for read in sorted(lagging, key=lambda o: o.ret or INF):
+        ret = INF if read.ret is None else read.ret
+        seen: list[State] = []
+        for op, st in order_states:
+            if op is not None and op.call >= ret:
+                break
+            seen.append(st)
+        if not any(step(st, read)[0] for st in seen):
+            reason = step(seen[-1], read)[1]
+            placed = [op for op, _ in order_states[1:len(seen)] if op is not None]
+            return Anomaly(name, read, [f"{reason} (a lagging read: no state before it returned matches)"],
+                           placed, state_text(seen[-1]))
     return None
 
 
@@ -439,7 +498,9 @@ def _explain(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str]]
 def check(history: History | Iterable[Op], reuse_after: float, clock_slack: float = 0.0) -> Verdict:
     """Check every (node, domain) and (node, address) partition of ``history``."""
     ops = list(history.ops if isinstance(history, History) else history)
-    model = Model(reuse_after, clock_slack)
+    times = [t for o in ops for t in (o.call, o.ret) if t is not None and t not in (INF, -INF)]
+    span = (max(times) - min(times)) if times else 0.0
+    model = Model(reuse_after, clock_slack, timeless=reuse_after > span + 2 * clock_slack + 1.0)
     by_domain: dict[tuple[str, str], list[Op]] = {}
     by_address: dict[tuple[str, int], list[Op]] = {}
     seen_addrs: dict[tuple[str, str], set[int]] = {}
