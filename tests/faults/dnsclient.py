@@ -37,6 +37,7 @@ class DnsTarget:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             with sock:
                 sock.bind((node, 0))
+                sock.setblocking(False)  # dnspython waits with select; a blocking socket would ignore timeout
                 r = dns.query.udp(q, self.host, port=self.port, timeout=timeout, sock=sock)
             if r.flags & dns.flags.TC:
                 with entered(self.netns):
@@ -45,6 +46,7 @@ class DnsTarget:
                     tsock.bind((node, 0))
                     tsock.settimeout(timeout)
                     tsock.connect((self.host, self.port))
+                    tsock.setblocking(False)
                     r = dns.query.tcp(q, self.host, port=self.port, timeout=timeout, sock=tsock)
         except (dns.exception.Timeout, OSError) as e:
             raise Unavailable(f"no answer: {type(e).__name__}") from None

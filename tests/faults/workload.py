@@ -136,8 +136,13 @@ def run_clients(history: History, targets: Callable[[], Sequence[Target]], mix: 
                for i in range(clients)]
     for th in threads:
         th.start()
+    hard_deadline = time.monotonic() + duration + mix.timeout + 10
     for th in threads:
-        th.join(duration + mix.timeout + 10)
+        th.join(max(0.0, hard_deadline - time.monotonic()))
+    stuck = [th.name for th in threads if th.is_alive()]
+    if stuck:  # an operation that ignores its timeout is a harness bug: make the test fail on it
+        stop.set()
+        stats.errors.append(f"client threads still running {mix.timeout + 10:g}s after the run ended: {stuck}")
     return stats
 
 
