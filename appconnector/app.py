@@ -1,7 +1,7 @@
 """Wiring and lifecycle of one connector: the parts start in dependency order and stop in reverse.
 
     tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS → status HTTP
-    → leader duties
+    → leader duties → cluster membership (tailscale mode with cluster.tag)
 
 Stop (SIGTERM/SIGINT): DNS drains first so no answer is given that cannot be steered, then the
 leader duties, then the replica flushes queued touches and hands leadership away, then NAT removes
@@ -29,9 +29,11 @@ from appconnector.leader import LeaderDuties
 from appconnector.nat.service import NatService
 from appconnector.pool.api import Address
 from appconnector.pool.engine import StateError, StatePaths
+from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
+from appconnector.tailnet.membership import ClusterMembership, join_partners
 from appconnector.tailnet.service import TailnetService
 from appconnector.tailnet.standalone import StandaloneIdentity
 
@@ -59,11 +61,13 @@ class Connector:
         self.dns: DnsService | None = None
         self.http: StatusServer | None = None
         self.leader: LeaderDuties | None = None
+        self.membership: ClusterMembership | None = None
         self._started: list[_Stoppable] = []
 
     async def start(self) -> None:
         cfg = self.cfg
         identity: NodeIdentity
+        record: MembershipRecord | None = None
         if cfg.standalone:
             identity = StandaloneIdentity()
             self_address, partners = cfg.raft_self(), list(cfg.cluster.peers)
@@ -75,9 +79,10 @@ class Connector:
                 raise StartupError(f"tailscaled: {e} (socket {cfg.tailnet.localapi_socket})") from e
             self._started.append(self.tailnet)
             identity = self.tailnet.identity
-            self_address, partners = await self._tailnet_membership(self.tailnet)
+            self_address, partners, record = await self._tailnet_membership(self.tailnet)
 
-        self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret())
+        self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret(),
+                                   dynamic_membership=record is not None)
         try:
             await self.replica.start()
         except StateError as e:
@@ -107,6 +112,11 @@ class Connector:
         checks: dict[str, Check] = {"raft": self._raft_check, "nat": self._nat_check}
         if self.tailnet is not None:
             checks.update(self.tailnet.checks())
+            if record is not None:
+                self.membership = ClusterMembership(self.replica, self.tailnet.directory, cfg.cluster.tag,
+                                                    cfg.cluster.raft_port, cfg.read_secret(), record,
+                                                    self._on_removed)
+                checks["membership"] = self.membership.check
         self.http = StatusServer(cfg, self.replica, checks)
         try:
             await self.http.start()
@@ -117,24 +127,54 @@ class Connector:
         self.leader = LeaderDuties(cfg, self.replica, directory)
         self.leader.start()
         self._started.append(self.leader)
+        if self.membership is not None:
+            await self.membership.start()
+            self._started.append(self.membership)
         log.info("connector ready: DNS on %s, raft %s (%d partner(s)), NAT %s",
                  ", ".join(f"{h}:{p}" for h, p in self.dns.bound), self_address, len(partners),
                  self.nat.reason)
 
-    async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str]]:
-        """This member's Raft address and its partners, after the split-brain-safe discovery."""
+    async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str], MembershipRecord | None]:
+        """This member's Raft address, its partners and its membership record, after the split-brain-safe
+        discovery. With ``cluster.tag`` the membership is dynamic (``tailnet.membership``): BOOTSTRAP starts
+        alone, JOIN starts with the cluster's members as partners and waits for the leader to add it,
+        RESUME keeps the stored membership. No tag: a one-member cluster (record None: static)."""
         me = tailnet.raft_address()
         if me is None:
             raise StartupError("tailscaled reports no tailnet IPv4 for this node")
         if not self.cfg.cluster.tag:
-            return me, []
-        has_state = StatePaths.for_member(self.cfg.cluster.state_dir, me).dir.exists()
-        decision = await tailnet.discover_cluster(has_state)
+            return me, [], None
+        state_dir = StatePaths.for_member(self.cfg.cluster.state_dir, me).dir
+        decision = await tailnet.discover_cluster(state_dir.exists())
         log.info("cluster: %s (%s)", decision.action.value, decision.reason)
-        members = tailnet.members()
-        if decision.action is Action.JOIN:
-            members = sorted({*members, *decision.via})
-        return me, [m for m in members if m != me]
+        if decision.action is Action.BOOTSTRAP:
+            record = MembershipRecord(MEMBER, [me])
+            record.save(state_dir)
+        elif decision.action is Action.JOIN:
+            members = await join_partners(decision.via, self.cfg.read_secret())
+            record = MembershipRecord(JOINING, sorted({*members, me}))
+            record.save(state_dir)
+            log.info("cluster: joining the members %s; the leader adds %s", ", ".join(members), me)
+        else:
+            found = MembershipRecord.load(state_dir)
+            # no record: state from before dynamic membership; the tagged nodes were the members then
+            record = found or MembershipRecord(JOINING, sorted({*tailnet.members(), me}))
+        return me, [m for m in record.members if m != me], record
+
+    async def _on_removed(self, reason: str) -> None:
+        """This member was removed with ``cluster remove``: stop answering (REFUSED, so resolvers ask the
+        other connectors at once), withdraw the pool routes (the tailnet routes pool traffic to the
+        connectors still in the cluster), report unready. Raft keeps running so peers see "removed"."""
+        state_dir = self.replica.paths.dir if self.replica is not None else self.cfg.cluster.state_dir
+        log.error("cluster: %s; stopping DNS answers (every query now gets REFUSED) and withdrawing the pool "
+                  "routes. To join again: stop this connector, empty %s and start it", reason, state_dir)
+        if self.dns is not None:
+            self.dns.refuse_all(reason)
+        if self.tailnet is not None and self.tailnet.routes_advertised:
+            try:
+                await self.tailnet.withdraw_routes()
+            except Exception as e:
+                log.warning("cluster: could not withdraw the pool routes: %s", e)
 
     def _raft_check(self) -> tuple[bool, str]:
         if self.replica is None:

@@ -349,9 +349,12 @@ def parser() -> argparse.ArgumentParser:
     with_client(p)
     p.set_defaults(func=cmd_cluster_members)
     p = cluster_sub.add_parser("remove", help="remove a member (ip:port) from the cluster; it stops serving",
-                               description="Remove a member from the cluster through Raft. The removed member "
-                                           "stops serving and logs why. Use it for a connector that is gone for "
-                                           "good; a member that is only down rejoins by itself.")
+                               description="Remove a member from the cluster through Raft (asked of any member, "
+                                           "done by the leader; the leader itself cannot be removed: stop it "
+                                           "first). The removed member logs why, answers every DNS query REFUSED, "
+                                           "withdraws the pool routes and reports not ready; it stays out, even "
+                                           "after a restart, until its state directory is emptied. A member that "
+                                           "is only down rejoins by itself.")
     with_client(p)
     p.add_argument("member", metavar="IP:PORT")
     p.set_defaults(func=cmd_cluster_remove)

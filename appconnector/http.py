@@ -167,7 +167,7 @@ class StatusServer:
     async def _members(self, request: web.Request) -> web.Response:
         st = self.replica.status()
         return _json({k: st.get(k) for k in ("self", "role", "leader", "term", "members", "connected",
-                                            "commit_index", "applied_index") if k in st})
+                                            "membership", "commit_index", "applied_index") if k in st})
 
     async def _remove(self, request: web.Request) -> web.Response:
         try:

@@ -54,6 +54,11 @@ RAFT_ROLE = Gauge("appconnector_raft_leader", "1 when this member is the Raft le
 RAFT_TERM = Gauge("appconnector_raft_term", "Current Raft term", registry=REGISTRY)
 RAFT_COMMIT_LAG = Gauge("appconnector_raft_commit_lag", "Leader commit index minus local applied index",
                         registry=REGISTRY)
+CLUSTER_REMOVED = Gauge("appconnector_cluster_removed",
+                        "1 when this member was removed with `cluster remove` and no longer serves DNS",
+                        registry=REGISTRY)
+CLUSTER_MEMBERS_ADDED = Counter("appconnector_cluster_members_added",
+                                "Joining connectors this member added to the cluster as leader", registry=REGISTRY)
 RAFT_COMMIT_SECONDS = Histogram("appconnector_raft_commit_seconds", "Time from proposal to local apply",
                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                 registry=REGISTRY)

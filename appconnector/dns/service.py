@@ -78,6 +78,7 @@ class DnsService:
         self._fast_reported = 0
         self._fast_queries = DNS_QUERIES.labels("fast", "NOERROR")
         self._query_counters: dict[tuple[str, int], Any] = {}
+        self.refusing: str | None = None  # why every query gets REFUSED (this member left the cluster)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -105,6 +106,12 @@ class DnsService:
             self._clock_task.cancel()
             await asyncio.gather(self._clock_task, return_exceptions=True)
         self._report_fast()
+
+    def refuse_all(self, reason: str) -> None:
+        """From now on answer every query REFUSED (resolvers then ask the next server at once): this
+        member's pool copy no longer follows the cluster. The fast path's cache goes so nothing skips it."""
+        self.refusing = reason
+        self.fast.clear()
 
     async def _tick(self) -> None:
         """Advance the fast path's coarse clock and publish its counters once a second."""
@@ -159,6 +166,9 @@ class DnsService:
 
     async def _reply(self, q: wire.Query, ip: str) -> tuple[Reply, bool]:
         """The reply and whether a new mapping was checked out for it."""
+        if self.refusing is not None:
+            self._errors.info("refusing", "DNS: REFUSED %s: %s", ip, self.refusing)
+            return Reply(wire.REFUSED), False
         early = self.policy.precheck(q)
         if early is not None:
             return early, False

@@ -42,6 +42,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, r
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 
+from appconnector.pool.membership import MEMBER, STATUS_KEY
 from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_append
 
 log = logging.getLogger(__name__)
@@ -450,6 +451,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self._stopping = threading.Event()
         self._status: dict[str, object] = {}
         self._status_at = 0.0
+        # told to peers in the utility status (pool.membership): "joining" | "member" | "removed"
+        self.membership_state = MEMBER
         self._thread = threading.Thread(target=self._tick_loop, name=f"raft-{self_address}", daemon=True)
         self._thread.start()
         # pysyncobj pickles every SyncObj attribute it did not create itself into the full dump; ours (locks,
@@ -577,6 +580,11 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
 
     def status(self) -> dict[str, object]:
         return dict(self._status)
+
+    def getStatus(self) -> dict[str, Any]:  # pysyncobj's name: its utility "status" calls it
+        status: dict[str, Any] = super().getStatus()
+        status[STATUS_KEY] = self.membership_state
+        return status
 
     def transfer_leadership(self, done: Callable[[bool], None]) -> None:
         def run() -> None:

@@ -55,6 +55,7 @@ from appconnector.pool.engine import (
     StatePaths,
     validate_state_dir,
 )
+from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class RaftReplica:
         self._tuning = tuning or RaftTuning()
         self._guard = guard
         self._dynamic = dynamic_membership
+        self._membership_state = MEMBER
         self._write_deadline = write_deadline
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
         self._engine: PoolSyncObj | None = None
@@ -148,6 +150,7 @@ class RaftReplica:
             PoolSyncObj, self.self_address, self.partners, consumer, self.paths, self._secret,
             self._tuning, bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
             on_leader_change=self._on_role_change)
+        self._engine.membership_state = self._membership_state
         self._stopped = False
         self._touch_task = self._loop.create_task(self._touch_loop(), name="raft-touch-flush")
         log.info("raft: member %s started (partners %s, state %s, found %s)", self.self_address,
@@ -501,6 +504,12 @@ class RaftReplica:
         engine = self._check_open()
         if not self._dynamic:
             raise PoolError("static membership: the members are cluster.peers; change them on every member")
+        if action == "remove" and address not in self.members():
+            raise PoolError(f"{address} is not a member (members: {', '.join(self.members())})")
+        if action == "remove" and address == engine.leader():
+            # pysyncobj's leader cannot drop itself (its followers would, and the membership would split)
+            raise PoolError(f"{address} is the leader: stop it (SIGTERM hands leadership to another member), "
+                            "then remove it through the new leader")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
@@ -525,6 +534,21 @@ class RaftReplica:
             raise ReplicaUnavailable(f"{action} {address}: refused by Raft (pysyncobj reason {err}: no leader, "
                                      "or another membership change is still in progress)")
         log.warning("raft: member %s %s", address, "added" if action == "add" else "removed")
+
+    @property
+    def membership_state(self) -> str:
+        """What this member tells peers about itself: ``joining``, ``member`` or ``removed``
+        (see :mod:`appconnector.pool.membership`; a leader adds only ``joining`` peers)."""
+        return self._membership_state
+
+    def set_membership_state(self, state: str) -> None:
+        self._membership_state = state
+        if self._engine is not None:
+            self._engine.membership_state = state
+
+    @property
+    def dynamic_membership(self) -> bool:
+        return self._dynamic
 
     def members(self) -> list[str]:
         """This member and the partners it currently knows (the stored membership when dynamic)."""
@@ -566,6 +590,7 @@ class RaftReplica:
             "log_length": raw.get("log_len"),
             "self": self.self_address,
             "members": self.members(),
+            "membership": self._membership_state if self._dynamic else "static",
             "connected": sorted(k.removeprefix("partner_node_status_server_") for k, v in raw.items()
                                 if k.startswith("partner_node_status_server_") and v == 2),
             "queued_touches": queued,

@@ -1,0 +1,153 @@
+"""Cluster membership as one member sees it: another member's answer on the Raft port, this member's
+own record of whether it is in the cluster, and the pure rule that moves between the two.
+
+* ``peer_status(address, secret)`` asks a member's Raft port for pysyncobj's status with the utility
+  protocol (encrypted with the cluster secret, so only members and holders of the secret can ask).
+  Our engine adds ``appconnector_membership`` to that status: ``joining`` (started to join, waiting to be
+  added), ``member`` or ``removed``. A leader adds only peers that say ``joining``; so a member removed with
+  ``cluster remove`` (which says ``removed`` from then on, even after a restart with its state) is never
+  added back until its state directory is emptied.
+* ``MembershipRecord`` is ``membership.json`` in the member's state directory: the state above, who
+  removed it, and the last membership seen (the partner list for a restart: pysyncobj replays membership
+  changes from the journal onto the partners it is started with, so they must be the real members).
+* ``judge`` decides from the leader's status whether this member was added, is still waiting, or was
+  removed. A member is only ever judged removed on a leader's word, and only after it has been a member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.encryptor import getEncryptor
+from pysyncobj.utility import TcpUtility, UtilityException
+
+log = logging.getLogger(__name__)
+
+JOINING, MEMBER, REMOVED = "joining", "member", "removed"
+STATUS_KEY = "appconnector_membership"
+RECORD_FILE = "membership.json"
+
+
+def node_address(value: object) -> str | None:
+    """A pysyncobj node (or its address string) as ``ip:port``."""
+    if value is None:
+        return None
+    return str(getattr(value, "address", value))
+
+
+def members_of(status: Mapping[str, Any]) -> list[str]:
+    """The members a pysyncobj status names: the answering member and its partners."""
+    me = node_address(status.get("self"))
+    others = [k.removeprefix("partner_node_status_server_") for k in status
+              if k.startswith("partner_node_status_server_")]
+    return sorted({*others, *([me] if me else [])})
+
+
+def claims_leadership(status: Mapping[str, Any]) -> bool:
+    me = node_address(status.get("self"))
+    return me is not None and node_address(status.get("leader")) == me
+
+
+@functools.lru_cache(maxsize=4)
+def _encryptor(secret: str) -> Any:
+    # derived once: pysyncobj's key derivation (PBKDF2, 100k rounds) costs ~0.1 s of CPU per utility object
+    return getEncryptor(secret)
+
+
+def peer_status(address: str, secret: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
+    """pysyncobj's status of the member at ``address`` (blocking), or None when it does not answer."""
+    utility = TcpUtility(password=None, timeout=timeout)
+    if secret is not None:
+        utility._TcpUtility__connection.encryptor = _encryptor(secret)  # pysyncobj has no setter
+    try:
+        result = utility.executeCommand(address, ["status"])
+    except (UtilityException, OSError, EOFError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+async def fetch_statuses(addresses: Iterable[str], secret: str | None,
+                         timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """``peer_status`` of several members at once; those that answered."""
+    addrs = sorted(set(addresses))
+    results = await asyncio.gather(*(asyncio.to_thread(peer_status, a, secret, timeout) for a in addrs))
+    return {a: r for a, r in zip(addrs, results, strict=True) if r is not None}
+
+
+def leader_status(statuses: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """Of the answers, the one from a member that says it is the leader (the highest term wins)."""
+    leaders = [s for s in statuses.values() if claims_leadership(s)]
+    if not leaders:
+        return None
+    return max(leaders, key=lambda s: int(s.get("raft_term") or 0))
+
+
+@dataclass
+class MembershipRecord:
+    """What this member knows about its own membership; kept in ``membership.json``."""
+
+    state: str = JOINING
+    members: list[str] = field(default_factory=list)
+    removed_by: str | None = None
+    removed_at: float | None = None
+
+    @classmethod
+    def load(cls, state_dir: Path) -> MembershipRecord | None:
+        path = state_dir / RECORD_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("cluster: %s unreadable (%s); treating this member as not yet added", path, e)
+            return None
+        if not isinstance(doc, dict) or doc.get("state") not in (JOINING, MEMBER, REMOVED):
+            log.warning("cluster: %s holds no membership state; treating this member as not yet added", path)
+            return None
+        members = doc.get("members")
+        return cls(state=doc["state"], members=[str(m) for m in members] if isinstance(members, list) else [],
+                   removed_by=doc.get("removed_by"), removed_at=doc.get("removed_at"))
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / RECORD_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str
+    reason: str = ""
+    by: str | None = None  # REMOVED: the leader whose membership no longer lists this member
+
+
+def judge(me: str, recorded: str, leader: Mapping[str, Any] | None, *, is_leader: bool) -> Verdict | None:
+    """This member's membership from the leader's status; None when there is no evidence either way.
+
+    ``recorded`` is the state so far. Removed is final (until the state directory is emptied). A member
+    the leader does not list was removed only if it had been a member; a joining one is still waiting."""
+    if recorded == REMOVED:
+        return None
+    if is_leader:
+        return Verdict(MEMBER, "this member is the leader") if recorded != MEMBER else None
+    if leader is None:
+        return None
+    leader_addr = node_address(leader.get("self")) or "?"
+    listed = me in members_of(leader)
+    if listed:
+        return Verdict(MEMBER, f"the leader {leader_addr} lists this member") if recorded != MEMBER else None
+    if recorded == MEMBER:
+        return Verdict(REMOVED, f"removed from the cluster by the leader {leader_addr} (its membership "
+                       f"{', '.join(members_of(leader))} no longer lists {me})", by=leader_addr)
+    return None
+

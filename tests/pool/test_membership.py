@@ -1,0 +1,69 @@
+"""The pure membership rule and the record a member keeps of its own membership (pool.membership)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appconnector.pool.membership import (
+    JOINING,
+    MEMBER,
+    REMOVED,
+    MembershipRecord,
+    judge,
+    leader_status,
+    members_of,
+)
+
+ME = "100.64.0.3:6270"
+
+
+def _status(self_addr: str, partners: list[str], *, leader: str | None, term: int = 3) -> dict[str, object]:
+    st: dict[str, object] = {"self": self_addr, "leader": leader, "raft_term": term}
+    st.update({f"partner_node_status_server_{p}": 2 for p in partners})
+    return st
+
+
+LEADER_WITH_ME = _status("100.64.0.1:6270", ["100.64.0.2:6270", ME], leader="100.64.0.1:6270")
+LEADER_WITHOUT_ME = _status("100.64.0.1:6270", ["100.64.0.2:6270"], leader="100.64.0.1:6270")
+
+
+def test_members_of_a_status_are_the_answering_member_and_its_partners() -> None:
+    assert members_of(LEADER_WITH_ME) == ["100.64.0.1:6270", "100.64.0.2:6270", ME]
+
+
+def test_only_a_member_claiming_leadership_counts_and_the_highest_term_wins() -> None:
+    follower = _status("100.64.0.2:6270", ["100.64.0.1:6270"], leader="100.64.0.1:6270")
+    assert leader_status({"b": follower}) is None
+    stale = _status("100.64.0.9:6270", [ME], leader="100.64.0.9:6270", term=2)
+    assert leader_status({"a": LEADER_WITHOUT_ME, "b": follower, "c": stale}) is LEADER_WITHOUT_ME
+
+
+def test_a_joining_member_becomes_a_member_when_the_leader_lists_it_and_waits_otherwise() -> None:
+    verdict = judge(ME, JOINING, LEADER_WITH_ME, is_leader=False)
+    assert verdict is not None and verdict.state == MEMBER
+    assert judge(ME, JOINING, LEADER_WITHOUT_ME, is_leader=False) is None, "not added yet is not removed"
+
+
+def test_a_member_the_leader_no_longer_lists_was_removed_by_that_leader() -> None:
+    verdict = judge(ME, MEMBER, LEADER_WITHOUT_ME, is_leader=False)
+    assert verdict is not None and verdict.state == REMOVED and verdict.by == "100.64.0.1:6270"
+    assert "removed from the cluster by the leader 100.64.0.1:6270" in verdict.reason
+
+
+def test_no_leader_answer_is_no_evidence_and_removal_is_final() -> None:
+    assert judge(ME, MEMBER, None, is_leader=False) is None
+    assert judge(ME, REMOVED, LEADER_WITH_ME, is_leader=False) is None, "only an emptied state dir rejoins"
+    assert judge(ME, REMOVED, None, is_leader=True) is None
+    leading = judge(ME, JOINING, None, is_leader=True)
+    assert leading is not None and leading.state == MEMBER
+
+
+def test_the_record_survives_a_restart_and_a_bad_file_counts_as_not_added(tmp_path: Path) -> None:
+    assert MembershipRecord.load(tmp_path) is None
+    MembershipRecord(REMOVED, [ME, "100.64.0.1:6270"], "the leader 100.64.0.1:6270", 1.5).save(tmp_path)
+    loaded = MembershipRecord.load(tmp_path)
+    assert loaded == MembershipRecord(REMOVED, [ME, "100.64.0.1:6270"], "the leader 100.64.0.1:6270", 1.5)
+    (tmp_path / "membership.json").write_text("{not json")
+    assert MembershipRecord.load(tmp_path) is None
+    (tmp_path / "membership.json").write_text('{"state": "emperor"}')
+    assert MembershipRecord.load(tmp_path) is None
