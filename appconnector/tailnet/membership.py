@@ -7,9 +7,10 @@ One loop on every member, every ``interval`` seconds:
   takes one change at a time), logged. A tagged node that runs no connector, or one that was removed with
   ``cluster remove`` (it says ``removed``), is not added: a dead member would only cost quorum.
 * **Every member checks itself** against the leader's membership (``pool.membership.judge``): a joining
-  member becomes a member when the leader lists it; a member the leader no longer lists was removed.
-  Removal is final for this state directory: ``membership.json`` says ``removed`` (with who and when), so
-  a restart keeps it out; emptying the state directory and starting again joins afresh.
+  member becomes a member when the leader lists it; a member the leader no longer lists (two rounds in
+  a row) was removed. Removal is final for this state directory: ``membership.json`` says ``removed``
+  (with who and when), so a restart keeps it out; emptying the state directory and starting again joins
+  afresh.
 * The last membership seen is kept in ``membership.json`` for the partner list of the next restart.
 
 Only ``cluster remove`` removes a member: losing the tag or going offline never does (a node drops out of
@@ -45,6 +46,10 @@ from appconnector.tailnet.directory import TailnetDirectory
 log = logging.getLogger(__name__)
 
 OnRemoved = Callable[[str], Awaitable[None] | None]
+CONFIRM_REMOVED = 2
+"""Rounds in a row a leader must leave this member out before it stops serving: pysyncobj's leader drops
+a member when it proposes the removal, so a removal that never commits (the leader fails first) would
+otherwise stop a member that is still in the cluster."""
 
 
 async def join_partners(via: tuple[str, ...], secret: str | None) -> list[str]:
@@ -72,6 +77,7 @@ class ClusterMembership:
         self.state_dir: Path = replica.paths.dir
         self._skipped: dict[str, str] = {}  # tagged non-member → why it was not added (logged on change)
         self._task: asyncio.Task[None] | None = None
+        self._unlisted = 0  # rounds in a row the leader did not list this member
         replica.set_membership_state(record.state)
         metrics.CLUSTER_REMOVED.set(1 if record.state == REMOVED else 0)
 
@@ -134,6 +140,13 @@ class ClusterMembership:
             ask = {leader} if isinstance(leader, str) and leader != me else set(self.replica.members()) - {me}
             verdict = judge(me, self.record.state, leader_status(await fetch_statuses(ask, self.secret)),
                             is_leader=False)
+        if verdict is not None and verdict.state == REMOVED:
+            self._unlisted += 1
+            if self._unlisted < CONFIRM_REMOVED:
+                log.info("cluster: the leader %s does not list %s; checking again before stopping", verdict.by, me)
+                return
+        else:
+            self._unlisted = 0
         if verdict is None:
             return
         if verdict.state == MEMBER:

@@ -347,6 +347,12 @@ def test_dynamic_membership_removes_a_member_through_raft(cluster_factory: Calla
     gone = c.followers()[0]
     with pytest.raises(MemberError):  # a member cannot remove itself
         leader.call("remove_member", member=leader.self_address)
+    with pytest.raises(MemberError) as err:  # nor the leader through a follower (its followers would drop it)
+        gone.call("remove_member", member=leader.self_address)
+    assert "is the leader" in err.value.response["message"]
+    with pytest.raises(MemberError) as err:
+        leader.call("remove_member", member="127.0.0.1:1")
+    assert "is not a member" in err.value.response["message"]
     leader.call("remove_member", member=gone.self_address, timeout=20)
     gone.kill()
     rest = sorted(a for a in c.addrs if a != gone.self_address)
