@@ -236,7 +236,7 @@ def test_connection_resets_under_load_lose_nothing(reset_cluster: Any) -> None:
     assert rewritten > 0, "no append was rewritten: the resets did not produce stale resends"
 
 
-@pytest.mark.skipif(not LONG, reason="APPCONNECTOR_LONG=1: shows the same run fails without the guard")
+@pytest.mark.long  # APPCONNECTOR_LONG=1: shows the same run fails without the guard
 def test_without_the_guard_the_same_run_fails(reset_cluster: Any) -> None:
     members, proxy = reset_cluster(guard=False)
     acked, info = _run_resets_under_load(members, proxy, seconds=20)
