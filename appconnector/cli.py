@@ -259,7 +259,10 @@ def cmd_cluster_members(args: argparse.Namespace) -> int:
     for m in doc.get("members") or []:
         marks = [w for w, on in (("leader", m == leader), ("self", m == doc.get("self")),
                                  ("unreachable", isinstance(connected, list) and bool(doc.get("self"))
-                                  and m not in connected and m != doc.get("self"))) if on]
+                                  and m not in connected and m != doc.get("self")),
+                                 # this member's own view: not added yet, or removed with `cluster remove`
+                                 ("joining", m == doc.get("self") and doc.get("membership") == "joining"),
+                                 ("removed", m == doc.get("self") and doc.get("membership") == "removed")) if on]
         print(m + (f"  ({', '.join(marks)})" if marks else ""))
     return EXIT_OK
 

@@ -282,6 +282,8 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
         assert f"removed from the cluster by the leader {leader}" in said, said
         assert _ask(CONN3[target], 5353)[0] == 5, "the removed member answers REFUSED (rcode 5)"
         assert not fleet.ready(target), "the removed member reports unready"
+        own = _cli("cluster", "members", "--http", f"{CONN3[target]}:8893").stdout
+        assert f"{addr}  (self, removed)" in own, own
         _wait(lambda: "100.64.1.0/24" not in (get_state(fleet.socks[target])["prefs"]["AdvertiseRoutes"] or []),
               10, "the removed member to withdraw the pool route")
         assert get_state(fleet.socks[target])["prefs"]["AdvertiseRoutes"] == ["192.168.50.0/24"]
