@@ -83,6 +83,8 @@ class Connector:
 
         self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret(),
                                    dynamic_membership=record is not None)
+        if record is not None:  # before Raft listens: the leader must not see a joining member as "member"
+            self.replica.set_membership_state(record.state)
         try:
             await self.replica.start()
         except StateError as e:
