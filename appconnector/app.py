@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import dnslib
-
 from appconnector.config import Config, ConfigError
 from appconnector.dns.service import DnsService
 from appconnector.http import StatusServer
 from appconnector.leader import LeaderDuties
 from appconnector.nat.service import NatService
-from appconnector.pool.api import Address
 from appconnector.pool.engine import StateError, StatePaths
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
@@ -92,19 +88,12 @@ class Connector:
                                "(move the bad file away to rejoin from the other members)") from e
         self._started.append(self.replica)
 
-        # Built before NAT starts (NAT puts the DNS address on lo first); shares its upstream cache.
+        # Built before NAT starts (NAT puts the DNS address on lo first); the leader's target refresh
+        # shares its upstream resolver and cache.
         self.dns = DnsService(cfg, self.replica, identity)
-        upstream = self.dns.upstream
-
-        async def resolve_targets(domain: str) -> tuple[list[Address], float]:
-            res = await upstream.resolve(domain, dnslib.QTYPE.A)
-            if res.kind != "ok":
-                raise LookupError(f"{res.kind} {res.detail}".strip())
-            return [int(_ipv4(a)) for a in res.addresses], float(res.ttl)
-
         directory = self.tailnet.directory if self.tailnet is not None else None
         self.nat = NatService(cfg, self.replica, directory,
-                              resolver=resolve_targets if cfg.dns.verify_upstream else None)
+                              resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None)
         await self.nat.start()
         self._started.append(self.nat)
 
@@ -214,10 +203,6 @@ class Connector:
 
 def _int(v: object) -> int:
     return v if isinstance(v, int) else 0
-
-
-def _ipv4(text: str) -> int:
-    return int(ipaddress.IPv4Address(text))
 
 
 async def serve(cfg: Config) -> int:
