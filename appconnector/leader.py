@@ -18,13 +18,13 @@ Every member runs the loop; it acts only while ``replica.is_leader()``. The pure
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
 from collections.abc import Callable, Container, Iterable
 
 from appconnector.config import Config, pool_networks
+from appconnector.periodic import Periodic
 from appconnector.pool.api import Address, PoolError, Replica
 from appconnector.tailnet.api import NodeDirectory, NodeInfo
 
@@ -84,26 +84,13 @@ class LeaderDuties:
         self._absence = AbsenceTracker(cfg.pool.reuse_after)
         self._excluded: frozenset[Address] | None = None
         self._proposed_at = -HEARTBEAT
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("leader duties", interval, self.round)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-duties")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.round()
-            except PoolError as e:
-                log.info("leader duties: proposal not committed (%s); next round retries", e)
-            except Exception:  # one bad round must not end the loop
-                log.exception("leader duties: round failed")
-            await asyncio.sleep(self.interval)
+        await self._loop.stop()
 
     async def round(self) -> None:
         if not self.replica.is_leader():

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from appconnector.periodic import Periodic
 from appconnector.pool.api import Address, PoolError, Replica
 
 log = logging.getLogger(__name__)
@@ -43,25 +44,14 @@ class TargetRefresher:
         self.clock = clock
         self._due: dict[str, float] = {}
         self._sem = asyncio.Semaphore(concurrency)
-        self._task: asyncio.Task[None] | None = None
         self.proposals = 0  # set_targets commands proposed (for status and tests)
+        self._loop = Periodic("nat target refresh", tick, self.round)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="nat-target-refresh")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.round()
-            except Exception:  # one bad round must not end refreshing
-                log.exception("nat: target refresh round failed")
-            await asyncio.sleep(self.tick)
+        await self._loop.stop()
 
     async def round(self) -> None:
         """Refresh every domain that is due (leader only)."""

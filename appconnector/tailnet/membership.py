@@ -19,7 +19,6 @@ the netmap briefly on ACL edits and key expiry; the leader must not shrink the c
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -27,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from appconnector import metrics
-from appconnector.pool.api import PoolError
+from appconnector.periodic import Periodic
 from appconnector.pool.membership import (
     JOINING,
     MEMBER,
@@ -76,7 +75,7 @@ class ClusterMembership:
         self.interval = interval
         self.state_dir: Path = replica.paths.dir
         self._skipped: dict[str, str] = {}  # tagged non-member → why it was not added (logged on change)
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("cluster membership", interval, self.round)
         self._unlisted = 0  # rounds in a row the leader did not list this member
         replica.set_membership_state(record.state)
         metrics.CLUSTER_REMOVED.set(1 if record.state == REMOVED else 0)
@@ -99,23 +98,10 @@ class ClusterMembership:
     async def start(self) -> None:
         if self.record.state == REMOVED:
             await self._call_removed(f"{self.removed_reason} (recorded in {self.state_dir}/membership.json)")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-membership")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.round()
-            except PoolError as e:
-                log.info("cluster: membership change not committed (%s); next round retries", e)
-            except Exception:
-                log.exception("cluster: membership round failed")
-            await asyncio.sleep(self.interval)
+        await self._loop.stop()
 
     async def round(self) -> None:
         await self._check_self()
