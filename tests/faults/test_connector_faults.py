@@ -91,6 +91,33 @@ def test_connectors_answer_consistently_under_faults(tmp_path: Path, nodes: list
     assert r.mappings >= 100
 
 
+def test_connectors_reuse_addresses_safely_under_faults(tmp_path: Path, nodes: list[str]) -> None:
+    """A 15-address pool, a 2 s reuse deadline, two nodes asking for 24 names over DNS while the leader
+    is killed, reset, paused and cut off: DNS answers (local hits included) never give an address that
+    already means another domain for the node, and never move a name before its deadline."""
+    c = ConnectorCluster(tmp_path / "acfault", 27640, prefixes=("100.64.3.0/28",), reuse_after=2.0)
+    net = LoopbackNet(c.endpoints())
+    net.install()
+    try:
+        c.start()
+        mix = Mix(nodes=tuple(nodes[:2]), domains=tuple(f"r{i}.example.com" for i in range(24)),
+                  checkout=1.0, lookup=0.0, domain_for=0.0, touch=0.0, think=0.02)
+        steps = [Nemesis.kill_leader, Nemesis.reset_storm, Nemesis.pause_leader, Nemesis.isolate_leader]
+        r = run(c, net, duration=8 * SCALE, steps=steps, mix=mix, clients=4, reuse_after=2.0,  # type: ignore[arg-type]
+                artifacts=tmp_path / "out")
+    finally:
+        c.stop()
+        net.remove()
+    _report("connector_reuse", r.summary())
+    assert r.verdict.ok, r.verdict.explain()[:6000]
+    assert not r.problems, r.problems
+    owners: dict[tuple[str, int], set[str]] = {}
+    for o in r.history.ops:
+        if o.kind == "resolve" and o.status == "ok" and o.address is not None and o.domain:
+            owners.setdefault((o.node, o.address), set()).add(o.domain)
+    assert max(len(v) for v in owners.values()) >= 2, "no address was ever reassigned"
+
+
 def test_leader_kill_to_next_answered_new_name(tmp_path: Path, nodes: list[str]) -> None:
     """kill -9 the leader connector; a client asks a surviving connector for a name it never asked
     before, retrying on SERVFAIL or silence like a stub resolver. Times go to docs/reliability.md."""
