@@ -108,7 +108,7 @@ def test_address_reuse_under_faults(tmp_path: Path, net_ok: None) -> None:
     for o in r.history.ops:
         if o.kind == "checkout" and o.status == "ok" and o.address is not None and o.domain:
             owners.setdefault((o.node, o.address), set()).add(o.domain)
-    assert max(len(v) for v in owners.values()) >= 3, owners
+    assert max(len(v) for v in owners.values()) >= 2, owners  # reassigned at least once
     assert r.history.counts().get("checkout:fail", 0) >= 1, "the small pool was never exhausted"
 
 
