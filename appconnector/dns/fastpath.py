@@ -20,6 +20,7 @@ an answer read from the pool before a removal it has not seen).
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import threading
 from collections.abc import Callable
@@ -60,14 +61,15 @@ class FastEntry:
     counts words). ``touch_due``: when a hit should next queue a touch. ``alive`` goes False when the
     pool removes the mapping, which retires the exact-cache lines that point here."""
 
-    __slots__ = ("address", "alive", "domain", "heads", "node", "tail", "touch_due")
+    __slots__ = ("address", "alive", "domain", "heads", "node", "stale_at", "tail", "touch_due")
 
-    def __init__(self, node: str, domain: str, address: Address, touch_due: float, rcode: int,
+    def __init__(self, node: str, domain: str, address: Address, touch_due: float, stale_at: float, rcode: int,
                  answers: tuple[bytes, ...], authority: tuple[bytes, ...]) -> None:
         self.node = node
         self.domain = domain
         self.address = address
         self.touch_due = touch_due
+        self.stale_at = stale_at
         self.alive = True
         self.tail = b"".join(answers) + b"".join(authority)
         self.heads = _heads(rcode, len(answers), len(authority))
@@ -92,13 +94,17 @@ class FastPath:
     """The caches and the glue. ``cached_identity`` maps a client IP to its node without I/O; None
     means the IP is the node (standalone mode: one call less per query). ``now`` is a coarse clock
     the service advances (one read per second, not one per query); ``touch`` queues a last-used mark
-    when an entry's is older than ``refresh``."""
+    when an entry's is older than ``refresh``. An entry whose stored last-used is ``max_age`` old is
+    not answered from (the general path confirms it through Raft: another member may have reused the
+    address meanwhile)."""
 
     def __init__(self, cached_identity: Callable[[str], NodeInfo | None] | None,
-                 touch: Callable[[str, Address, str, float], None], refresh: float, now: float) -> None:
+                 touch: Callable[[str, Address, str, float], None], refresh: float, now: float,
+                 max_age: float = math.inf) -> None:
         self._identity = cached_identity
         self._touch = touch
         self.refresh = refresh
+        self.max_age = max_age
         self.now = now
         self.generation = 0
         self.hits = 0
@@ -125,7 +131,8 @@ class FastPath:
         hit = self._exact.get((ip, rest))
         if hit is not None:
             entry = hit[0]
-            if entry.alive and (self._identity is None or _same_node(self._identity(ip), entry.node)):
+            if entry.alive and self.now < entry.stale_at and (
+                    self._identity is None or _same_node(self._identity(ip), entry.node)):
                 if self.now >= entry.touch_due:
                     self._touch_entry(entry)
                 self.hits += 1
@@ -162,7 +169,7 @@ class FastPath:
                 return None
             node = info.node
         stored = self._entries.get((node, question.lower()))
-        if stored is None:
+        if stored is None or self.now >= stored.stale_at:
             return None
         if self.now >= stored.touch_due:
             self._touch_entry(stored)
@@ -182,7 +189,8 @@ class FastPath:
               generation: int) -> None:
         """Remember the answer just given for ``query`` (an A or AAAA of a pool mapping), unless the
         pool removed a mapping since ``generation`` was read (the answer may be stale)."""
-        entry = FastEntry(node, domain, address, last_used + self.refresh, reply_rcode, answers, authority)
+        entry = FastEntry(node, domain, address, last_used + self.refresh, last_used + self.max_age, reply_rcode,
+                          answers, authority)
         key = query.question.lower()
         with self._lock:
             if generation != self.generation:

@@ -47,11 +47,24 @@ log = logging.getLogger(__name__)
 NatReady = Callable[[str, Address], Awaitable[None]]
 NAT_READY_TIMEOUT = 2.0
 DEFAULT_REFRESH = 300.0  # upstream natc touches at most every 5 min
+FAST_CLOCK_TICK = 1.0    # how often the fast path's coarse clock is advanced
 
 
 def refresh_interval(reuse_after: float) -> float:
     """How stale a stored last-used may get before a DNS hit sends a touch (DESIGN §3)."""
     return min(DEFAULT_REFRESH, reuse_after / 8)
+
+
+def local_answer_age(reuse_after: float) -> float:
+    """The oldest stored last-used a hit may be answered from local state.
+
+    A lagging member (partitioned, restarted, slow) may still hold a mapping the cluster has already
+    reclaimed for another domain, but only one idle for ``reuse_after``: its local last-used can only
+    be older than the committed one. So a mapping idle for less than ``reuse_after - refresh`` cannot
+    have been reclaimed yet (with proposer clocks within ``refresh`` of each other); an older one is
+    confirmed through a Raft checkout, which this member applies in log order, after any reuse.
+    """
+    return reuse_after - refresh_interval(reuse_after)
 
 
 class DnsService:
@@ -69,7 +82,10 @@ class DnsService:
         self._pool_nets = pool_networks(cfg.pool.prefixes)
         self._ignore_nets = [ipaddress.ip_network(p, strict=False) for p in cfg.pool.ignore_destinations]
         node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
-        self.fast = FastPath(node_of, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time())
+        self.max_age = local_answer_age(cfg.pool.reuse_after)
+        # the fast path's clock is coarse (advanced every FAST_CLOCK_TICK): its limit allows for that
+        self.fast = FastPath(node_of, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time(),
+                             self.max_age - FAST_CLOCK_TICK)
         # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
         self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer
         self.server = DnsServer(self, cfg.dns_listen())
@@ -118,7 +134,7 @@ class DnsService:
         while True:
             self.fast.now = time.time()
             self._report_fast()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(FAST_CLOCK_TICK)
 
     def _report_fast(self) -> None:
         hits = self.fast.hits
@@ -199,9 +215,9 @@ class DnsService:
         node = info.node
         generation = self.fast.generation
         known = self.replica.lookup(node, domain)
-        if known is not None:
+        now = time.time()
+        if known is not None and now - known[1] < self.max_age:
             address, last_used = known
-            now = time.time()
             if now - last_used >= self.fast.refresh:
                 self.replica.touch(node, address, domain, now)
                 last_used = now

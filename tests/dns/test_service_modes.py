@@ -145,12 +145,25 @@ def test_reassigned_address_is_not_served_from_a_stale_fast_answer(running: Star
     first = a_of(r.query("n0.test"))
     for i in (1, 2):
         r.query(f"n{i}.test")
-    assert r.service.fast.answer(dns.message.make_query("n0.test", "A").to_wire(), "127.0.0.1")  # type: ignore[union-attr]
+    # (with reuse_after 1s the fast path never answers: every hit is idle near reuse_after, see below)
     wait_until(lambda: r.query("n5.test").rcode() == dns.rcode.NOERROR, 6, "n5 to reuse an idle address")
     n5 = a_of(r.query("n5.test"))
     assert n5 == first and r.pool.lookup("127.0.0.1", "n0.test") is None  # n0 was the least recently used
     n0 = r.query("n0.test")
     assert a_of(n0) != n5, "n0 and n5 must never share an address"
+
+
+def test_an_address_dropped_from_the_pool_is_not_served_from_a_stale_fast_answer(
+        running: Start, unbound: Unbound) -> None:
+    r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]))
+    [first] = a_of(r.query("n0.test"))
+    query = dns.message.make_query("n0.test", "A").to_wire()
+    assert r.service is not None and r.service.fast.answer(query, "127.0.0.1"), "a ready fast answer"
+    # a tailnet node turns out to hold that address: the pool drops the mapping (set_excluded)
+    r.pool.apply(("set_excluded", (int(ipaddress.IPv4Address(first)),), time.time()))
+    assert r.service.fast.answer(query, "127.0.0.1") is None
+    [again] = a_of(r.query("n0.test"))
+    assert again != first, "never the dropped address again"
 
 
 def test_stop_drains_queries_in_flight(running: Start, stub: StubUpstream) -> None:
@@ -197,3 +210,21 @@ def test_works_on_the_default_asyncio_loop_too(running: Start, unbound: Unbound)
     assert len(first) == 1
     assert a_of(r.query("app.test")) == first == a_of(r.query("app.test", tcp=True))
     assert r.service.fast.hits >= 2  # type: ignore[union-attr]
+
+
+
+def test_a_mapping_idle_near_reuse_after_is_confirmed_through_the_pool(running: Start, unbound: Unbound) -> None:
+    """A lagging member may hold a mapping the cluster already reused; only a mapping idle for nearly
+    ``reuse_after`` can be affected, so such a hit is confirmed by a checkout (applied before the answer
+    leaves) instead of being answered from local state with a queued touch."""
+    # reuse_after 8s → refresh 1s → local answers only for mappings used within the last 7s
+    r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], pool_reuse_after="8s"))
+    old = time.time() - 7.5
+    [address] = r.pool.apply(("checkout_batch", (("127.0.0.1", "app.test", (), 60.0),), old, old - 8))
+    before = time.time()
+    assert a_of(r.query("app.test")) == [str(ipaddress.IPv4Address(address))]
+    now = r.pool.lookup("127.0.0.1", "app.test")
+    assert now is not None and now[0] == address
+    assert now[1] >= before, "the answer waited for a checkout that marked the mapping used now"
+    # answered again at once: now a recent mapping, from local state (and the fast path)
+    assert a_of(r.query("app.test")) == [str(ipaddress.IPv4Address(address))]

@@ -91,8 +91,6 @@ def test_connectors_answer_consistently_under_faults(tmp_path: Path, nodes: list
     assert r.mappings >= 100
 
 
-@pytest.mark.xfail(strict=False, reason="known anomaly (docs/reliability.md, finding 2): a lagging connector "
-                   "answers a DNS hit with an address the cluster already reassigned to another domain")
 def test_connectors_reuse_addresses_safely_under_faults(tmp_path: Path, nodes: list[str]) -> None:
     """A 15-address pool, a 2 s reuse deadline, two nodes asking for 24 names over DNS while the leader
     is killed, reset, paused and cut off: DNS answers (local hits included) never give an address that

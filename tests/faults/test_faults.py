@@ -135,7 +135,7 @@ def test_checker_catches_a_broken_replica(tmp_path: Path, net_ok: None) -> None:
     assert len(set(r.digests.values())) == 1  # the digests could not have told
 
 
-@pytest.mark.skipif(not LONG, reason="long run only: the connector-level test measures this over DNS")
+@pytest.mark.long  # the connector-level test measures this over DNS in the bounded run
 def test_time_from_leader_kill_to_next_new_name(tmp_path: Path, net_ok: None) -> None:
     """kill -9 the leader, then ask a surviving member for a name never seen before; it must be answered
     (after a new election) and survive on every member. The times go to docs/reliability.md."""
@@ -180,8 +180,8 @@ def _corrupt_middle(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("which", ["dump", pytest.param("journal", marks=pytest.mark.skipif(
-    not LONG, reason="long run only: the connector-level test covers a corrupt journal"))])
+# the journal case is long-only: the connector-level test covers a corrupt journal in the bounded run
+@pytest.mark.parametrize("which", ["dump", pytest.param("journal", marks=pytest.mark.long)])
 def test_corrupt_state_file_refused_and_cluster_keeps_serving(tmp_path: Path, net_ok: None, which: str) -> None:
     gen = _cluster(tmp_path, 27450 if which == "journal" else 27460)
     c, _net = next(gen)
