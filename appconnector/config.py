@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "APPCONNECTOR_"
+# Variables the ``appconnector`` command reads itself (--config, --log-level, --log-format): not config keys.
+COMMAND_VARIABLES = frozenset({"APPCONNECTOR_CONFIG", "APPCONNECTOR_LOG_LEVEL", "APPCONNECTOR_LOG_FORMAT"})
 DEFAULT_RAFT_PORT = 6270
 STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
 
@@ -296,7 +298,7 @@ def _build(raw: Mapping[str, Any], source: str) -> Config:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in COMMAND_VARIABLES:
             continue
         rest = name[len(ENV_PREFIX):].lower()
         section, _, key = rest.partition("_")

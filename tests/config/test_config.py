@@ -79,6 +79,13 @@ def test_unknown_env_variable_is_an_error() -> None:
     assert err.value.key == "APPCONNECTOR_DNS_TTLL"
 
 
+def test_command_variables_are_not_config_keys() -> None:
+    # the command reads these itself (--log-level, --log-format defaults); a config load must not refuse them
+    cfg = config.load(None, env={"APPCONNECTOR_LOG_LEVEL": "debug", "APPCONNECTOR_LOG_FORMAT": "json",
+                                 "APPCONNECTOR_DNS_TTL": "30s"})
+    assert cfg.dns.ttl == 30.0
+
+
 def test_demo_is_standalone_offline(tmp_path: Path) -> None:
     cfg = config.demo(tmp_path, env={})
     assert cfg.standalone and not cfg.dns.verify_upstream

@@ -42,6 +42,14 @@ def test_check_config_from_environment(tmp_path: Path) -> None:
     assert res.returncode == 2 and "http.listen" in res.stderr
 
 
+def test_log_variables_do_not_make_the_config_bad(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(GOOD.format(state=tmp_path / "state"))
+    res = cli("check-config", "--config", str(cfg),
+              env={"APPCONNECTOR_LOG_LEVEL": "debug", "APPCONNECTOR_LOG_FORMAT": "json"})
+    assert res.returncode == 0, res.stderr
+
+
 def test_check_config_refuses_magicdns_upstream(tmp_path: Path) -> None:
     cfg = tmp_path / "loop.toml"
     cfg.write_text('[dns]\nupstream = ["100.100.100.100:53"]\n')
