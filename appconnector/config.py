@@ -317,9 +317,11 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
     if path is not None:
         source = str(path)
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(Path(path).read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale
         except OSError as e:
             raise ConfigError("--config", str(path), f"a readable TOML file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("--config", str(path), f"a UTF-8 TOML file ({e.reason} at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("--config", str(path), f"valid TOML ({e})") from None
     for section, values in _env_overrides(env).items():

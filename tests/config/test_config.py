@@ -73,6 +73,14 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     assert key in str(err.value)
 
 
+def test_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[dns]\ndomains = ["caf\xe9.example"]\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert err.value.key == "--config" and "UTF-8" in str(err.value)
+
+
 def test_unknown_env_variable_is_an_error() -> None:
     with pytest.raises(ConfigError) as err:
         config.load(None, env={"APPCONNECTOR_DNS_TTLL": "5s"})
