@@ -24,7 +24,7 @@ from appconnector.dns.service import DnsService
 from appconnector.http import StatusServer
 from appconnector.leader import LeaderDuties
 from appconnector.nat.service import NatService
-from appconnector.pool.engine import StateError, StatePaths
+from appconnector.pool.engine import BindError, StateError, StatePaths
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
@@ -86,6 +86,8 @@ class Connector:
         except StateError as e:
             raise StartupError(f"pool state in {cfg.cluster.state_dir}: {e}; refusing to start "
                                "(move the bad file away to rejoin from the other members)") from e
+        except BindError as e:
+            raise StartupError(f"{e} (cluster.raft_port; is another connector running?)") from e
         self._started.append(self.replica)
 
         # Built before NAT starts (NAT puts the DNS address on lo first); the leader's target refresh

@@ -70,3 +70,31 @@ listen = "127.0.0.1:{http_port}"
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_run_with_the_raft_port_taken_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    http_port, dns_port = free_port(), free_port()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        raft_port = holder.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"""
+[tailnet]
+mode = "standalone"
+[dns]
+listen = ["127.0.0.1:{dns_port}"]
+verify_upstream = false
+[cluster]
+state_dir = "{tmp_path / 'state'}"
+raft_port = {raft_port}
+[nat]
+enabled = false
+[http]
+listen = "127.0.0.1:{http_port}"
+""")
+        res = cli("run", "--config", str(cfg), timeout=60)
+    assert res.returncode == 1
+    assert "cannot start" in res.stderr and "cluster.raft_port" in res.stderr
+    assert "Traceback" not in res.stderr
