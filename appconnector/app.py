@@ -29,6 +29,7 @@ from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
+from appconnector.tailnet.localapi import LocalAPIError
 from appconnector.tailnet.membership import ClusterMembership, join_partners
 from appconnector.tailnet.service import TailnetService
 from appconnector.tailnet.standalone import StandaloneIdentity
@@ -69,11 +70,11 @@ class Connector:
             self_address, partners = cfg.raft_self(), list(cfg.cluster.peers)
         else:
             self.tailnet = TailnetService(cfg)
+            self._started.append(self.tailnet)  # before start: stop() ends a half-started watch and filter
             try:
                 await self.tailnet.start()
-            except TailnetUnavailable as e:
+            except (TailnetUnavailable, LocalAPIError) as e:  # e.g. 403: no write access to tailscaled's prefs
                 raise StartupError(f"tailscaled: {e} (socket {cfg.tailnet.localapi_socket})") from e
-            self._started.append(self.tailnet)
             identity = self.tailnet.identity
             self_address, partners, record = await self._tailnet_membership(self.tailnet)
 

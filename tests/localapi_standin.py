@@ -13,6 +13,8 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
 * ``GET /localapi/v0/prefs`` → prefs (``AdvertiseRoutes`` is ``null`` when empty, as Go encodes a nil
   slice); ``PATCH`` takes ``ipn.MaskedPrefs``: a field changes only when its ``<Field>Set`` is true,
   and then it is copied as given (so ``AdvertiseRoutesSet`` with a partial list wipes the rest);
+  with state ``"prefs_write": false`` a PATCH gets 403 "prefs write access denied", as tailscaled
+  answers a LocalAPI user without write access;
 * ``GET /localapi/v0/watch-ipn-bus?mask=N`` streams one ``ipn.Notify`` JSON per line, chunked, with
   the Go encoder's ``null`` fields. Initial message per the mask bits (InitialState, InitialPrefs,
   InitialNetMap, InitialStatus). On a peer change: ``style="netmap"`` (tailscaled ≤1.96) sends the
@@ -181,6 +183,7 @@ class Standin:
         prefs = copy.deepcopy(_DEFAULT_PREFS)
         prefs.update(state.get("prefs") or {})
         self.prefs: dict[str, Any] = prefs
+        self.prefs_write = bool(state.get("prefs_write", True))
         if notify:
             removed = [n.node_id for sid, n in old.items() if sid not in self.peers]
             changed = [n for sid, n in self.peers.items() if old.get(sid) != n]
@@ -374,6 +377,8 @@ class Standin:
 
     def _prefs(self, writer: asyncio.StreamWriter, method: str, body: bytes) -> bool:
         if method == "PATCH":
+            if not self.prefs_write:
+                return self._text(writer, 403, "prefs write access denied")
             try:
                 masked = json.loads(body)
                 if not isinstance(masked, dict):
