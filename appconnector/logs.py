@@ -31,28 +31,28 @@ def _kv_value(v: object) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
+def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, object]:
+    """The keys both formats print, in order: ts, level, logger, msg, the extras, exc."""
+    fields: dict[str, object] = {"ts": _timestamp(record.created), "level": record.levelname.lower(),
+                                 "logger": record.name, "msg": record.getMessage()}
+    fields.update(_extras(record))
+    if record.exc_info:
+        fields["exc"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 class KeyValueFormatter(logging.Formatter):
     """``ts=… level=info logger=appconnector.dns msg="…" key=value``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = {"ts": _timestamp(record.created), "level": record.levelname.lower(),
-                                     "logger": record.name, "msg": record.getMessage()}
-        fields.update(_extras(record))
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_kv_value(v)}" for k, v in fields.items())
+        return " ".join(f"{k}={_kv_value(v)}" for k, v in _fields(self, record).items())
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line with the same keys as the key=value format."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = {"ts": _timestamp(record.created), "level": record.levelname.lower(),
-                                     "logger": record.name, "msg": record.getMessage()}
-        fields.update(_extras(record))
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        return json.dumps(fields, default=str, ensure_ascii=False)
+        return json.dumps(_fields(self, record), default=str, ensure_ascii=False)
 
 
 def setup(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) -> None:
