@@ -3,10 +3,11 @@
     tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS → status HTTP
     → leader duties → cluster membership (tailscale mode with cluster.tag)
 
-Stop (SIGTERM/SIGINT): DNS drains first so no answer is given that cannot be steered, then the
-leader duties, then the replica flushes queued touches and hands leadership away, then NAT removes
-its table, then the tailnet watch ends. ``serve`` returns the process exit code (DESIGN.md §7):
-0 after a signal, 1 for a runtime failure (the log says which part and why).
+Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the status HTTP
+closes, DNS drains (so no answer is given that cannot be steered), NAT removes its table and the DNS
+address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
+``serve`` returns the process exit code (DESIGN.md §7): 0 after a signal, 1 for a runtime failure
+(the log says which part and why).
 """
 
 from __future__ import annotations
