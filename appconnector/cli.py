@@ -197,11 +197,19 @@ def _print(doc: Any) -> None:
     print(json.dumps(doc, indent=2, default=str))
 
 
+def _get_object(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+    """GET ``path``: the JSON object of a 200 answer, else None after saying on stderr what came back."""
+    code, doc = http_call(args, path)
+    if code == 200 and isinstance(doc, dict):
+        return doc
+    print(f"appconnector: {path.split('?')[0]} answered HTTP {code}: {doc}", file=sys.stderr)
+    return None
+
+
 @_client
 def cmd_status(args: argparse.Namespace) -> int:
-    code, doc = http_call(args, "/status")
-    if code != 200 or not isinstance(doc, dict):
-        print(f"appconnector: /status answered HTTP {code}", file=sys.stderr)
+    doc = _get_object(args, "/status")
+    if doc is None:
         return EXIT_FAIL
     if args.json:
         _print(doc)
@@ -221,9 +229,8 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit)}
     if args.node:
         query["node"] = args.node
-    code, doc = http_call(args, "/pool?" + urllib.parse.urlencode(query))
-    if code != 200 or not isinstance(doc, dict):
-        print(f"appconnector: /pool answered HTTP {code}: {doc}", file=sys.stderr)
+    doc = _get_object(args, "/pool?" + urllib.parse.urlencode(query))
+    if doc is None:
         return EXIT_FAIL
     if args.json:
         _print(doc)
@@ -247,9 +254,8 @@ def cmd_pool_lookup(args: argparse.Namespace) -> int:
 
 @_client
 def cmd_cluster_members(args: argparse.Namespace) -> int:
-    code, doc = http_call(args, "/cluster/members")
-    if code != 200 or not isinstance(doc, dict):
-        print(f"appconnector: /cluster/members answered HTTP {code}", file=sys.stderr)
+    doc = _get_object(args, "/cluster/members")
+    if doc is None:
         return EXIT_FAIL
     if args.json:
         _print(doc)
