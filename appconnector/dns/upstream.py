@@ -144,9 +144,6 @@ class UpstreamResolver:
                 self._cache.clear()
         self._cache[key] = (self._clock() + ttl, res)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     async def _lookup(self, domain: str, qtype: int) -> Resolution:
         if not self.servers:
             DNS_UPSTREAM.labels("failure").inc()

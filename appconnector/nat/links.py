@@ -40,11 +40,6 @@ def forwarding_enabled() -> bool:
         return False
 
 
-def interface_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
 def _local_route(ipr: IPRoute, command: str, address: str) -> None:
     lo = ipr.link_lookup(ifname="lo")[0]
     ipr.route(command, dst=address, dst_len=32, type="local", scope="host", table=_LOCAL_TABLE, oif=lo)
@@ -64,9 +59,3 @@ def remove_local_route(address: str) -> None:
         except NetlinkError as e:
             if e.code != 3:  # ESRCH: no such route
                 raise
-
-
-def has_local_route(address: str) -> bool:
-    with IPRoute() as ipr:
-        return any(r.get_attr("RTA_DST") == address and r.get("dst_len") == 32
-                   for r in ipr.route("dump", table=_LOCAL_TABLE))

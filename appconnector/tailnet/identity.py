@@ -79,15 +79,6 @@ class TailnetIdentity:
         self._known[ip] = info
         return info
 
-    def invalidate(self, ip: str | None = None) -> None:
-        """Forget one IP, or everything."""
-        if ip is None:
-            self._known.clear()
-            self._strangers.clear()
-        else:
-            self._known.pop(ip, None)
-            self._strangers.pop(ip, None)
-
     def _on_netmap_change(self) -> None:
         assert self._directory is not None
         by_ip = self._directory.by_ip()
