@@ -204,7 +204,8 @@ class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
                 raise StateError(f"state format {dumped.format}, this version reads {STATE_FORMAT}")
             state = self._restore(dumped.data)
         except Exception as e:
-            # pysyncobj would log this and go on with the old state: we stop instead (see RaftReplica).
+            # pysyncobj would log this and go on with the old state: RaftReplica refuses writes from now on
+            # and its status reports the failure (the member goes unready).
             self.failure = f"cannot load the pool state from a full dump: {e!r}"
             log.critical(self.failure)
             raise

@@ -121,7 +121,6 @@ class RaftReplica:
         self._touch_lock = threading.Lock()
         self._touch_task: asyncio.Task[None] | None = None
         self._stopped = True
-        self._fatal: str | None = None
         self.applied = 0
         self.started_info: dict[str, object] = {}
 
@@ -219,9 +218,13 @@ class RaftReplica:
 
     # ---- proposals (event loop) ---------------------------------------------------------------------
 
+    def _failure(self) -> str | None:
+        """Why this replica's state can no longer be trusted (a full dump that would not load), or None."""
+        return self._consumer.failure if self._consumer is not None else None
+
     def _check_open(self) -> PoolSyncObj:
-        if self._fatal or (self._consumer is not None and self._consumer.failure):
-            raise ReplicaUnavailable(f"replica failed: {self._fatal or (self._consumer and self._consumer.failure)}")
+        if failure := self._failure():
+            raise ReplicaUnavailable(f"replica failed: {failure}")
         if self._stopped or self._engine is None:
             raise ReplicaUnavailable("replica is not running")
         return self._engine
@@ -601,7 +604,7 @@ class RaftReplica:
             "tails_held": engine.tails_held,
             "truncations_refused": engine.journal.refused,
             "diverged": engine.divergence.count + engine.journal.truncated_applied,
-            "failure": self._fatal or (self._consumer.failure if self._consumer else None),
+            "failure": self._failure(),
         }
 
 
