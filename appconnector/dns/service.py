@@ -37,7 +37,7 @@ from appconnector.metrics import (
     DNS_SERVFAIL,
     DNS_UNKNOWN_CLIENTS,
 )
-from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable
+from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable, touch_refresh
 from appconnector.pool.names import normalise_domain
 from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
 from appconnector.tailnet.standalone import StandaloneIdentity
@@ -46,13 +46,7 @@ log = logging.getLogger(__name__)
 
 NatReady = Callable[[str, Address], Awaitable[None]]
 NAT_READY_TIMEOUT = 2.0
-DEFAULT_REFRESH = 300.0  # upstream natc touches at most every 5 min
 FAST_CLOCK_TICK = 1.0    # how often the fast path's coarse clock is advanced
-
-
-def refresh_interval(reuse_after: float) -> float:
-    """How stale a stored last-used may get before a DNS hit sends a touch (DESIGN §3)."""
-    return min(DEFAULT_REFRESH, reuse_after / 8)
 
 
 def local_answer_age(reuse_after: float) -> float:
@@ -64,7 +58,7 @@ def local_answer_age(reuse_after: float) -> float:
     have been reclaimed yet (with proposer clocks within ``refresh`` of each other); an older one is
     confirmed through a Raft checkout, which this member applies in log order, after any reuse.
     """
-    return reuse_after - refresh_interval(reuse_after)
+    return reuse_after - touch_refresh(reuse_after)
 
 
 class DnsService:
@@ -84,7 +78,7 @@ class DnsService:
         node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
         self.max_age = local_answer_age(cfg.pool.reuse_after)
         # the fast path's clock is coarse (advanced every FAST_CLOCK_TICK): its limit allows for that
-        self.fast = FastPath(node_of, replica.touch, refresh_interval(cfg.pool.reuse_after), time.time(),
+        self.fast = FastPath(node_of, replica.touch, touch_refresh(cfg.pool.reuse_after), time.time(),
                              self.max_age - FAST_CLOCK_TICK)
         # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
         self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer

@@ -28,15 +28,10 @@ from appconnector.nat.reconcile import Reconciler
 from appconnector.nat.render import Delta, Key, SteerModel, TableSpec, ip_text
 from appconnector.nat.targets import Resolver, TargetRefresher
 from appconnector.pool.api import Address, Changes, PoolReader, Replica
+from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
 
 log = logging.getLogger(__name__)
-
-
-def default_touch_refresh(reuse_after: float) -> float:
-    """How old a last-used mark must be before traffic refreshes it: min(5 min, reuse_after / 8),
-    the DNS hit rule of DESIGN.md §3."""
-    return min(300.0, reuse_after / 8)
 
 
 class NatService:
@@ -57,7 +52,7 @@ class NatService:
         self.directory = directory
         self.seen_interval = seen_interval
         self.conntrack_interval = conntrack_interval
-        self.touch_refresh = (default_touch_refresh(cfg.pool.reuse_after)
+        self.touch_refresh = (pool_touch_refresh(cfg.pool.reuse_after)
                               if touch_refresh is None else touch_refresh)
         self.clock = clock
         self.spec = TableSpec(interface=cfg.tailnet.interface, pool=cfg.pool.prefixes,

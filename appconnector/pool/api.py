@@ -23,6 +23,13 @@ Targets = tuple[Address, ...]
 """The real IPv4 addresses of a domain, as resolved upstream, sorted ascending."""
 
 
+def touch_refresh(reuse_after: float) -> float:
+    """How old a mapping's stored last-used may get before use (a DNS hit, traffic seen by NAT) sends a
+    touch: min(5 min, reuse_after / 8) (DESIGN.md §3; upstream natc uses a fixed 5 min). One rule for
+    every toucher: DNS's limit on answering from local state relies on it."""
+    return min(300.0, reuse_after / 8)
+
+
 class PoolError(Exception):
     """Base of errors a pool operation reports to its caller (on any replica, intact)."""
 
