@@ -97,6 +97,7 @@ class UpstreamResolver:
         self._inflight: dict[tuple[str, int], asyncio.Future[Resolution]] = {}
         self._channels: dict[tuple[str, int], _UdpChannel] = {}
         self._opening: dict[tuple[str, int], asyncio.Future[_UdpChannel]] = {}
+        self._closed = False
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
         """Addresses of ``domain`` (normalised, no trailing dot) of ``qtype`` (A or AAAA)."""
@@ -185,6 +186,8 @@ class UpstreamResolver:
         return interpret(reply, ident, domain, qtype)
 
     async def _channel(self, server: tuple[str, int]) -> _UdpChannel:
+        if self._closed:  # a late caller (the leader's target refresh stops after DNS) must not open a socket
+            raise OSError("resolver closed")
         channel = self._channels.get(server)
         if channel is None or channel.transport is None or channel.transport.is_closing() \
                 or channel.used >= CHANNEL_QUERIES:
@@ -209,7 +212,8 @@ class UpstreamResolver:
         return channel
 
     def close(self) -> None:
-        """Close the shared sockets (the service calls this on stop)."""
+        """Close the shared sockets (the service calls this on stop); later lookups fail without asking."""
+        self._closed = True
         for channel in self._channels.values():
             if channel.transport is not None:
                 channel.transport.close()

@@ -109,3 +109,17 @@ def test_concurrent_names_share_one_upstream_socket_until_rotation(stub: StubUps
         assert r._channels[("127.0.0.1", stub.port)] is not first  # a fresh source port
         r.close()
     asyncio.run(go())
+
+
+def test_a_closed_resolver_fails_without_asking_upstream(stub: StubUpstream) -> None:
+    r = UpstreamResolver([("127.0.0.1", stub.port)])
+
+    async def go() -> None:
+        assert (await r.resolve("before.test", wire.TYPE_A)).kind == "ok"
+        asked = stub.queries
+        r.close()
+        res = await r.resolve("after.test", wire.TYPE_A)
+        assert res.kind == "failure" and "closed" in res.detail
+        assert stub.queries == asked  # no new socket, no query
+
+    asyncio.run(go())
