@@ -114,7 +114,7 @@ class MembershipRecord:
             return None
         members = doc.get("members")
         return cls(state=doc["state"], members=[str(m) for m in members] if isinstance(members, list) else [],
-                   removed_by=doc.get("removed_by"), removed_at=doc.get("removed_at"))
+                   removed_by=_text_or_none(doc.get("removed_by")), removed_at=_time_or_none(doc.get("removed_at")))
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,17 @@ class MembershipRecord:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), sort_keys=True) + "\n")
         os.replace(tmp, path)
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _time_or_none(value: object) -> float | None:
+    """A hand-edited file may hold anything here: only a finite number is a time."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,13 @@ class TailnetIdentity:
     """Implements ``NodeIdentity``. Pass the directory to have the cache follow netmap changes."""
 
     def __init__(self, client: LocalAPIClient, directory: TailnetDirectory | None = None,
-                 negative_ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 negative_ttl: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 max_strangers: int = 65536) -> None:
         self.client = client
         self.negative_ttl = negative_ttl
+        # strangers are remembered so a flood from one source costs one whois per negative_ttl; the
+        # cap keeps a flood from many sources (dns.listen reachable from outside) from growing memory
+        self.max_strangers = max_strangers
         self._clock = clock
         self._known: dict[str, NodeInfo] = {}
         self._strangers: dict[str, float] = {}  # ip → monotonic expiry
@@ -73,7 +77,12 @@ class TailnetIdentity:
         info = from_tailcfg_node(node) if isinstance(node, dict) else None
         if info is None:
             TAILNET_WHOIS.labels("stranger").inc()
-            self._strangers[ip] = self._clock() + self.negative_ttl
+            now = self._clock()
+            if len(self._strangers) >= self.max_strangers:
+                self._strangers = {k: t for k, t in self._strangers.items() if t > now}
+                if len(self._strangers) >= self.max_strangers:
+                    self._strangers.clear()
+            self._strangers[ip] = now + self.negative_ttl
             return None
         TAILNET_WHOIS.labels("miss").inc()
         self._known[ip] = info

@@ -67,3 +67,10 @@ def test_the_record_survives_a_restart_and_a_bad_file_counts_as_not_added(tmp_pa
     assert MembershipRecord.load(tmp_path) is None
     (tmp_path / "membership.json").write_text('{"state": "emperor"}')
     assert MembershipRecord.load(tmp_path) is None
+
+
+def test_a_hand_edited_removal_time_that_is_not_a_number_is_dropped_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "membership.json").write_text('{"state": "removed", "removed_at": "yesterday", "removed_by": 7}')
+    loaded = MembershipRecord.load(tmp_path)
+    assert loaded is not None and loaded.state == REMOVED, "still removed: removal is sticky"
+    assert loaded.removed_at is None and loaded.removed_by is None

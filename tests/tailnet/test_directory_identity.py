@@ -124,6 +124,24 @@ def test_whois_cache_follows_netmap(tmp_path: Path, style: str) -> None:
     run(body())
 
 
+def test_strangers_are_remembered_within_a_bound(tmp_path: Path) -> None:
+    """A flood of unknown sources costs one whois each per negative_ttl, and memory stays bounded."""
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state("netmap"))
+        ident = TailnetIdentity(LocalAPIClient(sock), negative_ttl=60, max_strangers=4)
+        try:
+            for i in range(10):
+                assert await ident.whois(f"100.101.9.{i}") is None
+            assert len(ident._strangers) <= 4
+            whois_calls = sum(1 for _, p in s.requests if "whois" in p)
+            assert await ident.whois("100.101.9.9") is None  # the newest stranger is still remembered
+            assert sum(1 for _, p in s.requests if "whois" in p) == whois_calls
+        finally:
+            await s.stop()
+    run(body())
+
+
 def test_whois_unavailable_raises_and_is_counted(tmp_path: Path) -> None:
     async def body() -> None:
         ident = TailnetIdentity(LocalAPIClient(str(tmp_path / "none.sock"), timeout=0.5))
