@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tests.faults.history import CHECKOUT
 from tests.faults.nemesis import Endpoint, preexec_for
 from tests.faults.workload import Exhausted, Unavailable
+
+M = TypeVar("M")
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBER_MODULE = "tests.faults.member"
@@ -261,7 +263,53 @@ def _addr(a: object) -> int:
     return int(ipaddress.IPv4Address(a)) if isinstance(a, str) else int(a)  # type: ignore[call-overload]
 
 
-class Cluster:
+class MemberGroup(Generic[M]):
+    """What the runner and nemesis need of a group of members (pool members or whole connectors):
+    ``members`` by name, the live ones, the agreed leader, convergence, stop."""
+
+    members: dict[str, M]
+
+    def live(self) -> list[M]:
+        return [m for m in self.members.values() if m.running() and not m.paused]
+
+    def leader(self, timeout: float = 10.0) -> M:
+        """A live member that says it leads, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            for m in self.live():
+                try:
+                    st = m.status(1.0)
+                except Unavailable as e:
+                    last = e
+                    continue
+                last = st
+                if st.get("leader_self") or st.get("role") == "leader":
+                    return m
+            time.sleep(0.05)
+        raise AssertionError(f"no leader within {timeout}s (last status {last})")
+
+    def wait_converged(self, timeout: float = 30.0) -> dict[str, str]:
+        """Wait until every member runs and reports the same digest; returns name → digest."""
+        deadline = time.monotonic() + timeout
+        digests: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            digests = {}
+            for m in self.live():
+                with contextlib.suppress(Unavailable):
+                    digests[m.name] = m.state(5.0)[0]
+            if len(digests) == len(self.members) and len(set(digests.values())) == 1:
+                return digests
+            time.sleep(0.2)
+        raise AssertionError(f"members did not converge within {timeout}s: {digests}")
+
+    def stop(self) -> None:
+        for m in self.members.values():
+            if m.running():
+                m.kill()
+
+
+class Cluster(MemberGroup[Member]):
     def __init__(self, base_dir: Path, port_base: int, size: int = 3, prefixes: Sequence[str] = ("100.64.1.0/24",),
                  reuse_after: float = 48 * 3600.0, gid_base: int = 27400,
                  member_env: Callable[[str], dict[str, str]] | None = None,
@@ -287,38 +335,3 @@ class Cluster:
         for m in self.members.values():
             m.wait_ready()
 
-    def live(self) -> list[Member]:
-        return [m for m in self.members.values() if m.running() and not m.paused]
-
-    def leader(self, timeout: float = 10.0) -> Member:
-        """The member every live member agrees leads, waiting up to ``timeout``."""
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            for m in self.live():
-                with contextlib.suppress(Unavailable):
-                    st = m.status(1.0)
-                    last = st
-                    if st.get("leader_self") or st.get("role") == "leader":
-                        return m
-            time.sleep(0.05)
-        raise AssertionError(f"no leader within {timeout}s (last status {last})")
-
-    def wait_converged(self, timeout: float = 30.0) -> dict[str, str]:
-        """Wait until every running member reports the same digest; returns name → digest."""
-        deadline = time.monotonic() + timeout
-        digests: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            digests = {}
-            for m in self.live():
-                with contextlib.suppress(Unavailable):
-                    digests[m.name] = m.state(5.0)[0]
-            if len(digests) == len(self.members) and len(set(digests.values())) == 1:
-                return digests
-            time.sleep(0.2)
-        raise AssertionError(f"members did not converge within {timeout}s: {digests}")
-
-    def stop(self) -> None:
-        for m in self.members.values():
-            if m.running():
-                m.kill()

@@ -10,7 +10,6 @@ of each connector is read from its status HTTP (``/pool``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.faults.cluster import MemberGroup
 from tests.faults.dnsclient import DnsTarget
 from tests.faults.history import RESOLVE
 from tests.faults.nemesis import Endpoint, preexec_for
@@ -234,7 +234,7 @@ listen = "127.0.0.1:{http_port}"
         raise NotImplementedError
 
 
-class ConnectorCluster:
+class ConnectorCluster(MemberGroup[ConnectorMember]):
     """Same shape as ``cluster.Cluster`` for the runner: members, live(), leader(), wait_converged()."""
 
     probe_node = PROBE_NODE
@@ -276,43 +276,6 @@ class ConnectorCluster:
             m.start()
         for m in self.members.values():
             m.wait_ready()
-
-    def live(self) -> list[ConnectorMember]:
-        return [m for m in self.members.values() if m.running() and not m.paused]
-
-    def leader(self, timeout: float = 10.0) -> ConnectorMember:
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            for m in self.live():
-                try:
-                    st = m.status(1.0)
-                except Unavailable as e:
-                    last = e
-                    continue
-                last = st
-                if st.get("leader_self"):
-                    return m
-            time.sleep(0.05)
-        raise AssertionError(f"no leader within {timeout}s (last {last})")
-
-    def wait_converged(self, timeout: float = 30.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        digests: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            digests = {}
-            for m in self.live():
-                with contextlib.suppress(Unavailable):
-                    digests[m.name] = m.state(5.0)[0]
-            if len(digests) == len(self.members) and len(set(digests.values())) == 1:
-                return digests
-            time.sleep(0.2)
-        raise AssertionError(f"connectors did not converge within {timeout}s: {digests}")
-
-    def stop(self) -> None:
-        for m in self.members.values():
-            if m.running():
-                m.kill()
 
 
 def steer_map(m: ConnectorMember) -> dict[tuple[int, int], int]:
