@@ -140,12 +140,7 @@ class Member:
         if self.running():
             if self.paused:
                 self.resume()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            terminate(self.proc, timeout)
         self.exit_codes.append(self.proc.returncode)
         self._fail_pending("stopped")
         return self.proc.returncode
@@ -307,6 +302,51 @@ class MemberGroup(Generic[M]):
         for m in self.members.values():
             if m.running():
                 m.kill()
+
+    def leader_kill_times(self, rounds: int, warm_node: str, node: str, *, leader_timeout: float,
+                          per_try: float) -> list[float]:
+        """kill -9 the leader, then ask a survivor for a name never seen before, retrying like a stub
+        resolver; each round's time to that answer. The answer must survive on every member once the
+        killed one is back."""
+        times: list[float] = []
+        for round_ in range(rounds):
+            leader = self.leader(timeout=leader_timeout)
+            survivor = next(m for m in self.members.values() if m is not leader)
+            survivor.checkout(warm_node, f"warm{round_}.example.com", 10.0)
+            domain = f"new{round_}.example.com"
+            t0 = time.monotonic()
+            leader.kill()
+            address = checkout_until(survivor, node, domain, deadline=30.0, per_try=per_try)
+            times.append(time.monotonic() - t0)
+            leader.start()
+            leader.wait_ready()
+            self.wait_converged()
+            for m in self.members.values():
+                assert m.lookup(node, domain, 5.0) == address, m.name
+        return times
+
+
+def checkout_until(m: Any, node: str, domain: str, deadline: float, per_try: float) -> int:
+    """``m.checkout`` retried on Unavailable until ``deadline`` seconds pass."""
+    end = time.monotonic() + deadline
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            return int(m.checkout(node, domain, per_try))
+        except Unavailable as e:
+            last = e
+            time.sleep(0.02)
+    raise AssertionError(f"{m.name} never answered {domain}: {last}")
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM (a planned stop: the member may hand leadership away), SIGKILL if it lingers."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 class Cluster(MemberGroup[Member]):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.faults.cluster import MemberGroup
+from tests.faults.cluster import MemberGroup, terminate
 from tests.faults.dnsclient import DnsTarget
 from tests.faults.history import RESOLVE
 from tests.faults.nemesis import Endpoint, preexec_for
@@ -144,12 +144,7 @@ listen = "127.0.0.1:{http_port}"
         if self.running():
             if self.paused:
                 self.resume()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            terminate(self.proc, timeout)
         return self.proc.returncode
 
     def pause(self) -> None:

@@ -31,7 +31,7 @@ from tests.faults.nemesis import LoopbackNet, NemesisUnavailable, require_root_t
 from tests.faults.netns import NetnsNet, Topology, wait_until
 from tests.faults.runner import ALL_STEPS, Nemesis, run
 from tests.faults.upstream import Upstream, targets_of
-from tests.faults.workload import Mix, Unavailable
+from tests.faults.workload import Mix
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -123,37 +123,12 @@ def test_leader_kill_to_next_answered_new_name(tmp_path: Path, nodes: list[str])
     before, retrying on SERVFAIL or silence like a stub resolver. Times go to docs/reliability.md."""
     gen = _connectors(tmp_path, 27530)
     c, _net = next(gen)
-    times: list[float] = []
     try:
-        for round_ in range(int(3 * SCALE)):
-            leader = c.leader(timeout=20)
-            survivor = next(m for m in c.members.values() if m is not leader)
-            survivor.checkout(nodes[0], f"warm{round_}.example.com", 5.0)
-            t0 = time.monotonic()
-            leader.kill()
-            address = _resolve_until(survivor, nodes[1], f"new{round_}.example.com", 30.0)
-            times.append(time.monotonic() - t0)
-            leader.start()
-            leader.wait_ready()
-            c.wait_converged()
-            for m in c.members.values():
-                assert m.lookup(nodes[1], f"new{round_}.example.com", 5.0) == address, m.name
+        times = c.leader_kill_times(int(3 * SCALE), nodes[0], nodes[1], leader_timeout=20, per_try=1.0)
     finally:
         gen.close()
     _report("connector_leader_kill", {"seconds": [round(t, 3) for t in times]})
     print("leader kill → next new name answered over DNS:", ", ".join(f"{t:.3f}s" for t in times))
-
-
-def _resolve_until(m: ConnectorMember, node: str, domain: str, deadline: float) -> int:
-    end = time.monotonic() + deadline
-    last: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            return m.checkout(node, domain, 1.0)
-        except Unavailable as e:
-            last = e
-            time.sleep(0.02)
-    raise AssertionError(f"{m.name} never answered {domain}: {last}")
 
 
 def test_kernel_steer_maps_match_the_pool_after_faults(tmp_path: Path, nodes: list[str]) -> None:

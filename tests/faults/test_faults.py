@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("appconnector.pool.replica", reason="the Raft replica (issue 2) has not landed")
 
-from tests.faults.cluster import Cluster, Member
+from tests.faults.cluster import Cluster
 from tests.faults.nemesis import LoopbackNet, NemesisUnavailable, require_root_tools, skew_env
 from tests.faults.runner import ALL_STEPS, Nemesis, RunResult, run
-from tests.faults.workload import Mix, Unavailable
+from tests.faults.workload import Mix
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -141,36 +141,12 @@ def test_time_from_leader_kill_to_next_new_name(tmp_path: Path, net_ok: None) ->
     (after a new election) and survive on every member. The times go to docs/reliability.md."""
     gen = _cluster(tmp_path, 27440)
     c, _net = next(gen)
-    times: list[float] = []
     try:
-        for round_ in range(int(3 * SCALE)):
-            leader = c.leader(timeout=15)
-            survivor = next(m for m in c.members.values() if m is not leader)
-            survivor.checkout("warm", f"warm{round_}.example.com", 10.0)
-            t0 = time.monotonic()
-            leader.kill()
-            address = _checkout_until(survivor, "kill", f"new{round_}.example.com", deadline=30.0)
-            times.append(time.monotonic() - t0)
-            leader.start()
-            leader.wait_ready()
-            c.wait_converged()
-            for m in c.members.values():
-                assert m.lookup("kill", f"new{round_}.example.com", 5.0) == address, m.name
+        times = c.leader_kill_times(int(3 * SCALE), "warm", "kill", leader_timeout=15, per_try=5.0)
     finally:
         gen.close()
     _report("leader_kill", {"seconds": [round(t, 3) for t in times]})
     print("leader kill → next new name answered:", ", ".join(f"{t:.3f}s" for t in times))
-
-
-def _checkout_until(m: Member, node: str, domain: str, deadline: float) -> int:
-    end = time.monotonic() + deadline
-    last: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            return m.checkout(node, domain, 5.0)
-        except Unavailable as e:
-            last = e
-    raise AssertionError(f"{m.name} never answered {domain}: {last}")
 
 
 def _corrupt_middle(path: Path) -> None:

@@ -25,10 +25,8 @@ def _wait(cond: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    if importlib.util.find_spec("appconnector.app") is None:
-        pytest.skip("needs appconnector.app (the lead's wiring) to be present")
-    http_port, dns_port, raft_port = free_port(), free_port(), free_port()
+def standalone_config(tmp_path: Path, dns_port: int, raft_port: int, http_port: int) -> Path:
+    """A single standalone member on loopback, NAT off, no upstream needed."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"""
 [tailnet]
@@ -44,6 +42,14 @@ enabled = false
 [http]
 listen = "127.0.0.1:{http_port}"
 """)
+    return cfg
+
+
+def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    if importlib.util.find_spec("appconnector.app") is None:
+        pytest.skip("needs appconnector.app (the lead's wiring) to be present")
+    http_port, dns_port, raft_port = free_port(), free_port(), free_port()
+    cfg = standalone_config(tmp_path, dns_port, raft_port, http_port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
     proc = subprocess.Popen([sys.executable, "-m", "appconnector.cli", "run", "--config", str(cfg)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,21 +85,7 @@ def test_run_with_the_raft_port_taken_exits_1_with_a_clear_message(tmp_path: Pat
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         raft_port = holder.getsockname()[1]
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(f"""
-[tailnet]
-mode = "standalone"
-[dns]
-listen = ["127.0.0.1:{dns_port}"]
-verify_upstream = false
-[cluster]
-state_dir = "{tmp_path / 'state'}"
-raft_port = {raft_port}
-[nat]
-enabled = false
-[http]
-listen = "127.0.0.1:{http_port}"
-""")
+        cfg = standalone_config(tmp_path, dns_port, raft_port, http_port)
         res = cli("run", "--config", str(cfg), timeout=60)
     assert res.returncode == 1
     assert "cannot start" in res.stderr and "cluster.raft_port" in res.stderr
