@@ -1,11 +1,12 @@
 """Wiring and lifecycle of one connector: the parts start in dependency order and stop in reverse.
 
-    tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS → status HTTP
-    → leader duties → cluster membership (tailscale mode with cluster.tag)
+    admin token → tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS
+    → status HTTP (read-only) → admin HTTP → leader duties → cluster membership (tailscale mode
+    with cluster.tag)
 
-Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the status HTTP
-closes, DNS drains (so no answer is given that cannot be steered), NAT removes its table and the DNS
-address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
+Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the admin and
+status HTTP close, DNS drains (so no answer is given that cannot be steered), NAT removes its table
+and the DNS address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
 ``serve`` returns the process exit code (DESIGN.md §7): 0 after a signal, 1 for a runtime failure
 (the log says which part and why).
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appconnector.admin import AdminServer
 from appconnector.config import Config, ConfigError
 from appconnector.dns.service import DnsService
 from appconnector.http import StatusServer
@@ -28,6 +30,7 @@ from appconnector.nat.service import NatService
 from appconnector.pool.engine import BindError, StateError, StatePaths
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
+from appconnector.secrets_file import ensure_secret_file
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
 from appconnector.tailnet.localapi import LocalAPIError
@@ -58,6 +61,7 @@ class Connector:
         self.nat: NatService | None = None
         self.dns: DnsService | None = None
         self.http: StatusServer | None = None
+        self.admin: AdminServer | None = None
         self.leader: LeaderDuties | None = None
         self.membership: ClusterMembership | None = None
         self._started: list[_Stoppable] = []
@@ -66,6 +70,8 @@ class Connector:
         cfg = self.cfg
         identity: NodeIdentity
         record: MembershipRecord | None = None
+        # first: a token file others can read is a bad config (exit 2) before anything listens
+        admin_token = await asyncio.to_thread(ensure_secret_file, "http.admin_token_file", cfg.admin_token_path())
         if cfg.standalone:
             identity = StandaloneIdentity()
             self_address, partners = cfg.raft_self(), list(cfg.cluster.peers)
@@ -118,6 +124,12 @@ class Connector:
         except OSError as e:
             raise StartupError(f"http.listen {cfg.http.listen}: {e.strerror or e}") from e
         self._started.append(self.http)
+        self.admin = AdminServer(cfg, self.replica, admin_token)
+        try:
+            await self.admin.start()
+        except OSError as e:
+            raise StartupError(f"http.admin_listen {cfg.http.admin_listen}: {e.strerror or e}") from e
+        self._started.append(self.admin)
 
         self.leader = LeaderDuties(cfg, self.replica, directory)
         self.leader.start()

@@ -4,7 +4,7 @@ Exit codes (DESIGN.md §7), for scripts:
   run            0 after SIGTERM/SIGINT, 2 bad config, 1 runtime failure
   check-config   0 valid, 2 invalid (the message names the key)
   status         0 healthy (ready), 1 unhealthy or unreachable, 2 bad usage
-  pool, cluster  0 done, 1 not found / refused / unreachable, 2 bad usage
+  pool, cluster  0 done, 1 not found / refused / unreachable, 2 bad usage (or no admin token to read)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 from appconnector import config, logs
 from appconnector.config import Config, ConfigError
+from appconnector.secrets_file import check_private, read_secret_file
 
 log = logging.getLogger("appconnector")
 
@@ -56,6 +57,8 @@ def validate_for_run(cfg: Config) -> None:
     from appconnector.tailnet.routes import control_credentials
 
     cfg.read_secret()
+    if cfg.admin_token_path().exists():  # made at first start; one others can read is refused
+        check_private("http.admin_token_file", cfg.admin_token_path())
     if not cfg.standalone:
         control_credentials(cfg)
         check_upstreams(cfg)
@@ -122,7 +125,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"ok: {cfg.source}: mode {cfg.tailnet.mode}, pool {', '.join(cfg.pool.prefixes)} ({size} addresses "
           f"for nodes), DNS on {', '.join(f'{h}:{p}' for h, p in cfg.dns_listen())}, "
           f"upstream {', '.join(cfg.dns.upstream) or 'from /etc/resolv.conf'}, "
-          f"NAT {'on' if cfg.nat.enabled else 'off'}, status on http://{cfg.http.listen}/")
+          f"NAT {'on' if cfg.nat.enabled else 'off'}, status on http://{cfg.http.listen}/, "
+          f"admin on http://{cfg.http.admin_listen}/ (token {cfg.admin_token_path()})")
     if not cfg.standalone:
         dns_host = cfg.dns_listen()[0][0]
         print(f"split DNS: point the app domains at {dns_host}"
@@ -155,22 +159,48 @@ class Unreachable(Exception):
     pass
 
 
-def _base_url(args: argparse.Namespace) -> str:
-    listen = args.http or load_config(args.config).http.listen
-    config.parse_hostport("--http" if args.http else "http.listen", listen)
+class TokenRefused(Exception):
+    pass
+
+
+def _base_url(args: argparse.Namespace, admin: bool) -> str:
+    if admin:
+        listen = args.admin or load_config(args.config).http.admin_listen
+        config.parse_hostport("--admin" if args.admin else "http.admin_listen", listen)
+    else:
+        listen = args.http or load_config(args.config).http.listen
+        config.parse_hostport("--http" if args.http else "http.listen", listen)
     return f"http://{listen}"
 
 
-def http_call(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """(HTTP status, decoded JSON) from the running instance; raises Unreachable."""
-    url = _base_url(args) + path
+def admin_token(args: argparse.Namespace) -> str:
+    """The instance's admin token, from ``http.admin_token_file`` (default: in ``cluster.state_dir``)."""
+    path = load_config(args.config).admin_token_path()
+    try:
+        return read_secret_file("http.admin_token_file", path)
+    except ConfigError as e:
+        hint = ("; `run` makes it at first start: is the instance running with this config? (the demo's is "
+                f"in {DEMO_STATE_DIR}: APPCONNECTOR_CLUSTER_STATE_DIR={DEMO_STATE_DIR})") if not path.exists() else ""
+        raise ConfigError(e.key, e.value, e.allowed + hint) from None
+
+
+def http_call(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None, *,
+              admin: bool = False) -> tuple[int, Any]:
+    """(HTTP status, decoded JSON) from the running instance; raises Unreachable, or TokenRefused
+    when the admin listener does not take our token. Admin calls carry the token; a body is JSON."""
+    headers = {"Authorization": f"Bearer {admin_token(args)}"} if admin else {}
+    url = _base_url(args, admin) + path
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"} if data else {})
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
+        if admin and e.code == 401:
+            raise TokenRefused(f"{url}: the admin token was refused (is http.admin_token_file, "
+                               f"{load_config(args.config).admin_token_path()}, the running instance's?)") from None
         try:
             return e.code, json.loads(e.read() or b"null")
         except ValueError:
@@ -188,7 +218,11 @@ def _client(fn: Any) -> Any:
         except ConfigError as e:
             return _config_error(e)
         except Unreachable as e:
-            print(f"appconnector: {e} (is it running? is http.listen the same?)", file=sys.stderr)
+            key = "http.admin_listen" if hasattr(args, "admin") else "http.listen"
+            print(f"appconnector: {e} (is it running? is {key} the same?)", file=sys.stderr)
+            return EXIT_FAIL
+        except TokenRefused as e:
+            print(f"appconnector: {e}", file=sys.stderr)
             return EXIT_FAIL
     return run
 
@@ -197,9 +231,9 @@ def _print(doc: Any) -> None:
     print(json.dumps(doc, indent=2, default=str))
 
 
-def _get_object(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+def _get_object(args: argparse.Namespace, path: str, *, admin: bool = False) -> dict[str, Any] | None:
     """GET ``path``: the JSON object of a 200 answer, else None after saying on stderr what came back."""
-    code, doc = http_call(args, path)
+    code, doc = http_call(args, path, admin=admin)
     if code == 200 and isinstance(doc, dict):
         return doc
     print(f"appconnector: {path.split('?')[0]} answered HTTP {code}: {doc}", file=sys.stderr)
@@ -229,7 +263,7 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit)}
     if args.node:
         query["node"] = args.node
-    doc = _get_object(args, "/pool?" + urllib.parse.urlencode(query))
+    doc = _get_object(args, "/pool?" + urllib.parse.urlencode(query), admin=True)
     if doc is None:
         return EXIT_FAIL
     if args.json:
@@ -243,7 +277,8 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
 
 @_client
 def cmd_pool_lookup(args: argparse.Namespace) -> int:
-    code, doc = http_call(args, "/pool/lookup?" + urllib.parse.urlencode({"node": args.node, "domain": args.domain}))
+    code, doc = http_call(args, "/pool/lookup?" + urllib.parse.urlencode({"node": args.node, "domain": args.domain}),
+                          admin=True)
     if code == 200 and isinstance(doc, dict):
         print(doc["address"] if not args.json else json.dumps(doc, indent=2))
         return EXIT_OK
@@ -275,7 +310,7 @@ def cmd_cluster_members(args: argparse.Namespace) -> int:
 
 @_client
 def cmd_cluster_remove(args: argparse.Namespace) -> int:
-    code, doc = http_call(args, "/cluster/remove", {"member": args.member})
+    code, doc = http_call(args, "/cluster/remove", {"member": args.member}, admin=True)
     if code == 200:
         print(f"removed {args.member}")
         return EXIT_OK
@@ -301,9 +336,14 @@ def parser() -> argparse.ArgumentParser:
                        help="TOML config file (default: $APPCONNECTOR_CONFIG; APPCONNECTOR_<SECTION>_<KEY> "
                             "variables override its keys)")
 
-    def with_client(p: argparse.ArgumentParser) -> None:
+    def with_client(p: argparse.ArgumentParser, admin: bool = False) -> None:
         with_config(p)
-        p.add_argument("--http", metavar="IP:PORT", help="the instance's http.listen (default: from the config)")
+        if admin:
+            p.add_argument("--admin", metavar="IP:PORT",
+                           help="the instance's http.admin_listen (default: from the config); the token is read "
+                                "from http.admin_token_file (default: admin.token in cluster.state_dir)")
+        else:
+            p.add_argument("--http", metavar="IP:PORT", help="the instance's http.listen (default: from the config)")
         p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
         p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
@@ -338,15 +378,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_print_ula)
 
     pool = sub.add_parser("pool", help="inspect the address pool of the running instance",
-                          description="Inspect the replicated pool through the running instance.")
+                          description="Inspect the replicated pool through the running instance's admin "
+                                      "listener (http.admin_listen, with the token in http.admin_token_file).")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
     p = pool_sub.add_parser("show", help="list mappings: node, domain, address, last used (unix time)")
-    with_client(p)
+    with_client(p, admin=True)
     p.add_argument("--node", help="only this node (StableID in tailscale mode, client IP in standalone mode)")
     p.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
     p.set_defaults(func=cmd_pool_show)
     p = pool_sub.add_parser("lookup", help="the address a node was given for a domain (1 when unmapped)")
-    with_client(p)
+    with_client(p, admin=True)
     p.add_argument("node")
     p.add_argument("domain")
     p.set_defaults(func=cmd_pool_lookup)
@@ -364,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
                                            "withdraws the pool routes and reports not ready; it stays out, even "
                                            "after a restart, until its state directory is emptied. A member that "
                                            "is only down rejoins by itself.")
-    with_client(p)
+    with_client(p, admin=True)
     p.add_argument("member", metavar="IP:PORT")
     p.set_defaults(func=cmd_cluster_remove)
     return ap

@@ -21,6 +21,9 @@ ENV_PREFIX = "APPCONNECTOR_"
 COMMAND_VARIABLES = frozenset({"APPCONNECTOR_CONFIG", "APPCONNECTOR_LOG_LEVEL", "APPCONNECTOR_LOG_FORMAT"})
 DEFAULT_RAFT_PORT = 6270
 STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
+ADMIN_TOKEN_NAME = "admin.token"
+# Tailscale's address ranges: traffic to them crosses the network inside WireGuard
+TAILNET_NETWORKS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 
 
 class ConfigError(ValueError):
@@ -121,7 +124,9 @@ class NatConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: str = "127.0.0.1:8893"
+    listen: str = "127.0.0.1:8893"         # read-only: metrics, health, cluster status (no per-node data)
+    admin_listen: str = "127.0.0.1:8894"   # per-node data and changes, each request with the admin token
+    admin_token_file: str = ""             # "" = <cluster.state_dir>/admin.token, made at first start
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,10 @@ class Config:
     def raft_self(self) -> str:
         """This member's Raft address in standalone mode."""
         return self.cluster.self or format_hostport("127.0.0.1", self.cluster.raft_port)
+
+    def admin_token_path(self) -> Path:
+        """Where the admin token is (``http.admin_token_file``, else ``admin.token`` in the state directory)."""
+        return Path(self.http.admin_token_file or Path(self.cluster.state_dir) / ADMIN_TOKEN_NAME)
 
     def read_secret(self) -> str | None:
         """The cluster secret, or None when no secret file is configured."""
@@ -255,8 +264,27 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("cluster.tag", cfg.cluster.tag, 'a tailscale tag such as "tag:appconnector"')
     if cfg.cluster.tag and not cfg.cluster.secret_file:
         raise ConfigError("cluster.secret_file", "", "a secret file: required when cluster.tag forms a cluster")
-    parse_hostport("http.listen", cfg.http.listen)
+    _validate_http(cfg)
     return cfg
+
+
+def _validate_http(cfg: Config) -> None:
+    """The admin listener: never where the read-only one is (operators expose that one to Prometheus),
+    and only where the token it carries in clear text cannot be read on the way: loopback, or in
+    tailscale mode a tailnet address (inside WireGuard)."""
+    host, port = parse_hostport("http.listen", cfg.http.listen)
+    admin_host, admin_port = parse_hostport("http.admin_listen", cfg.http.admin_listen)
+    admin_ip = ipaddress.ip_address(admin_host)
+    if port == admin_port and (host == admin_host or ipaddress.ip_address(host).is_unspecified
+                               or admin_ip.is_unspecified):
+        raise ConfigError("http.admin_listen", cfg.http.admin_listen,
+                          f"an address:port of its own, not http.listen's ({cfg.http.listen}): the read-only "
+                          "listener is the one Prometheus may reach, admin needs the token on another")
+    tailnet = not cfg.standalone and any(admin_ip in n for n in TAILNET_NETWORKS)
+    if not (admin_ip.is_loopback or tailnet):
+        raise ConfigError("http.admin_listen", cfg.http.admin_listen,
+                          'a loopback address such as "127.0.0.1:8894" (in tailscale mode also a tailnet '
+                          "address): the admin token would cross the network in clear text")
 
 
 # section → key → converter(dotted key, raw value)
@@ -273,7 +301,7 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
         "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,
     },
     "nat": {"enabled": _bool, "max_mappings": lambda k, v: _int(k, v, 1024, 1 << 26)},
-    "http": {"listen": _str},
+    "http": {"listen": _str, "admin_listen": _str, "admin_token_file": _str},
 }
 
 

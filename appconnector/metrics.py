@@ -78,6 +78,11 @@ NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool a
                            registry=REGISTRY)
 NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
 
+# --- HTTP ------------------------------------------------------------------------------------------
+HTTP_ADMIN_REFUSED = Counter("appconnector_http_admin_refused",
+                             "Admin requests refused before anything was done, by reason (token, content_type)",
+                             ["reason"], registry=REGISTRY)
+
 # --- tailnet -----------------------------------------------------------------------------------------
 TAILNET_WHOIS = Counter("appconnector_tailnet_whois", "LocalAPI whois calls by result (hit, miss, stranger, error)",
                         ["result"], registry=REGISTRY)

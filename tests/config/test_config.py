@@ -106,3 +106,38 @@ def test_missing_secret_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         cfg.read_secret()
     assert err.value.key == "cluster.secret_file"
+
+
+def test_admin_listener_defaults_apart_from_the_read_only_one(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, '[cluster]\nstate_dir = "/srv/ac"\n'), env={})
+    assert cfg.http.listen == "127.0.0.1:8893" and cfg.http.admin_listen == "127.0.0.1:8894"
+    assert cfg.admin_token_path() == Path("/srv/ac/admin.token"), "the token lives in the state directory"
+    cfg = config.load(None, env={"APPCONNECTOR_HTTP_ADMIN_TOKEN_FILE": "/etc/ac/token",
+                                 "APPCONNECTOR_HTTP_ADMIN_LISTEN": "[::1]:9000"})
+    assert cfg.admin_token_path() == Path("/etc/ac/token") and cfg.http.admin_listen == "[::1]:9000"
+
+
+@pytest.mark.parametrize("listen,admin,mode", [
+    ("127.0.0.1:8893", "127.0.0.1:8893", "standalone"),   # one listener for Prometheus and admin
+    ("0.0.0.0:8894", "127.0.0.1:8894", "standalone"),     # the wildcard takes the admin port too
+    ("127.0.0.1:8893", "0.0.0.0:8894", "standalone"),     # every interface: the token in clear text
+    ("127.0.0.1:8893", "[::]:8894", "tailscale"),
+    ("127.0.0.1:8893", "192.168.1.5:8894", "tailscale"),  # a LAN address
+    ("127.0.0.1:8893", "100.101.2.3:8894", "standalone"),  # a tailnet address is WireGuard only in tailscale mode
+    ("127.0.0.1:8893", "nowhere", "standalone"),
+])
+def test_unsafe_admin_listener_is_refused_naming_the_key(listen: str, admin: str, mode: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load(None, env={"APPCONNECTOR_TAILNET_MODE": mode, "APPCONNECTOR_HTTP_LISTEN": listen,
+                               "APPCONNECTOR_HTTP_ADMIN_LISTEN": admin})
+    assert e.value.key == "http.admin_listen" and str(e.value).startswith("http.admin_listen = ")
+
+
+def test_admin_listener_on_loopback_or_this_tailnet_address() -> None:
+    for admin, mode in (("127.0.0.2:8894", "standalone"), ("[::1]:8894", "standalone"),
+                        ("100.101.2.3:8894", "tailscale"), ("[fd7a:115c:a1e0::1]:8894", "tailscale"),
+                        ("127.0.0.1:8893", "standalone")):  # the read-only one moved elsewhere
+        env = {"APPCONNECTOR_TAILNET_MODE": mode, "APPCONNECTOR_HTTP_ADMIN_LISTEN": admin}
+        if admin.endswith(":8893"):
+            env["APPCONNECTOR_HTTP_LISTEN"] = "100.101.2.3:8893"
+        assert config.load(None, env=env).http.admin_listen == admin

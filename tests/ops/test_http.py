@@ -1,4 +1,4 @@
-"""The status/metrics HTTP server over a real socket, and the CLI talking to it."""
+"""The read-only status/metrics listener and the admin listener over real sockets, and the CLI on them."""
 
 from __future__ import annotations
 
@@ -8,17 +8,25 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from aiohttp.test_utils import TestClient, TestServer
+
 from appconnector import config
+from appconnector.admin import AdminServer
+from appconnector.config import Config
 from appconnector.http import StatusServer
+from appconnector.metrics import REGISTRY
 from appconnector.pool.local import LocalPool
+from appconnector.secrets_file import ensure_secret_file
 from tests.ops.helpers import REPO, free_port
 
 
-def _get(url: str, data: bytes | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+def _get(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read().decode()
@@ -34,12 +42,47 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def test_endpoints_and_cli(tmp_path: Path) -> None:
+def _config(tmp_path: Path) -> tuple[Config, Path]:
+    """A standalone config on two free loopback ports, state (and so the admin token) in tmp_path/state."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"""[tailnet]
+mode = "standalone"
+[cluster]
+state_dir = "{tmp_path / 'state'}"
+[http]
+listen = "127.0.0.1:{free_port()}"
+admin_listen = "127.0.0.1:{free_port()}"
+""")
+    (tmp_path / "state").mkdir(mode=0o700)
+    return config.load(path, env={}), path
+
+
+class RecordingPool(LocalPool):
+    """A LocalPool that can be asked to remove a member: it records the request (nothing else to do)."""
+
+    def __init__(self, prefixes: Iterable[str]) -> None:
+        super().__init__(tuple(prefixes))
+        self.removed: list[str] = []
+
+    async def remove_member(self, address: str) -> None:
+        self.removed.append(address)
+
+
+def _strings(doc: Any) -> Iterable[str]:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
+    else:
+        yield str(doc)
+
+
+def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -> None:
     async def body() -> None:
-        port = free_port()
-        listen = f"127.0.0.1:{port}"
-        cfg = config.load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone", "APPCONNECTOR_HTTP_LISTEN": listen,
-                                     "APPCONNECTOR_CLUSTER_STATE_DIR": str(tmp_path)})
+        cfg, cfg_path = _config(tmp_path)
         pool = LocalPool(cfg.pool.prefixes)
         await pool.start()
         nft_ok = {"ok": True}
@@ -48,7 +91,7 @@ def test_endpoints_and_cli(tmp_path: Path) -> None:
             "nftables": lambda: (nft_ok["ok"], "table inet appconnector present" if nft_ok["ok"] else "table missing"),
         })
         await server.start()
-        base = f"http://{listen}"
+        base = f"http://{cfg.http.listen}"
         try:
             addr = await pool.checkout("100.101.0.10", "github.com", (int(ipaddress.IPv4Address("192.0.2.7")),), 60)
             code, text = await asyncio.to_thread(_get, base + "/healthz")
@@ -57,48 +100,154 @@ def test_endpoints_and_cli(tmp_path: Path) -> None:
             assert code == 200 and json.loads(text)["ready"] is True
             code, text = await asyncio.to_thread(_get, base + "/metrics")
             assert code == 200 and "appconnector_dns_queries" in text and "# TYPE" in text
-            code, text = await asyncio.to_thread(_get, base + "/pool")
-            doc: dict[str, Any] = json.loads(text)
-            assert doc["total"] == 1
-            assert doc["mappings"][0] == {"node": "100.101.0.10", "domain": "github.com",
-                                          "address": str(ipaddress.IPv4Address(addr)),
-                                          "last_used": doc["mappings"][0]["last_used"]}
-            code, text = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=GitHub.com.")
-            assert code == 200 and json.loads(text)["address"] == str(ipaddress.IPv4Address(addr))
-            assert json.loads(text)["targets"] == ["192.0.2.7"]
-            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=gitlab.com")
-            assert code == 404
-            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=a..b")
-            assert code == 400
             code, text = await asyncio.to_thread(_get, base + "/cluster/members")
             assert code == 200 and json.loads(text)["members"] == ["local"]
-            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b'{"member": "127.0.0.1:6270"}')
-            assert code == 501  # LocalPool has no membership
-            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b"not json")
-            assert code == 400
+            code, text = await asyncio.to_thread(_get, base + "/status")
+            status = json.loads(text)
+            assert code == 200 and status["pool"]["mappings"] == 1 and status["pool"]["nodes"] == 1, "counts"
+            seen = " ".join(_strings(status))
+            for private in ("100.101.0.10", "github.com", str(ipaddress.IPv4Address(addr)), "192.0.2.7"):
+                assert private not in seen, f"/status reveals per-node data: {private}"
+            # per-node data and changes are not on this listener (Prometheus may scrape it)
+            for path in ("/pool", "/pool/lookup?node=100.101.0.10&domain=github.com"):
+                code, text = await asyncio.to_thread(_get, base + path)
+                assert code == 404 and "github.com" not in text, path
+            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b'{"member": "127.0.0.1:6270"}',
+                                              {"Content-Type": "application/json"})
+            assert code == 404
 
-            # the command against the running server
-            rc, out, err = await _cli("status", "--http", listen)
+            rc, out, err = await _cli("status", "--config", str(cfg_path))
             assert rc == 0, err
             assert out.startswith("ready") and "nftables" in out
-            rc, out, _ = await _cli("pool", "lookup", "100.101.0.10", "github.com", "--http", listen)
-            assert rc == 0 and out.strip() == str(ipaddress.IPv4Address(addr))
-            rc, _, _ = await _cli("pool", "lookup", "100.101.0.10", "gitlab.com", "--http", listen)
-            assert rc == 1
-            rc, out, _ = await _cli("pool", "show", "--http", listen)
-            assert rc == 0 and "github.com" in out
-            rc, out, _ = await _cli("cluster", "members", "--http", listen)
+            rc, out, _ = await _cli("cluster", "members", "--config", str(cfg_path))
             assert rc == 0 and "local" in out
-
             # a failing readiness check: /readyz 503, `status` exits 1 and names the check
             nft_ok["ok"] = False
             code, text = await asyncio.to_thread(_get, base + "/readyz")
             assert code == 503 and json.loads(text)["checks"]["nftables"]["ok"] is False
-            rc, out, _ = await _cli("status", "--http", listen)
+            rc, out, _ = await _cli("status", "--http", cfg.http.listen)
             assert rc == 1 and "FAIL nftables: table missing" in out
         finally:
             await server.stop()
             await pool.stop()
+    asyncio.run(body())
+
+
+def test_admin_listener_needs_the_token_and_the_cli_sends_it(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg, cfg_path = _config(tmp_path)
+        token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
+        pool = RecordingPool(cfg.pool.prefixes)
+        await pool.start()
+        server = AdminServer(cfg, pool, token)
+        await server.start()
+        base = f"http://{cfg.http.admin_listen}"
+        auth = {"Authorization": f"Bearer {token}"}
+        try:
+            addr = await pool.checkout("100.101.0.10", "github.com", (int(ipaddress.IPv4Address("192.0.2.7")),), 60)
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
+                            {"Authorization": token}, {"Cookie": f"token={token}"}):
+                code, text = await asyncio.to_thread(_get, base + "/pool", None, headers)
+                assert code == 401 and "github.com" not in text, headers
+            code, text = await asyncio.to_thread(_get, base + f"/pool?token={token}")
+            assert code == 401, "never a token in the query"
+
+            code, text = await asyncio.to_thread(_get, base + "/pool", None, auth)
+            doc: dict[str, Any] = json.loads(text)
+            assert code == 200 and doc["total"] == 1
+            assert doc["mappings"][0] == {"node": "100.101.0.10", "domain": "github.com",
+                                          "address": str(ipaddress.IPv4Address(addr)),
+                                          "last_used": doc["mappings"][0]["last_used"]}
+            code, text = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=GitHub.com.",
+                                                 None, auth)
+            assert code == 200 and json.loads(text)["address"] == str(ipaddress.IPv4Address(addr))
+            assert json.loads(text)["targets"] == ["192.0.2.7"]
+            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=gitlab.com",
+                                              None, auth)
+            assert code == 404
+            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=a..b", None, auth)
+            assert code == 400
+
+            member = b'{"member": "127.0.0.1:6270"}'
+            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", member,
+                                              {"Content-Type": "application/json"})
+            assert code == 401 and pool.removed == []
+            # what a cross-site form can send: a simple content type (no CORS preflight), no token header
+            for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+                code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", member,
+                                                  {**auth, "Content-Type": ctype})
+                assert code == 415, ctype
+            assert pool.removed == [], "nothing removed without the token and a JSON body"
+            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b"not json",
+                                              {**auth, "Content-Type": "application/json"})
+            assert code == 400
+
+            # the command, with the token from the state directory named by the config
+            rc, out, err = await _cli("pool", "lookup", "100.101.0.10", "github.com", "--config", str(cfg_path))
+            assert rc == 0, err
+            assert out.strip() == str(ipaddress.IPv4Address(addr))
+            rc, _, _ = await _cli("pool", "lookup", "100.101.0.10", "gitlab.com", "--config", str(cfg_path))
+            assert rc == 1
+            rc, out, _ = await _cli("pool", "show", "--config", str(cfg_path))
+            assert rc == 0 and "github.com" in out
+            rc, out, err = await _cli("cluster", "remove", "127.0.0.9:6270", "--config", str(cfg_path))
+            assert rc == 0 and pool.removed == ["127.0.0.9:6270"], err
+            # another token (another instance's state directory): refused, exit 1, the key named
+            cfg_path.write_text(cfg_path.read_text().replace(str(tmp_path / "state"), str(tmp_path / "other")))
+            (tmp_path / "other").mkdir(mode=0o700)
+            ensure_secret_file("http.admin_token_file", tmp_path / "other" / "admin.token")
+            rc, out, err = await _cli("pool", "show", "--config", str(cfg_path))
+            assert rc == 1 and "token was refused" in err and "http.admin_token_file" in err and not out
+        finally:
+            await server.stop()
+            await pool.stop()
+    asyncio.run(body())
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("appconnector_http_admin_refused_total", {"reason": reason}) or 0.0
+
+
+@asynccontextmanager
+async def _admin_client(tmp_path: Path) -> AsyncIterator[tuple[TestClient, str, RecordingPool]]:
+    cfg, _ = _config(tmp_path)
+    pool = RecordingPool(cfg.pool.prefixes)
+    await pool.start()
+    token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
+    client = TestClient(TestServer(AdminServer(cfg, pool, token).app))
+    await client.start_server()
+    try:
+        yield client, token, pool
+    finally:
+        await client.close()
+        await pool.stop()
+
+
+def test_admin_guard_answers_401_before_reading_anything(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with _admin_client(tmp_path) as (client, token, pool):
+            before = _refused("token")
+            for path, method in (("/cluster/remove", "POST"), ("/pool", "GET"), ("/no-such", "GET"),
+                                 ("/cluster/remove", "GET")):
+                r = await client.request(method, path, data=b"\xff not json", headers=JSON)
+                assert r.status == 401, (method, path)
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert pool.removed == []
+            assert _refused("token") == before + 4, "each refusal counted"
+            # a body far over the limit is refused on the token, not read
+            r = await client.post("/cluster/remove", data=b"x" * (4 << 20), headers=JSON)
+            assert r.status == 401
+            # with the token: routing and method rules apply (a GET cannot change anything)
+            auth = {"Authorization": f"bearer {token}"}  # the scheme is case-insensitive (RFC 9110)
+            r = await client.get("/cluster/remove", headers=auth)
+            assert r.status == 405 and pool.removed == []
+            r = await client.post("/cluster/remove", json={"member": "nowhere"}, headers=auth)
+            assert r.status == 400 and pool.removed == []
+            r = await client.post("/cluster/remove", json={"member": "127.0.0.5:6270"}, headers=auth)
+            assert r.status == 200 and pool.removed == ["127.0.0.5:6270"]
     asyncio.run(body())
 
 

@@ -1,0 +1,73 @@
+"""Secret files: read one only when no one but its owner can read it; create one 0600, atomically, once.
+
+Errors are :class:`ConfigError` naming the config key that points at the file, so ``run`` exits 2
+(bad config) and ``check-config`` says which key and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from appconnector.config import ConfigError
+
+TOKEN_BYTES = 32  # 256 bits, URL-safe base64: fits an Authorization header as is
+
+
+def check_private(key: str, path: Path) -> None:
+    """Refuse a secret file that group or others may read or write (``chmod 600`` fixes it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise ConfigError(key, str(path), f"a readable file ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(key, str(path), "a regular file")
+    if mode & 0o077:
+        raise ConfigError(key, str(path), f"a file only its owner can read: it is mode {stat.S_IMODE(mode):04o}, "
+                                          f"readable by group/others (chmod 600 {path})")
+
+
+def read_secret_file(key: str, path: Path) -> str:
+    """The secret in ``path`` (surrounding whitespace dropped), after :func:`check_private`."""
+    check_private(key, path)
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(key, str(path), f"a readable text file ({e})") from None
+    if not secret:
+        raise ConfigError(key, str(path), "a file holding a non-empty secret")
+    return secret
+
+
+def ensure_secret_file(key: str, path: Path) -> str:
+    """The secret in ``path``; when there is none yet, a new random one written there first.
+
+    Written to a private temporary file, fsynced, then hard-linked into place: the link fails when
+    another process made the file first (then its secret is used), and no reader ever sees a partial
+    file. The file is 0600 from its creation, whatever the umask."""
+    if path.exists():
+        return read_secret_file(key, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):  # made by another process meanwhile: use that one
+            os.link(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise ConfigError(key, str(path), f"a file this process can create ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_secret_file(key, path)
