@@ -3,7 +3,7 @@
 Each connector runs standalone (the client IP is the node) with its own DNS port, Raft port, status
 HTTP port, state directory and group id (for the nemesis), NAT off (three connectors on one host would
 share one kernel table). Clients ask real DNS questions from loopback source addresses; the final state
-of each connector is read from its status HTTP (``/pool``).
+of each connector is read from its admin HTTP (``/pool``, with the admin token from its state directory).
 
 :class:`ConnectorMember` has the interface the runner and nemesis use for ``cluster.Member``.
 """
@@ -47,11 +47,12 @@ class ConnectorMember:
                  peers: Sequence[str], prefixes: Sequence[str], reuse_after: float, secret: Path,
                  env: dict[str, str] | None = None, *, host: str = "127.0.0.1", netns: str | None = None,
                  client_netns: str | None = None, upstream: str | None = None, nat: bool = False,
-                 interface: str = "eth0") -> None:
+                 interface: str = "eth0", admin_port: int = 8894) -> None:
         self.name = name
         self.raft_port = raft_port
         self.dns_port = dns_port
         self.http_port = http_port
+        self.admin_port = admin_port
         self.gid = gid
         self.state_dir = base / f"acfault-{name}"
         self.config_path = base / f"acfault-{name}.toml"
@@ -83,6 +84,7 @@ secret_file = "{secret}"
 enabled = {"true" if nat else "false"}
 [http]
 listen = "127.0.0.1:{http_port}"
+admin_listen = "127.0.0.1:{admin_port}"
 """)
 
     @property
@@ -165,11 +167,14 @@ listen = "127.0.0.1:{http_port}"
 
     # ---- HTTP ---------------------------------------------------------------------------------------
 
-    def _get(self, path: str, timeout: float) -> tuple[int, Any]:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
+    def _get(self, path: str, timeout: float, admin: bool = False) -> tuple[int, Any]:
+        """GET from the read-only listener, or the admin one (with the token the connector made)."""
+        url = f"http://127.0.0.1:{self.admin_port if admin else self.http_port}{path}"
         try:
+            token = (self.state_dir / "admin.token").read_text().strip() if admin else ""
+            headers = {"Authorization": f"Bearer {token}"} if admin else {}
             with entered(self.netns):  # the status HTTP listens on the connector's own loopback
-                resp = urllib.request.urlopen(url, timeout=timeout)
+                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
             with resp as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
@@ -202,7 +207,7 @@ listen = "127.0.0.1:{http_port}"
 
     def state(self, timeout: float = 5.0) -> tuple[str, list[tuple[str, str, int]]]:
         """(a digest of every mapping with its last-used time, the mappings)."""
-        code, doc = self._get("/pool?limit=10000000", timeout)
+        code, doc = self._get("/pool?limit=10000000", timeout, admin=True)
         if code != 200 or not isinstance(doc, dict):
             raise Unavailable(f"{self.name} /pool {code}")
         rows = sorted((r["node"], r["domain"], r["address"], r["last_used"]) for r in doc["mappings"])
@@ -215,7 +220,7 @@ listen = "127.0.0.1:{http_port}"
         return self.dns.checkout(node, domain, timeout)
 
     def lookup(self, node: str, domain: str, timeout: float) -> int | None:
-        code, doc = self._get(f"/pool/lookup?node={node}&domain={domain}", timeout)
+        code, doc = self._get(f"/pool/lookup?node={node}&domain={domain}", timeout, admin=True)
         if code == 404:
             return None
         if code != 200 or not isinstance(doc, dict):
@@ -256,12 +261,14 @@ class ConnectorCluster(MemberGroup[ConnectorMember]):
         self.members = {}
         for i, n in enumerate(names):
             peers = [f"{hosts[o]}:{raft[o]}" for o in names if o != n]
-            dns_port, http_port = (port_base + 20 + i, port_base + 40 + i) if topology is None else (53, 8893)
+            dns_port, http_port, admin_port = ((port_base + 20 + i, port_base + 40 + i, port_base + 60 + i)
+                                               if topology is None else (53, 8893, 8894))
             ns_opts: dict[str, object] = {} if topology is None else {
                 "host": hosts[n], "netns": topology.ns(n), "client_netns": topology.ns("cl"),
                 "upstream": f"{topology.upstream}:53", "nat": True}
             self.members[n] = ConnectorMember(n, base, raft[n], dns_port, http_port, gid_base + i, peers, prefixes,
-                                              reuse_after, secret, **ns_opts)  # type: ignore[arg-type]
+                                              reuse_after, secret, admin_port=admin_port,
+                                              **ns_opts)  # type: ignore[arg-type]
 
     def endpoints(self) -> list[Endpoint]:
         return [m.endpoint for m in self.members.values()]

@@ -82,12 +82,26 @@ def test_status_unreachable_exits_1() -> None:
     assert "cannot reach" in res.stderr
 
 
-def test_client_commands_unreachable_exit_1() -> None:
+def test_client_commands_unreachable_exit_1(tmp_path: Path) -> None:
     http = f"127.0.0.1:{free_port()}"
-    for args in (["pool", "show"], ["pool", "lookup", "n1", "example.com"], ["cluster", "members"],
-                 ["cluster", "remove", "127.0.0.1:6270"]):
-        res = cli(*args, "--http", http, "--timeout", "2")
-        assert res.returncode == 1, (args, res.stderr)
+    token = tmp_path / "admin.token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    env = {"APPCONNECTOR_HTTP_ADMIN_TOKEN_FILE": str(token)}
+    res = cli("cluster", "members", "--http", http, "--timeout", "2")
+    assert res.returncode == 1 and "http.listen" in res.stderr, res.stderr
+    for args in (["pool", "show"], ["pool", "lookup", "n1", "example.com"], ["cluster", "remove", "127.0.0.1:6270"]):
+        res = cli(*args, "--admin", http, "--timeout", "2", env=env)
+        assert res.returncode == 1 and "cannot reach" in res.stderr and "http.admin_listen" in res.stderr, \
+            (args, res.stderr)
+
+
+def test_admin_commands_without_the_token_file_exit_2_naming_the_key(tmp_path: Path) -> None:
+    for args in (["pool", "show"], ["pool", "lookup", "n1", "example.com"], ["cluster", "remove", "127.0.0.1:6270"]):
+        res = cli(*args, "--admin", f"127.0.0.1:{free_port()}",
+                  env={"APPCONNECTOR_CLUSTER_STATE_DIR": str(tmp_path)})
+        assert res.returncode == 2, (args, res.stderr)
+        assert "http.admin_token_file" in res.stderr and str(tmp_path / "admin.token") in res.stderr
 
 
 def test_bad_usage_exits_2() -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,8 @@ def _wait(cond: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def standalone_config(tmp_path: Path, dns_port: int, raft_port: int, http_port: int) -> Path:
+def standalone_config(tmp_path: Path, dns_port: int, raft_port: int, http_port: int,
+                      admin_port: int | None = None) -> Path:
     """A single standalone member on loopback, NAT off, no upstream needed."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"""
@@ -41,6 +46,7 @@ raft_port = {raft_port}
 enabled = false
 [http]
 listen = "127.0.0.1:{http_port}"
+admin_listen = "127.0.0.1:{admin_port or free_port()}"
 """)
     return cfg
 
@@ -66,8 +72,8 @@ def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             answer = s.recv(4096)
         assert answer[:2] == b"\xab\xcd" and answer[3] & 0x0F == 0, "NOERROR"
         assert answer[-4:-2] == bytes([100, 64]), "an address from the default pool 100.64.1.0/24"
-        res = cli("pool", "lookup", "127.0.0.1", "example.com", "--http", f"127.0.0.1:{http_port}")
-        assert res.returncode == 0 and res.stdout.strip() == ".".join(str(b) for b in answer[-4:])
+        res = cli("pool", "lookup", "127.0.0.1", "example.com", "--config", str(cfg))  # the token from state_dir
+        assert res.returncode == 0 and res.stdout.strip() == ".".join(str(b) for b in answer[-4:]), res.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         _, err = proc.communicate()
@@ -90,3 +96,97 @@ def test_run_with_the_raft_port_taken_exits_1_with_a_clear_message(tmp_path: Pat
     assert res.returncode == 1
     assert "cannot start" in res.stderr and "cluster.raft_port" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_run_keeps_admin_off_the_read_only_listener_and_behind_its_token(tmp_path: Path) -> None:
+    http_port, admin_port, dns_port, raft_port = free_port(), free_port(), free_port(), free_port()
+    cfg = standalone_config(tmp_path, dns_port, raft_port, http_port, admin_port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
+    token_file = tmp_path / "state" / "admin.token"
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "appconnector.cli", "run", "--config", str(cfg)], cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"run exited early: {proc.communicate()[1][-2000:]}"
+            return cli("status", "--config", str(cfg), "--timeout", "2").returncode == 0
+        _wait(ready, 60, "`appconnector status` to report ready")
+        return proc
+
+    def stop(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+    proc = start()
+    try:
+        q = bytes.fromhex("abcd01000001000000000000") + b"\x07example\x03com\x00\x00\x01\x00\x01"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(q, ("127.0.0.1", dns_port))
+            address = ".".join(str(b) for b in s.recv(4096)[-4:])
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600, "the token is made at first start, owner-only"
+        token = token_file.read_text().strip()
+
+        ro, admin = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{admin_port}"
+        code, text = _http(ro + "/pool")
+        assert code == 404 and "example.com" not in text, "no per-node data where Prometheus scrapes"
+        code, text = _http(ro + "/status")
+        assert code == 200 and "example.com" not in text and f'"{address}"' not in text
+        assert json.loads(text)["pool"]["mappings"] == 1
+        code, _ = _http(ro + "/cluster/remove", b'{"member": "127.0.0.1:1"}', {"Content-Type": "application/json"})
+        assert code == 404
+        code, text = _http(admin + "/pool")
+        assert code == 401 and "example.com" not in text
+        code, _ = _http(admin + "/pool", headers={"Authorization": "Bearer " + "x" * len(token)})
+        assert code == 401
+        code, _ = _http(admin + "/cluster/remove", b"member=127.0.0.1:1", {"Authorization": f"Bearer {token}"})
+        assert code == 415, "a form body (what a cross-site page can post) is refused"
+        code, text = _http(admin + "/pool", headers={"Authorization": f"Bearer {token}"})
+        assert code == 200 and json.loads(text)["mappings"][0]["address"] == address
+
+        res = cli("pool", "show", "--config", str(cfg))
+        assert res.returncode == 0 and "example.com" in res.stdout, res.stderr
+        res = cli("pool", "show", "--admin", f"127.0.0.1:{http_port}", "--config", str(cfg))
+        assert res.returncode == 1, "the read-only listener has no /pool"
+        stop(proc)
+        proc = start()  # a restart reuses the token: the CLI keeps working, scripts keep their copy
+        assert token_file.read_text().strip() == token
+        code, _ = _http(admin + "/pool/lookup?node=127.0.0.1&domain=example.com",
+                        headers={"Authorization": f"Bearer {token}"})
+        assert code == 200
+        stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_run_refuses_an_admin_token_others_can_read(tmp_path: Path) -> None:
+    cfg = standalone_config(tmp_path, free_port(), free_port(), free_port())
+    (tmp_path / "state").mkdir()
+    token_file = tmp_path / "state" / "admin.token"
+    token_file.write_text("an-old-token\n")
+    token_file.chmod(0o644)
+    for command in ("run", "check-config"):
+        res = cli(command, "--config", str(cfg), timeout=60)
+        assert res.returncode == 2, (command, res.stderr)
+        assert "http.admin_token_file" in res.stderr and "chmod 600" in res.stderr, res.stderr
+    assert token_file.read_text() == "an-old-token\n"
+
+
+def test_run_refuses_admin_on_the_read_only_listener(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = standalone_config(tmp_path, free_port(), free_port(), port, admin_port=port)
+    res = cli("run", "--config", str(cfg), timeout=60)
+    assert res.returncode == 2 and "http.admin_listen" in res.stderr, res.stderr
+    assert not (tmp_path / "state").exists(), "refused before anything was made"

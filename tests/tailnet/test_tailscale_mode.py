@@ -143,6 +143,7 @@ secret_file = "{self.secret}"
 enabled = false
 [http]
 listen = "{ip}:8893"
+admin_listen = "{ip}:8894"
 """)
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
         with open(self.tmp / f"{sid}.log", "w") as log:  # a file, not a pipe: a full pipe would block it
@@ -212,7 +213,7 @@ def test_two_fresh_connectors_form_one_cluster(netns: str, tmp_path: Path) -> No
         a = _query("127.0.0.1", 5353)
         assert a.startswith("100.64.1.")
         assert _query("127.0.0.2", 5353) == a, "the other connector answers the same replicated mapping"
-        res = _cli("pool", "lookup", "nClient", "github.com", "--http", "127.0.0.2:8893")
+        res = _cli("pool", "lookup", "nClient", "github.com", "--config", str(fleet.tmp / "nConnB.toml"))
         assert res.returncode == 0 and res.stdout.strip() == a, "the node is the client's StableID (whois)"
 
         # the Raft port talks only to holders of the secret (pysyncobj's utility protocol as the probe)
@@ -271,7 +272,7 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
         target = next(sid for sid in ("nConnC", "nConnB", "nConnA") if f"{CONN3[sid]}:6270" != leader)
         asker = next(sid for sid in CONN3 if sid not in (target, leader_sid))
         addr = f"{CONN3[target]}:6270"
-        res = _cli("cluster", "remove", addr, "--http", f"{CONN3[asker]}:8893")
+        res = _cli("cluster", "remove", addr, "--config", str(fleet.tmp / f"{asker}.toml"))
         assert res.returncode == 0, res.stdout + res.stderr
         rest = sorted(f"{CONN3[sid]}:6270" for sid in CONN3 if sid != target)
         for sid in CONN3:
