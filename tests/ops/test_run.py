@@ -188,5 +188,5 @@ def test_run_refuses_admin_on_the_read_only_listener(tmp_path: Path) -> None:
     port = free_port()
     cfg = standalone_config(tmp_path, free_port(), free_port(), port, admin_port=port)
     res = cli("run", "--config", str(cfg), timeout=60)
-    assert res.returncode == 2 and "http.admin_listen" in res.stderr, res.stderr
+    assert res.returncode == 2 and "http.admin_listen" in res.stderr and "not http.listen's" in res.stderr, res.stderr
     assert not (tmp_path / "state").exists(), "refused before anything was made"
