@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,3 +26,13 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> s
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "appconnector.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=timeout, check=False)
+
+
+def http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, or a POST when ``data`` is given; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

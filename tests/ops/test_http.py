@@ -6,13 +6,12 @@ import asyncio
 import ipaddress
 import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from appconnector import config
@@ -22,16 +21,7 @@ from appconnector.http import StatusServer
 from appconnector.metrics import REGISTRY
 from appconnector.pool.local import LocalPool
 from appconnector.secrets_file import ensure_secret_file
-from tests.ops.helpers import REPO, free_port
-
-
-def _get(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+from tests.ops.helpers import REPO, free_port, http
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
@@ -94,15 +84,15 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -
         base = f"http://{cfg.http.listen}"
         try:
             addr = await pool.checkout("100.101.0.10", "github.com", (int(ipaddress.IPv4Address("192.0.2.7")),), 60)
-            code, text = await asyncio.to_thread(_get, base + "/healthz")
+            code, text = await asyncio.to_thread(http, base + "/healthz")
             assert code == 200
-            code, text = await asyncio.to_thread(_get, base + "/readyz")
+            code, text = await asyncio.to_thread(http, base + "/readyz")
             assert code == 200 and json.loads(text)["ready"] is True
-            code, text = await asyncio.to_thread(_get, base + "/metrics")
+            code, text = await asyncio.to_thread(http, base + "/metrics")
             assert code == 200 and "appconnector_dns_queries" in text and "# TYPE" in text
-            code, text = await asyncio.to_thread(_get, base + "/cluster/members")
+            code, text = await asyncio.to_thread(http, base + "/cluster/members")
             assert code == 200 and json.loads(text)["members"] == ["local"]
-            code, text = await asyncio.to_thread(_get, base + "/status")
+            code, text = await asyncio.to_thread(http, base + "/status")
             status = json.loads(text)
             assert code == 200 and status["pool"]["mappings"] == 1 and status["pool"]["nodes"] == 1, "counts"
             seen = " ".join(_strings(status))
@@ -110,9 +100,9 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -
                 assert private not in seen, f"/status reveals per-node data: {private}"
             # per-node data and changes are not on this listener (Prometheus may scrape it)
             for path in ("/pool", "/pool/lookup?node=100.101.0.10&domain=github.com"):
-                code, text = await asyncio.to_thread(_get, base + path)
+                code, text = await asyncio.to_thread(http, base + path)
                 assert code == 404 and "github.com" not in text, path
-            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b'{"member": "127.0.0.1:6270"}',
+            code, _ = await asyncio.to_thread(http, base + "/cluster/remove", b'{"member": "127.0.0.1:6270"}',
                                               {"Content-Type": "application/json"})
             assert code == 404
 
@@ -123,7 +113,7 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -
             assert rc == 0 and "local" in out
             # a failing readiness check: /readyz 503, `status` exits 1 and names the check
             nft_ok["ok"] = False
-            code, text = await asyncio.to_thread(_get, base + "/readyz")
+            code, text = await asyncio.to_thread(http, base + "/readyz")
             assert code == 503 and json.loads(text)["checks"]["nftables"]["ok"] is False
             rc, out, _ = await _cli("status", "--http", cfg.http.listen)
             assert rc == 1 and "FAIL nftables: table missing" in out
@@ -147,38 +137,38 @@ def test_admin_listener_needs_the_token_and_the_cli_sends_it(tmp_path: Path) -> 
             addr = await pool.checkout("100.101.0.10", "github.com", (int(ipaddress.IPv4Address("192.0.2.7")),), 60)
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
                             {"Authorization": token}, {"Cookie": f"token={token}"}):
-                code, text = await asyncio.to_thread(_get, base + "/pool", None, headers)
+                code, text = await asyncio.to_thread(http, base + "/pool", None, headers)
                 assert code == 401 and "github.com" not in text, headers
-            code, text = await asyncio.to_thread(_get, base + f"/pool?token={token}")
+            code, text = await asyncio.to_thread(http, base + f"/pool?token={token}")
             assert code == 401, "never a token in the query"
 
-            code, text = await asyncio.to_thread(_get, base + "/pool", None, auth)
+            code, text = await asyncio.to_thread(http, base + "/pool", None, auth)
             doc: dict[str, Any] = json.loads(text)
             assert code == 200 and doc["total"] == 1
             assert doc["mappings"][0] == {"node": "100.101.0.10", "domain": "github.com",
                                           "address": str(ipaddress.IPv4Address(addr)),
                                           "last_used": doc["mappings"][0]["last_used"]}
-            code, text = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=GitHub.com.",
+            code, text = await asyncio.to_thread(http, base + "/pool/lookup?node=100.101.0.10&domain=GitHub.com.",
                                                  None, auth)
             assert code == 200 and json.loads(text)["address"] == str(ipaddress.IPv4Address(addr))
             assert json.loads(text)["targets"] == ["192.0.2.7"]
-            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=gitlab.com",
+            code, _ = await asyncio.to_thread(http, base + "/pool/lookup?node=100.101.0.10&domain=gitlab.com",
                                               None, auth)
             assert code == 404
-            code, _ = await asyncio.to_thread(_get, base + "/pool/lookup?node=100.101.0.10&domain=a..b", None, auth)
+            code, _ = await asyncio.to_thread(http, base + "/pool/lookup?node=100.101.0.10&domain=a..b", None, auth)
             assert code == 400
 
             member = b'{"member": "127.0.0.1:6270"}'
-            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", member,
+            code, _ = await asyncio.to_thread(http, base + "/cluster/remove", member,
                                               {"Content-Type": "application/json"})
             assert code == 401 and pool.removed == []
             # what a cross-site form can send: a simple content type (no CORS preflight), no token header
             for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
-                code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", member,
+                code, _ = await asyncio.to_thread(http, base + "/cluster/remove", member,
                                                   {**auth, "Content-Type": ctype})
                 assert code == 415, ctype
             assert pool.removed == [], "nothing removed without the token and a JSON body"
-            code, _ = await asyncio.to_thread(_get, base + "/cluster/remove", b"not json",
+            code, _ = await asyncio.to_thread(http, base + "/cluster/remove", b"not json",
                                               {**auth, "Content-Type": "application/json"})
             assert code == 400
 
@@ -205,6 +195,7 @@ def test_admin_listener_needs_the_token_and_the_cli_sends_it(tmp_path: Path) -> 
 
 
 JSON = {"Content-Type": "application/json"}
+Client = TestClient[web.Request, web.Application]
 
 
 def _refused(reason: str) -> float:
@@ -212,7 +203,7 @@ def _refused(reason: str) -> float:
 
 
 @asynccontextmanager
-async def _admin_client(tmp_path: Path) -> AsyncIterator[tuple[TestClient, str, RecordingPool]]:
+async def _admin_client(tmp_path: Path) -> AsyncIterator[tuple[Client, str, RecordingPool]]:
     cfg, _ = _config(tmp_path)
     pool = RecordingPool(cfg.pool.prefixes)
     await pool.start()
@@ -263,9 +254,9 @@ def test_raising_check_is_not_ready(tmp_path: Path) -> None:
         server = StatusServer(cfg, pool, {"leader": broken})
         await server.start()
         try:
-            code, text = await asyncio.to_thread(_get, f"http://{listen}/readyz")
+            code, text = await asyncio.to_thread(http, f"http://{listen}/readyz")
             assert code == 503 and "no raft yet" in text
-            code, text = await asyncio.to_thread(_get, f"http://{listen}/status")
+            code, text = await asyncio.to_thread(http, f"http://{listen}/status")
             assert code == 200 and json.loads(text)["ready"] is False
         finally:
             await server.stop()

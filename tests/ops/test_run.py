@@ -11,13 +11,11 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.ops.helpers import REPO, cli, free_port
+from tests.ops.helpers import REPO, cli, free_port, http
 
 
 def _wait(cond: object, timeout: float, what: str) -> None:
@@ -98,15 +96,6 @@ def test_run_with_the_raft_port_taken_exits_1_with_a_clear_message(tmp_path: Pat
     assert "Traceback" not in res.stderr
 
 
-def _http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_run_keeps_admin_off_the_read_only_listener_and_behind_its_token(tmp_path: Path) -> None:
     http_port, admin_port, dns_port, raft_port = free_port(), free_port(), free_port(), free_port()
     cfg = standalone_config(tmp_path, dns_port, raft_port, http_port, admin_port)
@@ -138,20 +127,20 @@ def test_run_keeps_admin_off_the_read_only_listener_and_behind_its_token(tmp_pat
         token = token_file.read_text().strip()
 
         ro, admin = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{admin_port}"
-        code, text = _http(ro + "/pool")
+        code, text = http(ro + "/pool")
         assert code == 404 and "example.com" not in text, "no per-node data where Prometheus scrapes"
-        code, text = _http(ro + "/status")
+        code, text = http(ro + "/status")
         assert code == 200 and "example.com" not in text and f'"{address}"' not in text
         assert json.loads(text)["pool"]["mappings"] == 1
-        code, _ = _http(ro + "/cluster/remove", b'{"member": "127.0.0.1:1"}', {"Content-Type": "application/json"})
+        code, _ = http(ro + "/cluster/remove", b'{"member": "127.0.0.1:1"}', {"Content-Type": "application/json"})
         assert code == 404
-        code, text = _http(admin + "/pool")
+        code, text = http(admin + "/pool")
         assert code == 401 and "example.com" not in text
-        code, _ = _http(admin + "/pool", headers={"Authorization": "Bearer " + "x" * len(token)})
+        code, _ = http(admin + "/pool", headers={"Authorization": "Bearer " + "x" * len(token)})
         assert code == 401
-        code, _ = _http(admin + "/cluster/remove", b"member=127.0.0.1:1", {"Authorization": f"Bearer {token}"})
+        code, _ = http(admin + "/cluster/remove", b"member=127.0.0.1:1", {"Authorization": f"Bearer {token}"})
         assert code == 415, "a form body (what a cross-site page can post) is refused"
-        code, text = _http(admin + "/pool", headers={"Authorization": f"Bearer {token}"})
+        code, text = http(admin + "/pool", headers={"Authorization": f"Bearer {token}"})
         assert code == 200 and json.loads(text)["mappings"][0]["address"] == address
 
         res = cli("pool", "show", "--config", str(cfg))
@@ -161,7 +150,7 @@ def test_run_keeps_admin_off_the_read_only_listener_and_behind_its_token(tmp_pat
         stop(proc)
         proc = start()  # a restart reuses the token: the CLI keeps working, scripts keep their copy
         assert token_file.read_text().strip() == token
-        code, _ = _http(admin + "/pool/lookup?node=127.0.0.1&domain=example.com",
+        code, _ = http(admin + "/pool/lookup?node=127.0.0.1&domain=example.com",
                         headers={"Authorization": f"Bearer {token}"})
         assert code == 200
         stop(proc)
