@@ -43,6 +43,8 @@ MISTAKES: list[tuple[str, str, dict[str, str], str]] = [
     ("follow_only not a boolean", "[cluster]\nfollow_only = 2", {}, "cluster.follow_only"),
     ("steer map too small", "[nat]\nmax_mappings = 10", {}, "nat.max_mappings"),
     ("http listen not an address", "[http]\nlisten = \"nowhere\"", {}, "http.listen"),
+    ("admin on the read-only listener", "[http]\nadmin_listen = \"127.0.0.1:8893\"", {}, "http.admin_listen"),
+    ("admin on every interface", "[http]\nadmin_listen = \"0.0.0.0:8894\"", {}, "http.admin_listen"),
     ("bad environment value", "", {"APPCONNECTOR_DNS_TTL": "bogus"}, "dns.ttl"),
     ("unknown environment key", "", {"APPCONNECTOR_DNS_TIMETOLIVE": "5s"}, "APPCONNECTOR_DNS_TIMETOLIVE"),
     ("MagicDNS as upstream (a DNS loop)",
