@@ -165,8 +165,9 @@ class TokenRefused(Exception):
 
 def _base_url(args: argparse.Namespace, admin: bool) -> str:
     if admin:
-        listen = args.admin or load_config(args.config).http.admin_listen
-        config.parse_hostport("--admin" if args.admin else "http.admin_listen", listen)
+        cfg = load_config(args.config)
+        listen = args.admin or cfg.http.admin_listen
+        config.check_admin_address("--admin" if args.admin else "http.admin_listen", listen, cfg.standalone)
     else:
         listen = args.http or load_config(args.config).http.listen
         config.parse_hostport("--http" if args.http else "http.listen", listen)
@@ -179,8 +180,8 @@ def admin_token(args: argparse.Namespace) -> str:
     try:
         return read_secret_file("http.admin_token_file", path)
     except ConfigError as e:
-        hint = ("; `run` makes it at first start: is the instance running with this config? (the demo's is "
-                f"in {DEMO_STATE_DIR}: APPCONNECTOR_CLUSTER_STATE_DIR={DEMO_STATE_DIR})") if not path.exists() else ""
+        hint = ("; `run` makes it at first start: is the instance running with this config? (for the demo "
+                f"run without one: APPCONNECTOR_CLUSTER_STATE_DIR={DEMO_STATE_DIR})") if not path.exists() else ""
         raise ConfigError(e.key, e.value, e.allowed + hint) from None
 
 

@@ -274,17 +274,20 @@ def _validate_http(cfg: Config) -> None:
     tailscale mode a tailnet address (inside WireGuard)."""
     host, port = parse_hostport("http.listen", cfg.http.listen)
     admin_host, admin_port = parse_hostport("http.admin_listen", cfg.http.admin_listen)
-    admin_ip = ipaddress.ip_address(admin_host)
     if port == admin_port and (host == admin_host or ipaddress.ip_address(host).is_unspecified
-                               or admin_ip.is_unspecified):
+                               or ipaddress.ip_address(admin_host).is_unspecified):
         raise ConfigError("http.admin_listen", cfg.http.admin_listen,
                           f"an address:port of its own, not http.listen's ({cfg.http.listen}): the read-only "
                           "listener is the one Prometheus may reach, admin needs the token on another")
-    tailnet = not cfg.standalone and any(admin_ip in n for n in TAILNET_NETWORKS)
-    if not (admin_ip.is_loopback or tailnet):
-        raise ConfigError("http.admin_listen", cfg.http.admin_listen,
-                          'a loopback address such as "127.0.0.1:8894" (in tailscale mode also a tailnet '
-                          "address): the admin token would cross the network in clear text")
+    check_admin_address("http.admin_listen", cfg.http.admin_listen, cfg.standalone)
+
+
+def check_admin_address(key: str, value: str, standalone: bool) -> None:
+    """Where the admin token may be sent over plain HTTP: loopback, or (tailscale mode) a tailnet address."""
+    ip = ipaddress.ip_address(parse_hostport(key, value)[0])
+    if not (ip.is_loopback or (not standalone and any(ip in n for n in TAILNET_NETWORKS))):
+        raise ConfigError(key, value, 'a loopback address such as "127.0.0.1:8894" (in tailscale mode also a '
+                                      "tailnet address): the admin token would cross the network in clear text")
 
 
 # section → key → converter(dotted key, raw value)

@@ -127,3 +127,12 @@ def test_print_ula_matches_upstream_natc() -> None:
     assert cli("print-ula").stdout.strip() == "fd7a:115c:a1e0:a99c:1::/80"
     assert cli("print-ula", "--site-id", "12345").stdout.strip() == "fd7a:115c:a1e0:a99c:3039::/80"
     assert cli("print-ula", "--site-id", "0").stdout.strip() == "fd7a:115c:a1e0:a99c::/80"
+
+
+def test_admin_commands_never_send_the_token_off_the_host(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    res = cli("pool", "show", "--admin", "192.0.2.1:8894", "--timeout", "2",
+              env={"APPCONNECTOR_HTTP_ADMIN_TOKEN_FILE": str(token)})
+    assert res.returncode == 2 and "--admin" in res.stderr and "clear text" in res.stderr, res.stderr
