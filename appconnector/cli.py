@@ -26,7 +26,7 @@ from typing import Any
 
 from appconnector import config, logs
 from appconnector.config import Config, ConfigError
-from appconnector.secrets_file import check_private, read_secret_file
+from appconnector.secrets_file import read_secret_file
 
 log = logging.getLogger("appconnector")
 
@@ -58,7 +58,7 @@ def validate_for_run(cfg: Config) -> None:
 
     cfg.read_secret()
     if cfg.admin_token_path().exists():  # made at first start; one others can read is refused
-        check_private("http.admin_token_file", cfg.admin_token_path())
+        read_secret_file("http.admin_token_file", cfg.admin_token_path())
     if not cfg.standalone:
         control_credentials(cfg)
         check_upstreams(cfg)

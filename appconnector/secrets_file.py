@@ -17,12 +17,7 @@ from appconnector.config import ConfigError
 TOKEN_BYTES = 32  # 256 bits, URL-safe base64: fits an Authorization header as is
 
 
-def check_private(key: str, path: Path) -> None:
-    """Refuse a secret file that group or others may read or write (``chmod 600`` fixes it)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:
-        raise ConfigError(key, str(path), f"a readable file ({e.strerror})") from None
+def _refuse_shared(key: str, path: Path, mode: int) -> None:
     if not stat.S_ISREG(mode):
         raise ConfigError(key, str(path), "a regular file")
     if mode & 0o077:
@@ -31,12 +26,22 @@ def check_private(key: str, path: Path) -> None:
 
 
 def read_secret_file(key: str, path: Path) -> str:
-    """The secret in ``path`` (surrounding whitespace dropped), after :func:`check_private`."""
-    check_private(key, path)
+    """The secret in ``path`` (surrounding whitespace dropped); refused when group or others may read or
+    write it. The mode checked is the one of the file read (fstat), not of whatever the name points at later."""
     try:
-        secret = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(key, str(path), f"a readable text file ({e})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(key, str(path), f"a readable file ({e.strerror})") from None
+    try:
+        _refuse_shared(key, path, os.fstat(fd).st_mode)
+    except ConfigError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            secret = f.read().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(key, str(path), f"a readable text file ({e})") from None
     if not secret:
         raise ConfigError(key, str(path), "a file holding a non-empty secret")
     return secret
