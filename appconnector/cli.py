@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import importlib
 import ipaddress
 import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,6 +66,22 @@ def validate_for_run(cfg: Config) -> None:
         check_upstreams(cfg)
 
 
+def demo_config() -> tuple[Config, str]:
+    """The demo's config and a phrase saying whether NAT is on and why. The demo steers only when this
+    host can (root, IPv4 forwarding on), so it is ready either way; ``APPCONNECTOR_NAT_ENABLED`` asks
+    explicitly (and then NAT that cannot run is a failing readiness check, as with a config file)."""
+    from appconnector.nat.links import missing_prerequisite
+
+    env_key = "APPCONNECTOR_NAT_ENABLED"
+    missing = missing_prerequisite()
+    cfg = config.demo(state_dir=DEMO_STATE_DIR, nat=missing is None)
+    if env_key in os.environ:
+        return cfg, f"NAT {'on' if cfg.nat.enabled else 'off'} ({env_key})"
+    if missing is not None:
+        return cfg, f"NAT off, DNS only: {missing}"
+    return cfg, "NAT on (pool addresses are steered by nftables)"
+
+
 def _config_error(e: ConfigError) -> int:
     print(f"appconnector: bad config: {e}", file=sys.stderr)
     return EXIT_USAGE
@@ -79,8 +97,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"appconnector: {e}", file=sys.stderr)
         return EXIT_USAGE
     path = config_path(args.config)
+    nat_note = ""
     try:
-        cfg = config.demo(state_dir=DEMO_STATE_DIR) if path is None else config.load(path)
+        if path is None:
+            cfg, nat_note = demo_config()
+        else:
+            cfg = config.load(path)
         validate_for_run(cfg)
     except ConfigError as e:
         log.error("bad config: %s", e, extra={"key": e.key})
@@ -88,10 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if path is None:
         host, port = cfg.dns_listen()[0]
         log.info("no config file (--config or APPCONNECTOR_CONFIG): starting the standalone single-node demo, "
-                 "state in %s, DNS on %s:%d, upstream verification off, NAT %s. Try: dig @%s -p %d example.com "
-                 "(or kdig @%s -p %d example.com)", DEMO_STATE_DIR, host, port,
-                 "on" if cfg.nat.enabled else ("off (not root)" if os.geteuid() else "off (nat.enabled = false)"),
-                 host, port, host, port)
+                 "state in %s, DNS on %s:%d, upstream verification off, %s. Try: dig @%s -p %d example.com "
+                 "(or kdig @%s -p %d example.com)", DEMO_STATE_DIR, host, port, nat_note, host, port, host, port)
     try:
         app = importlib.import_module("appconnector.app")
     except ImportError as e:
@@ -259,6 +279,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if doc.get("ready") else EXIT_FAIL
 
 
+def last_used_text(last_used: float, now: float) -> str:
+    """A last-used time for people: UTC ISO time and age, e.g. ``2026-12-01T11:20:03Z (7m12s ago)``."""
+    stamp = datetime.datetime.fromtimestamp(last_used, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    age = max(0, int(now - last_used))  # the pool's clock may run ahead of this host's a little
+    days, rest = divmod(age, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        ago = f"{days}d{hours:02d}h"
+    elif hours:
+        ago = f"{hours}h{minutes:02d}m"
+    elif minutes:
+        ago = f"{minutes}m{seconds:02d}s"
+    else:
+        ago = f"{seconds}s"
+    return f"{stamp} ({ago} ago)"
+
+
+def non_negative(text: str) -> int:
+    """argparse type: a whole number ≥ 0 (argparse turns the error into exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
+
+
 @_client
 def cmd_pool_show(args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit)}
@@ -270,8 +319,9 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
     if args.json:
         _print(doc)
         return EXIT_OK
+    now = time.time()
     for m in doc.get("mappings", []):
-        print(f"{m['node']}\t{m['domain']}\t{m['address']}\t{m['last_used']:.0f}")
+        print(f"{m['node']}\t{m['domain']}\t{m['address']}\t{last_used_text(m['last_used'], now)}")
     print(f"# {doc.get('shown')} of {doc.get('total')} mapping(s)", file=sys.stderr)
     return EXIT_OK
 
@@ -382,10 +432,11 @@ def parser() -> argparse.ArgumentParser:
                           description="Inspect the replicated pool through the running instance's admin "
                                       "listener (http.admin_listen, with the token in http.admin_token_file).")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
-    p = pool_sub.add_parser("show", help="list mappings: node, domain, address, last used (unix time)")
+    p = pool_sub.add_parser("show", help="list mappings: node, domain, address, last used (UTC time and age; "
+                                         "--json: unix time)")
     with_client(p, admin=True)
     p.add_argument("--node", help="only this node (StableID in tailscale mode, client IP in standalone mode)")
-    p.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
+    p.add_argument("--limit", type=non_negative, default=1000, help="at most this many rows (default 1000)")
     p.set_defaults(func=cmd_pool_show)
     p = pool_sub.add_parser("lookup", help="the address a node was given for a domain (1 when unmapped)")
     with_client(p, admin=True)

@@ -362,13 +362,16 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
     return _build(raw, source)
 
 
-def demo(state_dir: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """The embedded single-node default used when ``run`` has no config file (DESIGN.md §7)."""
+def demo(state_dir: str | Path, env: Mapping[str, str] | None = None, *, nat: bool = False) -> Config:
+    """The embedded single-node default used when ``run`` has no config file (DESIGN.md §7).
+
+    ``nat``: the host can steer (the caller checks it), so the demo turns NAT on; NAT it did not ask
+    for must never make the demo unready. ``APPCONNECTOR_NAT_ENABLED`` still decides when set."""
     base: dict[str, dict[str, object]] = {
         "tailnet": {"mode": "standalone"},
         "dns": {"verify_upstream": False},
         "cluster": {"state_dir": str(state_dir)},
-        "nat": {"enabled": os.geteuid() == 0},
+        "nat": {"enabled": nat},
     }
     env = os.environ if env is None else env
     for section, values in _env_overrides(env).items():

@@ -40,6 +40,15 @@ def forwarding_enabled() -> bool:
         return False
 
 
+def missing_prerequisite() -> str | None:
+    """Why this host cannot steer pool traffic in the kernel (CAP_NET_ADMIN, forwarding), or None."""
+    if not has_net_admin():
+        return "not root (CAP_NET_ADMIN is needed for nftables)"
+    if not forwarding_enabled():
+        return "IPv4 forwarding is off (sysctl net.ipv4.ip_forward=1 turns it on)"
+    return None
+
+
 def _local_route(ipr: IPRoute, command: str, address: str) -> None:
     lo = ipr.link_lookup(ifname="lo")[0]
     ipr.route(command, dst=address, dst_len=32, type="local", scope="host", table=_LOCAL_TABLE, oif=lo)

@@ -133,11 +133,7 @@ class NatService:
         """Why the kernel part cannot run here, or None."""
         if not self.cfg.nat.enabled:
             return "nat.enabled = false"
-        if not links.has_net_admin():
-            return "not root (CAP_NET_ADMIN is needed for nftables)"
-        if not links.forwarding_enabled():
-            return "IPv4 forwarding is off (sysctl net.ipv4.ip_forward=1 turns it on)"
-        return None
+        return links.missing_prerequisite()
 
     def _disable(self, reason: str) -> None:
         was = self.enabled
