@@ -152,6 +152,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"split DNS: point the app domains at {dns_host}"
               f"{' (the reserved first pool address)' if not cfg.dns.listen else ''}; "
               f"clients need the route(s) {', '.join(str(n) for n in nets)} (Linux: tailscale set --accept-routes)")
+    if not cfg.standalone and (inside := config.pool_in_node_range(cfg.pool.prefixes)):
+        print(f"note: pool {inside} lies inside {config.TAILSCALE_NODE_RANGE}, where Tailscale assigns node "
+              "addresses: addresses nodes hold are skipped, with a warning (a range of its own is cleaner: "
+              "docs/deploy.md, Choose the pool)")
     if not cfg.standalone and not Path(cfg.tailnet.localapi_socket).exists():
         print(f"note: {cfg.tailnet.localapi_socket} does not exist yet: `run` needs tailscaled running "
               "(tailnet.localapi_socket)")

@@ -7,7 +7,6 @@ the value that was given and what is allowed, so ``appconnector check-config`` c
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import os
 import re
 import tomllib
@@ -15,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import netaddr
 
 ENV_PREFIX = "APPCONNECTOR_"
 # Variables the ``appconnector`` command reads itself (--config, --log-level, --log-format): not config keys.
@@ -172,6 +173,51 @@ class Config:
         return secret
 
 
+# Tailscale's own ranges (tailscale/tailscale net/tsaddr): nodes get addresses from the CGNAT range, and
+# 100.100.100.100 is tailscaled's service address (MagicDNS) on every node.
+TAILSCALE_NODE_RANGE = "100.64.0.0/10"
+TAILSCALE_SERVICE_ADDRESS = "100.100.100.100/32"
+
+
+def _cidrs(s: netaddr.IPSet) -> str:
+    return ", ".join(str(c) for c in s.iter_cidrs())
+
+
+def ignore_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``pool.ignore_destinations`` merged into the fewest prefixes (netaddr), for the DNS policy's
+    per-answer check; overlapping or adjacent entries cost one test, not several."""
+    merged = netaddr.cidr_merge([netaddr.IPNetwork(ipaddress.ip_network(p, strict=False).compressed)
+                                 for p in prefixes])
+    return [ipaddress.ip_network(str(n)) for n in merged]
+
+
+def _check_address_sets(cfg: Config, nets: list[ipaddress.IPv4Network]) -> None:
+    """Configuration-time set algebra over the pool (netaddr; never per query): the pool prefixes must not
+    overlap each other, ``pool.ignore_destinations`` nor, in tailscale mode, tailscaled's service address."""
+    pool = netaddr.IPSet()
+    for i, net in enumerate(nets):
+        shared = pool & netaddr.IPSet([str(net)])
+        if shared:
+            other = next(n for n in nets[:i] if n.overlaps(net))
+            raise ConfigError("pool.prefixes", list(cfg.pool.prefixes),
+                              f"prefixes that do not overlap ({other} and {net} share {_cidrs(shared)})")
+        pool.add(str(net))
+    for p in cfg.pool.ignore_destinations:
+        shared = pool & netaddr.IPSet([ipaddress.ip_network(p, strict=False).compressed])
+        if shared:  # a pool address passed through as "real" would hide a DNS loop (dns/policy.classify)
+            raise ConfigError("pool.ignore_destinations", p,
+                              f"prefixes outside the pool: {p} covers pool addresses {_cidrs(shared)}")
+    if cfg.tailnet.mode == "tailscale" and TAILSCALE_SERVICE_ADDRESS.split("/")[0] in pool:
+        raise ConfigError("pool.prefixes", list(cfg.pool.prefixes),
+                          "prefixes without 100.100.100.100 (tailscaled's own MagicDNS address on every node)")
+
+
+def pool_in_node_range(prefixes: tuple[str, ...] | list[str]) -> str:
+    """The part of the pool inside the range Tailscale assigns node addresses from ("" when none): nodes
+    holding those addresses are skipped by the allocator (``leader.excluded_addresses``), with a warning."""
+    return _cidrs(netaddr.IPSet([str(n) for n in pool_networks(prefixes)]) & netaddr.IPSet([TAILSCALE_NODE_RANGE]))
+
+
 def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network]:
     """The pool prefixes as networks, ordered numerically (DESIGN.md §3)."""
     nets = []
@@ -237,9 +283,6 @@ def _validate(cfg: Config) -> Config:
     nets = pool_networks(cfg.pool.prefixes)
     if not nets:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least one IPv4 prefix")
-    for a, b in itertools.pairwise(nets):
-        if a.overlaps(b):
-            raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), f"prefixes that do not overlap ({a}, {b})")
     if sum(n.num_addresses for n in nets) < 2:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least two addresses (one is reserved for DNS)")
     if cfg.pool.reuse_after <= 0:
@@ -249,6 +292,7 @@ def _validate(cfg: Config) -> Config:
             ipaddress.ip_network(p, strict=False)
         except ValueError:
             raise ConfigError("pool.ignore_destinations", p, 'IP prefixes such as "10.0.0.0/8"') from None
+    _check_address_sets(cfg, nets)
     for v in cfg.cluster.peers:
         parse_hostport("cluster.peers", v)
     if cfg.cluster.self:

@@ -14,14 +14,13 @@ mirror needs none.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appconnector.config import Config, parse_hostport, pool_networks
+from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks
 from appconnector.dns import wire
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
@@ -74,7 +73,7 @@ class DnsService:
         servers = [_hostport(s) for s in cfg.dns.upstream]
         self.upstream = upstream if upstream is not None else UpstreamResolver(servers)
         self._pool_nets = pool_networks(cfg.pool.prefixes)
-        self._ignore_nets = [ipaddress.ip_network(p, strict=False) for p in cfg.pool.ignore_destinations]
+        self._ignore_nets = ignore_networks(cfg.pool.ignore_destinations)
         node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
         self.max_age = local_answer_age(cfg.pool.reuse_after)
         # the fast path's clock is coarse (advanced every FAST_CLOCK_TICK): its limit allows for that

@@ -141,3 +141,50 @@ def test_admin_listener_on_loopback_or_this_tailnet_address() -> None:
         if admin.endswith(":8893"):
             env["APPCONNECTOR_HTTP_LISTEN"] = "100.101.2.3:8893"
         assert config.load(None, env=env).http.admin_listen == admin
+
+
+# ---- address sets (netaddr, at configuration time) --------------------------------------------------
+
+
+def _load(**env: str) -> config.Config:
+    return config.load(None, env={f"APPCONNECTOR_{k.upper()}": v for k, v in env.items()})
+
+
+def test_overlapping_pool_prefixes_are_named_with_what_they_share() -> None:
+    with pytest.raises(ConfigError) as ei:
+        _load(pool_prefixes="10.255.0.0/22,192.168.7.0/24,10.255.2.0/24")
+    assert ei.value.key == "pool.prefixes"
+    assert "10.255.0.0/22 and 10.255.2.0/24 share 10.255.2.0/24" in str(ei.value)
+    _load(pool_prefixes="10.255.0.0/24,10.255.1.0/24")  # adjacent is fine
+
+
+def test_ignore_destinations_must_stay_outside_the_pool() -> None:
+    # a pool address answered as "real" would pass a DNS loop through instead of refusing it
+    with pytest.raises(ConfigError) as ei:
+        _load(pool_prefixes="10.255.0.0/22,192.168.7.0/24", pool_ignore_destinations="192.0.2.0/24,10.0.0.0/8")
+    assert ei.value.key == "pool.ignore_destinations" and ei.value.value == "10.0.0.0/8"
+    assert "covers pool addresses 10.255.0.0/22" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        _load(pool_prefixes="10.255.0.0/22", pool_ignore_destinations="10.255.3.7")
+    assert "10.255.3.7/32" in str(ei.value)
+    cfg = _load(pool_prefixes="10.255.0.0/22", pool_ignore_destinations="10.255.4.0/22,2001:db8::/32")
+    assert cfg.pool.ignore_destinations == ("10.255.4.0/22", "2001:db8::/32")
+
+
+def test_pool_may_not_hold_tailscaleds_own_address_in_tailscale_mode() -> None:
+    with pytest.raises(ConfigError) as ei:
+        _load(pool_prefixes="100.100.100.0/24")
+    assert ei.value.key == "pool.prefixes" and "100.100.100.100" in str(ei.value)
+    _load(tailnet_mode="standalone", pool_prefixes="100.100.100.0/24")  # no tailscaled there
+
+
+def test_ignore_networks_are_merged_once() -> None:
+    nets = config.ignore_networks(("10.0.0.0/9", "10.128.0.0/9", "10.1.2.3/16", "2001:db8::/33",
+                                   "2001:db8:8000::/33", "192.0.2.7"))
+    assert [str(n) for n in nets] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+
+
+def test_pool_in_tailscales_node_range() -> None:
+    assert config.pool_in_node_range(("100.64.1.0/24",)) == "100.64.1.0/24"
+    assert config.pool_in_node_range(("100.0.0.0/8",)) == "100.64.0.0/10"
+    assert config.pool_in_node_range(("10.255.0.0/22",)) == ""

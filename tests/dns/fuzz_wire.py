@@ -2,9 +2,15 @@
 
 Properties, for any bytes at all:
   * ``wire.parse_query`` raises nothing but ``Malformed`` or ``FormatError``;
+  * when dnslib (an independent codec) also parses the query, both read the same ID, opcode, RD/CD,
+    question (name byte for byte, type, class) and OPT (version, DO, payload);
   * the fast path never raises, and when it answers, its bytes equal what the general path encodes
     for the same query (a differential check of the hand-written fast parser against the full one);
-  * every response the general path encodes for a parsed query is readable by dnspython;
+  * every response we build (fast path, pool answer, NODATA/error with SOA, NXDOMAIN) parses with
+    dnslib and means what it should, checked against dnslib's own reading of the query where it has
+    one: ID, QR/AA/TC/RD/CD, opcode, full rcode (OPT's extended bits included), the question as sent,
+    each record's owner, type, class, TTL and data, and our OPT (payload 1232, version 0, DO copied);
+    dnspython can read them too;
   * the upstream-response reader raises nothing but ValueError.
 
 In the test suite (``test_fuzz_wire.py``) hypothesis runs a bounded number of examples; set
@@ -24,10 +30,11 @@ import time
 import dns.exception
 import dns.message
 import dns.rrset
+import dnslib
 
 from appconnector.dns import wire
 from appconnector.dns.fastpath import FastPath
-from appconnector.dns.policy import AnswerPolicy
+from appconnector.dns.policy import HOSTMASTER, NS_NAME, SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_SERIAL, AnswerPolicy
 from appconnector.tailnet.standalone import StandaloneIdentity
 
 CLIENT = "100.100.0.1"
@@ -70,6 +77,114 @@ def make_fast_path() -> FastPath:
     return fast
 
 
+# ---- the independent reading: dnslib ---------------------------------------------------------------
+
+POOL_TEXT = "100.64.1.5"
+assert int.from_bytes(bytes(int(x) for x in POOL_TEXT.split(".")), "big") == POOL_ADDR
+SOA_TEXT = f"{NS_NAME}. {HOSTMASTER}. {SOA_SERIAL} {SOA_REFRESH} {SOA_RETRY} {SOA_EXPIRE} {POLICY.ttl}"
+# (owner: "q" for the question name, "parent" for the name above it; type; TTL; data as dnslib prints it)
+Expected = tuple[tuple[str, int, int, str], ...]
+A_ANSWER: Expected = (("q", wire.TYPE_A, POLICY.ttl, POOL_TEXT),)
+SOA_AT_NAME: Expected = (("q", wire.TYPE_SOA, POLICY.ttl, SOA_TEXT),)
+SOA_AT_PARENT: Expected = (("parent", wire.TYPE_SOA, POLICY.ttl, SOA_TEXT),)
+
+
+def _labels(qname: bytes) -> tuple[bytes, ...]:
+    """Our wire name as dnslib's label tuple (case kept)."""
+    out, i = [], 0
+    while i < len(qname) and qname[i]:
+        out.append(qname[i + 1:i + 1 + qname[i]])
+        i += 1 + qname[i]
+    return tuple(out)
+
+
+def _utf8_labels(qname: bytes) -> bool:
+    try:
+        for label in _labels(qname):
+            label.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def dnslib_query(data: bytes, query: wire.Query | None) -> dnslib.DNSRecord | None:
+    """dnslib's reading of the query; where both codecs read it, they must agree."""
+    try:
+        theirs = dnslib.DNSRecord.parse(data)
+    except Exception:  # dnslib raises DNSError, but also struct/Index/Unicode errors on garbage
+        return None
+    if query is None:
+        return theirs
+    h = theirs.header
+    where = f"query {data.hex()}"
+    assert h.id == query.ident, f"ID differs: {where}"
+    assert (h.opcode, h.rd, h.cd) == (query.opcode, int(bool(query.flags & wire.RD)),
+                                      int(bool(query.flags & wire.CD))), f"opcode/RD/CD differ: {where}"
+    assert len(theirs.questions) == query.qdcount, f"question count differs: {where}"
+    if query.question:
+        q = theirs.questions[0]
+        assert (q.qname.label, q.qtype, q.qclass) == (_labels(query.qname), query.qtype, query.qclass), \
+            f"question differs: {where}"
+    opts = [rr for rr in theirs.ar if rr.rtype == wire.TYPE_OPT]
+    if query.edns is None:
+        assert not opts, f"dnslib sees an OPT record we did not: {where}"
+    else:
+        assert len(opts) == 1, f"OPT records differ: {where}"
+        e = query.edns
+        assert (opts[0].rclass, (opts[0].ttl >> 16) & 0xFF, bool(opts[0].ttl & wire.DO_BIT)) == \
+            (e.payload, e.version, e.do), f"OPT differs: {where}"
+    return theirs
+
+
+def check_meaning(raw: bytes, query: wire.Query, theirs: dnslib.DNSRecord | None, rcode: int,
+                  answers: Expected = (), authority: Expected = (), *, udp_limit: int | None = None) -> None:
+    """``raw`` (our answer to ``query``) parses with dnslib and says exactly this: ``rcode``, the
+    records, the question as sent, flags and OPT derived from the query as dnslib read it."""
+    where = f"our answer {raw.hex()} to {query.ident:04x}/{query.question.hex()}"
+    if not _utf8_labels(query.qname):
+        return  # dnslib refuses labels that are not UTF-8 (DNS allows any octets; dnspython reads them)
+    try:
+        r = dnslib.DNSRecord.parse(raw)
+    except Exception as e:
+        raise AssertionError(f"dnslib cannot read {where}: {e!r}") from e
+    h = r.header
+    rd, cd = (theirs.header.rd, theirs.header.cd) if theirs is not None else \
+        (int(bool(query.flags & wire.RD)), int(bool(query.flags & wire.CD)))
+    opcode = theirs.header.opcode if theirs is not None else query.opcode
+    assert h.id == query.ident, f"ID: {where}"
+    assert (h.qr, h.aa, h.rd, h.cd, h.ra, h.z, h.ad, h.opcode) == (1, 1, rd, cd, 0, 0, 0, opcode), f"flags: {where}"
+    opts = [rr for rr in r.ar if rr.rtype == wire.TYPE_OPT]
+    assert len(r.ar) == len(opts), f"only OPT in additional: {where}"
+    full_rcode = h.rcode | ((opts[0].ttl >> 24) << 4 if opts else 0)
+    assert full_rcode == rcode, f"rcode {full_rcode} instead of {rcode}: {where}"
+    if opcode != 0:  # header only
+        assert not (r.questions or r.rr or r.auth or r.ar), f"records in a NOTIMP answer: {where}"
+        return
+    if query.edns is None:
+        assert not opts, f"an OPT the query did not have: {where}"
+    else:
+        assert len(opts) == 1, f"our OPT is missing: {where}"
+        assert (opts[0].rclass, (opts[0].ttl >> 16) & 0xFF, bool(opts[0].ttl & wire.DO_BIT),
+                opts[0].ttl & 0x7FFF) == (wire.OUR_UDP_PAYLOAD, 0, query.edns.do, 0), f"OPT: {where}"
+    qname = theirs.questions[0].qname.label if theirs is not None and theirs.questions else _labels(query.qname)
+    if not query.question:
+        assert not (r.questions or r.rr or r.auth), f"records without a question: {where}"
+        return
+    q = r.questions[0]
+    assert len(r.questions) == 1 and (q.qname.label, q.qtype, q.qclass) == (qname, query.qtype, query.qclass), \
+        f"the question as sent: {where}"
+    if h.tc:
+        assert udp_limit is not None and len(raw) <= udp_limit, f"TC without a UDP limit to respect: {where}"
+        assert not (r.rr or r.auth), f"records in a truncated answer: {where}"
+        return
+    assert udp_limit is None or len(raw) <= udp_limit, f"over the client's UDP payload: {where}"
+    owners = {"q": qname, "parent": qname[1:]}
+    for got, want, section in ((r.rr, answers, "answer"), (r.auth, authority, "authority")):
+        seen = [(rr.rname.label, rr.rtype, rr.rclass, rr.ttl, str(rr.rdata)) for rr in got]
+        assert seen == [(owners[o], t, wire.CLASS_IN, ttl, text) for o, t, ttl, text in want], \
+            f"{section} section {seen}: {where}"
+
+
 def check(data: bytes, fast: FastPath) -> None:
     """Raise AssertionError when a property above fails for ``data``."""
     with contextlib.suppress(ValueError):  # the upstream-response reader: ValueError or a Response
@@ -78,17 +193,31 @@ def check(data: bytes, fast: FastPath) -> None:
         query: wire.Query | None = wire.parse_query(data)
     except (wire.Malformed, wire.FormatError):
         query = None
+    theirs = dnslib_query(data, query)
     got = fast.answer(data, CLIENT)
     if got is not None:
         assert query is not None, f"fast path answered a message the parser rejects: {data.hex()}"
         reply = POLICY.pool_answer(query.qtype, POOL_ADDR)
         want = wire.encode_response(query, reply.rcode, reply.answers, reply.authority)
         assert got == want, f"fast path differs from the general path for {data.hex()}"
+        if query.qtype == wire.TYPE_A:
+            check_meaning(got, query, theirs, wire.NOERROR, A_ANSWER)
+        else:
+            check_meaning(got, query, theirs, wire.NOERROR, (), SOA_AT_NAME)
     if query is not None:
         early = POLICY.precheck(query)
         rcode = early.rcode if early is not None else wire.NOERROR
-        raw = wire.encode_response(query, rcode, (), (POLICY.soa(),), udp_limit=wire.udp_limit(query))
+        limit = wire.udp_limit(query)
+        raw = wire.encode_response(query, rcode, (), (POLICY.soa(),), udp_limit=limit)
+        check_meaning(raw, query, theirs, rcode, (), SOA_AT_NAME, udp_limit=limit)
         nx = POLICY.nxdomain(query.qname) if query.question else None
+        if nx is not None:
+            check_meaning(wire.encode_response(query, nx.rcode, nx.answers, nx.authority), query, theirs,
+                          wire.NXDOMAIN, (), SOA_AT_PARENT)
+            if query.qtype in (wire.TYPE_A, wire.TYPE_AAAA) and not query.flags & wire.OPCODE_MASK:
+                pool = POLICY.pool_answer(query.qtype, POOL_ADDR)
+                check_meaning(wire.encode_response(query, pool.rcode, pool.answers, pool.authority), query, theirs,
+                              wire.NOERROR, *((A_ANSWER, ()) if query.qtype == wire.TYPE_A else ((), SOA_AT_NAME)))
         try:
             dns.message.from_wire(raw, question_only=False)
             if nx is not None:

@@ -136,3 +136,11 @@ def test_admin_commands_never_send_the_token_off_the_host(tmp_path: Path) -> Non
     res = cli("pool", "show", "--admin", "192.0.2.1:8894", "--timeout", "2",
               env={"APPCONNECTOR_HTTP_ADMIN_TOKEN_FILE": str(token)})
     assert res.returncode == 2 and "--admin" in res.stderr and "clear text" in res.stderr, res.stderr
+
+
+def test_check_config_notes_a_pool_inside_tailscales_node_range(tmp_path: Path) -> None:
+    env = {"APPCONNECTOR_DNS_UPSTREAM": "192.0.2.53:53"}
+    res = cli("check-config", env=env)
+    assert res.returncode == 0 and "note: pool 100.64.1.0/24 lies inside 100.64.0.0/10" in res.stdout, res.stdout
+    res = cli("check-config", env={**env, "APPCONNECTOR_POOL_PREFIXES": "10.255.0.0/22"})
+    assert res.returncode == 0 and "lies inside" not in res.stdout

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from appconnector.tailnet.routes import (
     without_routes,
 )
 from tests.tailnet.helpers import base_state, run, started
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_union_and_without_are_pure() -> None:
@@ -116,3 +121,35 @@ def test_resolv_conf_is_checked_when_upstream_empty(tmp_path: Path) -> None:
     resolv.write_text("")
     with pytest.raises(ConfigError):
         check_upstreams(_cfg(), str(resolv))
+
+
+# The tailscale package (control-API route approval) is optional at run time: a process without it
+# imports and runs everything else, and only a configured credential asks for it (exit 2 naming the key).
+_WITHOUT_TAILSCALE = "import sys; sys.modules['tailscale'] = None  # import tailscale → ImportError\n"
+
+
+def test_the_product_runs_without_the_tailscale_package(tmp_path: Path) -> None:
+    code = _WITHOUT_TAILSCALE + (
+        "import pkgutil, importlib, appconnector\n"
+        "for m in pkgutil.walk_packages(appconnector.__path__, 'appconnector.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print('imported', len(sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                         check=False)
+    assert res.returncode == 0 and "imported" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_credential_without_the_tailscale_package_is_a_config_error(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("tskey-api-xyz\n")
+    code = _WITHOUT_TAILSCALE + "from appconnector.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
+    env.update(APPCONNECTOR_TAILNET_API_KEY_FILE=str(key), APPCONNECTOR_DNS_UPSTREAM="192.0.2.53:53")
+    res = subprocess.run([sys.executable, "-c", code, "check-config"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=60, check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tailnet.api_key_file" in res.stderr and "pip install tailscale" in res.stderr
+    # with the package present the same config is valid
+    res = subprocess.run([sys.executable, "-m", "appconnector.cli", "check-config"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
