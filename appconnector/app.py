@@ -7,7 +7,7 @@
 Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the admin and
 status HTTP close, DNS drains (so no answer is given that cannot be steered), NAT removes its table
 and the DNS address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
-``serve`` returns the process exit code (DESIGN.md §7): 0 after a signal, 1 for a runtime failure
+``serve`` returns the process exit code (docs/design.md §7): 0 after a signal, 1 for a runtime failure
 (the log says which part and why).
 """
 

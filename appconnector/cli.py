@@ -1,6 +1,6 @@
 """The ``appconnector`` command.
 
-Exit codes (DESIGN.md §7), for scripts:
+Exit codes (docs/design.md §7), for scripts:
   run            0 after SIGTERM/SIGINT, 2 bad config, 1 runtime failure
   check-config   0 valid, 2 invalid (the message names the key)
   status         0 healthy (ready), 1 unhealthy or unreachable, 2 bad usage

@@ -1,6 +1,6 @@
 """Typed configuration: TOML file, then ``APPCONNECTOR_<SECTION>_<KEY>`` environment overrides.
 
-The keys are the contract in DESIGN.md §7: add keys, never rename them. Every error names the key,
+The keys are the contract in docs/design.md §7: add keys, never rename them. Every error names the key,
 the value that was given and what is allowed, so ``appconnector check-config`` can be read by a human.
 """
 
@@ -219,7 +219,7 @@ def pool_in_node_range(prefixes: tuple[str, ...] | list[str]) -> str:
 
 
 def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network]:
-    """The pool prefixes as networks, ordered numerically (DESIGN.md §3)."""
+    """The pool prefixes as networks, ordered numerically (docs/design.md §3)."""
     nets = []
     for p in prefixes:
         try:
@@ -407,7 +407,7 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
 
 
 def demo(state_dir: str | Path, env: Mapping[str, str] | None = None, *, nat: bool = False) -> Config:
-    """The embedded single-node default used when ``run`` has no config file (DESIGN.md §7).
+    """The embedded single-node default used when ``run`` has no config file (docs/design.md §7).
 
     ``nat``: the host can steer (the caller checks it), so the demo turns NAT on; NAT it did not ask
     for must never make the demo unready. ``APPCONNECTOR_NAT_ENABLED`` still decides when set."""

@@ -1,4 +1,4 @@
-"""Duties only the Raft leader performs, driven by the tailnet's node list (DESIGN.md §3).
+"""Duties only the Raft leader performs, driven by the tailnet's node list (docs/design.md §3).
 
 * ``forget``: a node that has mappings but has been absent from the netmap for ``reuse_after``
   continuously loses them (nodes vanish briefly on ACL edits and key expiry, so absence is timed).

@@ -12,7 +12,7 @@ creates (the NAT tests' topology: client → connector → origin, names ``acnat
    - checkouts/s of a LocalPool with the NAT service attached (each checkout installs its element in
      its own transaction before returning) against the same LocalPool alone;
    - single-element transactions/s through libnftables against ``nft -j -f -`` per change (the
-     alternative DESIGN.md §5 names);
+     alternative docs/design.md §5 names);
    - batched installs (250 elements per transaction) in elements/s;
    - a full reconcile (the model from ``--mappings`` mappings, then one transaction replacing the
      table) against the same JSON through ``nft -j -f -`` (medians of 3, alternating);

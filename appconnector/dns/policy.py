@@ -71,7 +71,7 @@ def _inside(address: str, networks: Networks) -> bool:
 
 
 def classify(resolution: Resolution, pool: Networks, ignore: Networks) -> Action:
-    """Decide from the upstream A lookup of a name (DESIGN §4; upstream natc's ``ignoreDestination``:
+    """Decide from the upstream A lookup of a name (docs/design.md §4; upstream natc's ``ignoreDestination``:
     one address inside ``ignore`` is enough to pass the name through)."""
     if resolution.kind == "failure":
         return Action.FAILURE
@@ -163,7 +163,7 @@ class AnswerPolicy:
         return self.ttl if negative_ttl is None else min(self.ttl, negative_ttl)
 
     def pool_answer(self, qtype: int, address: int) -> Reply:
-        """A → the pool address; AAAA → NODATA (netfilter cannot NAT IPv6 to IPv4, DESIGN §4)."""
+        """A → the pool address; AAAA → NODATA (netfilter cannot NAT IPv6 to IPv4, docs/design.md §4)."""
         if qtype == wire.TYPE_A:
             return Reply(wire.NOERROR, (wire.rr_a(address, self.ttl),))
         return self.nodata()

@@ -61,7 +61,7 @@ def local_answer_age(reuse_after: float) -> float:
 
 
 class DnsService:
-    """Answers A/AAAA for app domains with pool addresses (DESIGN §4). See the module docstring."""
+    """Answers A/AAAA for app domains with pool addresses (docs/design.md §4). See the module docstring."""
 
     def __init__(self, cfg: Config, replica: Replica, identity: NodeIdentity,
                  nat_ready: NatReady | None = None, *, upstream: UpstreamResolver | None = None) -> None:

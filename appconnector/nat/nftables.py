@@ -1,6 +1,6 @@
 """The one module that talks to nftables: libnftables' JSON API, loaded with ctypes.
 
-Why this way (DESIGN.md §5, measured here):
+Why this way (docs/design.md §5, measured here):
 
 - pyroute2's nftables module is a prototype: no maps, set calls raise, every call its own transaction.
   We need a concatenated-key map, a timed set the kernel fills, and one atomic transaction per change.

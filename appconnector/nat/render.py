@@ -115,7 +115,7 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
                          "timeout": max(1, round(spec.seen_timeout)), "size": spec.max_mappings}}},
         {"add": {"counter": {**t, "name": UNMAPPED}}},
         # Before DNAT (dstnat is -100) so daddr is still the pool address. Its own chain: when the
-        # set is full the update fails and ends only this rule, never the steering (DESIGN.md §5).
+        # set is full the update fails and ends only this rule, never the steering (docs/design.md §5).
         chain("seen", "filter", "prerouting", -150),
         rule("seen", iif, to_pool,
              {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},

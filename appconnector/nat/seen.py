@@ -7,7 +7,7 @@ Two sources, both read in bulk so the number of Raft entries depends on time, no
 - a periodic conntrack dump of pool-bound entries (original destination in the pool): long flows
   show only their first packet to the NAT chains, so without this a day-long SSH session would let
   its address look idle and be reassigned. The dump is read raw (netlink.py): pyroute2's conntrack
-  decoder costs ~1 ms per entry (DESIGN.md §5 suggested pyroute2 here; measured, it is too slow).
+  decoder costs ~1 ms per entry (the working note suggested pyroute2 here; measured, it is too slow: docs/design.md §5).
 
 :func:`touches` turns pairs into at most one ``replica.touch`` per (node, address) per round, and only
 when the replicated last-used is older than the refresh interval (so a busy mapping costs one mark

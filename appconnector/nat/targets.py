@@ -1,6 +1,6 @@
 """The leader keeps each active domain's real addresses fresh, by TTL, through the replicated state.
 
-Replicas never steer by their own lookups (DESIGN.md §3): the leader re-resolves every domain that has
+Replicas never steer by their own lookups (docs/design.md §3): the leader re-resolves every domain that has
 mappings when its TTL runs out and proposes ``set_targets`` only when the sorted address set changed,
 so a steady domain costs no Raft entry. A failed or empty refresh keeps the last addresses and retries
 after ``min_ttl``. On becoming leader the first refreshes are spread over ``min_ttl`` by a hash of the

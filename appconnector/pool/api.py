@@ -25,7 +25,7 @@ Targets = tuple[Address, ...]
 
 def touch_refresh(reuse_after: float) -> float:
     """How old a mapping's stored last-used may get before use (a DNS hit, traffic seen by NAT) sends a
-    touch: min(5 min, reuse_after / 8) (DESIGN.md §3; upstream natc uses a fixed 5 min). One rule for
+    touch: min(5 min, reuse_after / 8) (docs/design.md §3; upstream natc uses a fixed 5 min). One rule for
     every toucher: DNS's limit on answering from local state relies on it."""
     return min(300.0, reuse_after / 8)
 

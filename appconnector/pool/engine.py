@@ -3,7 +3,7 @@
 This module is the only one that knows pysyncobj. The replica talks to it through :class:`Engine`
 (propose a command, ask who leads, hand leadership away, stop), so another Raft library could replace it.
 
-What it adds to pysyncobj, and why (DESIGN.md §6):
+What it adds to pysyncobj, and why (docs/design.md §6):
 
 * The journal guard (:mod:`appconnector.pool.raftlog`) in front of pysyncobj's ``append_entries``
   handling, so followers truncate only at a term conflict and commit only what the leader vouched for.
@@ -405,7 +405,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         conf = SyncObjConf(
             password=secret,
             autoTick=False,
-            appendEntriesUseBatch=True,  # never off: see DESIGN.md §6
+            appendEntriesUseBatch=True,  # never off: see docs/design.md §6
             appendEntriesPeriod=tuning.busy_period,
             raftMinTimeout=tuning.raft_min_timeout,
             raftMaxTimeout=tuning.raft_max_timeout,

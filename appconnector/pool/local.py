@@ -34,7 +34,7 @@ log = logging.getLogger("appconnector.pool.local")
 
 DEFAULT_REUSE_AFTER = 48 * 3600.0
 TOUCH_FLUSH_INTERVAL = 1.0
-"""Queued touches are flushed as one ``touch_batch`` at least this often (DESIGN.md §3)."""
+"""Queued touches are flushed as one ``touch_batch`` at least this often (docs/design.md §3)."""
 
 
 class LocalPool:

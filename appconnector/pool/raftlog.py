@@ -1,6 +1,6 @@
 """The journal guard: holds pysyncobj 0.3.17 followers to Raft's log-matching rules.
 
-Why (DESIGN.md §6): when a follower gets an ``append_entries`` whose ``prevLogIdx`` is behind the end of
+Why (docs/design.md §6): when a follower gets an ``append_entries`` whose ``prevLogIdx`` is behind the end of
 its log, pysyncobj deletes every entry after ``prevLogIdx`` and appends what the message carried, whatever
 the terms say. After a connection reset the leader resends from a stale next-index, capped at
 ``appendEntriesBatchSizeBytes``, so the follower cuts entries it had already acknowledged and applied

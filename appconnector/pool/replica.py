@@ -9,7 +9,7 @@ proposed them to the leader. Reads go to the local state under the state lock, n
   larger commands is unreliable and the journal guard does not cover it.
 * Completion is seen on apply: each proposal carries a request id, and the apply hook resolves the
   waiting futures. pysyncobj was seen to drop callbacks and to report ``LEADER_CHANGED`` for writes that
-  were applied (DESIGN.md §6), so its callback is only used to retry sooner on errors; a proposal that
+  were applied (docs/design.md §6), so its callback is only used to retry sooner on errors; a proposal that
   has not been applied after ``retry_after`` is proposed again. Every command is idempotent, so a write
   applied twice gives the same answer.
 * The proposer reads the clock: ``now`` and ``reuse_deadline = now - pool.reuse_after`` go into the

@@ -1,7 +1,7 @@
 """The pool's deterministic state machine: (node, domain) ↔ address, last-used times, targets.
 
 Every replica applies the same commands in the same order and must end in the same state, so nothing
-here reads a clock or randomness: proposers pass times in (DESIGN.md §3). A command is a plain tuple
+here reads a clock or randomness: proposers pass times in (docs/design.md §3). A command is a plain tuple
 (pickle-safe, no classes) dispatched by :meth:`PoolState.apply`:
 
 * ``("checkout_batch", ((node, domain, targets, ttl), ...), now, reuse_deadline)`` →
@@ -21,7 +21,7 @@ mappings), a heap of free offsets below that, and an ordered index of (last_used
 Times: the state keeps a high-water mark of command times. A time more than :data:`SKEW_LIMIT` ahead
 of it is clamped to ``high_water + SKEW_LIMIT`` (and a checkout's deadline moved back by the same
 amount), counted in ``appconnector_pool_clock_skew`` and logged: a proposer with a fast clock cannot
-reclaim addresses early. DESIGN.md says "applied with the high-water time"; taken literally that freezes
+reclaim addresses early. The old note (docs/design.md §14) said "applied with the high-water time"; that freezes
 time for good after any quiet spell longer than five minutes (every later command would be "ahead"), so
 the mark may advance by at most five minutes per command instead.
 """

@@ -1,6 +1,6 @@
 """``TailnetDirectory``: the node list from LocalAPI status, kept current by the IPN bus watch.
 
-Both notification styles are handled (DESIGN.md §6 "LocalAPI facts"):
+Both notification styles are handled (docs/design.md §10):
 * tailscaled ≤1.96 sends the whole ``NetMap`` (``SelfNode`` + ``Peers``) on every change;
 * ≥1.100 sends ``PeersChanged`` (full nodes, upsert) and ``PeersRemoved`` (numeric NodeIDs) because we
   ask for NotifyPeerChanges; anything we cannot apply exactly (an unknown NodeID, a patch, an empty

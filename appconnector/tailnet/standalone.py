@@ -1,4 +1,4 @@
-"""Standalone identity: no tailscaled, the client's IP address is the node (DESIGN §3).
+"""Standalone identity: no tailscaled, the client's IP address is the node (docs/design.md §3).
 
 Every address that can reach the DNS listener is a node, so nothing is refused here; the listener's
 address (and, with NAT, the firewall) decides who may ask.

@@ -1,4 +1,4 @@
-"""A connector that cannot start says why, exits 1 and leaves nothing running (DESIGN.md §7)."""
+"""A connector that cannot start says why, exits 1 and leaves nothing running (docs/design.md §7)."""
 
 from __future__ import annotations
 

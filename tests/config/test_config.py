@@ -1,4 +1,4 @@
-"""The configuration contract (DESIGN.md §7): defaults, env overrides, errors that name the key."""
+"""The configuration contract (docs/design.md §7): defaults, env overrides, errors that name the key."""
 
 from __future__ import annotations
 

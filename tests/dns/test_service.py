@@ -1,5 +1,5 @@
 """The DNS service end to end: real UDP/TCP sockets, dnspython and kdig as clients, Unbound as the
-upstream, LocalPool as the replica. Covers upstream natc's ``TestDNSResponse`` cases and DESIGN §4."""
+upstream, LocalPool as the replica. Covers upstream natc's ``TestDNSResponse`` cases and docs/design.md §4."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_soa_and_ns_are_answered_for_any_name(svc: Running, rdtype: str) -> None
 
 
 
-# ---- DESIGN §4 beyond natc --------------------------------------------------------------------------
+# ---- docs/design.md §4 beyond natc --------------------------------------------------------------------------
 
 
 def test_aaaa_is_nodata_with_soa_and_spends_no_address(svc: Running) -> None:

@@ -3,7 +3,7 @@
 Clients record every operation as an invocation and a completion (wall times from one clock, the
 harness's). The checker decides whether every answer a client saw is consistent with one sequential
 order of the operations that respects real time (an operation that completed before another was
-invoked comes first), under a model of the pool semantics (DESIGN.md §3):
+invoked comes first), under a model of the pool semantics (docs/design.md §3):
 
 * a (node, domain) keeps its address until that address is reassigned to another domain of the same
   node, which is allowed only once the mapping's last use is older than ``reuse_after``;

@@ -219,7 +219,7 @@ def run(cluster: Cluster, net: LoopbackNet, *, duration: float, steps: list[Step
         if "may have diverged" in m.log_text():
             problems.append(f"{m.name}: logged 'may have diverged'")
     verdict = check(history, reuse_after=reuse_after, clock_slack=clock_slack)
-    # For the record: how many keys saw a local read that lagged (allowed by design, DESIGN.md §3).
+    # For the record: how many keys saw a local read that lagged (allowed by design, docs/design.md §3).
     strict = [dataclasses.replace(o, stale_ok=False) for o in history.ops]
     lagging = len(check(strict, reuse_after=reuse_after, clock_slack=clock_slack).anomalies)
     result = RunResult(history, verdict, faults, stats, digests, problems, total, lagging, guard)

@@ -234,7 +234,7 @@ def test_malformed_dns_at_rate_over_udp_and_tcp(one: ConnectorMember, nodes: lis
             s.sendto(_garbage(rng), ("127.0.0.1", m.dns_port))
             sent += 1
         time.sleep(0.005)
-    # A header with no question gets FORMERR with its ID echoed (DESIGN.md §4).
+    # A header with no question gets FORMERR with its ID echoed (docs/design.md §4).
     s.settimeout(2)
     while True:  # drain answers to the garbage
         try:

@@ -51,7 +51,7 @@ class Mix:
     touch: float = 0.05
     timeout: float = 3.0
     think: float = 0.005           # pause between a client's operations
-    stale_reads: bool = True       # reads are local (DESIGN.md §3): allowed to lag, not to invent
+    stale_reads: bool = True       # reads are local (docs/design.md §3): allowed to lag, not to invent
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The ``appconnector`` command: exit codes scripts rely on (DESIGN.md §7) and messages naming the key."""
+"""The ``appconnector`` command: exit codes scripts rely on (docs/design.md §7) and messages naming the key."""
 
 from __future__ import annotations
 

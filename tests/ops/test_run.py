@@ -1,4 +1,4 @@
-"""`appconnector run` as a real process: ready on http.listen, answers DNS, exits 0 on SIGTERM (DESIGN §7)."""
+"""`appconnector run` as a real process: ready on http.listen, answers DNS, exits 0 on SIGTERM (docs/design.md §7)."""
 
 from __future__ import annotations
 

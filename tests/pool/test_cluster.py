@@ -1,4 +1,4 @@
-"""The Raft replica as real 3-process pysyncobj clusters on loopback (DESIGN.md §6).
+"""The Raft replica as real 3-process pysyncobj clusters on loopback (docs/design.md §6).
 
 Every test starts its own members (``python -m appconnector.pool.member``) on fresh loopback ports with a
 state directory under tmp_path, and kills them afterwards.
@@ -174,7 +174,7 @@ def test_kill_9_of_the_leader_elects_another_and_keeps_serving(cluster_factory: 
 def test_acknowledged_checkouts_survive_kill_9_of_every_member(
         cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     # Small compaction threshold: full dumps and journal rewrites happen during the load, so the kill can
-    # land in one (DESIGN.md §6: compaction rewrites the journal in place).
+    # land in one (docs/design.md §6: compaction rewrites the journal in place).
     c = cluster_factory(extra=("--compact-every", "40")).start()
     ack_files = [tmp_path / f"acks{i}.jsonl" for i in range(3)]
     loaders = []

@@ -1,7 +1,7 @@
 """Regression: a member whose TCP connections are reset every couple of seconds under load.
 
 pysyncobj 0.3.17 followers truncate entries they already applied when a resend after a reset starts
-from a stale next-index ("truncating already-applied log entries … may have diverged", DESIGN.md §6).
+from a stale next-index ("truncating already-applied log entries … may have diverged", docs/design.md §6).
 A real 3-process cluster on loopback; one member is reachable only through a TCP proxy that resets
 every connection through it (RST both ways) every ~1.7 s while all three members run checkouts.
 The run fails on any "may have diverged" line and on any acknowledged checkout missing afterwards.
@@ -164,7 +164,7 @@ def _run_resets_under_load(members: list[MemberProcess], proxy: ResettingProxy, 
     t = threading.Thread(target=resetter, daemon=True)
     t.start()
     with ThreadPoolExecutor(len(members)) as pool:
-        # ~3 KB entries (DESIGN.md's reproduction): padded names, a few dozen checkouts per entry.
+        # ~3 KB entries (docs/design.md §6's reproduction): padded names, a few dozen checkouts per entry.
         futs = [pool.submit(m.call, "load", timeout=seconds + 60, count=10**9, seconds=seconds,
                             concurrency=48, nodes=40, node_prefix=f"m{i}n", domain_prefix=f"m{i}d", pad=150,
                             return_acked=False)

@@ -1,4 +1,4 @@
-"""PoolState semantics (DESIGN.md §3), including every behaviour upstream natc's pool tests check
+"""PoolState semantics (docs/design.md §3), including every behaviour upstream natc's pool tests check
 (tailscale/tailscale cmd/natc/ippool/ippool_test.go and consensusippool_test.go)."""
 
 from __future__ import annotations

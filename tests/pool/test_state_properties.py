@@ -1,5 +1,5 @@
 """Property tests of PoolState (hypothesis, stateful): random command sequences against a plain reference
-model that scans the pool the slow, obvious way, plus the invariants of DESIGN.md §3.
+model that scans the pool the slow, obvious way, plus the invariants of docs/design.md §3.
 
 Bounded by default (a few seconds); APPCONNECTOR_LONG=1 runs many more and longer sequences.
 """
@@ -39,7 +39,7 @@ TARGETS = st.lists(st.integers(0, 5).map(lambda i: 0xC0000200 + i), max_size=3).
 
 
 class Reference:
-    """DESIGN.md §3 written the obvious way: dicts and full scans, no cleverness."""
+    """docs/design.md §3 written the obvious way: dicts and full scans, no cleverness."""
 
     def __init__(self, prefixes: list[str]) -> None:
         self.space = AddressSpace(prefixes)
