@@ -14,6 +14,7 @@ routes already enabled; otherwise we log once how to set ``autoApprovers``.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
@@ -96,6 +97,10 @@ def control_credentials(cfg: Config) -> dict[str, str] | None:
     """The control-API credentials configured, as ``tailscale.Tailscale`` keyword arguments, or None.
     Raises ConfigError naming the key when they are incomplete or unreadable."""
     t = cfg.tailnet
+    if (t.api_key_file or t.oauth_client_id) and importlib.util.find_spec("tailscale") is None:
+        key = "tailnet.api_key_file" if t.api_key_file else "tailnet.oauth_client_id"
+        raise ConfigError(key, t.api_key_file or t.oauth_client_id, "the Python package tailscale for control-API "
+                          "route approval (pip install tailscale), or leave it empty and use autoApprovers")
     if t.api_key_file and t.oauth_client_id:
         raise ConfigError("tailnet.oauth_client_id", t.oauth_client_id,
                           "empty when tailnet.api_key_file is set (use one kind of credential)")
