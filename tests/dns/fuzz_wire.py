@@ -11,7 +11,9 @@ Properties, for any bytes at all:
     one: ID, QR/AA/TC/RD/CD, opcode, full rcode (OPT's extended bits included), the question as sent,
     each record's owner, type, class, TTL and data, and our OPT (payload 1232, version 0, DO copied);
     dnspython can read them too;
-  * the upstream-response reader raises nothing but ValueError.
+  * the upstream-response reader raises nothing but ValueError, and where dnslib reads the same message
+    both see the same ID, rcode, question name and type, and records (owner, type, TTL, and the A/AAAA
+    address, CNAME target or SOA minimum).
 
 In the test suite (``test_fuzz_wire.py``) hypothesis runs a bounded number of examples; set
 ``APPCONNECTOR_LONG=1`` for a long hypothesis run. For millions of inputs run the mutation fuzzer:
@@ -48,17 +50,22 @@ def _seed_query(name: str, rdtype: str, edns: bool, do: bool = False) -> bytes:
     return m.to_wire()
 
 
-def _seed_response() -> bytes:
-    q = dns.message.make_query("www.example", "A")
+def _seed_response(rdtype: str = "A", rcode: int = 0) -> bytes:
+    q = dns.message.make_query("www.example", rdtype, use_edns=0 if rdtype == "AAAA" else False)
     r = dns.message.make_response(q)
-    r.answer.append(dns.rrset.from_text("www.example.", 60, "IN", "CNAME", "edge.example."))
-    r.answer.append(dns.rrset.from_text("edge.example.", 60, "IN", "A", "192.0.2.1"))
+    r.set_rcode(rcode)
+    if rcode == 0:
+        r.answer.append(dns.rrset.from_text("www.example.", 60, "IN", "CNAME", "Edge.example."))
+        address = "2001:db8::1" if rdtype == "AAAA" else "192.0.2.1"
+        r.answer.append(dns.rrset.from_text("edge.example.", 60, "IN", rdtype, address))
     r.authority.append(dns.rrset.from_text("example.", 60, "IN", "SOA", "ns.example. h.example. 1 2 3 4 5"))
     return r.to_wire()
 
 
 SEEDS = [
     _seed_response(),
+    _seed_response("AAAA"),
+    _seed_response("A", rcode=3),
     _seed_query("app.example", "A", False),
     _seed_query("App.Example", "A", True),
     _seed_query("app.example", "AAAA", True, do=True),
@@ -185,10 +192,43 @@ def check_meaning(raw: bytes, query: wire.Query, theirs: dnslib.DNSRecord | None
             f"{section} section {seen}: {where}"
 
 
+def _text(labels: tuple[bytes, ...]) -> str:
+    return b".".join(labels).decode("latin-1").lower()
+
+
+def compare_response(data: bytes, ours: wire.Response) -> None:
+    """Our reading of an upstream response against dnslib's, for well-formed messages: dnslib reads each
+    record's data by its type and ignores a wrong RDLENGTH (it then reads on from the wrong offset), so
+    dnspython, which holds every record to its RDLENGTH, must accept the message first."""
+    try:
+        dns.message.from_wire(data)
+        theirs = dnslib.DNSRecord.parse(data)
+    except Exception:  # malformed for dnspython, or for dnslib (e.g. non-UTF-8 labels)
+        return
+    where = f"upstream response {data.hex()}"
+    assert (theirs.header.id, theirs.header.rcode) == (ours.ident, ours.rcode), f"ID/rcode: {where}"
+    q = theirs.questions[0]
+    assert (_text(q.qname.label), q.qtype) == (ours.qname, ours.qtype), f"question: {where}"
+    for got, mine, section in ((theirs.rr, ours.answers, "answer"), (theirs.auth, ours.authority, "authority")):
+        assert len(got) == len(mine), f"{section} count: {where}"
+        for rr, rec in zip(got, mine, strict=True):
+            assert (_text(rr.rname.label), rr.rtype, rr.ttl & 0x7FFFFFFF) == (rec.name, rec.rtype, rec.ttl), \
+                f"{section} record {rec}: {where}"
+            if rec.value is None:
+                continue  # a type we do not read, or A/AAAA data of the wrong length (ignored)
+            if rec.rtype in (wire.TYPE_A, wire.TYPE_AAAA):
+                want: object = str(rr.rdata)
+            elif rec.rtype == wire.TYPE_CNAME:
+                want = _text(rr.rdata.label.label)
+            else:  # SOA: the minimum, the negative-caching TTL
+                want = rr.rdata.times[4]
+            assert rec.value == want, f"{section} data {rec.value!r} instead of {want!r}: {where}"
+
+
 def check(data: bytes, fast: FastPath) -> None:
     """Raise AssertionError when a property above fails for ``data``."""
     with contextlib.suppress(ValueError):  # the upstream-response reader: ValueError or a Response
-        wire.parse_response(data)
+        compare_response(data, wire.parse_response(data))
     try:
         query: wire.Query | None = wire.parse_query(data)
     except (wire.Malformed, wire.FormatError):
