@@ -103,8 +103,10 @@ class AdminServer:
         node = request.query.get("node")
         try:
             limit = int(request.query.get("limit", DEFAULT_POOL_LIMIT))
+            if limit < 0:
+                raise ValueError(limit)
         except ValueError:
-            return json_response({"error": "limit must be a whole number"}, 400)
+            return json_response({"error": "limit must be a whole number, 0 or more"}, 400)
         # a million mappings take about a second to copy: off the event loop, so DNS keeps answering
         total, rows = await asyncio.to_thread(self._pool_rows, node, limit)
         return json_response({"total": total, "shown": len(rows), "mappings": rows})

@@ -75,6 +75,17 @@ class Demo:
                 return res
             time.sleep(0.1)
 
+    def admin_get(self, path: str) -> int:
+        """HTTP status of an admin GET with the demo's token, from inside the namespace."""
+        token = (self.state / "admin.token").read_text().strip()
+        code = ("import urllib.request as u, urllib.error as e, sys\n"
+                f"r = u.Request('http://{ADMIN}{path}', headers={{'Authorization': 'Bearer {token}'}})\n"
+                "try:\n    sys.stdout.write(str(u.urlopen(r, timeout=5).status))\n"
+                "except e.HTTPError as x:\n    sys.stdout.write(str(x.code))\n")
+        out = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-c", code], capture_output=True,
+                             text=True, timeout=20, check=True)
+        return int(out.stdout)
+
     def query(self, name: bytes) -> bytes:
         """One A query over UDP from inside the namespace (a thread entering it would need setns)."""
         q = bytes.fromhex("abcd01000001000000000000") + name + b"\x00\x01\x00\x01"
@@ -135,6 +146,9 @@ def test_demo_without_forwarding_says_dns_only_and_is_ready(tmp_path: Path) -> N
         doc = json.loads(d.cli("pool", "show", "--json", admin=True).stdout)
         assert isinstance(doc["mappings"][0]["last_used"], float | int)
         assert abs(doc["mappings"][0]["last_used"] - time.time()) < 120
+        # the admin endpoint refuses a negative limit itself (it used to answer an empty list)
+        assert d.admin_get("/pool?limit=-1") == 400
+        assert d.admin_get("/pool?limit=0") == 200
 
 
 def test_demo_with_forwarding_steers(tmp_path: Path) -> None:
