@@ -207,7 +207,7 @@ def _check_address_sets(cfg: Config, nets: list[ipaddress.IPv4Network]) -> None:
         if shared:  # a pool address passed through as "real" would hide a DNS loop (dns/policy.classify)
             raise ConfigError("pool.ignore_destinations", p,
                               f"prefixes outside the pool: {p} covers pool addresses {_cidrs(shared)}")
-    if cfg.tailnet.mode == "tailscale" and TAILSCALE_SERVICE_ADDRESS.split("/")[0] in pool:
+    if cfg.tailnet.mode == "tailscale" and pool & netaddr.IPSet([TAILSCALE_SERVICE_ADDRESS]):
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes),
                           "prefixes without 100.100.100.100 (tailscaled's own MagicDNS address on every node)")
 

@@ -11,10 +11,17 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from appconnector.config import Config, ConfigError, parse_hostport, pool_networks
+from appconnector.config import (
+    TAILSCALE_NODE_RANGE,
+    TAILSCALE_SERVICE_ADDRESS,
+    Config,
+    ConfigError,
+    parse_hostport,
+    pool_networks,
+)
 
-MAGICDNS = ipaddress.ip_address("100.100.100.100")
-TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+MAGICDNS = ipaddress.ip_network(TAILSCALE_SERVICE_ADDRESS).network_address
+TAILNET_RANGES = (ipaddress.ip_network(TAILSCALE_NODE_RANGE), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 RESOLV_CONF = "/etc/resolv.conf"
 
 _ADVICE = ('set dns.upstream to resolvers outside the tailnet, e.g. ["1.1.1.1:53", "9.9.9.9:53"], '
