@@ -3,7 +3,9 @@
 =========================  ===========================================================================
 ``GET /pool``              JSON: mappings (``?node=`` filters, ``?limit=`` caps, default 1000)
 ``GET /pool/lookup``       ``?node=&domain=`` → the node's address for the domain, 404 when unmapped
+``GET /pool/nodes``        JSON: mappings per node, fullest first (the page's per-node bar list)
 ``POST /cluster/remove``   ``{"member": "ip:port"}`` → the replica removes the member (via Raft)
+``GET /``                  the status page with the lookup box (no token needed: cluster health only)
 =========================  ===========================================================================
 
 Every request carries ``Authorization: Bearer <token>``, the token in ``http.admin_token_file``
@@ -12,6 +14,11 @@ another, the answer is 401 before the body is read or anything is done (constant
 A request that is not GET must be ``Content-Type: application/json`` (else 415): a cross-site
 browser form cannot send that without a CORS preflight, which this server never grants. The token
 is never taken from a cookie or the query, so no cross-site request can carry it.
+
+The status page (``GET /`` and its refresh ``GET /status/page``) is the one thing served without
+the token: it shows what the read-only listener shows. It is here so that its lookup box calls
+this origin: the script sends the token typed into the page as an ``Authorization`` header to
+``/pool/lookup`` on the same origin, and no CORS allowance is needed (none is ever granted).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from aiohttp import web
 from appconnector import metrics
 from appconnector.config import Config, parse_hostport
 from appconnector.dns.ratelimit import RateLimitedLog
-from appconnector.http import json_response, start_site
+from appconnector.http import PAGE_PATHS, json_response, page_routes, start_site
 from appconnector.pool.api import PoolError, Replica
 from appconnector.pool.names import normalise_domain
+from appconnector.statusdata import PageData
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ def bearer_matches(header: str, token: str) -> bool:
 class AdminServer:
     """The admin endpoints above. ``start()`` binds ``cfg.http.admin_listen``; ``stop()`` closes it."""
 
-    def __init__(self, cfg: Config, replica: Replica, token: str) -> None:
+    def __init__(self, cfg: Config, replica: Replica, token: str, page: PageData | None = None) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
         self.cfg = cfg
@@ -63,10 +71,12 @@ class AdminServer:
         self._token = token
         self._refusals = RateLimitedLog(log)
         self._runner: web.AppRunner | None = None
+        self._page = page
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         self.app.add_routes([
             web.get("/pool", self._pool), web.get("/pool/lookup", self._lookup),
-            web.post("/cluster/remove", self._remove),
+            web.get("/pool/nodes", self._nodes), web.post("/cluster/remove", self._remove),
+            *(page_routes(page, admin=True) if page is not None else []),
         ])
 
     async def start(self) -> None:
@@ -90,6 +100,8 @@ class AdminServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._page is not None and request.method == "GET" and request.path in PAGE_PATHS:
+            return await handler(request)  # the page: cluster health only, as on the read-only listener
         if not bearer_matches(request.headers.get("Authorization", ""), self._token):
             return self._refuse(request, "token", 401, "admin token required: Authorization: Bearer <token> "
                                 "(the token is in http.admin_token_file)")
@@ -123,6 +135,18 @@ class AdminServer:
                              "last_used": m.last_used})
         rows.sort(key=lambda r: (str(r["node"]), str(r["domain"])))
         return total, rows
+
+    async def _nodes(self, request: web.Request) -> web.Response:
+        counts = await asyncio.to_thread(self._node_counts)
+        stats = getattr(self.replica, "stats", None)
+        size = stats().get("pool_size") if callable(stats) else None
+        return json_response({"pool_size": size, "nodes": [{"node": n, "mappings": c} for n, c in counts]})
+
+    def _node_counts(self) -> list[tuple[str, int]]:
+        counts: dict[str, int] = {}
+        for m in self.replica.mappings():
+            counts[m.node] = counts.get(m.node, 0) + 1
+        return sorted(counts.items(), key=lambda nc: (-nc[1], nc[0]))
 
     async def _lookup(self, request: web.Request) -> web.Response:
         node, domain = request.query.get("node", ""), request.query.get("domain", "")

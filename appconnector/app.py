@@ -118,13 +118,14 @@ class Connector:
                                                     cfg.cluster.raft_port, cfg.read_secret(), record,
                                                     self._on_removed)
                 checks["membership"] = self.membership.check
-        self.http = StatusServer(cfg, self.replica, checks)
+        self.http = StatusServer(cfg, self.replica, checks, nat=self.nat,
+                                 tailnet=self.tailnet.client if self.tailnet is not None else None)
         try:
             await self.http.start()
         except OSError as e:
             raise StartupError(f"http.listen {cfg.http.listen}: {e.strerror or e}") from e
         self._started.append(self.http)
-        self.admin = AdminServer(cfg, self.replica, admin_token)
+        self.admin = AdminServer(cfg, self.replica, admin_token, page=self.http.page)
         try:
             await self.admin.start()
         except OSError as e:

@@ -6,11 +6,14 @@
 ``GET /readyz``            200 when every readiness check passes, else 503; JSON says which failed
 ``GET /status``            JSON: mode, Raft status, checks, pool counts (cluster health, nothing per node)
 ``GET /cluster/members``   JSON: role, leader, members
+``GET /``                  the status page (HTML, ``appconnector.statuspage``): cluster health
+``GET /status/page``       JSON the page's script refreshes itself from (its sections rendered again)
 =========================  ===========================================================================
 
 Nothing here is per node (no node's names or addresses) and nothing changes anything, so this is
 the listener Prometheus may scrape from elsewhere. Per-node data and every change are on the admin
-listener (``appconnector.admin``), behind the admin token. ``/`` is left for a status page.
+listener (``appconnector.admin``), behind the admin token; that listener serves the same page with
+the lookup box, whose script calls its own origin (so no CORS is ever granted anywhere).
 
 Readiness checks are callables returning ``(ok, detail)`` handed in by the app (leader known, caught
 up, nftables in place); a check that raises counts as failed with the exception as its detail.
@@ -26,9 +29,11 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from appconnector import statuspage
 from appconnector.config import Config, parse_hostport
 from appconnector.metrics import REGISTRY
 from appconnector.pool.api import Replica
+from appconnector.statusdata import NatStatus, PageData, TailnetStatus
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +71,51 @@ async def start_site(app: web.Application, key: str, listen: str) -> web.AppRunn
     return runner
 
 
+def page_routes(page: PageData, *, admin: bool) -> list[web.RouteDef]:
+    """``GET /`` (the page) and ``GET /status/page`` (its refresh) over ``page``; ``admin``: the
+    admin listener's copy, with the lookup box."""
+    async def html(request: web.Request) -> web.Response:
+        doc = await page.document()
+        return web.Response(text=statuspage.page(doc, admin=admin), content_type="text/html",
+                            headers=PAGE_HEADERS)
+
+    async def refresh(request: web.Request) -> web.Response:
+        doc = await page.document()
+        return web.Response(text=statuspage.refresh_doc({**doc, "admin": admin}), content_type="application/json",
+                            headers=PAGE_HEADERS)
+    return [web.get(PAGE_PATHS[0], html), web.get(PAGE_PATHS[1], refresh)]
+
+
+PAGE_PATHS = ("/", "/status/page")
+
+
+# Inline script and style only, nothing from elsewhere, fetches to this origin only, never in a frame.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                                           "frame-ancestors 'none'",
+                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
 class StatusServer:
     """The read-only endpoints above. ``start()`` binds ``cfg.http.listen``; ``stop()`` closes it."""
 
-    def __init__(self, cfg: Config, replica: Replica, checks: Mapping[str, Check]) -> None:
+    def __init__(self, cfg: Config, replica: Replica, checks: Mapping[str, Check], *,
+                 nat: NatStatus | None = None, tailnet: TailnetStatus | None = None) -> None:
         self.cfg = cfg
         self.replica = replica
         self.checks = dict(checks)
+        self.page = PageData(cfg, replica, self.checks, run_checks, nat=nat, tailnet=tailnet)
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.add_routes([
             web.get("/metrics", self._metrics), web.get("/healthz", self._healthz),
             web.get("/readyz", self._readyz), web.get("/status", self._status),
-            web.get("/cluster/members", self._members),
+            web.get("/cluster/members", self._members), *page_routes(self.page, admin=False),
         ])
 
     async def start(self) -> None:
         self._runner = await start_site(self.app, "http.listen", self.cfg.http.listen)
-        log.info("status and metrics (read-only) on http://%s/ (/metrics, /healthz, /readyz, /status, "
+        log.info("status page and metrics (read-only) on http://%s/ (/metrics, /healthz, /readyz, /status, "
                  "/cluster/members)", self.cfg.http.listen)
 
     async def stop(self) -> None:

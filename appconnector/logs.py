@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is printed.
@@ -55,6 +57,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(self, record), default=str, ensure_ascii=False)
 
 
+class RecentWarnings(logging.Handler):
+    """The last ``size`` distinct WARNING-or-worse messages, for the status page. A row is keyed by
+    logger and message *template* (``record.msg`` without its arguments: arguments name nodes, domains
+    and addresses, per-node data the read-only page must not show); repeats count up and move the row
+    to the top, so a flood of one warning cannot push the others out."""
+
+    def __init__(self, size: int = 30) -> None:
+        super().__init__(logging.WARNING)
+        self.size = size
+        self._rows: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._rows_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, str(record.msg))
+        with self._rows_lock:
+            row = self._rows.pop(key, None) or {"logger": record.name, "template": str(record.msg), "count": 0,
+                                                "first": record.created}
+            row.update(count=row["count"] + 1, last=record.created, level=record.levelname.lower())
+            self._rows[key] = row
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Newest first; copies."""
+        with self._rows_lock:
+            return [dict(r) for r in reversed(self._rows.values())]
+
+
+RECENT_WARNINGS = RecentWarnings()
+
+
 def setup(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) -> None:
     """Configure the root logger once (replacing earlier handlers). Raises ValueError on a bad name."""
     if fmt not in FORMATS:
@@ -67,6 +100,7 @@ def setup(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) ->
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
+    root.addHandler(RECENT_WARNINGS)
     root.setLevel(level.upper())
     # pysyncobj logs every reconnect at INFO; keep it at WARNING unless debugging
     if level.lower() != "debug":

@@ -77,6 +77,11 @@ NAT_TOUCHES = Counter("appconnector_nat_seen_flows", "(node, address) pairs seen
 NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping",
                            registry=REGISTRY)
 NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
+NAT_CONFIGURED = Gauge("appconnector_nat_configured", "1 when nat.enabled asks for the kernel dataplane",
+                       registry=REGISTRY)
+NAT_SEEN_READS = Counter("appconnector_nat_seen_reads", "Reads of the kernel's seen set", registry=REGISTRY)
+NAT_LAST_RECONCILE = Gauge("appconnector_nat_last_reconcile_timestamp_seconds",
+                           "Unix time of the last nftables transaction that succeeded", registry=REGISTRY)
 
 # --- HTTP ------------------------------------------------------------------------------------------
 HTTP_ADMIN_REFUSED = Counter("appconnector_http_admin_refused",
@@ -86,4 +91,9 @@ HTTP_ADMIN_REFUSED = Counter("appconnector_http_admin_refused",
 # --- tailnet -----------------------------------------------------------------------------------------
 TAILNET_WHOIS = Counter("appconnector_tailnet_whois", "LocalAPI whois calls by result (hit, miss, stranger, error)",
                         ["result"], registry=REGISTRY)
+TAILNET_ROUTES_WANTED = Gauge("appconnector_tailnet_routes_wanted",
+                              "Pool prefixes this member should advertise (0: standalone, unmanaged or removed)",
+                              registry=REGISTRY)
+TAILNET_ROUTES_ADVERTISED = Gauge("appconnector_tailnet_routes_advertised",
+                                  "Pool prefixes this member has advertised to tailscaled", registry=REGISTRY)
 TAILNET_PEERS = Gauge("appconnector_tailnet_cluster_peers", "Tagged peers seen in status", registry=REGISTRY)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Mapping
 
 from appconnector import metrics
@@ -38,6 +39,7 @@ class Reconciler:
             metrics.NAT_RECONCILES.labels("full", "error").inc()
             raise
         metrics.NAT_RECONCILES.labels("full", "ok").inc()
+        metrics.NAT_LAST_RECONCILE.set(time.time())
 
     def apply(self, delta: Delta, everything: Callable[[], Mapping[Key, Address]]) -> None:
         """Apply ``delta``; if the kernel refuses it, rebuild from ``everything()``. Raises NftError
@@ -52,6 +54,7 @@ class Reconciler:
             self.rebuild(everything())
             return
         metrics.NAT_RECONCILES.labels("delta", "ok").inc()
+        metrics.NAT_LAST_RECONCILE.set(time.time())
 
     def remove(self) -> None:
         """Delete our table (nothing else); fine when it is already gone."""
@@ -68,6 +71,7 @@ class Reconciler:
         """(node IP, pool address) of flows that started within the seen timeout (raw netlink dump:
         libnftables' listing is far slower for big sets, see nftables.py)."""
         keys = dump_set_keys(render.FAMILY, render.TABLE, render.SEEN)
+        metrics.NAT_SEEN_READS.inc()
         return [_PAIR.unpack(k) for k in keys if len(k) == _PAIR.size]
 
     def unmapped_drops(self) -> int:

@@ -99,6 +99,7 @@ class NatService:
         if self._refresher is not None:
             self._refresher.start()
         metrics.NAT_ENABLED.set(1 if self.enabled else 0)
+        metrics.NAT_CONFIGURED.set(1 if self.cfg.nat.enabled else 0)
 
     async def stop(self) -> None:
         """Stop reading, remove our table and the DNS route. Later pool changes are ignored. Idempotent."""

@@ -452,6 +452,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self._stopping = threading.Event()
         self._status: dict[str, object] = {}
         self._status_at = 0.0
+        self.last_heard: dict[str, float] = {}  # peer id → monotonic time of its last message (status page)
         # told to peers in the utility status (pool.membership): "joining" | "member" | "removed"
         self.membership_state = MEMBER
         self._thread = threading.Thread(target=self._tick_loop, name=f"raft-{self_address}", daemon=True)
@@ -463,6 +464,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
     # --- the guard -----------------------------------------------------------------------------------
 
     def _guarded_message(self, node: Any, message: Any) -> None:
+        self.last_heard[str(getattr(node, "id", node))] = time.monotonic()
         if (not isinstance(message, dict) or message.get("type") != "append_entries"
                 or message.get("term", -1) < self.raftCurrentTerm):
             self._handle_message(node, message)

@@ -596,6 +596,10 @@ class RaftReplica:
             "membership": self._membership_state if self._dynamic else "static",
             "connected": sorted(k.removeprefix("partner_node_status_server_") for k, v in raw.items()
                                 if k.startswith("partner_node_status_server_") and v == 2),
+            # as the leader sees them (empty on followers); seconds since each peer was last heard from
+            "match_index": {k.removeprefix("match_idx_server_"): v for k, v in raw.items()
+                            if k.startswith("match_idx_server_")},
+            "last_heard": {p: round(time.monotonic() - t, 1) for p, t in dict(engine.last_heard).items()},
             "queued_touches": queued,
             "in_flight": self._in_flight,
             "queued_checkouts": len(self._queue),

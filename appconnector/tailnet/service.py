@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from appconnector import metrics
 from appconnector.config import Config
 from appconnector.tailnet.api import TailnetUnavailable
 from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter, raft_address
@@ -59,8 +60,10 @@ class TailnetService:
         if self.raft_filter is not None:
             self.raft_filter.follow(self.directory, self.cfg.cluster.tag)
         if self.cfg.tailnet.advertise_routes:
+            metrics.TAILNET_ROUTES_WANTED.set(len(self.advertiser.prefixes))
             await self.advertiser.advertise()
             self.routes_advertised = True
+            metrics.TAILNET_ROUTES_ADVERTISED.set(len(self.advertiser.prefixes))
             self.directory.subscribe_prefs(self._on_prefs)
             await self.approver.approve(me.node)
 
@@ -68,6 +71,8 @@ class TailnetService:
         """Someone changed tailscaled's prefs: if our routes went missing (``tailscale set
         --advertise-routes`` replaces the whole list), put them back, keeping theirs."""
         have = union_routes(prefs.get("AdvertiseRoutes") or [], [])
+        if self.routes_advertised:
+            metrics.TAILNET_ROUTES_ADVERTISED.set(sum(p in have for p in self.advertiser.prefixes))
         if not self.routes_advertised or all(p in have for p in self.advertiser.prefixes):
             return
         if self._readvertise is not None and not self._readvertise.done():
@@ -81,6 +86,8 @@ class TailnetService:
             await self.advertiser.advertise()
         except Exception as e:
             log.error("could not advertise the pool routes again: %s", e)
+            return
+        metrics.TAILNET_ROUTES_ADVERTISED.set(len(self.advertiser.prefixes))
 
     def raft_address(self) -> str | None:
         me = self.directory.self_node()
@@ -111,6 +118,8 @@ class TailnetService:
 
     async def withdraw_routes(self) -> None:
         self.routes_advertised = False
+        metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (removed member): nothing to alert on
+        metrics.TAILNET_ROUTES_ADVERTISED.set(0)
         await self.advertiser.withdraw()
 
     async def stop(self) -> None:
