@@ -9,7 +9,8 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
   404 "no match for IP:port" for strangers, 400 for a bad or missing ``addr``;
 * ``GET /localapi/v0/status`` → ``ipnstate.Status`` with ``Self`` and ``Peer`` keyed by node key; each
   ``PeerStatus`` has ``ID`` (StableID), ``NodeID``, ``HostName``, ``DNSName``, ``TailscaleIPs``,
-  ``Tags`` (omitted when empty), ``Online``;
+  ``Tags`` (omitted when empty), ``Online``, ``PrimaryRoutes`` (state key ``primary_routes``; omitted when
+  empty: the routes tailscaled uses this node as the primary subnet router for);
 * ``GET /localapi/v0/prefs`` → prefs (``AdvertiseRoutes`` is ``null`` when empty, as Go encodes a nil
   slice); ``PATCH`` takes ``ipn.MaskedPrefs``: a field changes only when its ``<Field>Set`` is true,
   and then it is copied as given (so ``AdvertiseRoutesSet`` with a partial list wipes the rest);
@@ -95,6 +96,7 @@ class Node:
     tags: list[str] = field(default_factory=list)
     online: bool = True
     login: str = ""
+    primary_routes: list[str] = field(default_factory=list)  # routes this node is the primary router for
 
     @property
     def key(self) -> str:
@@ -134,6 +136,8 @@ class Node:
         }
         if self.tags:
             st["Tags"] = list(self.tags)
+        if self.primary_routes:  # omitempty in ipnstate.PeerStatus
+            st["PrimaryRoutes"] = list(self.primary_routes)
         return st
 
 
@@ -141,12 +145,12 @@ def node_from_dict(d: dict[str, Any], node_id: int) -> Node:
     return Node(stable_id=str(d["stable_id"]), node_id=int(d.get("node_id") or node_id),
                 name=str(d.get("name") or d["stable_id"]), addresses=[str(a) for a in d.get("addresses", [])],
                 tags=[str(t) for t in d.get("tags", [])], online=bool(d.get("online", True)),
-                login=str(d.get("login", "")))
+                login=str(d.get("login", "")), primary_routes=[str(p) for p in d.get("primary_routes", [])])
 
 
 def node_to_dict(n: Node) -> dict[str, Any]:
     return {"stable_id": n.stable_id, "node_id": n.node_id, "name": n.name, "addresses": n.addresses,
-            "tags": n.tags, "online": n.online, "login": n.login}
+            "tags": n.tags, "online": n.online, "login": n.login, "primary_routes": n.primary_routes}
 
 
 class _Watcher:

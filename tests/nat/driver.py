@@ -110,6 +110,8 @@ async def main() -> None:
                 reply({**nat.status(), "touch_calls": getattr(replica, "touch_calls", None),
                        "touch_batches": counter_value(metrics.POOL_TOUCH_BATCHES),
                        "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
+                       "seen_reads": counter_value(metrics.NAT_SEEN_READS),
+                       "last_reconcile": metrics.NAT_LAST_RECONCILE._value.get(),
                        "leader": replica.is_leader()})
             elif op == "stop":
                 await nat.stop()

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -249,9 +250,11 @@ def test_standby_of_a_raft_cluster_steers_after_failover(topo: Topology, tmp_pat
 def test_thousand_flows_make_a_handful_of_touches(topo: Topology) -> None:
     d = driver(topo, seen_interval=1.0, touch_refresh=0.0)
     try:
+        before = time.time()
         a = d.call("checkout", node=CLI1, domain="busy.example", targets=[ORIGIN])["address"]
         used0 = d.call("lookup", node=CLI1, domain="busy.example")["last_used"]
         base = d.call("status")
+        assert base["last_reconcile"] >= before, "the mapping's nftables change is the last reconcile (metric)"
         got = client(topo, "cli1", "flows", a, "1000")
         assert got["replies"] >= 990, got
         wait_for(lambda: d.call("lookup", node=CLI1, domain="busy.example")["last_used"] > used0, 10,
@@ -263,6 +266,7 @@ def test_thousand_flows_make_a_handful_of_touches(topo: Topology) -> None:
         st = d.call("status")
         assert 1 <= st["touch_calls"] - base["touch_calls"] <= 5, st
         assert 1 <= st["touch_batches"] - base["touch_batches"] <= 5, st
+        assert st["seen_reads"] > base["seen_reads"], "each read of the seen set is counted (metric)"
     finally:
         d.stop()
 

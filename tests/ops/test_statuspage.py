@@ -193,3 +193,38 @@ def test_both_listeners_serve_the_page_and_only_the_admin_copy_answers_lookups(t
             await status.stop()
             await pool.stop()
     asyncio.run(body())
+
+
+def test_page_names_the_primary_subnet_router_from_tailscaleds_status(tmp_path: Path) -> None:
+    """Tailscale mode: the page reads ``PrimaryRoutes`` from the LocalAPI (the stand-in, a real unix socket)."""
+    from appconnector.tailnet.localapi import LocalAPIClient
+    from tests.tailnet.helpers import base_state, started
+
+    async def body() -> None:
+        cfg, _ = _config(tmp_path)
+        prefix = cfg.pool.prefixes[0]
+        state = base_state()
+        state["peers"][1]["primary_routes"] = [prefix, "10.9.0.0/24"]  # conn-2 serves the pool now
+        sock = str(tmp_path / "tailscaled.sock")
+        standin = await started(sock, state)
+        pool = LocalPool(cfg.pool.prefixes)
+        await pool.start()
+        server = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock))
+        await server.start()
+        try:
+            code, html = await asyncio.to_thread(http, f"http://{cfg.http.listen}/")
+            assert code == 200 and f'<span id="primary">{prefix}: conn-2</span>' in html
+            # failover: tailscaled now routes the pool through this connector
+            state["peers"][1]["primary_routes"] = []
+            state["self"]["primary_routes"] = [prefix]
+            standin.load_state(state)
+            fresh = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock)).page  # no cached status
+            assert await fresh.primary() == f"{prefix}: conn-1 (this connector)"
+            await standin.stop()
+            gone = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock)).page
+            assert (await gone.primary()).startswith("unknown (tailscaled status failed")
+        finally:
+            await server.stop()
+            await pool.stop()
+            await standin.stop()
+    asyncio.run(body())

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from appconnector import config
+from appconnector.metrics import REGISTRY
 from appconnector.tailnet.api import TailnetUnavailable
 from appconnector.tailnet.cluster import Action
 from appconnector.tailnet.localapi import LocalAPIClient
@@ -21,6 +22,10 @@ def _cfg(sock: str, **env: str) -> config.Config:
     return config.load(None, env=base)
 
 
+def _gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)
+
+
 def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
     async def body() -> None:
         sock = str(tmp_path / "ts.sock")
@@ -31,6 +36,7 @@ def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
         try:
             await svc.start()
             assert s.prefs["AdvertiseRoutes"] == ["192.168.1.0/24", "100.64.1.0/24"]
+            assert _gauge("appconnector_tailnet_routes_wanted") == _gauge("appconnector_tailnet_routes_advertised") == 1
             assert svc.raft_address() == "100.100.0.1:6270"
             assert svc.members() == ["100.100.0.1:6270", "100.100.0.2:6270"]
             node = await svc.identity.whois("100.101.0.10")
@@ -48,6 +54,8 @@ def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
             assert d.action is Action.RESUME
             await svc.withdraw_routes()
             assert s.prefs["AdvertiseRoutes"] == ["10.7.0.0/16"]
+            # withdrawn on purpose (a removed member): nothing is wanted, so the routes alert stays quiet
+            assert _gauge("appconnector_tailnet_routes_wanted") == _gauge("appconnector_tailnet_routes_advertised") == 0
         finally:
             await svc.stop()
             await s.stop()
