@@ -133,6 +133,8 @@ class PageData:
         self.nat = nat
         self.tailnet = tailnet
         self._dns_rates = RateWindow()
+        # the first sample at start, so the first view already has rates (since start, until the window fills)
+        self._dns_rates.add(time.monotonic(), by_label(metric_samples("appconnector_dns_queries_total"), "rcode"))
         self._primary: tuple[float, str] | None = None
 
     async def primary(self) -> str:
