@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.helpers import REPO, free_port, http
-from tests.ops.test_run import _wait, standalone_config
+from tests.ops.helpers import REPO, free_port, http, wait_until
+from tests.ops.test_run import standalone_config
 
 ALERTS = REPO / "docs" / "prometheus" / "alerts.yml"
 DASHBOARD = REPO / "docs" / "grafana" / "appconnector.json"
@@ -110,7 +110,7 @@ def test_every_metric_the_rules_and_dashboard_name_is_exported_by_a_running_conn
                 return http(f"http://127.0.0.1:{http_port}/healthz")[0] == 200
             except OSError:
                 return False
-        _wait(up, 60, "the connector to answer /healthz")
+        wait_until(up, 60, "the connector to answer /healthz")
         code, text = http(f"http://127.0.0.1:{http_port}/metrics")
         assert code == 200
         exported = _exported(text)

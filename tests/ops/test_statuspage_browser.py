@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +29,10 @@ import pytest
 
 from appconnector.statuspage import REFRESH_SECONDS
 from tests.faults.dnsclient import DnsTarget
-from tests.ops.helpers import REPO, free_port, http
+from tests.ops.helpers import REPO, free_port, http, wait_until
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (./dev deps installs it)")
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 # ---- a cluster of real connectors -------------------------------------------------------------------
