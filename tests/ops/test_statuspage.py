@@ -228,3 +228,26 @@ def test_page_names_the_primary_subnet_router_from_tailscaleds_status(tmp_path: 
             await pool.stop()
             await standin.stop()
     asyncio.run(body())
+
+
+def test_no_warning_in_the_product_formats_its_message_before_logging() -> None:
+    """The page's warnings show ``record.msg`` only: an f-string, ``%`` or ``.format`` message would put
+    its arguments (node names, domains, addresses) into the template and so onto the read-only page."""
+    import ast
+
+    from tests.ops.helpers import REPO
+
+    bad = []
+    for path in sorted((REPO / "appconnector").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("warning", "error", "critical", "exception") and node.args):
+                continue
+            for arg in node.args[:2]:  # RateLimitedLog.warning(key, msg, ...) has the message second
+                formatted = (isinstance(arg, ast.JoinedStr)
+                             or (isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod))
+                             or (isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute)
+                                 and arg.func.attr == "format"))
+                if formatted:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, f"log messages formatted before logging: {bad}"

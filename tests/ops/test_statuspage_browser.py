@@ -274,5 +274,13 @@ async def _drive_browser(tmp_path: Path, leader: Member, address: str) -> None:
         await browser.screenshot(path)
         assert path.stat().st_size > 10_000
         print(f"status page screenshot: {path}")
+
+        # and with JavaScript off in the browser the same numbers are there (server-rendered)
+        await browser.send("Emulation.setScriptExecutionDisabled", value=True)
+        await browser.send("Page.reload", ignoreCache=True)
+        await browser.wait_js("document.readyState === 'complete' && window.__probe === undefined", 30,
+                              "the page to load again without JavaScript")
+        assert await browser.js("document.getElementById('leader').textContent") == doc["leader"]
+        assert await browser.js("document.querySelectorAll('code.member').length") == 3
     finally:
         await browser.close()
