@@ -9,7 +9,6 @@ as this member sees them), readiness checks, pool counts, NAT status, this proce
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -19,8 +18,6 @@ from appconnector.config import Config
 from appconnector.logs import RECENT_WARNINGS
 from appconnector.metrics import REGISTRY
 from appconnector.pool.api import Replica
-
-log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 RATE_WINDOW = 60.0  # seconds of samples the DNS rates are taken over

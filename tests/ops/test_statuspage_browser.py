@@ -137,9 +137,14 @@ class Browser:
             await asyncio.sleep(0.05)
         port = int(port_file.read_text().split()[0])
         self.session = aiohttp.ClientSession()
-        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as r:
-            targets = await r.json()
-        page = next(t for t in targets if t.get("type") == "page")
+        pages: list[dict[str, Any]] = []
+        while not pages:  # the first tab may appear just after the port opens
+            assert time.monotonic() < deadline, "chromium opened no page in 60 s"
+            async with self.session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                pages = [t for t in await r.json() if t.get("type") == "page"]
+            if not pages:
+                await asyncio.sleep(0.05)
+        page = pages[0]
         self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
