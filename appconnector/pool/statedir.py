@@ -6,9 +6,11 @@
   answers REFUSED, ``/readyz`` is unready, no routes, no NAT (app.py) until an operator resets the state.
 * The run lock (``lock``, ``flock``) is held by the running member, so :func:`reset` can refuse while it
   runs; the kernel drops it when the process dies, even by SIGKILL.
-* :func:`reset` removes the Raft data (journal, its meta file, the full dump, a half-received snapshot) and
-  the marker. The membership record stays, so a member of a multi-member cluster starts empty as the same
-  member and the leader sends it a fresh snapshot (the reseed); a single member starts with an empty pool.
+* :func:`reset` removes the Raft data (journal, the full dump, a half-received snapshot) and the marker.
+  It keeps the current term and the vote of the meta file (Raft forbids a member to forget whom it voted
+  for in a term: it could vote twice and let two leaders be elected), and the membership record, so a member
+  of a multi-member cluster starts empty as the same member and the leader sends it a fresh snapshot (the
+  reseed); a single member starts with an empty pool.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from appconnector.pool.engine import StateError
 
 MARKER = "untrusted"
 LOCK = "lock"
-RAFT_DATA = ("journal", "journal.meta", "journal.meta.tmp", "journal.repair", "dump", "dump.tmp", "dump.1.tmp")
+RAFT_DATA = ("journal", "journal.meta.tmp", "journal.repair", "dump", "dump.tmp", "dump.1.tmp")
+META = "journal.meta"
+_KEPT_META = ("currentTerm", "votedForNodeId")
 """pysyncobj's files in a member directory (and ours around them: a journal repair, a snapshot being received)."""
 
 
@@ -116,6 +121,26 @@ def reset(member_dir: Path) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 (member_dir / name).unlink()
                 removed.append(name)
+        if _keep_only_vote(member_dir / META):
+            removed.append(f"{META} (all but the term and vote)")
         return removed
     finally:
         lock.release()
+
+
+def _keep_only_vote(meta: Path) -> bool:
+    """Rewrite pysyncobj's meta file (a pickled dict, written by this member itself) with only the term and
+    the vote: its commit index would point past the now empty journal. False when there is none."""
+    try:
+        raw = meta.read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        old = pickle.loads(raw)  # our own file in a 0700 directory, as pysyncobj itself reads it
+    except Exception:
+        old = {}
+    kept = {k: old[k] for k in _KEPT_META if isinstance(old, dict) and k in old}
+    tmp = meta.with_name(meta.name + ".reset")
+    tmp.write_bytes(pickle.dumps(kept))
+    os.replace(tmp, meta)
+    return True
