@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appconnector import metrics
 from appconnector.admin import AdminServer
 from appconnector.config import Config, ConfigError
 from appconnector.dns.service import DnsService
@@ -163,6 +164,7 @@ class Connector:
         report unready with the reason, withdraw the pool routes."""
         cfg = self.cfg
         self.untrusted = reason
+        metrics.STATE_UNTRUSTED.set(1)
         self._lock = RunLock(member_dir)
         try:
             self._lock.acquire()  # so `state reset` refuses while this runs

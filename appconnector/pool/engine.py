@@ -42,6 +42,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, r
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 
+from appconnector.metrics import RAFT_TICK_FAILURES
 from appconnector.pool.membership import MEMBER, STATUS_KEY
 from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_append
 from appconnector.ratelimit import RateLimitedLog
@@ -208,8 +209,8 @@ class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
                 raise StateError(f"state format {dumped.format}, this version reads {STATE_FORMAT}")
             state = self._restore(dumped.data)
         except Exception as e:
-            # pysyncobj would log this and go on with the old state: RaftReplica refuses writes from now on
-            # and its status reports the failure (the member goes unready).
+            # pysyncobj would log this and go on with the old state; the engine sees the load did not happen
+            # (consumer.loads) and fail-stops the member (PoolSyncObj.distrust).
             self.failure = f"cannot load the pool state from a full dump: {e!r}"
             log.critical(self.failure)
             raise
@@ -592,6 +593,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
     def _tick_failed(self, error: Exception) -> None:
         """A tick raised: log (rate-limited), back off, and report fatal when it keeps failing."""
         self.tick_failures += 1
+        RAFT_TICK_FAILURES.inc()
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now

@@ -59,6 +59,7 @@ from appconnector.pool.engine import (
 from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
+from appconnector.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class RaftReplica:
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
+        self._errors = RateLimitedLog(log)
         self._engine: PoolSyncObj | None = None
         self._consumer: PoolConsumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,6 +218,7 @@ class RaftReplica:
     def _on_untrusted(self, reason: str) -> None:
         """The engine found this member's state untrusted and left Raft (tick thread): persist the marker
         first (it must survive whatever comes next), then ask the process to stop with EXIT_UNTRUSTED."""
+        metrics.STATE_UNTRUSTED.set(1)
         try:
             path = mark_untrusted(self.paths.dir, reason)
             log.critical("raft: this member's state is untrusted (%s); marked in %s: it will not serve again "
@@ -469,7 +472,7 @@ class RaftReplica:
                 self._flush_touches()
                 self._publish()
             except Exception:
-                log.exception("raft: touch flush failed")
+                self._errors.exception("touch", "raft: touch flush failed")
 
     def _publish(self) -> None:
         engine = self._engine
