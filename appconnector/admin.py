@@ -27,10 +27,10 @@ from aiohttp import web
 
 from appconnector import metrics
 from appconnector.config import Config, parse_hostport
-from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.http import json_response, start_site
 from appconnector.pool.api import PoolError, Replica
 from appconnector.pool.names import normalise_domain
+from appconnector.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
