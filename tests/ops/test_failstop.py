@@ -62,10 +62,12 @@ def members(tmp_path: Path) -> Iterator[Callable[..., ConnectorMember]]:
     secret = tmp_path / "secret"
     secret.write_text("failstop-secret\n")
     made: list[ConnectorMember] = []
+    admin_ports: dict[str, int] = {}
 
     def make(name: str, raft_port: int, peers: list[str], dns_port: int, http_port: int) -> ConnectorMember:
+        admin_port = admin_ports.setdefault(name, free_ports(1)[0])
         m = ConnectorMember(name, tmp_path, raft_port, dns_port, http_port, os.getgid(), peers, PREFIXES,
-                            48 * 3600.0, secret)
+                            48 * 3600.0, secret, admin_port=admin_port)
         made.append(m)
         return m
 
