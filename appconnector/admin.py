@@ -34,10 +34,10 @@ from aiohttp import web
 
 from appconnector import metrics
 from appconnector.config import Config, parse_hostport
-from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.http import PAGE_PATHS, json_response, page_routes, start_site
 from appconnector.pool.api import PoolError, Replica
 from appconnector.pool.names import normalise_domain
+from appconnector.ratelimit import RateLimitedLog
 from appconnector.statusdata import PageData
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,15 @@
 Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the admin and
 status HTTP close, DNS drains (so no answer is given that cannot be steered), NAT removes its table
 and the DNS address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
-``serve`` returns the process exit code (docs/design.md §7): 0 after a signal, 1 for a runtime failure
-(the log says which part and why).
+``serve`` returns the process exit code (docs/design.md §7, :mod:`appconnector.fatal`): 0 after a signal, 1 for
+a runtime failure, 3 when this member's state can no longer be trusted. Parts report fatal errors to
+``connector.fatal`` (any thread); ``serve`` logs the reason once (``fatal: …``), stops and exits with it.
+
+Fail-stop: when the Raft engine finds the state untrusted (a journal conflict over applied entries, a
+snapshot from the leader that would not install) it writes the marker (pool/statedir.py) and reports
+EXIT_UNTRUSTED; DNS then answers REFUSED, the routes are withdrawn and the process stops. A member that
+finds the marker at start serves nothing (REFUSED, unready, no routes, no NAT, no Raft) until
+``appconnector state reset``.
 """
 
 from __future__ import annotations
@@ -21,15 +28,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appconnector import metrics
 from appconnector.admin import AdminServer
 from appconnector.config import Config, ConfigError
 from appconnector.dns.service import DnsService
+from appconnector.fatal import EXIT_FAILURE, EXIT_OK, EXIT_UNTRUSTED, Fatal, FatalReporter
 from appconnector.http import StatusServer
 from appconnector.leader import LeaderDuties
 from appconnector.nat.service import NatService
 from appconnector.pool.engine import BindError, StateError, StatePaths
+from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
 from appconnector.secrets_file import ensure_secret_file
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
@@ -64,6 +75,9 @@ class Connector:
         self.admin: AdminServer | None = None
         self.leader: LeaderDuties | None = None
         self.membership: ClusterMembership | None = None
+        self.fatal = FatalReporter()  # the one place parts report fatal errors to (any thread)
+        self.untrusted: str | None = None  # why this member serves nothing (the marker), if it does not
+        self._lock: RunLock | None = None
         self._started: list[_Stoppable] = []
 
     async def start(self) -> None:
@@ -86,11 +100,14 @@ class Connector:
             self_address, partners, record = await self._tailnet_membership(self.tailnet)
 
         self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret(),
-                                   dynamic_membership=record is not None)
+                                   dynamic_membership=record is not None, on_fatal=self.fatal.report)
         if record is not None:  # before Raft listens: the leader must not see a joining member as "member"
             self.replica.set_membership_state(record.state)
         try:
             await self.replica.start()
+        except UntrustedState as e:
+            await self._start_untrusted(str(e), identity, self.replica.paths.dir)
+            return
         except StateError as e:
             raise StartupError(f"pool state in {cfg.cluster.state_dir}: {e}; refusing to start "
                                "(move the bad file away to rejoin from the other members)") from e
@@ -142,6 +159,47 @@ class Connector:
                  ", ".join(f"{h}:{p}" for h, p in self.dns.bound), self_address, len(partners),
                  self.nat.reason)
 
+    async def _start_untrusted(self, reason: str, identity: NodeIdentity, member_dir: Path) -> None:
+        """The marker is there: an earlier run found this member's state untrusted. Start no Raft, no NAT
+        and no leader duties; answer every DNS query REFUSED (resolvers ask the other connectors at once),
+        report unready with the reason, withdraw the pool routes."""
+        cfg = self.cfg
+        self.untrusted = reason
+        metrics.STATE_UNTRUSTED.set(1)
+        self._lock = RunLock(member_dir)
+        try:
+            self._lock.acquire()  # so `state reset` refuses while this runs
+        except StateInUse as e:
+            raise StartupError(str(e)) from e
+        what = (f"untrusted state ({reason}): not serving; run `appconnector state reset` with this connector "
+                "stopped, then start it (it rejoins empty and receives a snapshot from the leader)")
+        log.critical("%s", what)
+        empty = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after)  # nothing is read from it
+        self.dns = DnsService(cfg, empty, identity)
+        self.dns.refuse_all(reason)
+        await self.dns.start()
+        self._started.append(self.dns)
+        self.http = StatusServer(cfg, empty, {"raft": lambda: (False, what)})
+        try:
+            await self.http.start()
+        except OSError as e:
+            raise StartupError(f"http.listen {cfg.http.listen}: {e.strerror or e}") from e
+        self._started.append(self.http)
+        await self._withdraw_routes()
+
+    async def stop_serving(self, reason: str) -> None:
+        """Answer every DNS query REFUSED from now on and withdraw the pool routes (fail-stop, removal)."""
+        if self.dns is not None:
+            self.dns.refuse_all(reason)
+        await self._withdraw_routes()
+
+    async def _withdraw_routes(self) -> None:
+        if self.tailnet is not None and self.tailnet.routes_advertised:
+            try:
+                await self.tailnet.withdraw_routes()
+            except Exception as e:
+                log.warning("could not withdraw the pool routes: %s", e)
+
     async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str], MembershipRecord | None]:
         """This member's Raft address, its partners and its membership record, after the split-brain-safe
         discovery. With ``cluster.tag`` the membership is dynamic (``tailnet.membership``): BOOTSTRAP starts
@@ -176,13 +234,7 @@ class Connector:
         state_dir = self.replica.paths.dir if self.replica is not None else self.cfg.cluster.state_dir
         log.error("cluster: %s; stopping DNS answers (every query now gets REFUSED) and withdrawing the pool "
                   "routes. To join again: stop this connector, empty %s and start it", reason, state_dir)
-        if self.dns is not None:
-            self.dns.refuse_all(reason)
-        if self.tailnet is not None and self.tailnet.routes_advertised:
-            try:
-                await self.tailnet.withdraw_routes()
-            except Exception as e:
-                log.warning("cluster: could not withdraw the pool routes: %s", e)
+        await self.stop_serving(reason)
 
     def _raft_check(self) -> tuple[bool, str]:
         if self.replica is None:
@@ -216,42 +268,58 @@ class Connector:
                 await part.stop()
             except Exception:  # keep stopping the rest: the table and the journal matter most
                 log.exception("stopping %s failed", type(part).__name__)
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _int(v: object) -> int:
     return v if isinstance(v, int) else 0
 
 
+async def _fatal(connector: Connector, fatal: Fatal) -> int:
+    """Log the reason once, stop serving at once when the state is untrusted; the caller stops the rest."""
+    log.critical("fatal: %s; stopping (exit %d)", fatal.reason, fatal.exit_code)
+    if fatal.exit_code == EXIT_UNTRUSTED:
+        await connector.stop_serving(fatal.reason)
+    return fatal.exit_code
+
+
 async def serve(cfg: Config) -> int:
-    """Run a connector until SIGTERM/SIGINT. Returns the exit code."""
+    """Run a connector until SIGTERM/SIGINT or a fatal error. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     Path(cfg.cluster.state_dir).mkdir(parents=True, exist_ok=True)
     connector = Connector(cfg)
+    fatal = loop.create_task(connector.fatal.wait())
+    waiter = loop.create_task(stop.wait())
     try:
         start = loop.create_task(connector.start())
-        waiter = loop.create_task(stop.wait())
-        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if start not in done:  # a signal during start-up (e.g. waiting for the cluster)
+        done, _ = await asyncio.wait({start, waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if start not in done:  # a signal or a fatal error during start-up (e.g. waiting for the cluster)
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await start
+            if fatal in done:
+                return await _fatal(connector, fatal.result())
             log.info("stopped during start-up")
-            return 0
-        waiter.cancel()
+            return EXIT_OK
         start.result()
-        await stop.wait()
+        done, _ = await asyncio.wait({waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if fatal in done:
+            return await _fatal(connector, fatal.result())
         log.info("signal received: draining DNS, flushing touches, removing the nftables table")
-        return 0
+        return EXIT_OK
     except ConfigError:
         raise
     except StartupError as e:
         log.error("cannot start: %s", e)
-        return 1
+        return EXIT_FAILURE
     except OSError as e:
         log.error("cannot start: %s", e)
-        return 1
+        return EXIT_FAILURE
     finally:
+        for task in (fatal, waiter):
+            task.cancel()
         await connector.stop()

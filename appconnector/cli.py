@@ -1,7 +1,8 @@
 """The ``appconnector`` command.
 
-Exit codes (docs/design.md §7), for scripts:
-  run            0 after SIGTERM/SIGINT, 2 bad config, 1 runtime failure
+Exit codes (docs/design.md §7, appconnector/fatal.py), for scripts:
+  run            0 after SIGTERM/SIGINT, 2 bad config, 1 runtime failure, 3 untrusted state (see `state reset`)
+  state reset    0 done, 1 refused (the connector is running, or the state is trusted and no --force), 2 bad config
   check-config   0 valid, 2 invalid (the message names the key)
   status         0 healthy (ready), 1 unhealthy or unreachable, 2 bad usage
   pool, cluster  0 done, 1 not found / refused / unreachable, 2 bad usage (or no admin token to read)
@@ -28,11 +29,12 @@ from typing import Any
 
 from appconnector import config, logs
 from appconnector.config import Config, ConfigError
+from appconnector.fatal import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from appconnector.secrets_file import read_secret_file
 
 log = logging.getLogger("appconnector")
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_FAIL, EXIT_USAGE = EXIT_FAILURE, EXIT_CONFIG
 DEMO_STATE_DIR = "./state"
 # upstream natc's ULA: fd7a:115c:a1e0:a99c::/64 with the site ID in bytes 8-9, a /80 per site
 ULA_BASE = ipaddress.IPv6Address("fd7a:115c:a1e0:a99c::")
@@ -163,6 +165,43 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("note: no config file given (--config or APPCONNECTOR_CONFIG): checked the defaults "
               "and APPCONNECTOR_* variables")
     return EXIT_OK
+
+
+# ---- state reset -----------------------------------------------------------------------------------
+
+
+def cmd_state_reset(args: argparse.Namespace) -> int:
+    from appconnector.pool.statedir import StateInUse, member_dirs, reset, untrusted_reason
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _config_error(e)
+    state_dir = Path(cfg.cluster.state_dir)
+    dirs = member_dirs(state_dir)
+    if not dirs:
+        print(f"appconnector: no member state in {state_dir} (cluster.state_dir): nothing to reset")
+        return EXIT_OK
+    trusted = [d for d in dirs if untrusted_reason(d) is None]
+    if trusted and not args.force:
+        print(f"appconnector: the state in {', '.join(map(str, trusted))} is not marked untrusted; refusing to "
+              "wipe it without --force (in a one-member cluster it is the only copy of the pool)", file=sys.stderr)
+        return EXIT_FAIL
+    code = EXIT_OK
+    for d in dirs:
+        reason = untrusted_reason(d)
+        try:
+            removed = reset(d)
+        except StateInUse as e:
+            print(f"appconnector: {e}: stop it first (systemctl stop appconnector)", file=sys.stderr)
+            code = EXIT_FAIL
+            continue
+        print(f"reset {d}: removed {', '.join(removed) or 'nothing'}"
+              + (f" (it was untrusted: {reason})" if reason else ""))
+    if code == EXIT_OK:
+        print("start the connector: it begins with an empty pool copy and, in a multi-member cluster, receives "
+              "a snapshot from the leader")
+    return code
 
 
 # ---- print-ula ------------------------------------------------------------------------------------
@@ -382,7 +421,9 @@ def parser() -> argparse.ArgumentParser:
         prog="appconnector",
         description="A Tailscale app connector: answers DNS for app domains with addresses from a "
                     "Raft-replicated pool and steers their traffic to the real services with nftables.",
-        epilog="Exit codes: 0 ok; 1 runtime failure, unhealthy or unreachable; 2 bad config or usage.",
+        epilog="Exit codes: 0 ok; 1 runtime failure, unhealthy or unreachable; 2 bad config or usage; 3 (run) "
+               "this member's state is untrusted (it diverged from the cluster or a snapshot would not install): "
+               "it serves nothing until `appconnector state reset`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -405,7 +446,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the connector (DNS, pool replica, NAT, status HTTP) until SIGTERM",
                        description="Run the connector in the foreground until SIGTERM/SIGINT. Without a config "
                                    "file it starts the standalone single-node demo (DNS on 127.0.0.1:5353, "
-                                   "state in ./state). Exit 0 after a signal, 2 for a bad config, 1 on failure.")
+                                   "state in ./state). Exit 0 after a signal, 2 for a bad config, 1 on a runtime "
+                                   "failure (the log line `fatal:` says why), 3 when this member's state can no "
+                                   "longer be trusted (journal divergence, a snapshot that would not install): it "
+                                   "then serves nothing, even after a restart, until `appconnector state reset`.")
     with_config(p)
     p.add_argument("--log-level", default=os.environ.get("APPCONNECTOR_LOG_LEVEL", "info"), choices=logs.LEVELS)
     p.add_argument("--log-format", default=os.environ.get("APPCONNECTOR_LOG_FORMAT", "kv"), choices=logs.FORMATS,
@@ -424,6 +468,21 @@ def parser() -> argparse.ArgumentParser:
                                    "Raft role and leader, pool use. Exit 0 when ready, 1 when not or unreachable.")
     with_client(p)
     p.set_defaults(func=cmd_status)
+
+    state = sub.add_parser("state", help="this connector's state directory (cluster.state_dir)",
+                           description="Work on the state directory of a stopped connector.")
+    state_sub = state.add_subparsers(dest="state_command", required=True, metavar="SUBCOMMAND")
+    p = state_sub.add_parser(
+        "reset", help="wipe the Raft data and the untrusted-state marker (connector stopped)",
+        description="Remove the Raft journal, its meta file and the full dump of each member directory in "
+                    "cluster.state_dir, and the untrusted-state marker that keeps a member that exited with code 3 "
+                    "from serving. The membership record stays, so in a multi-member cluster the member starts "
+                    "empty and the leader sends it a fresh snapshot (reseed); a single member starts with an empty "
+                    "pool. Refuses while the connector runs, and without --force when no state is marked untrusted. "
+                    "Exit 0 done, 1 refused, 2 bad config.")
+    with_config(p)
+    p.add_argument("--force", action="store_true", help="wipe even state that is not marked untrusted")
+    p.set_defaults(func=cmd_state_reset)
 
     p = sub.add_parser("print-ula", help="print upstream natc's IPv6 ULA prefix for a site ID",
                        description="Print the ULA prefix upstream natc uses for --site-id (fd7a:115c:a1e0:a99c::/64 "

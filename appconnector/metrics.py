@@ -64,6 +64,11 @@ RAFT_COMMIT_SECONDS = Histogram("appconnector_raft_commit_seconds", "Time from p
                                 registry=REGISTRY)
 RAFT_DIVERGED = Counter("appconnector_raft_diverged", "Log truncations of applied entries (must stay 0)",
                         registry=REGISTRY)
+STATE_UNTRUSTED = Gauge("appconnector_state_untrusted",
+                        "1 when this member's state is marked untrusted (diverged, or a snapshot would not load): "
+                        "it serves nothing until `appconnector state reset`", registry=REGISTRY)
+RAFT_TICK_FAILURES = Counter("appconnector_raft_tick_failures", "Raft ticks that raised (retried with backoff)",
+                             registry=REGISTRY)
 RAFT_TRUNCATIONS_REFUSED = Counter("appconnector_raft_truncations_refused",
                                    "Truncations of matching entries our journal guard refused", registry=REGISTRY)
 RAFT_RETRIES = Counter("appconnector_raft_retries", "Writes retried after an error or timeout", registry=REGISTRY)

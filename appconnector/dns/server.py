@@ -16,8 +16,8 @@ import struct
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.metrics import DNS_DROPPED, DNS_UDP_SEND_ERRORS
+from appconnector.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 _errors = RateLimitedLog(log)

@@ -24,7 +24,6 @@ from appconnector.config import Config, ignore_networks, parse_hostport, pool_ne
 from appconnector.dns import wire
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
-from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.dns.server import DnsServer
 from appconnector.dns.upstream import UpstreamResolver
 from appconnector.metrics import (
@@ -38,6 +37,7 @@ from appconnector.metrics import (
 )
 from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable, touch_refresh
 from appconnector.pool.names import normalise_domain
+from appconnector.ratelimit import RateLimitedLog
 from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
 from appconnector.tailnet.standalone import StandaloneIdentity
 

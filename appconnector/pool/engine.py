@@ -42,8 +42,10 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, r
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 
+from appconnector.metrics import RAFT_TICK_FAILURES
 from appconnector.pool.membership import MEMBER, STATUS_KEY
 from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_append
+from appconnector.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ _TRANSPORT = "_SyncObj__transport"
 _ON_MESSAGE = "_SyncObj__onMessageReceived"
 _COMMIT_INDEX = "_SyncObj__raftCommitIndex"
 _NEXT_APPEND = "_SyncObj__newAppendEntriesTime"
-_PRIVATE = (_RAFT_LOG, _TRANSPORT, _ON_MESSAGE, _COMMIT_INDEX, _NEXT_APPEND, "_poller")
+_LOAD_DUMP = "_SyncObj__loadDumpFile"
+_PRIVATE = (_RAFT_LOG, _TRANSPORT, _ON_MESSAGE, _COMMIT_INDEX, _NEXT_APPEND, _LOAD_DUMP, "_poller")
 
 ResultCallback = Callable[[Any, int], None]
 """pysyncobj's callback(result, fail_reason); fail_reason 0 is success."""
@@ -117,6 +120,7 @@ class RaftTuning:
     adaptive: bool = True
     library_defaults: bool = False
     bind_wait: float = 5.0  # a restarted member may find its port held a moment (see _close_inherited_fds)
+    tick_failure_limit: float = 10.0  # ticks failing this long (no quiet gap) is fatal: ~10 election timeouts
 
     @classmethod
     def pysyncobj_defaults(cls) -> RaftTuning:
@@ -180,6 +184,7 @@ class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
         self._on_replaced = on_replaced
         self.lock = threading.Lock()
         self.failure: str | None = None
+        self.loads = 0  # full dumps loaded (start-up and snapshot installs): the engine checks each install
 
     @property
     def state(self) -> StateMachine:
@@ -204,13 +209,14 @@ class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
                 raise StateError(f"state format {dumped.format}, this version reads {STATE_FORMAT}")
             state = self._restore(dumped.data)
         except Exception as e:
-            # pysyncobj would log this and go on with the old state: RaftReplica refuses writes from now on
-            # and its status reports the failure (the member goes unready).
+            # pysyncobj would log this and go on with the old state; the engine sees the load did not happen
+            # (consumer.loads) and fail-stops the member (PoolSyncObj.distrust).
             self.failure = f"cannot load the pool state from a full dump: {e!r}"
             log.critical(self.failure)
             raise
         with self.lock:
             self._state = state
+        self.loads += 1
         self._on_replaced(state)
 
 
@@ -373,6 +379,11 @@ def _wait_port_free(address: str, timeout: float) -> None:
 
 
 _TICK_THREADS: set[int] = set()
+_TICK_BACKOFF_MIN = 0.01
+_TICK_BACKOFF_MAX = 0.5  # below an election timeout: a tick that recovers still keeps the term
+_TICK_QUIET = 5.0
+"""Seconds without a failed tick that end a run of failures (it was transient)."""
+_TICK_LOG_INTERVAL = 5.0
 
 
 def _close_inherited_fds() -> None:
@@ -397,7 +408,13 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                  paths: StatePaths, secret: str | None, tuning: RaftTuning, *, bind_address: str | None = None,
                  guard: bool = True,
                  dynamic_membership: bool = False,
-                 on_leader_change: Callable[[], None] | None = None) -> None:
+                 on_leader_change: Callable[[], None] | None = None,
+                 on_untrusted: Callable[[str], None] | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        """``on_untrusted(reason)``: the state can no longer be trusted (a conflict over applied entries, a
+        full dump that would not load); the engine has stopped taking part in Raft when it is called.
+        ``on_fatal(reason)``: the tick kept failing for ``tuning.tick_failure_limit`` seconds. Both are
+        called once, on the tick thread."""
         check_pysyncobj()
         paths.dir.mkdir(parents=True, exist_ok=True)
         _wait_port_free(bind_address or self_address, tuning.bind_wait)
@@ -435,13 +452,26 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                 raise RuntimeError(f"pysyncobj internals changed ({name} missing): the journal guard cannot run")
         self.consumer = consumer
         self.guarded = guard
-        self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied))
+        self._on_untrusted = on_untrusted
+        self._on_fatal = on_fatal
+        self.untrusted: str | None = None
+        self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust)
         self._handle_message = getattr(self, _ON_MESSAGE)
         if guard:
             setattr(self, _RAFT_LOG, self.journal)
             getattr(self, _TRANSPORT).setOnMessageReceivedCallback(self._guarded_message)
-        self.divergence = DivergenceWatch()
+        self.divergence = DivergenceWatch(self._distrust_if_mine)
         logging.getLogger("pysyncobj").addHandler(self.divergence)
+        # pysyncobj loads a snapshot from the leader (and the dump at start) in a private method that logs
+        # any failure and goes on with the old state; an instance attribute shadows it, to see the outcome.
+        self._load_dump = getattr(self, _LOAD_DUMP)
+        setattr(self, _LOAD_DUMP, self._checked_load_dump)
+        self.tick_failures = 0
+        self._tick_errors = RateLimitedLog(log, _TICK_LOG_INTERVAL)
+        self._failing_since: float | None = None
+        self._last_failure = 0.0
+        self._backoff = _TICK_BACKOFF_MIN
+        self._fatal_reported = False
         self.appends_rewritten = 0
         self.tails_held = 0
         self._busy_until = 0.0
@@ -491,6 +521,32 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                     setattr(self, _COMMIT_INDEX, commit_before)
                     self.journal.setRaftCommitIndex(commit_before)
 
+    def _checked_load_dump(self, clearJournal: bool) -> None:
+        loads = self.consumer.loads
+        self._load_dump(clearJournal)
+        if self.consumer.loads == loads:
+            why = self.consumer.failure or "the full dump does not decode (pysyncobj's error is logged above)"
+            self.distrust(f"{'snapshot install from the leader' if clearJournal else 'loading the full dump'} "
+                          f"failed: {why}; the state it would have replaced is stale")
+
+    def _distrust_if_mine(self, reason: str) -> None:
+        # pysyncobj's logger is shared by every engine in the process: its line is this engine's when it
+        # was logged on this engine's tick thread
+        if threading.current_thread() is self._thread:
+            self.distrust(reason)
+
+    def distrust(self, reason: str) -> None:
+        """This member's state can no longer be trusted: stop taking part in Raft at once (no more applies,
+        votes or acknowledgements from it) and tell the replica. Tick thread; once."""
+        if self.untrusted is not None:
+            return
+        self.untrusted = reason
+        self.consumer.failure = reason
+        self._stopping.set()
+        log.critical("raft: untrusted state: %s", reason)
+        if self._on_untrusted is not None:
+            self._on_untrusted(reason)
+
     def deliver(self, node: Any, message: Any, done: Callable[[], None]) -> None:
         """Hand ``message`` from ``node`` to the engine on the tick thread as the transport would (tests)."""
         def run() -> None:
@@ -536,6 +592,27 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         # pysyncobj's own clock (CLOCK_MONOTONIC_RAW here), not time.monotonic(): they drift apart.
         return float(max(0.0, min(period, float(getattr(self, _NEXT_APPEND)) - raft_clock())))
 
+    def _tick_failed(self, error: Exception) -> None:
+        """A tick raised: log (rate-limited), back off, and report fatal when it keeps failing."""
+        self.tick_failures += 1
+        RAFT_TICK_FAILURES.inc()
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        self._last_failure = now
+        self._tick_errors.exception("tick", "raft tick failed (%d so far; retrying with backoff)", self.tick_failures)
+        failing_for = now - self._failing_since
+        if failing_for >= self._tuning.tick_failure_limit and not self._fatal_reported:
+            self._fatal_reported = True
+            reason = (f"raft tick failing for {failing_for:.0f}s ({self.tick_failures} failures), last: "
+                      f"{type(error).__name__}: {error}")
+            if self._on_fatal is not None:
+                self._on_fatal(reason)
+            else:
+                log.critical("%s", reason)
+        self._stopping.wait(self._backoff)
+        self._backoff = min(_TICK_BACKOFF_MAX, self._backoff * 2)
+
     def _tick_loop(self) -> None:
         _TICK_THREADS.add(threading.get_ident())
         last_index = self.journal.last_index()
@@ -549,9 +626,12 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                     log.exception("raft call failed")
             try:
                 self.doTick(self._next_wait())
-            except Exception:
-                log.exception("raft tick failed")
-                time.sleep(0.01)
+            except Exception as e:
+                self._tick_failed(e)
+            else:
+                self._backoff = _TICK_BACKOFF_MIN
+                if self._failing_since is not None and time.monotonic() - self._last_failure > _TICK_QUIET:
+                    self._failing_since = None  # a quiet spell ends the run of failures
             index = self.journal.last_index()
             if index != last_index:
                 last_index = index

@@ -11,7 +11,8 @@ It hosts one :class:`~appconnector.pool.replica.RaftReplica` and reads one JSON 
 "message": ...}``. Ops: checkout, touch, set_targets, forget, lookup, mappings, status, wait_applied,
 load (many concurrent checkouts from inside the process), latency (sequential checkouts), stop.
 The first line on stdout is ``{"event": "ready", ...}``, or ``{"event": "error", ...}`` and exit code 2 when
-the state directory is refused. Logs go to stderr.
+the state directory is refused; a fatal error (see appconnector/fatal.py) ends it with its exit code (3:
+untrusted state, 1: runtime failure). Logs go to stderr.
 
 :class:`MemberProcess` starts one and talks to it; :func:`free_ports` picks loopback ports.
 """
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
+from appconnector.fatal import FatalReporter
 from appconnector.pool.api import Changes, PoolError, PoolReader
 from appconnector.pool.engine import BindError, RaftTuning, StateError
 from appconnector.pool.replica import RaftReplica
@@ -274,10 +276,11 @@ async def run(args: argparse.Namespace) -> int:
         out.write(line + "\n")
         out.flush()
 
+    fatal = FatalReporter()
     try:
         replica = RaftReplica(cfg, args.self_address, list(args.partner), secret, bind_address=args.bind,
                               tuning=tuning, guard=not args.no_guard, write_deadline=args.write_deadline,
-                              dynamic_membership=args.dynamic_membership)
+                              dynamic_membership=args.dynamic_membership, on_fatal=fatal.report)
         await replica.start()
     except (StateError, ConfigError, BindError) as e:
         log.error("refusing to start: %s", e)
@@ -285,6 +288,8 @@ async def run(args: argparse.Namespace) -> int:
         return 1 if isinstance(e, BindError) else 2
     member = Member(replica)
     loop = asyncio.get_running_loop()
+    fatal_wait = loop.create_task(fatal.wait())  # as `appconnector run`: a fatal error ends the member
+    fatal_wait.add_done_callback(lambda _: member.stopping.set())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, member.stopping.set)
     write(json.dumps({"event": "ready", "pid": os.getpid(), "self": args.self_address}))
@@ -310,6 +315,10 @@ async def run(args: argparse.Namespace) -> int:
         member.stopping.set()
         serve.cancel()
     await replica.stop()
+    fatal_wait.cancel()
+    if (failed := fatal.reported) is not None:
+        log.critical("fatal: %s; stopping (exit %d)", failed.reason, failed.exit_code)
+        return failed.exit_code
     log.info("member %s stopped", args.self_address)
     return 0
 

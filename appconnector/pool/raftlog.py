@@ -30,6 +30,10 @@ own handling and without changing it:
    only fires for a real conflict over applied entries: a Raft safety violation, counted in
    ``appconnector_raft_diverged`` and logged loudly.
 
+Either kind of divergence (the guard's own conflict over applied entries, or pysyncobj's line) calls
+``on_diverged``: the engine then fail-stops the member (it marks its state untrusted and exits, see
+:mod:`appconnector.pool.statedir`), as etcd does, instead of serving state the cluster does not have.
+
 Chunked transfers (single commands ≥ ``appendEntriesBatchSizeBytes``) are not rewritten: the replica keeps
 every command below that size, so the leader never chunks (see replica.py).
 """
@@ -133,9 +137,11 @@ class GuardedJournal:
     come from the one thread that ticks pysyncobj; ``lock`` only guards readers on other threads.
     """
 
-    def __init__(self, inner: Any, last_applied: Callable[[], int]) -> None:
+    def __init__(self, inner: Any, last_applied: Callable[[], int],
+                 on_diverged: Callable[[str], None] | None = None) -> None:
         self._inner = inner
         self._last_applied = last_applied
+        self._on_diverged = on_diverged
         self._limit: int | None = None  # while holding a tail: how many entries are visible
         self._in_append = False
         self._pending_from: int | None = None  # a deferred deleteEntriesFrom (list position)
@@ -194,13 +200,17 @@ class GuardedJournal:
 
     def _truncate(self, pos: int) -> None:
         idx = self._inner[0][1] + pos
-        if idx <= self._last_applied():
+        applied = self._last_applied()
+        with self.lock:
+            self._inner.deleteEntriesFrom(pos)
+        if idx <= applied:
             self.truncated_applied += 1
             RAFT_DIVERGED.inc()
             log.critical("journal guard: term conflict at index %d at or below the last applied %d: "
-                         "truncating applied entries, state %s", idx, self._last_applied(), DIVERGED_MARKER)
-        with self.lock:
-            self._inner.deleteEntriesFrom(pos)
+                         "truncating applied entries, state %s", idx, applied, DIVERGED_MARKER)
+            if self._on_diverged is not None:  # fail-stop: the applied state is not the cluster's
+                self._on_diverged(f"journal conflict at index {idx}, at or below the last applied {applied}: "
+                                  f"this member's state {DIVERGED_MARKER} from the cluster's")
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if self._in_append:
@@ -279,7 +289,7 @@ class DivergenceWatch(logging.Handler):
             return
         self.count += 1
         RAFT_DIVERGED.inc()
-        log.critical("RAFT SAFETY: pysyncobj truncated applied entries (%s); this member's state %s. "
-                     "Stop it, move its state_dir away and let it rejoin from the others.", text, DIVERGED_MARKER)
+        log.critical("RAFT SAFETY: pysyncobj truncated applied entries (%s); this member's state %s.",
+                     text, DIVERGED_MARKER)
         if self._on_diverged is not None:
-            self._on_diverged(text)
+            self._on_diverged(f"pysyncobj truncated applied entries ({text})")

@@ -29,12 +29,13 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from appconnector import metrics
 from appconnector.config import Config, ConfigError
+from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
 from appconnector.pool.api import (
     Address,
     MappingView,
@@ -57,6 +58,8 @@ from appconnector.pool.engine import (
 )
 from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
+from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
+from appconnector.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,11 @@ class RaftReplica:
 
     def __init__(self, cfg: Config, self_address: str, partners: list[str], secret: str | None, *,
                  bind_address: str | None = None, tuning: RaftTuning | None = None, guard: bool = True,
-                 dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE) -> None:
+                 dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE,
+                 on_fatal: Callable[[str, int], None] | None = None) -> None:
+        """``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
+        from the Raft thread, when this member must stop: its state diverged or a snapshot would not install
+        (``EXIT_UNTRUSTED``, after the marker is written), or the Raft tick keeps failing (``EXIT_FAILURE``)."""
         partners = [p for p in partners if p != self_address]
         if partners and not secret:
             raise ConfigError("cluster.secret_file", "", "a secret file: required when the cluster has more "
@@ -105,6 +112,9 @@ class RaftReplica:
         self._membership_state = MEMBER
         self._write_deadline = write_deadline
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
+        self._on_fatal = on_fatal
+        self._lock = RunLock(self.paths.dir)
+        self._errors = RateLimitedLog(log)
         self._engine: PoolSyncObj | None = None
         self._consumer: PoolConsumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,8 +140,23 @@ class RaftReplica:
         return PoolState.from_bytes(data, self._prefixes)
 
     async def start(self) -> None:
-        """Validate the state directory (StateError names the bad file), then join the cluster."""
+        """Validate the state directory (StateError names the bad file; :class:`UntrustedState` when an
+        earlier run marked it untrusted), then join the cluster."""
         self._loop = asyncio.get_running_loop()
+        try:
+            self._lock.acquire()
+        except StateInUse as e:
+            raise StateError(str(e)) from None
+        try:
+            await self._start()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def _start(self) -> None:
+        assert self._loop is not None
+        if (reason := untrusted_reason(self.paths.dir)) is not None:
+            raise UntrustedState(reason)
         self.started_info = validate_state_dir(self.paths, self._restore)
         members = self.started_info.get("dump_members")
         wanted = sorted([self.self_address, *self.partners])
@@ -148,7 +173,8 @@ class RaftReplica:
         self._engine = await asyncio.to_thread(
             PoolSyncObj, self.self_address, self.partners, consumer, self.paths, self._secret,
             self._tuning, bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
-            on_leader_change=self._on_role_change)
+            on_leader_change=self._on_role_change, on_untrusted=self._on_untrusted,
+            on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))
         self._engine.membership_state = self._membership_state
         self._stopped = False
         self._touch_task = self._loop.create_task(self._touch_loop(), name="raft-touch-flush")
@@ -185,8 +211,27 @@ class RaftReplica:
                 log.warning("raft: could not hand leadership away before stopping (no caught-up follower)")
         self._stopped = True
         await asyncio.to_thread(engine.close)
+        self._lock.release()
         for p in list(self._waiting.values()):
             self._fail(p, ReplicaUnavailable("replica stopped"))
+
+    def _on_untrusted(self, reason: str) -> None:
+        """The engine found this member's state untrusted and left Raft (tick thread): persist the marker
+        first (it must survive whatever comes next), then ask the process to stop with EXIT_UNTRUSTED."""
+        metrics.STATE_UNTRUSTED.set(1)
+        try:
+            path = mark_untrusted(self.paths.dir, reason)
+            log.critical("raft: this member's state is untrusted (%s); marked in %s: it will not serve again "
+                         "until `appconnector state reset` (then it starts empty and receives a snapshot "
+                         "from the leader)", reason, path)
+        except OSError as e:
+            log.critical("raft: this member's state is untrusted (%s), and the marker could not be written "
+                         "in %s: %s", reason, self.paths.dir, e)
+        self._report(reason, EXIT_UNTRUSTED)
+
+    def _report(self, reason: str, exit_code: int) -> None:
+        if self._on_fatal is not None:
+            self._on_fatal(reason, exit_code)
 
     def _on_role_change(self) -> None:
         if self._engine is not None:
@@ -427,7 +472,7 @@ class RaftReplica:
                 self._flush_touches()
                 self._publish()
             except Exception:
-                log.exception("raft: touch flush failed")
+                self._errors.exception("touch", "raft: touch flush failed")
 
     def _publish(self) -> None:
         engine = self._engine
@@ -616,4 +661,4 @@ def _conforms(replica: RaftReplica) -> Replica:
     return replica  # mypy checks here that RaftReplica implements the Replica protocol
 
 
-__all__ = ["BindError", "RaftReplica", "RaftTuning", "StateError"]
+__all__ = ["BindError", "RaftReplica", "RaftTuning", "StateError", "UntrustedState"]

@@ -18,7 +18,7 @@ import pytest
 from pysyncobj.journal import MemoryJournal
 from pysyncobj.node import TCPNode
 
-from appconnector.pool.engine import PoolConsumer, PoolSyncObj, RaftTuning, StatePaths
+from appconnector.pool.engine import PoolConsumer, PoolSyncObj, RaftTuning, StatePaths, read_journal
 from appconnector.pool.member import free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER, GuardedJournal, plan_append
 from appconnector.pool.state import PoolState
@@ -120,18 +120,20 @@ class Follower:
                                 lambda *a: None, lambda s: None)
         # Long election timeouts: it must not elect itself while the test plays the leader.
         tuning = RaftTuning(raft_min_timeout=60, raft_max_timeout=90, connection_timeout=90)
-        self.engine = PoolSyncObj(addr, [], consumer, StatePaths.for_member(root, addr), None, tuning, guard=guard)
+        self.paths = StatePaths.for_member(root, addr)
+        self.engine = PoolSyncObj(addr, [], consumer, self.paths, None, tuning, guard=guard)
         self.leader = TCPNode("127.0.0.1:1")
 
     def send(self, message: dict[str, Any]) -> None:
         done = threading.Event()
         self.engine.deliver(self.leader, message, done.set)
         assert done.wait(5)
-        done.clear()
-        self.engine.call_on_tick(done.set)  # one more tick: applies what became committed
-        assert done.wait(5)
-        self.engine.call_on_tick(done.set)
-        assert done.wait(5)
+        for _ in range(2):  # two more ticks: apply what became committed
+            if self.engine.untrusted is not None:
+                return  # fail-stop: the engine ticks no more
+            done.clear()
+            self.engine.call_on_tick(done.set)
+            assert done.wait(5)
 
     def indexes(self) -> tuple[int, int, int]:
         return self.engine.journal.last_index(), self.engine.raftCommitIndex, self.engine.raftLastApplied
@@ -162,9 +164,12 @@ def _stale_resend_run(f: Follower) -> None:
 def test_unguarded_pysyncobj_truncates_applied_entries(follower: Any, caplog: pytest.LogCaptureFixture) -> None:
     f = follower(guard=False)
     _stale_resend_run(f)
-    assert f.indexes()[0] == 30  # entries 31..101 it had applied are gone
     assert any(DIVERGED_MARKER in r.getMessage() for r in caplog.records)
     assert f.engine.divergence.count >= 1
+    # fail-stop: the engine left Raft at once instead of going on from state the cluster does not have
+    assert f.engine.untrusted is not None and "truncated applied entries" in f.engine.untrusted
+    f.engine.close()
+    assert read_journal(f.paths.journal)[-1][0] == 30  # entries 31..101 it had applied are gone
 
 
 def test_guarded_follower_keeps_applied_entries_on_a_stale_resend(

@@ -1,4 +1,4 @@
-"""Rate-limited logging: bad input can arrive thousands of times a second; the log must not."""
+"""Rate-limited logging: bad input (or a failing loop) can repeat thousands of times a second; the log must not."""
 
 from __future__ import annotations
 
