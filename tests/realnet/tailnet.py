@@ -239,6 +239,12 @@ class Node:
         assert self.tailscaled is not None
         self.tailscaled.kill()
 
+    def stop(self) -> None:
+        """A planned stop of the host: the connector (SIGTERM), then tailscaled."""
+        for p in (self.appconnector, self.tailscaled):
+            if p is not None:
+                p.stop(15)
+
     def kill_all(self) -> None:
         """kill -9 of every process of this node (tailscaled and the connector): the host dies."""
         for p in (self.appconnector, self.tailscaled):
@@ -307,13 +313,7 @@ listen = "127.0.0.1:8893"
 
     def resolve(self, name: str, server: str = MAGICDNS, timeout: float = 5.0) -> tuple[int, list[str]]:
         """(rcode, A addresses) of a real DNS query sent from this namespace."""
-        q = dns.message.make_query(name, "A")
-        with self.sockets():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with sock:
-            sock.setblocking(False)
-            r = dns.query.udp(q, server, timeout=timeout, sock=sock)
-        return r.rcode(), [rr.address for rrset in r.answer for rr in rrset if rrset.rdtype == 1]
+        return resolve_in(self.ns, name, server, timeout)
 
     def pool_address(self, name: str, timeout: float = 30) -> str:
         """Resolve ``name`` through MagicDNS until it answers (the route and split DNS settle first)."""
@@ -379,6 +379,17 @@ listen = "127.0.0.1:8893"
             except OSError:
                 return False
             return True
+
+
+def resolve_in(ns: str, name: str, server: str, timeout: float = 5.0) -> tuple[int, list[str]]:
+    """(rcode, A addresses) of a real DNS query over UDP from namespace ``ns``."""
+    q = dns.message.make_query(name, "A")
+    with entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setblocking(False)  # dnspython waits with select
+        r = dns.query.udp(q, server, timeout=timeout, sock=sock)
+    return r.rcode(), [rr.address for rrset in r.answer for rr in rrset if rrset.rdtype == 1]
 
 
 def _icmp_echo(ident: int, seq: int, payload: bytes) -> bytes:
@@ -583,9 +594,7 @@ class Tailnet:
 
     def stop(self) -> None:
         for n in self.nodes.values():
-            for p in (n.appconnector, n.tailscaled):
-                if p is not None:
-                    p.stop(15)
+            n.stop()
         for p in self.procs:
             p.stop(10)
         if self.upstream is not None:
