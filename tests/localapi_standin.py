@@ -5,7 +5,8 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
 
 * every request must carry ``Host: local-tailscaled.sock`` (or no Host): anything else gets
   403 "invalid localapi request"; unknown paths get 404;
-* ``GET /localapi/v0/whois?addr=IP[:PORT]`` → ``{"Node": tailcfg.Node, "UserProfile": ..., "CapMap": {}}``,
+* ``GET /localapi/v0/whois?addr=IP[:PORT]`` → ``{"Node": tailcfg.Node, "UserProfile": ..., "CapMap": null}``
+  (``Tags`` omitted when empty; tests/realnet/test_conformance.py checks these shapes against tailscaled),
   404 "no match for IP:port" for strangers, 400 for a bad or missing ``addr``;
 * ``GET /localapi/v0/status`` → ``ipnstate.Status`` with ``Self`` and ``Peer`` keyed by node key; each
   ``PeerStatus`` has ``ID`` (StableID), ``NodeID``, ``HostName``, ``DNSName``, ``TailscaleIPs``,
@@ -119,8 +120,9 @@ class Node:
             "Key": self.key, "KeyExpiry": "0001-01-01T00:00:00Z", "Machine": "mkey:" + "0" * 64,
             "DiscoKey": "discokey:" + "0" * 64, "Addresses": prefixes, "AllowedIPs": prefixes,
             "Endpoints": None, "Hostinfo": {"Hostname": self.name, "OS": "linux"},
-            "Created": "2026-01-01T00:00:00Z", "Tags": self.tags or None, "Online": self.online,
+            "Created": "2026-01-01T00:00:00Z", "Online": self.online,
             "MachineAuthorized": True, "ComputedName": self.name, "ComputedNameWithHost": self.name,
+            **({"Tags": list(self.tags)} if self.tags else {}),  # omitempty, as real tailscaled sends it
         }
 
     def peer_status(self) -> dict[str, Any]:
@@ -377,7 +379,8 @@ class Standin:
         if n is None:
             return self._text(writer, 404, "no match for IP:port")
         profile = {"ID": n.user_id(), "LoginName": n.login_name(), "DisplayName": n.name, "ProfilePicURL": ""}
-        return self._json(writer, 200, {"Node": n.tailcfg_node(), "UserProfile": profile, "CapMap": {}})
+        # a node without peer capabilities has "CapMap": null, as real tailscaled answers
+        return self._json(writer, 200, {"Node": n.tailcfg_node(), "UserProfile": profile, "CapMap": None})
 
     def _prefs(self, writer: asyncio.StreamWriter, method: str, body: bytes) -> bool:
         if method == "PATCH":
