@@ -254,7 +254,7 @@ class Node:
     # ---- appconnector -------------------------------------------------------------------------------
 
     def write_config(self, *, cluster_tag: str = TAG, extra: str = "", upstream: list[str] | None = None,
-                     name: str = "appconnector.toml") -> Path:
+                     name: str = "appconnector.toml", secret: bool = True) -> Path:
         up = [f"{UPSTREAM_DNS}:53"] if upstream is None else upstream
         cfg = self.dir / name
         cfg.write_text(f"""[tailnet]
@@ -268,7 +268,7 @@ prefixes = ["{POOL}"]
 [cluster]
 state_dir = "{self.dir / 'appconnector-state'}"
 tag = "{cluster_tag}"
-secret_file = "{self.net.secret}"
+secret_file = "{self.net.secret if secret else ''}"
 [nat]
 enabled = true
 [http]
@@ -544,6 +544,11 @@ class Tailnet:
 
     def hs_nodes(self) -> list[dict[str, Any]]:
         return list(json.loads(self.hs("nodes", "list", "-o", "json").stdout) or [])
+
+    def approve_routes(self, node: Node, routes: Sequence[str]) -> None:
+        """Approve ``routes`` for ``node`` by hand (what an admin does where autoApprovers do not apply)."""
+        hs_id = next(n["id"] for n in self.hs_nodes() if n["given_name"] == node.name)
+        self.hs("nodes", "approve-routes", "--identifier", str(hs_id), "--routes", ",".join(routes))
 
     # ---- nodes --------------------------------------------------------------------------------------
 
