@@ -9,13 +9,18 @@ from collections.abc import Iterator
 import pytest
 
 from tests.realnet import peers
-from tests.realnet.tailnet import Tailnet, running
+from tests.realnet.tailnet import MEASURED, Tailnet, running
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/realnet/" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.realnet)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in MEASURED:
+        terminalreporter.write_line(f"realnet measured: {line}")
 
 
 @pytest.fixture(scope="package", autouse=True)

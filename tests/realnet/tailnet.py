@@ -61,6 +61,7 @@ UDP_PORT = 7007
 SECRET = "realnet-cluster-secret"
 
 T = TypeVar("T")
+MEASURED: list[str] = []  # times the tier measured, printed at the end of the run (conftest.py)
 
 
 def wait_for(cond: Callable[[], T | None], timeout: float, what: str | Callable[[], str],
