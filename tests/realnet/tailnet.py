@@ -326,7 +326,7 @@ listen = "127.0.0.1:8893"
             except (dns.exception.Timeout, OSError) as e:
                 last[:] = [type(e).__name__]
                 return None
-            last[:] = [dns.rcode.to_text(rc), addrs]
+            last[:] = [dns.rcode.to_text(dns.rcode.Rcode(rc)), addrs]
             return addrs[0] if rc == dns.rcode.NOERROR and addrs else None
         return wait_for(ask, timeout, lambda: f"{self.name}: {name} through MagicDNS (last: {last})")
 
@@ -390,13 +390,13 @@ def resolve_in(ns: str, name: str, server: str, timeout: float = 5.0) -> tuple[i
     with sock:
         sock.setblocking(False)  # dnspython waits with select
         r = dns.query.udp(q, server, timeout=timeout, sock=sock)
-    return r.rcode(), [rr.address for rrset in r.answer for rr in rrset if rrset.rdtype == 1]
+    return int(r.rcode()), [rr.address for rrset in r.answer for rr in rrset if rrset.rdtype == 1]
 
 
 def _icmp_echo(ident: int, seq: int, payload: bytes) -> bytes:
     def checksum(b: bytes) -> int:
         b += b"\0" * (len(b) % 2)
-        total = sum(struct.unpack(f"!{len(b) // 2}H", b))
+        total: int = sum(struct.unpack(f"!{len(b) // 2}H", b))
         total = (total >> 16) + (total & 0xFFFF)
         total += total >> 16
         return ~total & 0xFFFF

@@ -66,12 +66,6 @@ def _answered(client: Node, name: str) -> str | None:
     return addrs[0] if rc == 0 and addrs else None
 
 
-def _time(cond: object, what: str) -> float:
-    t0 = time.monotonic()
-    wait_for(cond, BOUND, what)  # type: ignore[arg-type]
-    return time.monotonic() - t0
-
-
 def test_the_leaders_host_dies(fo: Tailnet, request: pytest.FixtureRequest) -> None:
     cl1 = fo.nodes["cl1"]
     conns = [fo.nodes[c] for c in ("c1", "c2", "c3")]
