@@ -28,9 +28,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import dns.message
 import dns.query
@@ -38,6 +38,7 @@ import dns.rcode
 
 from tests.faults.netns import entered
 from tests.faults.upstream import Upstream, targets_of
+from tests.nat.netns import wait_for as wait_for  # re-exported: the tier waits with this one
 from tests.realnet import peers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,21 +61,7 @@ HTTP_PORT = 8080   # tests/nat/origin.py
 UDP_PORT = 7007
 SECRET = "realnet-cluster-secret"
 
-T = TypeVar("T")
 MEASURED: list[str] = []  # times the tier measured, printed at the end of the run (conftest.py)
-
-
-def wait_for(cond: Callable[[], T | None], timeout: float, what: str | Callable[[], str],
-             interval: float = 0.2) -> T:
-    """Poll ``cond`` until it returns a true value (returned) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -328,7 +315,7 @@ listen = "127.0.0.1:8893"
                 return None
             last[:] = [dns.rcode.to_text(dns.rcode.Rcode(rc)), addrs]
             return addrs[0] if rc == dns.rcode.NOERROR and addrs else None
-        return wait_for(ask, timeout, lambda: f"{self.name}: {name} through MagicDNS (last: {last})")
+        return str(wait_for(ask, timeout, lambda: f"{self.name}: {name} through MagicDNS (last: {last})"))
 
     def http(self, address: str, timeout: float = 5.0) -> str:
         """GET / from the origin at ``address`` (its body says which origin address answered whom)."""
@@ -583,8 +570,8 @@ class Tailnet:
         names = {n.name for n in self.nodes.values() if n.tailscaled and n.tailscaled.running()}
         for n in self.nodes.values():
             if n.name in names:
-                wait_for(lambda n=n: names - {n.name} <= n.online_peers(), timeout,  # type: ignore[misc]
-                         lambda n=n: f"{n.name} sees {sorted(names - {n.name})} online "  # type: ignore[misc]
+                wait_for(lambda n=n: names - {n.name} <= n.online_peers(), timeout,
+                         lambda n=n: f"{n.name} sees {sorted(names - {n.name})} online "
                          f"(sees {sorted(n.online_peers())})")
 
     def primary_route_node(self) -> str | None:
