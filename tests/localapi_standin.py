@@ -179,6 +179,7 @@ class Standin:
         if self.style not in ("netmap", "delta"):
             raise ValueError(f"style must be 'netmap' or 'delta', not {self.style!r}")
         self.version: str = str(state.get("version", "1.96.0" if self.style == "netmap" else "1.100.0"))
+        old_self: Node | None = getattr(self, "self_node", None)
         self.self_node = node_from_dict(state.get("self") or {"stable_id": "nSELF", "name": "connector",
                                                              "addresses": ["100.100.0.1"]}, 1)
         old = dict(getattr(self, "peers", {}))
@@ -193,7 +194,7 @@ class Standin:
         if notify:
             removed = [n.node_id for sid, n in old.items() if sid not in self.peers]
             changed = [n for sid, n in self.peers.items() if old.get(sid) != n]
-            self._notify_peers(changed, removed)
+            self._notify_peers(changed, removed, self.self_node if old_self != self.self_node else None)
 
     def dump_state(self) -> dict[str, Any]:
         return {"self": node_to_dict(self.self_node), "peers": [node_to_dict(n) for n in self.peers.values()],
@@ -255,7 +256,7 @@ class Standin:
         n.update(fields)
         return n
 
-    def _notify_peers(self, changed: list[Node], removed: list[int]) -> None:
+    def _notify_peers(self, changed: list[Node], removed: list[int], self_change: Node | None = None) -> None:
         for w in list(self._watchers):
             if self.style == "netmap":
                 w.queue.put_nowait(self._notify(NetMap=self.netmap_doc()))
@@ -265,6 +266,8 @@ class Standin:
                     fields["PeersChanged"] = [n.tailcfg_node() for n in changed]
                 if removed:
                     fields["PeersRemoved"] = removed
+                if self_change is not None:  # ≥1.100 tells a change of this node as SelfChange
+                    fields["SelfChange"] = self_change.tailcfg_node()
                 w.queue.put_nowait(self._notify(**fields))
             else:
                 w.queue.put_nowait(self._notify())

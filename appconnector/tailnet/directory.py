@@ -4,7 +4,10 @@ Both notification styles are handled (docs/design.md §10):
 * tailscaled ≤1.96 sends the whole ``NetMap`` (``SelfNode`` + ``Peers``) on every change;
 * ≥1.100 sends ``PeersChanged`` (full nodes, upsert) and ``PeersRemoved`` (numeric NodeIDs) because we
   ask for NotifyPeerChanges; anything we cannot apply exactly (an unknown NodeID, a patch, an empty
-  notification from a version in between) triggers a fresh ``status`` instead.
+  notification from a version in between) triggers a fresh ``status`` instead. A ≥1.100 tailscaled
+  delivers every peer change to such a watcher that way (patches promoted to full nodes), so its
+  notifications without peer fields (only ``Version``, or ``UserProfiles``; it sends them around every
+  change) are skipped, not answered with a full status read.
 A reconnect of the watch always re-reads ``status`` (changes may have been missed), and so does a
 slow periodic resync, so the list converges whatever tailscaled sends.
 """
@@ -14,17 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from appconnector.metrics import TAILNET_PEERS
 from appconnector.tailnet.api import NodeInfo, TailnetUnavailable
-from appconnector.tailnet.localapi import DIRECTORY_WATCH_MASK, LocalAPIClient, LocalAPIError
+from appconnector.tailnet.localapi import DIRECTORY_WATCH_MASK, NOTIFY_PEER_CHANGES, LocalAPIClient, LocalAPIError
 from appconnector.tailnet.nodeinfo import from_peer_status, from_tailcfg_node, numeric_id
 
 log = logging.getLogger(__name__)
 
 _PEER_FIELDS = ("NetMap", "PeersChanged", "PeersRemoved", "PeerChangedPatch", "SelfChange", "InitialStatus")
+
+
+def sends_peer_deltas(version: Any) -> bool:
+    """Whether a tailscaled of this ``Version`` (e.g. "1.102.3-t…") honours NotifyPeerChanges (≥1.100)."""
+    m = re.match(r"(\d+)\.(\d+)\.", str(version or ""))
+    return m is not None and (int(m[1]), int(m[2])) >= (1, 100)
 
 
 class TailnetDirectory:
@@ -45,6 +55,7 @@ class TailnetDirectory:
         self._task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()  # the watch and the resync must not apply statuses out of order
+        self._watch_asks_deltas = False  # set once our own watch (mask with NotifyPeerChanges) runs
         self.generation = 0  # bumped on every change: tests and the identity cache wait on it
 
     # ---- NodeDirectory --------------------------------------------------------------------------
@@ -120,6 +131,8 @@ class TailnetDirectory:
                 except Exception:
                     log.exception("prefs subscriber failed")
         if not any(k in notify for k in _PEER_FIELDS):
+            if self._watch_asks_deltas and sends_peer_deltas(notify.get("Version")):
+                return True  # nothing about peers: such a tailscaled sends every peer change as a delta
             # ≥1.100 without the peer-change bit sends empty notifications for peer changes; so may
             # versions in between. Prefs/State-only notifications carry a field we recognise.
             return any(k in notify for k in ("Prefs", "State", "Engine", "Health", "BrowseToURL",
@@ -188,6 +201,7 @@ class TailnetDirectory:
                 if not first:
                     await self.refresh()  # a reconnect may have missed changes
                 first = False
+                self._watch_asks_deltas = bool(DIRECTORY_WATCH_MASK & NOTIFY_PEER_CHANGES)
                 async for notify in self.client.watch_ipn_bus(DIRECTORY_WATCH_MASK):
                     if not self.apply_notify(notify):
                         await self.refresh()

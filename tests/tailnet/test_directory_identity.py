@@ -74,6 +74,31 @@ def test_empty_notification_triggers_status_refresh(tmp_path: Path) -> None:
     run(body())
 
 
+def test_a_delta_watch_skips_notifications_without_peers(tmp_path: Path) -> None:
+    """≥1.100 watched with NotifyPeerChanges sends every peer change as a delta and, around changes,
+    notifications without peer fields (seen on tailscaled 1.102.3, tests/realnet/test_directory.py):
+    those cost no status read; a peer change and a self change are still applied."""
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        state = base_state("delta")
+        s = await started(sock, state)
+        d = TailnetDirectory(LocalAPIClient(sock), retry_interval=0.05)
+        try:
+            await d.start()
+            await wait_for(lambda: bool(s._watchers), what="watch connected")
+            reads = sum(1 for _, p in s.requests if p.endswith("/status"))
+            s.load_state(state)  # nothing changed: an empty Notify
+            s.add_peer("nClientB", ["100.101.0.11"])
+            await wait_for(lambda: "nClientB" in d.nodes(), what="added peer")
+            s.load_state({**s.dump_state(), "self": {**state["self"], "tags": []}})
+            await wait_for(lambda: (d.self_node() or d.nodes()["x"]).tags == (), what="self change")
+            assert sum(1 for _, p in s.requests if p.endswith("/status")) == reads
+        finally:
+            await d.stop()
+            await s.stop()
+    run(body())
+
+
 @pytest.mark.parametrize("style", ["netmap", "delta"])
 def test_whois_cache_follows_netmap(tmp_path: Path, style: str) -> None:
     async def body() -> None:
