@@ -261,6 +261,7 @@ secret_file = "{self.net.secret if secret else ''}"
 enabled = true
 [http]
 listen = "127.0.0.1:8893"
+admin_listen = "127.0.0.1:8894"
 {extra}""")
         return cfg
 
@@ -273,13 +274,19 @@ listen = "127.0.0.1:8893"
             self.wait_connector_ready()
         return self.appconnector
 
-    def http_get(self, path: str, timeout: float = 3.0) -> tuple[int, Any]:
-        """GET the connector's status HTTP on its own loopback."""
+    def http_get(self, path: str, timeout: float = 3.0, admin: bool = False) -> tuple[int, Any]:
+        """GET the connector's read-only HTTP on its own loopback, or (``admin``) its admin listener
+        with the token the connector made in its state directory."""
         import urllib.error
         import urllib.request
+        headers = {}
+        if admin:
+            token = (self.dir / "appconnector-state" / "admin.token").read_text().strip()
+            headers["Authorization"] = f"Bearer {token}"
         try:
             with self.sockets():
-                resp = urllib.request.urlopen(f"http://127.0.0.1:8893{path}", timeout=timeout)
+                req = urllib.request.Request(f"http://127.0.0.1:{8894 if admin else 8893}{path}", headers=headers)
+                resp = urllib.request.urlopen(req, timeout=timeout)
             with resp as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:

@@ -28,7 +28,7 @@ def test_second_client_gets_its_own_mapping(shared: Tailnet) -> None:
     a1, a2 = cl1.pool_address("other.app.test"), cl2.pool_address("other.app.test")
     assert cl2.http(a2).startswith("origin ")
     assert cl1.http(a1).startswith("origin ")
-    code, doc = shared.nodes["c1"].http_get("/pool?limit=1000")
+    code, doc = shared.nodes["c1"].http_get("/pool?limit=1000", admin=True)
     assert code == 200, code
     rows = {(m["node"], m["address"]) for m in doc["mappings"] if m["domain"].rstrip(".") == "other.app.test"}
     assert rows == {(cl1.stable_id(), a1), (cl2.stable_id(), a2)}  # one mapping per node, keyed by its StableID

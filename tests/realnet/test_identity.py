@@ -18,7 +18,7 @@ def test_mappings_and_whois_carry_the_control_planes_identity(shared: Tailnet) -
     cl1.pool_address("web.app.test")
     sid = cl1.stable_id()
     assert sid.isdigit(), sid  # headscale's StableIDs are decimal node IDs
-    code, doc = c1.http_get("/pool?limit=1000")
+    code, doc = c1.http_get("/pool?limit=1000", admin=True)
     assert code == 200
     assert sid in {m["node"] for m in doc["mappings"]}
 
