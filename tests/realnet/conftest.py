@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.realnet import peers
-from tests.realnet.tailnet import MEASURED, Tailnet, running
+from tests.realnet.tailnet import MEASURED, OTHER_ROUTE, SERVED, Tailnet, running
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,11 +27,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def _peers_present() -> None:
     if (reason := peers.missing()) is not None:
         pytest.skip(reason)
-
-
-# names the origin serves (the upstream answers each with two addresses of its own, see tests/faults/upstream.py)
-SERVED = ["web.app.test", "other.app.test", "after.app.test", "later.app.test"]
-OTHER_ROUTE = "192.0.2.0/24"   # a route an operator advertised on c3 before the product started
 
 
 @pytest.fixture(scope="package")

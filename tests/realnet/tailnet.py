@@ -60,6 +60,9 @@ RAFT_PORT = 6270
 HTTP_PORT = 8080   # tests/nat/origin.py
 UDP_PORT = 7007
 SECRET = "realnet-cluster-secret"
+# names the origin serves (the upstream answers each with two addresses of its own, see tests/faults/upstream.py)
+SERVED = ["web.app.test", "other.app.test", "after.app.test", "later.app.test"]
+OTHER_ROUTE = "192.0.2.0/24"   # a route an operator advertised on c3 of the shared tailnet before the product
 
 MEASURED: list[str] = []  # times the tier measured, printed at the end of the run (conftest.py)
 

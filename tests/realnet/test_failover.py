@@ -17,8 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.realnet.conftest import SERVED
-from tests.realnet.tailnet import MEASURED, RAFT_PORT, Node, Tailnet, running, wait_for
+from tests.realnet.tailnet import MEASURED, RAFT_PORT, SERVED, Node, Tailnet, running, wait_for
 
 BOUND = 90.0  # seconds: generous (measured here ≈ 10-20 s); a client gives up long before this
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.realnet.conftest import OTHER_ROUTE
-from tests.realnet.tailnet import POOL, Node, Tailnet, wait_for
+from tests.realnet.tailnet import OTHER_ROUTE, POOL, Node, Tailnet, wait_for
 
 
 def _advertised(node: Node) -> list[str]:
