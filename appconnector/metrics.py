@@ -79,8 +79,10 @@ NAT_RECONCILES = Counter("appconnector_nat_reconciles", "nftables transactions b
                          ["kind", "result"], registry=REGISTRY)
 NAT_TOUCHES = Counter("appconnector_nat_seen_flows", "(node, address) pairs seen in new or long flows",
                       registry=REGISTRY)
-NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping",
-                           registry=REGISTRY)
+NAT_UNMAPPED_REJECTS = Gauge("appconnector_nat_unmapped_rejects", "Packets to pool addresses with no mapping, "
+                             "answered with a TCP reset or ICMP admin-prohibited", registry=REGISTRY)
+NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping, "
+                           "dropped silently (over the reject rate limit)", registry=REGISTRY)
 NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
 NAT_CONFIGURED = Gauge("appconnector_nat_configured", "1 when nat.enabled asks for the kernel dataplane",
                        registry=REGISTRY)

@@ -74,6 +74,8 @@ class Reconciler:
         metrics.NAT_SEEN_READS.inc()
         return [_PAIR.unpack(k) for k in keys if len(k) == _PAIR.size]
 
-    def unmapped_drops(self) -> int:
-        """Packets to pool addresses that had no mapping, since the table was built."""
-        return render.parse_counter(self.nft.list(f"counter {render.FAMILY} {render.TABLE} {render.UNMAPPED}"))
+    def unmapped_counts(self) -> tuple[int, int]:
+        """Packets to pool addresses that had no mapping since the table was built: (rejected with a
+        reset or ICMP error, dropped over the reject rate limit). One listing for both."""
+        counters = self.nft.list(f"counters table {render.FAMILY} {render.TABLE}")
+        return render.parse_counter(counters, render.REJECTED), render.parse_counter(counters, render.UNMAPPED)

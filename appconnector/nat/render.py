@@ -26,7 +26,9 @@ TABLE = "appconnector"
 STEER = "steer"
 SEEN = "seen"
 POOL = "pool"
-UNMAPPED = "unmapped"
+UNMAPPED = "unmapped"            # counter: unmapped packets dropped (over the reject limit)
+REJECTED = "unmapped_rejected"   # counter: unmapped packets answered with a reset / ICMP error
+REJECT_LIMIT = "reject_rate"     # named limit shared by the reject rules
 
 Key = tuple[int, int]
 """A steer element's key: (node tailnet IPv4, pool address), both as integers."""
@@ -75,6 +77,10 @@ class TableSpec:
     pool: tuple[str, ...]          # pool.prefixes
     max_mappings: int              # nat.max_mappings: size of the steer map and the seen set
     seen_timeout: float = 15.0     # seconds a (node, address) stays in `seen` after a new flow
+    # Unmapped packets answered per second (one bucket for the table) before the rest are just
+    # dropped: a stale client fails fast, a flood cannot make us a reflector.
+    reject_rate: int = 100
+    reject_burst: int = 200
 
     @property
     def dns_address(self) -> int:
@@ -92,6 +98,7 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
     saddr: dict[str, object] = {"payload": {"protocol": "ip", "field": "saddr"}}
     to_pool = {"match": {"op": "==", "left": daddr, "right": f"@{POOL}"}}
     pair = {"concat": [saddr, daddr]}
+    not_dns = {"match": {"op": "!=", "left": daddr, "right": ip_text(spec.dns_address)}}
     nets = pool_networks(spec.pool)
     pool_elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in nets]
 
@@ -114,6 +121,9 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
         {"add": {"set": {**t, "name": SEEN, "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"],
                          "timeout": max(1, round(spec.seen_timeout)), "size": spec.max_mappings}}},
         {"add": {"counter": {**t, "name": UNMAPPED}}},
+        {"add": {"counter": {**t, "name": REJECTED}}},
+        {"add": {"limit": {**t, "name": REJECT_LIMIT, "rate": spec.reject_rate, "per": "second",
+                           "burst": spec.reject_burst, "unit": "packets"}}},
         # Before DNAT (dstnat is -100) so daddr is still the pool address. Its own chain: when the
         # set is full the update fails and ends only this rule, never the steering (docs/design.md §5).
         chain("seen", "filter", "prerouting", -150),
@@ -122,11 +132,13 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
              {"set": {"op": "update", "elem": pair, "set": f"@{SEEN}"}}),
         chain("steer", "nat", "prerouting", -100),
         rule("steer", iif, to_pool, {"dnat": {"family": "ip", "addr": {"map": {"key": pair, "data": f"@{STEER}"}}}}),
-        # After DNAT: a packet from the tailnet still addressed to the pool had no mapping.
+        # After DNAT: a packet from the tailnet still addressed to the pool had no mapping. Reject it
+        # (TCP reset, else ICMP admin-prohibited) so the client fails at once instead of timing
+        # out; past the shared rate limit, drop. Each outcome has its own counter.
         chain("unmapped", "filter", "prerouting", -90),
-        rule("unmapped", iif, to_pool,
-             {"match": {"op": "!=", "left": daddr, "right": ip_text(spec.dns_address)}},
-             {"counter": UNMAPPED}, {"drop": None}),
+        *(rule("unmapped", iif, to_pool, not_dns, *match, {"limit": REJECT_LIMIT}, {"counter": REJECTED},
+               {"reject": verdict}) for match, verdict in _rejects()),
+        rule("unmapped", iif, to_pool, not_dns, {"counter": UNMAPPED}, {"drop": None}),
         # Masquerade only what we steered, never every DNAT on the host.
         chain("masquerade", "nat", "postrouting", 100),
         rule("masquerade",
@@ -134,6 +146,14 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
              {"match": {"op": "==", "left": {"ct": {"key": "ip daddr", "dir": "original"}}, "right": f"@{POOL}"}},
              {"masquerade": None}),
     ]
+
+
+def _rejects() -> list[tuple[tuple[object, ...], dict[str, object]]]:
+    """(extra matches, reject verdict) per kind of packet, in rule order. ``icmpx`` is nftables'
+    family-neutral form: ICMP type 3 code 13 for IPv4, ICMPv6 type 1 code 1 for IPv6."""
+    tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    return [((tcp,), {"type": "tcp reset"}),
+            ((), {"type": "icmpx", "expr": "admin-prohibited"})]
 
 
 def delete_table_commands() -> list[dict[str, object]]:
@@ -162,11 +182,11 @@ def element_commands(add: Mapping[Key, Address] = {}, remove: Iterable[Key] = ()
     return out
 
 
-def parse_counter(objects: Iterable[Mapping[str, object]]) -> int:
-    """Packets of the named counter in ``list counter …`` JSON output."""
+def parse_counter(objects: Iterable[Mapping[str, object]], name: str) -> int:
+    """Packets of the counter called ``name`` in ``list counter(s) …`` JSON output."""
     for obj in objects:
         c = obj.get("counter")
-        if isinstance(c, dict):
+        if isinstance(c, dict) and c.get("name") == name:
             return int(c.get("packets", 0))
     return 0
 

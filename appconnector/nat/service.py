@@ -262,7 +262,9 @@ class NatService:
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
         if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
             pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)
-            metrics.NAT_UNMAPPED_DROPS.set(await asyncio.to_thread(reconciler.unmapped_drops))
+            rejected, dropped = await asyncio.to_thread(reconciler.unmapped_counts)
+            metrics.NAT_UNMAPPED_REJECTS.set(rejected)
+            metrics.NAT_UNMAPPED_DROPS.set(dropped)
 
         def node_for_ip(ip: int) -> str | None:
             with self._lock:

@@ -5,10 +5,15 @@
   client.py icmp ADDRESS          one echo request → {"ok"}
   client.py flows ADDRESS N       N UDP flows (N source ports), one datagram each → {"replies"}
   client.py hold ADDRESS SECONDS  one UDP flow kept alive (a packet every 0.2 s) for SECONDS
+  client.py connect ADDRESS       TCP connect to the HTTP port, no retry → {"ok", "errno", "seconds"}
+  client.py udperr ADDRESS        connected UDP socket: send, recv → {"ok", "errno", "seconds"}
+  client.py pingerr ADDRESS       one echo request; the ICMP error it earns → {"type", "code", "seconds"}
+  client.py flood ADDRESS N       N datagrams at once from one socket (fire and forget) → {"sent"}
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -20,6 +25,7 @@ import urllib.request
 HTTP_PORT = 8080
 UDP_PORT = 7007
 TIMEOUT = 2.0
+FAIL_TIMEOUT = 5.0  # the failure tests' patience: longer than the bound they assert, so a timeout shows
 
 
 def http(address: str) -> dict[str, object]:
@@ -70,6 +76,79 @@ def icmp(address: str) -> dict[str, object]:
             if kind == 0 and rid == ident:
                 return {"ok": True, "from": peer[0]}
     return {"ok": False, "error": "no echo reply"}
+
+
+def _failure(e: OSError | None, t0: float) -> dict[str, object]:
+    seconds = time.monotonic() - t0
+    if e is None:
+        return {"ok": True, "seconds": seconds}
+    name = "timeout" if isinstance(e, TimeoutError) else errno.errorcode.get(e.errno or 0, str(e))
+    return {"ok": False, "errno": name, "seconds": seconds}
+
+
+def connect(address: str) -> dict[str, object]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(FAIL_TIMEOUT)
+        t0 = time.monotonic()
+        try:
+            s.connect((address, HTTP_PORT))
+        except OSError as e:
+            return _failure(e, t0)
+        return _failure(None, t0)
+
+
+def udperr(address: str) -> dict[str, object]:
+    """A connected UDP socket reports the ICMP error its datagram earned on the next recv."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(FAIL_TIMEOUT)
+        s.connect((address, UDP_PORT))
+        t0 = time.monotonic()
+        s.send(b"anyone?")
+        try:
+            s.recv(2048)
+        except OSError as e:
+            return _failure(e, t0)
+        return _failure(None, t0)
+
+
+def pingerr(address: str) -> dict[str, object]:
+    """Send one echo request; return the type and code of the ICMP error quoting it (what ping prints
+    as "Packet filtered" for type 3 code 13)."""
+    ident = (os.getpid() + 1) & 0xFFFF
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    payload = b"acnat-ping"
+    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.settimeout(FAIL_TIMEOUT)
+        t0 = time.monotonic()
+        s.sendto(packet, (address, 0))
+        while time.monotonic() < t0 + FAIL_TIMEOUT:
+            try:
+                data = s.recv(2048)
+            except OSError as e:
+                return _failure(e, t0)
+            ihl = (data[0] & 0x0F) * 4
+            kind, code = data[ihl], data[ihl + 1]
+            quoted = data[ihl + 8:]
+            if kind == 3 and len(quoted) >= 28:
+                qihl = (quoted[0] & 0x0F) * 4
+                if socket.inet_ntoa(quoted[16:20]) == address and quoted[qihl + 4:qihl + 6] == struct.pack("!H", ident):
+                    return {"ok": False, "type": kind, "code": code, "seconds": time.monotonic() - t0}
+            if kind == 0 and data[ihl + 4:ihl + 6] == struct.pack("!H", ident):
+                return {"ok": True, "seconds": time.monotonic() - t0}
+    return {"ok": False, "errno": "timeout", "seconds": time.monotonic() - t0}
+
+
+def flood(address: str, n: int) -> dict[str, object]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        sent = 0
+        for _ in range(n):
+            try:
+                s.sendto(b"flood", (address, UDP_PORT))
+                sent += 1
+            except OSError:  # a queued ICMP error surfaces on a later send: not our concern here
+                pass
+    return {"sent": sent}
 
 
 def flows(address: str, n: int, batch: int = 100) -> dict[str, object]:
@@ -127,6 +206,14 @@ def main() -> None:
         out = flows(address, int(rest[0]))
     elif cmd == "hold":
         out = hold(address, float(rest[0]))
+    elif cmd == "connect":
+        out = connect(address)
+    elif cmd == "udperr":
+        out = udperr(address)
+    elif cmd == "pingerr":
+        out = pingerr(address)
+    elif cmd == "flood":
+        out = flood(address, int(rest[0]))
     else:
         raise SystemExit(f"unknown command {cmd}")
     print(json.dumps(out), flush=True)

@@ -112,6 +112,7 @@ async def main() -> None:
                        "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
                        "seen_reads": counter_value(metrics.NAT_SEEN_READS),
                        "last_reconcile": metrics.NAT_LAST_RECONCILE._value.get(),
+                       "unmapped_rejects": metrics.NAT_UNMAPPED_REJECTS._value.get(),
                        "leader": replica.is_leader()})
             elif op == "stop":
                 await nat.stop()

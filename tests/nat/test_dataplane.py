@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from appconnector.nat.render import TableSpec
 from tests.nat.netns import (
     CLIENTS,
     HERE,
@@ -98,7 +99,7 @@ def test_tcp_udp_icmp_reach_the_real_address(topo: Topology, conn: Driver) -> No
     assert client(topo, "cli1", "icmp", pool_ip)["ok"]
 
 
-def test_second_client_gets_its_own_mapping_and_unmapped_is_dropped(topo: Topology) -> None:
+def test_second_client_gets_its_own_mapping_and_unmapped_is_rejected(topo: Topology) -> None:
     conn = driver(topo, conntrack_interval=1.0)
     try:
         _second_client(topo, conn)
@@ -114,16 +115,59 @@ def _second_client(topo: Topology, conn: Driver) -> None:
     assert client(topo, "cli2", "http", b1)["body"].startswith(f"origin {ORIGIN_B}")
     assert b1 == a1  # every node has the whole pool: cli2's first address means two.example for it
     assert client(topo, "cli1", "http", a1)["body"].startswith(f"origin {ORIGIN}")
-    # cli2 has no mapping for a2: its packets are dropped in the connector and counted
-    before = _drops(topo)
+    # cli2 has no mapping for a2: its packets are rejected in the connector and counted
+    before = _counter(topo, "unmapped_rejected")
     assert not client(topo, "cli2", "udp", a2, "nobody")["ok"]
-    wait_for(lambda: _drops(topo) > before, 5, "the unmapped-drop counter to count cli2's packet")
-    wait_for(lambda: conn.call("status")["unmapped_drops"] > 0, 5, "the unmapped-drop metric")
+    wait_for(lambda: _counter(topo, "unmapped_rejected") > before, 5, "the reject counter to count cli2's packet")
+    wait_for(lambda: conn.call("status")["unmapped_rejects"] > 0, 5, "the unmapped-reject metric")
 
 
-def _drops(topo: Topology) -> int:
-    out = topo.run_in("conn1", "nft", "-j", "list", "counter", "inet", "appconnector", "unmapped").stdout
+def _counter(topo: Topology, name: str) -> int:
+    out = topo.run_in("conn1", "nft", "-j", "list", "counter", "inet", "appconnector", name).stdout
     return int(next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o))
+
+
+UNMAPPED = "100.64.1.200"  # a pool address nobody was given
+FAST = 1.0  # seconds: a rejected flow fails well inside this; a dropped one would wait for the 5 s timeout
+
+
+def test_unmapped_pool_traffic_fails_fast_on_every_protocol(topo: Topology) -> None:
+    d = driver(topo, conntrack_interval=1.0)
+    try:
+        before = _counter(topo, "unmapped_rejected")
+        tcp = client(topo, "cli2", "connect", UNMAPPED)
+        assert tcp["errno"] == "ECONNREFUSED" and tcp["seconds"] < FAST, tcp
+        udp = client(topo, "cli2", "udperr", UNMAPPED)
+        assert udp["errno"] in ("ECONNREFUSED", "EHOSTUNREACH") and udp["seconds"] < FAST, udp
+        ping = client(topo, "cli2", "pingerr", UNMAPPED)
+        assert (ping.get("type"), ping.get("code")) == (3, 13), f"want ICMP admin-prohibited: {ping}"
+        assert ping["seconds"] < FAST, ping
+        assert _counter(topo, "unmapped_rejected") >= before + 3
+        wait_for(lambda: d.call("status")["unmapped_rejects"] >= before + 3, 5, "the unmapped-reject metric")
+        # a mapped address is still steered, not rejected
+        a = d.call("checkout", node=CLI2, domain="fine.example", targets=[ORIGIN])["address"]
+        assert client(topo, "cli2", "connect", a)["ok"]
+    finally:
+        d.stop()
+
+
+def test_rejects_past_the_rate_limit_are_dropped_and_counted(topo: Topology) -> None:
+    spec = TableSpec(interface=TAILNET_IF, pool=(POOL,), max_mappings=1)  # the shipped rate and burst
+    d = driver(topo, conntrack_interval=1.0)
+    try:
+        rejected, dropped = _counter(topo, "unmapped_rejected"), _counter(topo, "unmapped")
+        t0 = time.monotonic()
+        assert client(topo, "cli2", "flood", UNMAPPED, "3000")["sent"] > 0
+        elapsed = time.monotonic() - t0
+        more_rejected = _counter(topo, "unmapped_rejected") - rejected
+        assert _counter(topo, "unmapped") > dropped, "packets past the limit must be dropped and counted"
+        assert 0 < more_rejected <= spec.reject_burst + spec.reject_rate * (elapsed + 1), more_rejected
+        wait_for(lambda: d.call("status")["unmapped_drops"] > 0, 5, "the unmapped-drop metric")
+        # the bucket refills: a client after the flood is refused at once again
+        wait_for(lambda: client(topo, "cli2", "connect", UNMAPPED).get("errno") == "ECONNREFUSED", 10,
+                 "a reset once the limit has refilled")
+    finally:
+        d.stop()
 
 
 def test_changed_target_steers_new_flows_and_existing_flows_keep_theirs(topo: Topology, conn: Driver) -> None:

@@ -45,13 +45,33 @@ def test_table_is_sized_from_config_and_keeps_seen_out_of_the_steering_rule() ->
     masq = rules["masquerade"][0]
     assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}} in masq
     assert any(e.get("match", {}).get("right") == "@pool" and "ct" in e["match"]["left"] for e in masq)
-    drop = rules["unmapped"][0]
+    tcp, other, drop = rules["unmapped"]
     assert {"drop": None} in drop and {"counter": "unmapped"} in drop
-    assert any(e.get("match", {}).get("right") == "100.64.1.0" for e in drop), "the DNS address is exempt"
+    for r in (tcp, other, drop):
+        assert any(e.get("match", {}).get("right") == "100.64.1.0" for e in r), "the DNS address is exempt"
     # only our table, replaced in the same transaction
     assert cmds[:3] == [{"add": {"table": {"family": "inet", "name": "appconnector"}}},
                         {"delete": {"table": {"family": "inet", "name": "appconnector"}}},
                         {"add": {"table": {"family": "inet", "name": "appconnector"}}}]
+
+
+def test_unmapped_traffic_is_rejected_within_a_shared_limit_then_dropped() -> None:
+    spec = TableSpec(interface="tailscale0", pool=("100.64.1.0/24",), max_mappings=16, reject_rate=7,
+                     reject_burst=9)
+    objs = [c["add"] for c in render.table_commands(spec) if "add" in c]
+    limits = [o["limit"] for o in objs if "limit" in o]
+    assert [(x["name"], x["rate"], x["per"], x["burst"], x["unit"]) for x in limits] == \
+        [("reject_rate", 7, "second", 9, "packets")]
+    assert {o["counter"]["name"] for o in objs if "counter" in o} == {"unmapped", "unmapped_rejected"}
+    tcp, other, drop = [o["rule"]["expr"] for o in objs if "rule" in o and o["rule"]["chain"] == "unmapped"]
+    l4tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    # TCP gets a reset, everything else (UDP, ICMP, both families) ICMP admin-prohibited; the limit
+    # comes before the counter and the verdict, so a packet over the limit falls through to the drop
+    assert l4tcp in tcp and tcp[-3:] == [{"limit": "reject_rate"}, {"counter": "unmapped_rejected"},
+                                         {"reject": {"type": "tcp reset"}}]
+    assert l4tcp not in other and other[-3:] == [{"limit": "reject_rate"}, {"counter": "unmapped_rejected"},
+                                                 {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}]
+    assert not any("limit" in e for e in drop) and drop[-2:] == [{"counter": "unmapped"}, {"drop": None}]
 
 
 def test_element_commands_delete_before_add_and_batch() -> None:
@@ -63,8 +83,11 @@ def test_element_commands_delete_before_add_and_batch() -> None:
 
 
 def test_parse_counter_output() -> None:
-    assert render.parse_counter([{"counter": {"name": "unmapped", "packets": 7, "bytes": 420}}]) == 7
-    assert render.parse_counter([]) == 0
+    listing = [{"counter": {"name": "unmapped", "packets": 7, "bytes": 420}},
+               {"counter": {"name": "unmapped_rejected", "packets": 3, "bytes": 180}}]
+    assert render.parse_counter(listing, "unmapped") == 7
+    assert render.parse_counter(listing, "unmapped_rejected") == 3
+    assert render.parse_counter([], "unmapped") == 0
 
 
 def test_pick_target_is_deterministic_spreads_and_moves_few_nodes() -> None:
