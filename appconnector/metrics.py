@@ -29,6 +29,9 @@ DNS_UDP_SEND_ERRORS = Counter("appconnector_dns_udp_send_errors", "UDP answers t
 DNS_DROPPED = Counter("appconnector_dns_dropped", "UDP queries dropped: too many already in flight",
                       registry=REGISTRY)
 DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
+DNS_SVCB = Counter("appconnector_dns_svcb_records", "Upstream HTTPS/SVCB records of steered names by outcome "
+                   "(passed: sent on without address hints; foreign_target: left out, its target is not a "
+                   "name we steer; malformed: the whole answer became NODATA)", ["result"], registry=REGISTRY)
 DNS_FIRST_ANSWER = Histogram("appconnector_dns_new_name_seconds", "Time to answer a name with a new checkout",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                              registry=REGISTRY)

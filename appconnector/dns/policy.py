@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from appconnector.dns import wire
+from appconnector.dns import svcb, wire
 from appconnector.dns.wire import Query
 
 # Synthesised SOA/NS (as upstream natc answers them locally for any name). The names sit under
@@ -40,12 +40,14 @@ class Resolution:
     kind: ``ok`` (addresses of the asked type), ``nxdomain``, ``nodata`` (the name exists, no record
     of that type) or ``failure`` (SERVFAIL, REFUSED or silence from every resolver). ``ttl`` is the
     positive TTL (least of the records used) or the negative TTL (SOA minimum), in seconds.
+    ``records`` holds the raw RDATA of an SVCB/HTTPS lookup (``addresses`` is then empty).
     """
 
     kind: Literal["ok", "nxdomain", "nodata", "failure"]
     addresses: tuple[str, ...] = ()
     ttl: int = 0
     detail: str = ""
+    records: tuple[bytes, ...] = ()
 
 
 class Action(Enum):
@@ -179,6 +181,15 @@ class AnswerPolicy:
         if qtype == wire.TYPE_A:
             return Reply(wire.NOERROR, tuple(wire.rr_a(a, ttl) for a in resolution.addresses))
         return Reply(wire.NOERROR, tuple(wire.rr_aaaa(a, ttl) for a in resolution.addresses))
+
+    def service_bindings(self, qtype: int, records: Sequence[svcb.Svcb], ttl: int) -> Reply:
+        """HTTPS/SVCB records passed on from upstream, without their address hints (the caller has
+        already left out those whose target is not "." or a name we steer); none left → NODATA."""
+        if not records:
+            return self.nodata(ttl)
+        ttl = min(self.ttl, ttl)
+        return Reply(wire.NOERROR, tuple(wire.rr_data(qtype, svcb.encode(svcb.without_hints(r)), ttl)
+                                         for r in records))
 
 
 _NS_WIRE = wire.domain_to_wire(NS_NAME)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks
-from appconnector.dns import wire
+from appconnector.dns import svcb, wire
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
 from appconnector.dns.server import DnsServer
@@ -33,6 +33,7 @@ from appconnector.metrics import (
     DNS_MALFORMED,
     DNS_QUERIES,
     DNS_SERVFAIL,
+    DNS_SVCB,
     DNS_UNKNOWN_CLIENTS,
 )
 from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable, touch_refresh
@@ -200,9 +201,57 @@ class DnsService:
             DNS_UNKNOWN_CLIENTS.inc()
             self._errors.info("stranger", "DNS: REFUSED %s: not a tailnet node", ip)
             return Reply(wire.REFUSED), False
+        if q.qtype in (wire.TYPE_SVCB, wire.TYPE_HTTPS):
+            return await self._service_binding(q, domain), False
         if q.qtype not in (wire.TYPE_A, wire.TYPE_AAAA):
             return self.policy.local(q.qtype), False
         return await self._address(q, info, domain)
+
+    async def _steered(self, domain: str) -> bool:
+        """Whether an A query for ``domain`` would be answered from the pool: allowed by
+        ``dns.domains`` and (with ``dns.verify_upstream``) resolving to addresses we steer."""
+        if not self.policy.domain_allowed(domain):
+            return False
+        if not self.cfg.dns.verify_upstream:
+            return True
+        res = await self.upstream.resolve(domain, wire.TYPE_A)
+        return classify(res, self._pool_nets, self._ignore_nets) is Action.CHECKOUT
+
+    async def _service_binding(self, q: wire.Query, domain: str) -> Reply:
+        """HTTPS/SVCB of a steered name: upstream's records without address hints, only those whose
+        target is "." or a name we steer (any other target would send the client around the
+        connector). Names we do not steer get NODATA, as every other type does."""
+        if not await self._steered(domain):
+            return self.policy.local(q.qtype)
+        res = await self.upstream.resolve(domain, q.qtype)
+        if res.kind == "failure":
+            DNS_SERVFAIL.labels("upstream").inc()
+            self._errors.warning("upstream", "DNS: SERVFAIL for %s: upstream failed (%s)", domain, res.detail)
+            return Reply(wire.SERVFAIL)
+        if res.kind != "ok":
+            return self.policy.nodata(res.ttl)
+        try:
+            records = [svcb.parse(r) for r in res.records]
+        except svcb.Malformed as e:
+            DNS_SVCB.labels("malformed").inc(len(res.records))
+            self._errors.info("svcb", "DNS: NODATA for %s: upstream sent a malformed HTTPS/SVCB record (%s)",
+                              domain, e)
+            return self.policy.nodata(res.ttl)
+        passed = []
+        for record in records:
+            if await self._target_steered(record, domain):
+                passed.append(record)
+                DNS_SVCB.labels("passed").inc()
+            else:
+                DNS_SVCB.labels("foreign_target").inc()
+        return self.policy.service_bindings(q.qtype, passed, res.ttl)
+
+    async def _target_steered(self, record: svcb.Svcb, owner: str) -> bool:
+        """The target is "." (the owner itself; in AliasMode "no service"), the owner, or a name we steer."""
+        if record.target == svcb.ROOT:
+            return True
+        target = wire.wire_name_to_domain(record.target)  # None: not a host name, we could not steer it
+        return target is not None and (target == owner or await self._steered(target))
 
     async def _address(self, q: wire.Query, info: NodeInfo, domain: str) -> tuple[Reply, bool]:
         node = info.node

@@ -11,6 +11,7 @@ hammered. Concurrent lookups of one (name, type) share one query. Messages are b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -100,7 +101,8 @@ class UpstreamResolver:
         self._closed = False
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
-        """Addresses of ``domain`` (normalised, no trailing dot) of ``qtype`` (A or AAAA)."""
+        """Addresses of ``domain`` (normalised, no trailing dot) of ``qtype`` (A or AAAA), or its raw
+        records (SVCB, HTTPS)."""
         key = (domain, qtype)
         now = self._clock()
         cached = self._cache.get(key)
@@ -108,7 +110,7 @@ class UpstreamResolver:
             _CACHE_HIT.inc()
             res = cached[1]
             remaining = max(0, int(cached[0] - now))
-            return Resolution(res.kind, res.addresses, min(res.ttl, remaining), res.detail)
+            return dataclasses.replace(res, ttl=min(res.ttl, remaining))
         _CACHE_MISS.inc()
         pending = self._inflight.get(key)
         if pending is not None:
@@ -243,6 +245,7 @@ def interpret(reply: wire.Response, ident: int, domain: str, qtype: int) -> Reso
     name = domain
     ttl = MAX_CACHE_TTL
     addresses: list[str] = []
+    records: list[bytes] = []
     for _ in range(MAX_CNAME_CHAIN):
         target = None
         for rr in reply.answers:
@@ -251,12 +254,17 @@ def interpret(reply: wire.Response, ident: int, domain: str, qtype: int) -> Reso
             if rr.rtype == qtype and isinstance(rr.value, str):
                 addresses.append(rr.value)
                 ttl = min(ttl, rr.ttl)
+            elif rr.rtype == qtype and isinstance(rr.value, bytes):
+                records.append(rr.value)
+                ttl = min(ttl, rr.ttl)
             elif rr.rtype == wire.TYPE_CNAME and isinstance(rr.value, str):
                 target = rr.value
                 ttl = min(ttl, rr.ttl)
-        if addresses or target is None:
+        if addresses or records or target is None:
             break
         name = target
+    if records:
+        return Resolution("ok", ttl=ttl, records=tuple(records))
     if not addresses:
         return Resolution("nodata", ttl=_negative_ttl(reply))
     ordered = sorted(set(addresses), key=ipaddress.ip_address)

@@ -39,6 +39,7 @@ RCODE_NAMES = {NOERROR: "NOERROR", FORMERR: "FORMERR", SERVFAIL: "SERVFAIL", NXD
 
 # types and classes
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 28, 41
+TYPE_SVCB, TYPE_HTTPS = 64, 65
 CLASS_IN = 1
 DO_BIT = 0x8000  # in the OPT record's flags
 
@@ -216,6 +217,11 @@ def rr_aaaa(address: str, ttl: int) -> bytes:
     return _OWNER_PTR + struct.pack("!HHIH", TYPE_AAAA, CLASS_IN, ttl, 16) + ipaddress.IPv6Address(address).packed
 
 
+def rr_data(rtype: int, rdata: bytes, ttl: int) -> bytes:
+    """A record of any type owned by the question name, from its encoded RDATA (HTTPS/SVCB)."""
+    return _OWNER_PTR + struct.pack("!HHIH", rtype, CLASS_IN, ttl, len(rdata)) + rdata
+
+
 def rr_ns(target: bytes, ttl: int) -> bytes:
     """An NS record owned by the question name; ``target`` is a wire name."""
     return _OWNER_PTR + struct.pack("!HHIH", TYPE_NS, CLASS_IN, ttl, len(target)) + target
@@ -306,12 +312,13 @@ TYPE_CNAME = 5
 @dataclass(frozen=True, slots=True)
 class Record:
     """A resource record of an upstream response: lower-case owner name without the trailing dot,
-    and for CNAME the target name, for A/AAAA the address text, for SOA the minimum field."""
+    and for CNAME the target name, for A/AAAA the address text, for SOA the minimum field, for
+    SVCB/HTTPS the raw RDATA (its target name is never compressed, so it stands alone)."""
 
     name: str
     rtype: int
     ttl: int
-    value: str | int | None
+    value: str | int | bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +397,7 @@ def parse_response(data: bytes) -> Response:
             pos += 10
             if pos + rdlen > len(data):
                 raise ValueError("record data runs past the end")
-            value: str | int | None = None
+            value: str | int | bytes | None = None
             if rtype == TYPE_A and rdlen == 4:
                 value = socket.inet_ntoa(data[pos:pos + 4])
             elif rtype == TYPE_AAAA and rdlen == 16:
@@ -402,6 +409,8 @@ def parse_response(data: bytes) -> Response:
                 if after + 20 > pos + rdlen:
                     raise ValueError("short SOA")
                 value = struct.unpack_from("!I", data, after + 16)[0]
+            elif rtype in (TYPE_SVCB, TYPE_HTTPS):
+                value = data[pos:pos + rdlen]
             sections[i].append(Record(name, rtype, ttl & 0x7FFFFFFF, value))
             pos += rdlen
     return Response(ident, flags, flags & 0xF, qname, qtype, tuple(sections[0]), tuple(sections[1]))

@@ -49,6 +49,20 @@ ZONE = [
     "x.allowed.test. 300 IN A 192.0.2.31",
     *[f"big.test. 300 IN A 198.51.100.{i}" for i in range(10, 70)],
     *[f"n{i}.test. 300 IN A 192.0.2.{100 + i}" for i in range(8)],
+    # HTTPS/SVCB (tests/dns/test_svcb.py): hints to strip, targets we steer (".", other.test) and
+    # one we do not (nothere.test: NXDOMAIN), AliasMode both ways, a pass-through name with hints
+    "svc.test. 300 IN A 192.0.2.40",
+    "svc.test. 300 IN HTTPS 1 . alpn=h3,h2 port=8443 ipv4hint=192.0.2.40 ipv6hint=2001:db8::40 ech=AAT+DQAA",
+    "svc.test. 300 IN HTTPS 2 other.test. mandatory=alpn,ipv4hint alpn=h2 ipv4hint=192.0.2.20",
+    "svc.test. 300 IN HTTPS 3 nothere.test. alpn=h2",
+    "svc.test. 300 IN SVCB 1 . port=853 ipv4hint=192.0.2.40 ipv6hint=2001:db8::40",
+    "foreign.test. 300 IN A 192.0.2.41",
+    "foreign.test. 300 IN HTTPS 1 ignored.test. alpn=h2 ipv4hint=198.51.100.7",
+    "alias.test. 300 IN A 192.0.2.50",
+    "alias.test. 300 IN HTTPS 0 ignored.test.",
+    "alias2.test. 300 IN A 192.0.2.51",
+    "alias2.test. 300 IN HTTPS 0 svc.test.",
+    "ignored.test. 300 IN HTTPS 1 . ipv4hint=198.51.100.7",
 ]
 
 
@@ -137,6 +151,7 @@ class StubUpstream:
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
         self.delay = 0.5
+        self.https_rdata: bytes | None = None
         self.queries = 0
         self.tcp_queries = 0
         self.port = free_port()
@@ -168,6 +183,8 @@ class StubUpstream:
             reply.header.tc = 1
         elif req.q.qtype == dnslib.QTYPE.A:
             reply.add_answer(dnslib.RR(req.q.qname, dnslib.QTYPE.A, rdata=dnslib.A("192.0.2.99"), ttl=60))
+        elif req.q.qtype == 65 and self.https_rdata is not None:
+            reply.add_answer(dnslib.RR(req.q.qname, 65, rdata=dnslib.RD(self.https_rdata), ttl=60))
         return bytes(reply.pack())
 
     def _serve_udp(self) -> None:
