@@ -208,20 +208,19 @@ class DnsService:
         return await self._address(q, info, domain)
 
     async def _steered(self, domain: str) -> bool:
-        """Whether an A query for ``domain`` would be answered from the pool: allowed by
-        ``dns.domains`` and (with ``dns.verify_upstream``) resolving to addresses we steer."""
+        """Whether an A query for ``domain`` would be answered from the pool (with
+        ``dns.verify_upstream``): allowed by ``dns.domains`` and resolving to addresses we steer."""
         if not self.policy.domain_allowed(domain):
             return False
-        if not self.cfg.dns.verify_upstream:
-            return True
         res = await self.upstream.resolve(domain, wire.TYPE_A)
         return classify(res, self._pool_nets, self._ignore_nets) is Action.CHECKOUT
 
     async def _service_binding(self, q: wire.Query, domain: str) -> Reply:
         """HTTPS/SVCB of a steered name: upstream's records without address hints, only those whose
         target is "." or a name we steer (any other target would send the client around the
-        connector). Names we do not steer get NODATA, as every other type does."""
-        if not await self._steered(domain):
+        connector). Names we do not steer get NODATA, as every other type does, and so does every
+        name without ``dns.verify_upstream`` (that mode never asks upstream)."""
+        if not self.cfg.dns.verify_upstream or not await self._steered(domain):
             return self.policy.local(q.qtype)
         res = await self.upstream.resolve(domain, q.qtype)
         if res.kind == "failure":

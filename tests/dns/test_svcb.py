@@ -134,6 +134,9 @@ def test_names_outside_the_pool_rules_get_what_they_got_before(svc: Running, unb
     # inside dns.domains, but other.test is not: its record is left out
     r2 = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], dns_domains="svc.test"))
     assert records(r2.query("svc.test", "HTTPS")) == ["1 . alpn=h3,h2 port=8443 ech=AAT+DQAA"]
+    # dns.verify_upstream = false never asks upstream: NODATA as before
+    r3 = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], dns_verify_upstream="false"))
+    assert is_nodata_with_soa(r3.query("svc.test", "HTTPS"))
 
 
 @pytest.mark.parametrize("transport", ["+notcp", "+tcp"])
