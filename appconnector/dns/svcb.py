@@ -15,6 +15,8 @@ import itertools
 import struct
 from dataclasses import dataclass
 
+from appconnector.dns import wire
+
 TYPE_SVCB, TYPE_HTTPS = 64, 65
 KEY_MANDATORY, KEY_ALPN, KEY_NO_DEFAULT_ALPN, KEY_PORT, KEY_IPV4HINT, KEY_ECH, KEY_IPV6HINT = 0, 1, 2, 3, 4, 5, 6
 KEY_INVALID = 65535             # RFC 9460 §14.3.2: reserved, never on the wire
@@ -42,32 +44,15 @@ class Svcb:
         return self.priority == 0
 
 
-def _name(data: bytes, pos: int) -> int:
-    """The offset after an uncompressed wire name at ``pos`` (RFC 9460 §2.2: TargetName is never
-    compressed)."""
-    total = 0
-    while True:
-        if pos >= len(data):
-            raise Malformed("target name runs past the end")
-        n = data[pos]
-        if n == 0:
-            return pos + 1
-        if n & 0xC0:
-            raise Malformed("compressed or reserved label in the target name")
-        total += n + 1
-        if total > 254:
-            raise Malformed("target name longer than 255 bytes")
-        if pos + 1 + n > len(data):
-            raise Malformed("target label runs past the end")
-        pos += 1 + n
-
-
 def parse(rdata: bytes) -> Svcb:
     """Parse one record's RDATA. Raises Malformed."""
     if len(rdata) < 3:
         raise Malformed("shorter than a priority and a target")
     (priority,) = _U16.unpack_from(rdata, 0)
-    pos = _name(rdata, 2)
+    try:  # RFC 9460 §2.2: TargetName is never compressed
+        pos = wire.skip_name(rdata, 2, allow_pointer=False)
+    except ValueError as e:
+        raise Malformed(f"target name: {e}") from None
     target = rdata[2:pos]
     params: list[tuple[int, bytes]] = []
     last = -1

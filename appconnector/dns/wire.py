@@ -125,7 +125,7 @@ def domain_to_wire(domain: str) -> bytes:
     return bytes(out)
 
 
-def _read_name(data: bytes, pos: int, allow_pointer: bool) -> int:
+def skip_name(data: bytes, pos: int, allow_pointer: bool) -> int:
     """Skip a name at ``pos``; return the offset after it. Raises ValueError on bad encoding."""
     total = 0
     while True:
@@ -159,7 +159,7 @@ def parse_query(data: bytes) -> Query:
         qtype = qclass = 0
         for i in range(qd):
             start = pos
-            pos = _read_name(data, pos, allow_pointer=i > 0)
+            pos = skip_name(data, pos, allow_pointer=i > 0)
             if pos + 4 > len(data):
                 raise ValueError("question runs past the end")
             if i == 0:
@@ -172,7 +172,7 @@ def parse_query(data: bytes) -> Query:
         edns: Edns | None = None
         for _ in range(ar):
             start = pos
-            pos = _read_name(data, pos, allow_pointer=True)
+            pos = skip_name(data, pos, allow_pointer=True)
             if pos + 10 > len(data):
                 raise ValueError("record runs past the end")
             rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
@@ -193,7 +193,7 @@ def parse_query(data: bytes) -> Query:
 
 
 def _skip_rr(data: bytes, pos: int) -> int:
-    pos = _read_name(data, pos, allow_pointer=True)
+    pos = skip_name(data, pos, allow_pointer=True)
     if pos + 10 > len(data):
         raise ValueError("record runs past the end")
     (rdlen,) = struct.unpack_from("!H", data, pos + 8)

@@ -18,11 +18,8 @@ In the test suite (``test_fuzz_svcb.py``) hypothesis runs a bounded number of ex
 
 from __future__ import annotations
 
-import argparse
 import io
-import random
 import sys
-import time
 
 import dns.exception
 import dns.message
@@ -33,6 +30,7 @@ import dns.rdatatype
 
 from appconnector.dns import svcb, wire
 from appconnector.dns.policy import AnswerPolicy
+from tests.dns.fuzz_wire import run
 
 POLICY = AnswerPolicy(ttl=120)
 QUERY = wire.parse_query(dns.message.make_query("svc.example", "HTTPS", use_edns=0).to_wire())
@@ -108,36 +106,8 @@ def check(data: bytes) -> None:
         assert rrset.name == dns.name.from_text("svc.example") and rrset.ttl == POLICY.ttl, f"answer: {where}"
 
 
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(4)
-        if op == 0 and b:
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        elif op == 1 and b:
-            del b[rng.randrange(len(b)):]
-        elif op == 2:
-            b.insert(rng.randrange(len(b) + 1), rng.randrange(256))
-        elif b:  # lengths and keys are 16-bit: nudge one
-            i = rng.randrange(len(b))
-            b[i] = (b[i] + rng.choice((1, -1, 4, -4, 16))) & 0xFF
-    return bytes(b)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=1_000_000)
-    ap.add_argument("--seed", type=int, default=int(time.time()))
-    args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
-    started = time.monotonic()
-    for i in range(args.iterations):
-        data = rng.randbytes(rng.randrange(0, 40)) if rng.random() < 0.1 else mutate(rng, rng.choice(SEEDS))
-        check(data)
-        if i and i % 500_000 == 0:
-            print(f"{i} inputs, {i / (time.monotonic() - started):.0f}/s", file=sys.stderr)
-    print(f"ok: {args.iterations} inputs (seed {args.seed}) in {time.monotonic() - started:.1f}s")
-    return 0
+    return run(argv, __doc__, SEEDS, check, max_random=40)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import Callable
 
 import dns.exception
 import dns.message
@@ -289,21 +290,28 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None, doc: str | None, seeds: list[bytes], check_one: Callable[[bytes], None],
+        max_random: int = 64) -> int:
+    """The mutation fuzzer's command line (shared by the fuzz targets): random bytes one time in ten,
+    else a mutated seed, each handed to ``check_one``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    fast = make_fast_path()
     started = time.monotonic()
     for i in range(args.iterations):
-        data = rng.randbytes(rng.randrange(0, 64)) if rng.random() < 0.1 else mutate(rng, rng.choice(SEEDS))
-        check(data, fast)
+        data = rng.randbytes(rng.randrange(0, max_random)) if rng.random() < 0.1 else mutate(rng, rng.choice(seeds))
+        check_one(data)
         if i and i % 500_000 == 0:
             print(f"{i} inputs, {i / (time.monotonic() - started):.0f}/s", file=sys.stderr)
     print(f"ok: {args.iterations} inputs (seed {args.seed}) in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    fast = make_fast_path()
+    return run(argv, __doc__, SEEDS, lambda data: check(data, fast))
 
 
 if __name__ == "__main__":
