@@ -163,6 +163,7 @@ class PageData:
                                                                                      "reason": "not running"}
         reconciles = by_label(metric_samples("appconnector_nat_reconciles_total"), "result")
         nat.update(configured=self.cfg.nat.enabled, seen_flows=_one("appconnector_nat_seen_flows_total"),
+                   unmapped_rejects=_one("appconnector_nat_unmapped_rejects"),
                    unmapped_drops=_one("appconnector_nat_unmapped_drops"),
                    seen_reads=_one("appconnector_nat_seen_reads_total"),
                    last_reconcile=_one("appconnector_nat_last_reconcile_timestamp_seconds"),

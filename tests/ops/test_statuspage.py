@@ -38,7 +38,8 @@ def _doc(**over: Any) -> dict[str, Any]:
                  "max_node_use": 240, "max_node_use_ratio": 240 / 255, "addresses_left": 15,
                  "checkouts": {"new": 5, "hit": 70}},
         "nat": {"enabled": True, "configured": True, "reason": "kernel steering on", "steer_elements": 4242,
-                "seen_flows": 77.0, "unmapped_drops": 13.0, "seen_reads": 555.0, "last_reconcile": NOW - 30,
+                "seen_flows": 77.0, "unmapped_rejects": 2468.0, "unmapped_drops": 13.0, "seen_reads": 555.0,
+                "last_reconcile": NOW - 30,
                 "reconciles_ok": 8, "reconciles_error": 1},
         "dns": {"totals": {"NOERROR": 1200, "SERVFAIL": 3}, "rates": {"NOERROR": 2.5, "SERVFAIL": 0.05},
                 "window": 60.0, "servfail": {"upstream": 3.0}},
@@ -59,7 +60,7 @@ def test_page_has_the_numbers_in_the_html_and_escapes_every_value() -> None:
     html = statuspage.page(doc, now=NOW)
     text = _text(html)
     for shown in ("127.0.0.1:7002", "41", "9,876", "31,337", "4,242", "1,200", "2.50", "15 left",
-                  "2 s ago", "30 s ago", "NOT READY", "n/a (standalone mode"):
+                  "2,468", "2 s ago", "30 s ago", "NOT READY", "n/a (standalone mode"):
         assert shown in text, shown
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "clock skew: … ahead" in text  # the template, its arguments left out
