@@ -186,11 +186,13 @@ def test_each_node_gets_its_own_mapping_and_names_keep_upstream_semantics(produc
     assert "NOERROR" in aaaa and "ANSWER: 0" in aaaa and "SOA" in aaaa, "AAAA: NODATA with SOA"
 
 
-def test_unmapped_pool_traffic_is_dropped_and_stop_removes_only_our_table(product: Product) -> None:
+def test_unmapped_pool_traffic_is_refused_and_stop_removes_only_our_table(product: Product) -> None:
     product.answer("cli1", "app.test")
-    # an address nobody asked for does not reach anything
+    # an address nobody asked for does not reach anything, and says so at once (a reset, not a timeout)
     udp = product.client("cli1", "udp", "100.64.1.200", "x")
     assert not udp["ok"]
+    tcp = product.client("cli1", "connect", "100.64.1.200")
+    assert tcp["errno"] == "ECONNREFUSED" and float(str(tcp["seconds"])) < 1.0, tcp
     product.topo.run_in("conn1", "nft", "add", "table", "inet", "bystander")
     assert "appconnector" in product.tables()
     assert product.stop() == 0
