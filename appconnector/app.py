@@ -25,7 +25,6 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 from appconnector import metrics
@@ -41,6 +40,7 @@ from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
+from appconnector.secretfiles import prepare_state_dir
 from appconnector.secrets_file import ensure_secret_file
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
@@ -290,7 +290,7 @@ async def serve(cfg: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    Path(cfg.cluster.state_dir).mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(cfg.cluster.state_dir)  # 0700: it holds the Raft secret and every node's pool data
     connector = Connector(cfg)
     fatal = loop.create_task(connector.fatal.wait())
     waiter = loop.create_task(stop.wait())

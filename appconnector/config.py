@@ -161,16 +161,11 @@ class Config:
         return Path(self.http.admin_token_file or Path(self.cluster.state_dir) / ADMIN_TOKEN_NAME)
 
     def read_secret(self) -> str | None:
-        """The cluster secret, or None when no secret file is configured."""
-        if not self.cluster.secret_file:
-            return None
-        try:
-            secret = Path(self.cluster.secret_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError("cluster.secret_file", self.cluster.secret_file, f"a readable file ({e})") from e
-        if not secret:
-            raise ConfigError("cluster.secret_file", self.cluster.secret_file, "a file holding a non-empty secret")
-        return secret
+        """The shared cluster secret, or None when no secret file is configured (a one-member cluster then
+        uses a secret of its own: :func:`appconnector.secretfiles.member_secret`). The file must be private."""
+        from appconnector.secretfiles import read_secret_file  # imports ConfigError from here
+
+        return read_secret_file("cluster.secret_file", self.cluster.secret_file) if self.cluster.secret_file else None
 
 
 # Tailscale's own ranges (tailscale/tailscale net/tsaddr): nodes get addresses from the CGNAT range, and

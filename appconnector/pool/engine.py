@@ -405,7 +405,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
     """pysyncobj's SyncObj with the journal guard, its own tick thread and adaptive heartbeats."""
 
     def __init__(self, self_address: str, partners: Sequence[str], consumer: PoolConsumer,
-                 paths: StatePaths, secret: str | None, tuning: RaftTuning, *, bind_address: str | None = None,
+                 paths: StatePaths, secret: str, tuning: RaftTuning, *, bind_address: str | None = None,
                  guard: bool = True,
                  dynamic_membership: bool = False,
                  on_leader_change: Callable[[], None] | None = None,
@@ -416,6 +416,10 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         ``on_fatal(reason)``: the tick kept failing for ``tuning.tick_failure_limit`` seconds. Both are
         called once, on the tick thread."""
         check_pysyncobj()
+        if not secret:
+            # Without a password pysyncobj unpickles whatever reaches its port: code execution for anyone
+            # who can connect. With one, every frame's Fernet HMAC is checked before it is unpickled.
+            raise ValueError("the Raft engine needs a secret (pysyncobj password)")
         paths.dir.mkdir(parents=True, exist_ok=True)
         _wait_port_free(bind_address or self_address, tuning.bind_wait)
         self._tuning = tuning

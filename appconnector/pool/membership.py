@@ -63,10 +63,12 @@ def _encryptor(secret: str) -> Any:
 
 
 def peer_status(address: str, secret: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
-    """pysyncobj's status of the member at ``address`` (blocking), or None when it does not answer."""
+    """pysyncobj's status of the member at ``address`` (blocking), or None when it does not answer.
+    Without a secret there is no status: the answer is a pickle, and only an authenticated one is read."""
+    if not secret:
+        return None
     utility = TcpUtility(password=None, timeout=timeout)
-    if secret is not None:
-        utility._TcpUtility__connection.encryptor = _encryptor(secret)  # pysyncobj has no setter
+    utility._TcpUtility__connection.encryptor = _encryptor(secret)  # pysyncobj has no setter
     try:
         result = utility.executeCommand(address, ["status"])
     except (UtilityException, OSError, EOFError, ValueError):

@@ -60,6 +60,7 @@ from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
 from appconnector.ratelimit import RateLimitedLog
+from appconnector.secretfiles import member_secret, prepare_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class RaftReplica:
         self._dynamic = dynamic_membership
         self._membership_state = MEMBER
         self._write_deadline = write_deadline
+        self._state_dir = cfg.cluster.state_dir
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
@@ -143,6 +145,7 @@ class RaftReplica:
         """Validate the state directory (StateError names the bad file; :class:`UntrustedState` when an
         earlier run marked it untrusted), then join the cluster."""
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(prepare_state_dir, self._state_dir)
         try:
             self._lock.acquire()
         except StateInUse as e:
@@ -157,6 +160,9 @@ class RaftReplica:
         assert self._loop is not None
         if (reason := untrusted_reason(self.paths.dir)) is not None:
             raise UntrustedState(reason)
+        # pysyncobj unpickles what reaches its port unless it has a password: a lone member without a
+        # configured secret (the demo, tailscale mode without cluster.tag) gets one of its own.
+        secret: str = self._secret if self._secret else await asyncio.to_thread(member_secret, self._state_dir)
         self.started_info = validate_state_dir(self.paths, self._restore)
         members = self.started_info.get("dump_members")
         wanted = sorted([self.self_address, *self.partners])
@@ -171,7 +177,7 @@ class RaftReplica:
         consumer = PoolConsumer(PoolState(self._prefixes), self._restore, self._on_applied, self._on_replaced)
         self._consumer = consumer
         self._engine = await asyncio.to_thread(
-            PoolSyncObj, self.self_address, self.partners, consumer, self.paths, self._secret,
+            PoolSyncObj, self.self_address, self.partners, consumer, self.paths, secret,
             self._tuning, bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
             on_leader_change=self._on_role_change, on_untrusted=self._on_untrusted,
             on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))

@@ -247,6 +247,7 @@ class ConnectorCluster(MemberGroup[ConnectorMember]):
         base.mkdir(parents=True, exist_ok=True)
         secret = base / "acfault-secret"
         secret.write_text("acfault-connector-secret\n")
+        secret.chmod(0o600)  # run refuses a secret others can read
         self.topology = topology
         if topology is not None:
             self.probe_node = topology.clients(5)[-1]

@@ -106,6 +106,7 @@ def test_a_good_config_passes(tmp_path: Path) -> None:
     path = tmp_path / "acfault-good.toml"
     secret = tmp_path / "acfault-secret"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     path.write_text(f"""[tailnet]
 mode = "standalone"
 [dns]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from pathlib import Path
 
 from appconnector.pool.membership import (
@@ -12,7 +15,9 @@ from appconnector.pool.membership import (
     judge,
     leader_status,
     members_of,
+    peer_status,
 )
+from tests.ops.raft_probe import malicious_frame
 
 ME = "100.64.0.3:6270"
 
@@ -74,3 +79,27 @@ def test_a_hand_edited_removal_time_that_is_not_a_number_is_dropped_not_a_crash(
     loaded = MembershipRecord.load(tmp_path)
     assert loaded is not None and loaded.state == REMOVED, "still removed: removal is sticky"
     assert loaded.removed_at is None and loaded.removed_by is None
+
+
+def test_a_peer_status_is_never_read_without_a_secret(tmp_path: Path) -> None:
+    """A "member" that answers the status request with a malicious pickle: without the secret the asker
+    reads nothing (before: pysyncobj's utility unpickled the answer, running the attacker's command)."""
+    marker = tmp_path / "pwned"
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.settimeout(3)
+        address = f"127.0.0.1:{srv.getsockname()[1]}"
+
+        def answer_with_a_pickle() -> None:
+            with contextlib.suppress(OSError), srv.accept()[0] as conn:
+                conn.sendall(malicious_frame(str(marker)))
+                conn.settimeout(3)
+                while conn.recv(4096):  # until the asker hangs up
+                    pass
+
+        t = threading.Thread(target=answer_with_a_pickle, daemon=True)
+        t.start()
+        assert peer_status(address, None, timeout=2.0) is None
+        t.join(5)
+    assert not marker.exists(), "the answer was unpickled"

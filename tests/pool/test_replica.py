@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.member import free_ports
+from appconnector.pool.membership import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
+from appconnector.secretfiles import MEMBER_SECRET_FILE
 
 
 class Recorder:
@@ -45,6 +48,33 @@ def test_more_than_one_member_needs_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         RaftReplica(_cfg(tmp_path), "127.0.0.1:1", ["127.0.0.1:2"], None)
     assert err.value.key == "cluster.secret_file"
+
+
+def test_a_lone_member_without_a_secret_listens_with_one_of_its_own(tmp_path: Path) -> None:
+    """No cluster.secret_file (the demo; tailscale mode without cluster.tag): the Raft port still only
+    accepts peers that prove a secret, the member's own (0600 in the state directory, kept on restart);
+    its status is read with that secret, never without one."""
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    secret_file = tmp_path / MEMBER_SECRET_FILE
+
+    async def once() -> None:
+        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        await r.start()
+        try:
+            await _leader(r)
+            assert r._engine is not None and r._engine.encryptor is not None, "pysyncobj runs with a password"
+            status = await asyncio.to_thread(peer_status, addr, secret_file.read_text().strip())
+            assert status is not None and status.get("self") is not None
+            assert await asyncio.to_thread(peer_status, addr, "not-the-secret", 1.0) is None
+            assert await asyncio.to_thread(peer_status, addr, None) is None
+        finally:
+            await r.stop()
+
+    asyncio.run(once())
+    first = secret_file.read_text()
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600 and len(first.strip()) >= 32
+    asyncio.run(once())
+    assert secret_file.read_text() == first, "the member's secret is reused across restarts"
 
 
 def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) -> None:

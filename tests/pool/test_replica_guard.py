@@ -121,7 +121,7 @@ class Follower:
         # Long election timeouts: it must not elect itself while the test plays the leader.
         tuning = RaftTuning(raft_min_timeout=60, raft_max_timeout=90, connection_timeout=90)
         self.paths = StatePaths.for_member(root, addr)
-        self.engine = PoolSyncObj(addr, [], consumer, self.paths, None, tuning, guard=guard)
+        self.engine = PoolSyncObj(addr, [], consumer, self.paths, "guard-test", tuning, guard=guard)
         self.leader = TCPNode("127.0.0.1:1")
 
     def send(self, message: dict[str, Any]) -> None:

@@ -72,7 +72,12 @@ def test_control_credentials_validation(tmp_path: Path) -> None:
     assert control_credentials(config.load(None, env={})) is None
     key = tmp_path / "key"
     key.write_text("tskey-api-xyz\n")
+    key.chmod(0o644)
     cfg = config.load(None, env={"APPCONNECTOR_TAILNET_API_KEY_FILE": str(key)})
+    with pytest.raises(ConfigError, match="chmod 600") as ei:  # a key others can read has leaked
+        control_credentials(cfg)
+    assert ei.value.key == "tailnet.api_key_file"
+    key.chmod(0o600)
     assert control_credentials(cfg) == {"api_key": "tskey-api-xyz"}
     cfg = config.load(None, env={"APPCONNECTOR_TAILNET_OAUTH_CLIENT_ID": "k123"})
     with pytest.raises(ConfigError) as ei:

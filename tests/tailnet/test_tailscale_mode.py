@@ -108,6 +108,7 @@ class _Fleet:
         self.tmp = tmp_path
         self.secret = tmp_path / "secret"
         self.secret.write_text("e2e-shared-secret\n")
+        self.secret.chmod(0o600)
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.standins: dict[str, subprocess.Popen[str]] = {}
         self.socks: dict[str, str] = {}
