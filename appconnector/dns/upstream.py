@@ -6,6 +6,12 @@ result is a failure (the service answers SERVFAIL). Positive answers are cached 
 NXDOMAIN/NODATA by the SOA minimum (RFC 2308), failures for a second so a dead upstream is not
 hammered. Concurrent lookups of one (name, type) share one query. Messages are built and read by
 ``wire`` (fuzzed with the rest of it).
+
+Against off-path spoofing (RFC 5452) every UDP query has a transaction ID from ``secrets`` and a socket
+of its own, connected to the resolver: a fresh random ephemeral source port per query, and the kernel
+delivers to it only datagrams from that resolver's address and port. A spoofer must guess the port and
+the ID together (~2^31 tries per query here, Linux's ephemeral range × 2^16); datagrams with another ID,
+or that are not responses, are ignored (counted in ``appconnector_dns_upstream_ignored``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import random
+import secrets
+import select
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -22,7 +30,7 @@ from pathlib import Path
 
 from appconnector.dns import wire
 from appconnector.dns.policy import Resolution
-from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE
+from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE, DNS_UPSTREAM_IGNORED
 from appconnector.tailnet.loops import resolv_conf_nameservers
 
 log = logging.getLogger(__name__)
@@ -35,7 +43,8 @@ MAX_CACHE_ENTRIES = 200_000
 MAX_CNAME_CHAIN = 16
 _CACHE_HIT = DNS_UPSTREAM_CACHE.labels("hit")
 _CACHE_MISS = DNS_UPSTREAM_CACHE.labels("miss")
-CHANNEL_QUERIES = 1000         # queries per upstream UDP socket before a fresh one (new source port)
+IGNORED_LOG_INTERVAL = 60.0    # seconds between log lines about ignored (possibly spoofed) answers
+_QR = 0x80                     # first flags byte: this is a response
 
 
 def system_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
@@ -54,38 +63,6 @@ def system_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     return servers
 
 
-class _UdpChannel(asyncio.DatagramProtocol):
-    """A UDP socket connected to one resolver, shared by concurrent queries (matched by ID): a socket
-    per query cost more than the rest of a new name. Replaced after ``CHANNEL_QUERIES`` queries so the
-    source port keeps changing (an off-path spoofer must guess port and ID)."""
-
-    def __init__(self) -> None:
-        self.pending: dict[int, asyncio.Future[bytes]] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-        self.used = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if len(data) >= 12:
-            fut = self.pending.pop(int.from_bytes(data[:2], "big"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: every query here fails fast
-        self._fail(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(exc or ConnectionError("upstream socket closed"))
-
-    def _fail(self, exc: Exception) -> None:
-        pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
-
-
 class UpstreamResolver:
     """Looks names up through ``servers`` (``[(ip, port)]``); empty means /etc/resolv.conf."""
 
@@ -96,8 +73,10 @@ class UpstreamResolver:
         self._clock = clock
         self._cache: dict[tuple[str, int], tuple[float, Resolution]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[Resolution]] = {}
-        self._channels: dict[tuple[str, int], _UdpChannel] = {}
-        self._opening: dict[tuple[str, int], asyncio.Future[_UdpChannel]] = {}
+        self._waiting: dict[int, tuple[socket.socket, int, asyncio.Future[bytes]]] = {}  # fd → UDP query
+        self._epoll: select.epoll | None = None
+        self._epoll_loop: asyncio.AbstractEventLoop | None = None
+        self._ignored_logged = -IGNORED_LOG_INTERVAL
         self._closed = False
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
@@ -169,57 +148,84 @@ class UpstreamResolver:
         return Resolution("failure", detail="; ".join(problems))
 
     async def _ask(self, server: tuple[str, int], domain: str, qtype: int) -> Resolution:
-        channel = await self._channel(server)
-        ident = random.getrandbits(16)
-        while ident in channel.pending:
-            ident = random.getrandbits(16)
+        ident = secrets.randbelow(1 << 16)
         packet = wire.build_query(ident, domain, qtype)
-        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        channel.pending[ident] = done
-        try:
-            assert channel.transport is not None
-            channel.transport.sendto(packet)
-            reply = wire.parse_response(await done)
-        finally:
-            if channel.pending.get(ident) is done:
-                del channel.pending[ident]
+        reply = wire.parse_response(await self._udp(server, packet, ident))
         if reply.truncated:
             reply = wire.parse_response(await self._tcp(server, packet))
         return interpret(reply, ident, domain, qtype)
 
-    async def _channel(self, server: tuple[str, int]) -> _UdpChannel:
+    async def _udp(self, server: tuple[str, int], packet: bytes, ident: int) -> bytes:
+        """Send ``packet`` from a socket of its own and wait for the response carrying ``ident``."""
         if self._closed:  # a late caller (the leader's target refresh stops after DNS) must not open a socket
             raise OSError("resolver closed")
-        channel = self._channels.get(server)
-        if channel is None or channel.transport is None or channel.transport.is_closing() \
-                or channel.used >= CHANNEL_QUERIES:
-            opening = self._opening.get(server)
-            if opening is None:  # one new socket however many queries arrive while it opens
-                opening = self._opening[server] = asyncio.ensure_future(self._open(server))
-            channel = await asyncio.shield(opening)
-        channel.used += 1
-        return channel
-
-    async def _open(self, server: tuple[str, int]) -> _UdpChannel:
-        loop = asyncio.get_running_loop()
+        poller = self._poller()
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        fd = sock.fileno()
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[fd] = (sock, ident, done)
         try:
-            _, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=server)
+            sock.connect(server)  # binds a random ephemeral port; other sources never reach this socket
+            sock.send(packet)
+            poller.register(fd, select.EPOLLIN)
+            return await done
         finally:
-            del self._opening[server]
-        old = self._channels.get(server)
-        if old is not None and old.transport is not None:
-            # retire the old socket once answers still in flight have had their time
-            loop.call_later(self.timeout + 0.5, old.transport.close)
-        self._channels[server] = channel
-        return channel
+            del self._waiting[fd]
+            sock.close()  # also leaves the epoll set
+
+    def _poller(self) -> select.epoll:
+        """One epoll set of our own for the query sockets, watched by the loop: registering each short-lived
+        socket with the loop itself cost more than the rest of the query."""
+        loop = asyncio.get_running_loop()
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        if self._epoll_loop is not loop:  # a new loop (tests run several): watch the set from this one
+            loop.add_reader(self._epoll.fileno(), self._wake)
+            self._epoll_loop = loop
+        return self._epoll
+
+    def _wake(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            entry = self._waiting.get(fd)
+            if entry is not None:
+                self._readable(*entry)
+
+    def _readable(self, sock: socket.socket, ident: int, done: asyncio.Future[bytes]) -> None:
+        while not done.done():
+            try:
+                data = sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ICMP port unreachable and the like: this resolver fails fast
+                done.set_exception(e)
+                return
+            if len(data) >= 12 and int.from_bytes(data[:2], "big") == ident and data[2] & _QR:
+                done.set_result(data)
+                return
+            self._ignored(len(data) >= 12 and data[2] & _QR)
+
+    def _ignored(self, response: int | bool) -> None:
+        DNS_UPSTREAM_IGNORED.inc()
+        now = time.monotonic()
+        if now - self._ignored_logged >= IGNORED_LOG_INTERVAL:
+            self._ignored_logged = now
+            log.warning("upstream DNS: ignored an answer that does not match its query (%s); a steady count "
+                        "in appconnector_dns_upstream_ignored may be a spoofing attempt",
+                        "wrong transaction ID" if response else "not a DNS response")
 
     def close(self) -> None:
-        """Close the shared sockets (the service calls this on stop); later lookups fail without asking."""
+        """Fail the queries in flight (their sockets close as they end); later lookups fail without asking."""
         self._closed = True
-        for channel in self._channels.values():
-            if channel.transport is not None:
-                channel.transport.close()
-        self._channels.clear()
+        for _, _, done in self._waiting.values():
+            if not done.done():
+                done.set_exception(OSError("resolver closed"))
+        if self._epoll is not None:
+            if self._epoll_loop is not None and not self._epoll_loop.is_closed():
+                self._epoll_loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll, self._epoll_loop = None, None
 
     async def _tcp(self, server: tuple[str, int], packet: bytes) -> bytes:
         reader, writer = await asyncio.open_connection(server[0], server[1])

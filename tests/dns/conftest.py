@@ -154,6 +154,8 @@ class StubUpstream:
         self.https_rdata: bytes | None = None
         self.queries = 0
         self.tcp_queries = 0
+        self.sources: list[tuple[str, int]] = []  # (address, port) each UDP query came from
+        self.idents: list[int] = []  # each UDP query's transaction ID
         self.port = free_port()
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._udp.bind(("127.0.0.1", self.port))
@@ -194,6 +196,8 @@ class StubUpstream:
             except OSError:
                 return
             self.queries += 1
+            self.sources.append(addr)
+            self.idents.append(int.from_bytes(data[:2], "big"))
             with contextlib.suppress(Exception):
                 out = self._reply(data, tcp=False)
                 if out is not None:
