@@ -5,7 +5,7 @@
   a secret that has leaked cannot be trusted, so ``run`` and ``check-config`` exit 2 naming the key.
 * :func:`member_secret` is a member's own Raft secret when no ``cluster.secret_file`` is configured:
   pysyncobj unpickles what arrives on the Raft port, so it always runs with a password, and a one-member
-  cluster gets a random one (``<state_dir>/raft-secret``, 0600, created atomically, reused on restart).
+  cluster gets a random one (``<state_dir>/member-secret``, 0600, created atomically, reused on restart).
 * :func:`prepare_state_dir` creates ``cluster.state_dir`` 0700, tightens an existing directory of ours
   that group or others may enter (with a warning), and refuses a shared one (sticky bit, e.g. ``/tmp``).
 """
@@ -23,7 +23,7 @@ from appconnector.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-MEMBER_SECRET_FILE = "raft-secret"
+MEMBER_SECRET_FILE = "member-secret"
 _OTHERS = 0o077  # group and other permission bits
 
 
