@@ -125,8 +125,10 @@ class _Fleet:
         out = self.standins[sid].stdout
         assert out is not None and "listening" in out.readline()
 
-    def start(self, sid: str) -> None:
+    def start(self, sid: str, clustered: bool = True) -> None:
+        """``clustered=False``: no cluster.tag and no secret file (a single connector)."""
         ip = self.ips[sid]
+        cluster = f'tag = "{TAG}"\nsecret_file = "{self.secret}"\n' if clustered else ""
         cfg = self.tmp / f"{sid}.toml"
         cfg.write_text(f"""
 [tailnet]
@@ -138,9 +140,7 @@ upstream = ["192.0.2.1:53"]
 verify_upstream = false
 [cluster]
 state_dir = "{self.tmp / sid}"
-tag = "{TAG}"
-secret_file = "{self.secret}"
-[nat]
+{cluster}[nat]
 enabled = false
 [http]
 listen = "{ip}:8893"
@@ -319,3 +319,23 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
     finally:
         codes = fleet.stop()
     assert set(codes.values()) == {0}, {sid: fleet.log(sid)[-2000:] for sid in codes}
+
+
+@pytest.mark.root
+def test_a_connector_without_cluster_tag_does_not_run_a_pickle_sent_to_its_raft_port(netns: str,
+                                                                                      tmp_path: Path) -> None:
+    """Issue 9.1: tailscale mode without cluster.tag listens on the tailnet address (here 127.0.0.1), which
+    Tailscale's default policy lets every node reach; before, its pysyncobj had no password."""
+    fleet = _Fleet(tmp_path)
+    marker = tmp_path / "pwned"
+    try:
+        fleet.standin("nConnA", "127.0.0.1", {"nConnA": "127.0.0.1"})
+        fleet.start("nConnA", clustered=False)
+        _wait(lambda: fleet.ready("nConnA"), 90, "the connector to be ready")
+        res = _in_ns(sys.executable, "-m", "tests.ops.raft_probe", "attack", "127.0.0.1:6270", str(marker))
+        assert res.stdout.strip() == "closed", res.stdout + res.stderr
+        assert not marker.exists(), "the pickle sent to the Raft port ran a shell command"
+        assert _query("127.0.0.1", 5353).startswith("100.64.1."), "the connector still answers"
+    finally:
+        codes = fleet.stop()
+    assert codes == {"nConnA": 0}, fleet.log("nConnA")[-2000:]
