@@ -12,8 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,9 @@ from appconnector.config import DEFAULT_RAFT_PORT
 from appconnector.secretfiles import MEMBER_SECRET_FILE
 from tests.ops.helpers import REPO, free_port
 from tests.ops.raft_probe import attack, dns_query
-from tests.ops.test_run import standalone_config
+from tests.ops.test_run import _wait, standalone_config
 
 DEMO_DNS = ("127.0.0.1", 5353)  # the demo's defaults (DESIGN.md §7)
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _env() -> dict[str, str]:

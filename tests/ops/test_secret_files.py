@@ -13,27 +13,7 @@ import pytest
 from appconnector.config import ConfigError
 from appconnector.secretfiles import MEMBER_SECRET_FILE, member_secret, prepare_state_dir, read_secret_file
 from tests.ops.helpers import cli, free_port
-
-
-def _cluster_config(tmp_path: Path, secret: Path) -> Path:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-[tailnet]
-mode = "standalone"
-[dns]
-listen = ["127.0.0.1:{free_port()}"]
-verify_upstream = false
-[cluster]
-state_dir = "{tmp_path / 'state'}"
-self = "127.0.0.1:{free_port()}"
-peers = ["127.0.0.1:{free_port()}"]
-secret_file = "{secret}"
-[nat]
-enabled = false
-[http]
-listen = "127.0.0.1:{free_port()}"
-""")
-    return cfg
+from tests.ops.test_run import standalone_config
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
@@ -41,14 +21,15 @@ def test_a_secret_file_others_can_read_is_refused_by_run_and_check_config(tmp_pa
     secret = tmp_path / "secret"
     secret.write_text("shared-secret\n")
     secret.chmod(mode)
-    cfg = _cluster_config(tmp_path, secret)
-    check = cli("check-config", "--config", str(cfg))
+    cfg = standalone_config(tmp_path, free_port(), free_port(), free_port())
+    env = {"APPCONNECTOR_CLUSTER_PEERS": f"127.0.0.1:{free_port()}", "APPCONNECTOR_CLUSTER_SECRET_FILE": str(secret)}
+    check = cli("check-config", "--config", str(cfg), env=env)
     assert check.returncode == 2 and "cluster.secret_file" in check.stderr and "chmod 600" in check.stderr
-    run = cli("run", "--config", str(cfg), timeout=60)
+    run = cli("run", "--config", str(cfg), env=env, timeout=60)
     assert run.returncode == 2 and "cluster.secret_file" in run.stderr
     assert not (tmp_path / "state").exists(), "nothing started"
     secret.chmod(0o600)
-    assert cli("check-config", "--config", str(cfg)).returncode == 0
+    assert cli("check-config", "--config", str(cfg), env=env).returncode == 0
 
 
 def test_read_secret_file_names_the_key(tmp_path: Path) -> None:
