@@ -30,10 +30,12 @@ from pathlib import Path
 
 from appconnector.dns import wire
 from appconnector.dns.policy import Resolution
+from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE, DNS_UPSTREAM_IGNORED
 from appconnector.tailnet.loops import resolv_conf_nameservers
 
 log = logging.getLogger(__name__)
+_ignored_log = RateLimitedLog(log, interval=60.0)  # answers that match no query: possibly spoofing
 
 DEFAULT_TIMEOUT = 2.0          # per resolver
 FAILURE_CACHE_SECONDS = 1.0
@@ -43,7 +45,6 @@ MAX_CACHE_ENTRIES = 200_000
 MAX_CNAME_CHAIN = 16
 _CACHE_HIT = DNS_UPSTREAM_CACHE.labels("hit")
 _CACHE_MISS = DNS_UPSTREAM_CACHE.labels("miss")
-IGNORED_LOG_INTERVAL = 60.0    # seconds between log lines about ignored (possibly spoofed) answers
 _QR = 0x80                     # first flags byte: this is a response
 
 
@@ -76,7 +77,6 @@ class UpstreamResolver:
         self._waiting: dict[int, tuple[socket.socket, int, asyncio.Future[bytes]]] = {}  # fd → UDP query
         self._epoll: select.epoll | None = None
         self._epoll_loop: asyncio.AbstractEventLoop | None = None
-        self._ignored_logged = -IGNORED_LOG_INTERVAL
         self._closed = False
 
     async def resolve(self, domain: str, qtype: int) -> Resolution:
@@ -208,12 +208,9 @@ class UpstreamResolver:
 
     def _ignored(self, response: int | bool) -> None:
         DNS_UPSTREAM_IGNORED.inc()
-        now = time.monotonic()
-        if now - self._ignored_logged >= IGNORED_LOG_INTERVAL:
-            self._ignored_logged = now
-            log.warning("upstream DNS: ignored an answer that does not match its query (%s); a steady count "
-                        "in appconnector_dns_upstream_ignored may be a spoofing attempt",
-                        "wrong transaction ID" if response else "not a DNS response")
+        _ignored_log.warning("ignored", "upstream DNS: ignored an answer that does not match its query (%s); a "
+                             "steady count in appconnector_dns_upstream_ignored may be a spoofing attempt",
+                             "wrong transaction ID" if response else "not a DNS response")
 
     def close(self) -> None:
         """Fail the queries in flight (their sockets close as they end); later lookups fail without asking."""
