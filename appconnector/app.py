@@ -40,8 +40,7 @@ from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
-from appconnector.secretfiles import prepare_state_dir
-from appconnector.secrets_file import ensure_secret_file
+from appconnector.secrets_file import ensure_secret_file, prepare_state_dir
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
 from appconnector.tailnet.localapi import LocalAPIError

@@ -161,11 +161,13 @@ class Config:
         return Path(self.http.admin_token_file or Path(self.cluster.state_dir) / ADMIN_TOKEN_NAME)
 
     def read_secret(self) -> str | None:
-        """The shared cluster secret, or None when no secret file is configured (a one-member cluster then
-        uses a secret of its own: :func:`appconnector.secretfiles.member_secret`). The file must be private."""
-        from appconnector.secretfiles import read_secret_file  # imports ConfigError from here
+        """The shared cluster secret, or None when no secret file is configured (a lone member then uses one
+        of its own, ``secrets_file.MEMBER_SECRET_FILE``). The file must be private."""
+        from appconnector.secrets_file import read_secret_file  # it imports ConfigError from here
 
-        return read_secret_file("cluster.secret_file", self.cluster.secret_file) if self.cluster.secret_file else None
+        if not self.cluster.secret_file:
+            return None
+        return read_secret_file("cluster.secret_file", Path(self.cluster.secret_file))
 
 
 # Tailscale's own ranges (tailscale/tailscale net/tsaddr): nodes get addresses from the CGNAT range, and

@@ -1,4 +1,5 @@
 """Secret files: read one only when no one but its owner can read it; create one 0600, atomically, once.
+And the state directory that holds them (and every node's pool data): private, 0700.
 
 Errors are :class:`ConfigError` naming the config key that points at the file, so ``run`` exits 2
 (bad config) and ``check-config`` says which key and what to do.
@@ -7,6 +8,7 @@ Errors are :class:`ConfigError` naming the config key that points at the file, s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import stat
@@ -14,6 +16,10 @@ from pathlib import Path
 
 from appconnector.config import ConfigError
 
+log = logging.getLogger(__name__)
+
+MEMBER_SECRET_FILE = "member-secret"
+"""A lone member's own Raft secret in ``cluster.state_dir`` when ``cluster.secret_file`` is empty."""
 TOKEN_BYTES = 32  # 256 bits, URL-safe base64: fits an Authorization header as is
 
 
@@ -76,3 +82,27 @@ def ensure_secret_file(key: str, path: Path) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return read_secret_file(key, path)
+
+
+def prepare_state_dir(path: str | Path) -> None:
+    """Create ``cluster.state_dir`` private (0700), or make an existing one of ours private (logged).
+    ConfigError when it is not a directory, or is shared (sticky bit, e.g. /tmp, or another owner's)."""
+    p = Path(path)
+    try:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = p.stat()
+    except OSError as e:
+        raise ConfigError("cluster.state_dir", str(path), f"a directory this process can create ({e.strerror})") \
+            from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError("cluster.state_dir", str(path), "a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return
+    if mode & stat.S_ISVTX or st.st_uid != os.geteuid():
+        raise ConfigError("cluster.state_dir", str(path),
+                          f"a directory of this connector's own (this one is shared: mode {mode:04o}, owner uid "
+                          f"{st.st_uid}); it holds the secrets and every node's pool data")
+    os.chmod(p, mode & ~0o077)
+    log.warning("cluster.state_dir %s was open to group/others (mode %04o): made it %04o (it holds the secrets "
+                "and every node's pool data)", path, mode, mode & ~0o077)

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appconnector import metrics
@@ -60,7 +61,7 @@ from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
 from appconnector.ratelimit import RateLimitedLog
-from appconnector.secretfiles import member_secret, prepare_state_dir
+from appconnector.secrets_file import MEMBER_SECRET_FILE, ensure_secret_file, prepare_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,11 @@ class RaftReplica:
             raise UntrustedState(reason)
         # pysyncobj unpickles what reaches its port unless it has a password: a lone member without a
         # configured secret (the demo, tailscale mode without cluster.tag) gets one of its own.
-        secret: str = self._secret if self._secret else await asyncio.to_thread(member_secret, self._state_dir)
+        secret = self._secret
+        if not secret:
+            own = Path(self._state_dir) / MEMBER_SECRET_FILE
+            secret = await asyncio.to_thread(ensure_secret_file, "cluster.state_dir", own)
+            log.info("raft: no cluster.secret_file: the Raft port takes only this member's own secret (%s)", own)
         self.started_info = validate_state_dir(self.paths, self._restore)
         members = self.started_info.get("dump_members")
         wanted = sorted([self.self_address, *self.partners])

@@ -18,10 +18,11 @@ import importlib.util
 import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from appconnector.config import Config, ConfigError
-from appconnector.secretfiles import read_secret_file
+from appconnector.secrets_file import read_secret_file
 from appconnector.tailnet.localapi import LocalAPIClient
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,13 @@ def control_credentials(cfg: Config) -> dict[str, str] | None:
         raise ConfigError("tailnet.oauth_client_id", t.oauth_client_id,
                           "empty when tailnet.api_key_file is set (use one kind of credential)")
     if t.api_key_file:
-        return {"api_key": read_secret_file("tailnet.api_key_file", t.api_key_file)}
+        return {"api_key": read_secret_file("tailnet.api_key_file", Path(t.api_key_file))}
     if t.oauth_client_id or t.oauth_secret_file:
         if not (t.oauth_client_id and t.oauth_secret_file):
             key = "tailnet.oauth_secret_file" if t.oauth_client_id else "tailnet.oauth_client_id"
             raise ConfigError(key, "", "set together with its partner (oauth_client_id + oauth_secret_file)")
         return {"oauth_client_id": t.oauth_client_id,
-                "oauth_client_secret": read_secret_file("tailnet.oauth_secret_file", t.oauth_secret_file)}
+                "oauth_client_secret": read_secret_file("tailnet.oauth_secret_file", Path(t.oauth_secret_file))}
     return None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from appconnector.config import DEFAULT_RAFT_PORT
-from appconnector.secretfiles import MEMBER_SECRET_FILE
+from appconnector.secrets_file import MEMBER_SECRET_FILE
 from tests.ops.helpers import REPO, free_port
 from tests.ops.raft_probe import attack, dns_query
 from tests.ops.test_run import _wait, standalone_config

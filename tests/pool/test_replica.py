@@ -17,7 +17,7 @@ from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.member import free_ports
 from appconnector.pool.membership import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
-from appconnector.secretfiles import MEMBER_SECRET_FILE
+from appconnector.secrets_file import MEMBER_SECRET_FILE
 
 
 class Recorder:

@@ -147,6 +147,7 @@ def test_the_product_runs_without_the_tailscale_package(tmp_path: Path) -> None:
 def test_a_credential_without_the_tailscale_package_is_a_config_error(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("tskey-api-xyz\n")
+    key.chmod(0o600)  # a key others can read is refused before anything else
     code = _WITHOUT_TAILSCALE + "from appconnector.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
     env.update(APPCONNECTOR_TAILNET_API_KEY_FILE=str(key), APPCONNECTOR_DNS_UPSTREAM="192.0.2.53:53")

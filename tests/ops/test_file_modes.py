@@ -1,9 +1,9 @@
-"""Secret files and the state directory (issue 9.3): a secret others can read is refused (exit 2, the key
-named), the state directory is private (0700) whoever creates it, a member's own secret is created once."""
+"""Secret files and the state directory (issue 9.3): a secret others can read is refused by ``run`` and
+``check-config`` (exit 2, the key named); the state directory is private (0700) whoever creates it.
+The helpers' own cases (creation once, races, every mode) are in tests/config/test_secrets_file.py."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import stat
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appconnector.config import ConfigError
-from appconnector.secretfiles import MEMBER_SECRET_FILE, member_secret, prepare_state_dir, read_secret_file
+from appconnector.secrets_file import prepare_state_dir
 from tests.ops.helpers import cli, free_port
 from tests.ops.test_run import standalone_config
 
@@ -30,17 +30,6 @@ def test_a_secret_file_others_can_read_is_refused_by_run_and_check_config(tmp_pa
     assert not (tmp_path / "state").exists(), "nothing started"
     secret.chmod(0o600)
     assert cli("check-config", "--config", str(cfg), env=env).returncode == 0
-
-
-def test_read_secret_file_names_the_key(tmp_path: Path) -> None:
-    f = tmp_path / "k"
-    f.write_text("  \n")
-    f.chmod(0o600)
-    with pytest.raises(ConfigError, match="non-empty") as ei:
-        read_secret_file("tailnet.oauth_secret_file", f)
-    assert ei.value.key == "tailnet.oauth_secret_file"
-    f.write_text("tok\n")
-    assert read_secret_file("tailnet.oauth_secret_file", f) == "tok"
 
 
 def test_the_state_directory_is_created_private_and_an_open_one_is_tightened(tmp_path: Path) -> None:
@@ -70,28 +59,4 @@ def test_a_shared_state_directory_is_refused(tmp_path: Path) -> None:
     a_file.write_text("")
     with pytest.raises(ConfigError) as ei:
         prepare_state_dir(a_file)
-    assert ei.value.key == "cluster.state_dir"
-
-
-def _member_secret(state_dir: str) -> str:
-    return member_secret(state_dir)
-
-
-def test_members_starting_together_agree_on_one_secret(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    prepare_state_dir(state)
-    with multiprocessing.get_context("spawn").Pool(6) as pool:
-        secrets = pool.map(_member_secret, [str(state)] * 12)
-    assert len(set(secrets)) == 1 and len(secrets[0]) >= 32
-    assert sorted(p.name for p in state.iterdir()) == [MEMBER_SECRET_FILE], "no temporary file is left"
-    assert stat.S_IMODE((state / MEMBER_SECRET_FILE).stat().st_mode) == 0o600
-    assert member_secret(state) == secrets[0]
-
-
-def test_a_member_secret_others_can_read_is_refused(tmp_path: Path) -> None:
-    prepare_state_dir(tmp_path / "s")
-    member_secret(tmp_path / "s")
-    (tmp_path / "s" / MEMBER_SECRET_FILE).chmod(0o644)
-    with pytest.raises(ConfigError, match="chmod 600") as ei:
-        member_secret(tmp_path / "s")
     assert ei.value.key == "cluster.state_dir"
