@@ -25,6 +25,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from appconnector import metrics

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from appconnector.dns import wire
 from appconnector.dns.policy import Resolution
-from appconnector.dns.ratelimit import RateLimitedLog
 from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE, DNS_UPSTREAM_IGNORED
+from appconnector.ratelimit import RateLimitedLog
 from appconnector.tailnet.loops import resolv_conf_nameservers
 
 log = logging.getLogger(__name__)
