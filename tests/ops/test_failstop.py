@@ -61,6 +61,7 @@ def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 def members(tmp_path: Path) -> Iterator[Callable[..., ConnectorMember]]:
     secret = tmp_path / "secret"
     secret.write_text("failstop-secret\n")
+    secret.chmod(0o600)  # run refuses a secret others can read
     made: list[ConnectorMember] = []
     admin_ports: dict[str, int] = {}
 
@@ -201,6 +202,7 @@ def test_a_member_that_receives_a_corrupt_snapshot_exits_3_and_serves_nothing_un
     ra, rb, rc, dns_port, http_port = free_ports(5)
     secret = tmp_path / "secret"
     secret.write_text("failstop-secret\n")
+    secret.chmod(0o600)  # run refuses a secret others can read
     leaders = []
     for me, partners in ((ra, [rb, rc]), (rb, [ra, rc])):
         leaders.append(MemberProcess(_addr(me), [_addr(p) for p in partners], tmp_path / f"m{me}",
