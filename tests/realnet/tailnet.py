@@ -408,6 +408,7 @@ class Tailnet:
         base.mkdir(parents=True, exist_ok=True)
         self.secret = base / "cluster-secret"
         self.secret.write_text(SECRET + "\n")
+        self.secret.chmod(0o600)  # run refuses a secret file others can read
         self.nodes: dict[str, Node] = {}
         self.procs: list[Proc] = []
         self.upstream: Upstream | None = None
