@@ -7,14 +7,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.ops.helpers import REPO, free_port, http, wait_until
+from tests.ops.helpers import REPO, free_port, http, stop_group, wait_until
 from tests.ops.test_run import standalone_config
 
 ALERTS = REPO / "docs" / "prometheus" / "alerts.yml"
@@ -120,9 +119,4 @@ def test_every_metric_the_rules_and_dashboard_name_is_exported_by_a_running_conn
         missing = sorted(named - exported)
         assert not missing, f"named by the rules or the dashboard but not exported: {missing}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)

@@ -8,7 +8,6 @@ config without ``cluster.secret_file``. Before the fix pysyncobj listened withou
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from appconnector.config import DEFAULT_RAFT_PORT
 from appconnector.secrets_file import MEMBER_SECRET_FILE
-from tests.ops.helpers import REPO, free_port
+from tests.ops.helpers import REPO, free_port, stop_group
 from tests.ops.raft_probe import attack, dns_query
 from tests.ops.test_run import _wait, standalone_config
 
@@ -31,13 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_group(proc)
     return proc.communicate()[1][-3000:]
 
 
