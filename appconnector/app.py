@@ -123,6 +123,7 @@ class Connector:
                               resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None)
         await self.nat.start()
         self._started.append(self.nat)
+        self.dns.nat_ready = self.nat.ready  # NAT's worker installs elements after the apply returns
 
         await self.dns.start()
         self._started.append(self.dns)

@@ -86,6 +86,11 @@ NAT_UNMAPPED_REJECTS = Gauge("appconnector_nat_unmapped_rejects", "Packets to po
                              "answered with a TCP reset or ICMP admin-prohibited", registry=REGISTRY)
 NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping, "
                            "dropped silently (over the reject rate limit)", registry=REGISTRY)
+NAT_PENDING = Gauge("appconnector_nat_pending", "Steer-map keys recorded and not yet handed to the kernel "
+                    "(0 while a full rebuild is pending: that is one transaction)", registry=REGISTRY)
+NAT_WORKER_ERRORS = Counter("appconnector_nat_worker_errors", "NAT worker rounds that failed, by kind "
+                            "(nftables: a rebuild refused; internal: a bug); each is retried with backoff",
+                            ["kind"], registry=REGISTRY)
 NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
 NAT_CONFIGURED = Gauge("appconnector_nat_configured", "1 when nat.enabled asks for the kernel dataplane",
                        registry=REGISTRY)

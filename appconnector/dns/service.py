@@ -7,8 +7,7 @@
 
 ``nat_ready(node, address)``, when given, is awaited after a new checkout and before the answer goes
 out, for a NAT layer that installs mappings asynchronously (the first packet must find its steer
-element). The replica already calls observers before ``checkout`` returns, so an in-process NAT
-mirror needs none.
+element): the connector passes ``NatService.ready``.
 """
 
 from __future__ import annotations

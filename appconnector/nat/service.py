@@ -2,8 +2,15 @@
 
 ``NatService`` is a :class:`appconnector.pool.api.PoolObserver`. Every replica runs one, so every
 member's kernel holds every mapping and a standby steers from the first packet after it takes over.
-``on_changes`` installs the change synchronously (one nftables transaction) on the apply path, so a
-connector that answers DNS has the mapping in its kernel before the answer leaves.
+
+nftables work never runs where it could stall something else: ``on_changes`` runs on the Raft apply
+thread (pysyncobj's tick thread: a second spent there costs the leader its term), so it only updates
+the pure model and records the kernel delta; ONE worker thread applies what was recorded, coalescing
+every change that arrived meanwhile into one transaction and rebuilding the whole table when a delta
+is refused, when a snapshot replaced the state, or when the backlog grew past ``PENDING_LIMIT`` keys.
+Nothing on the event loop waits for it: ``ready(node, address)`` (DNS awaits it after a new checkout,
+so the answer leaves after the element is in the kernel) is an asyncio wait, and ``status()`` reads
+published values.
 
 When the kernel part cannot run (``nat.enabled = false``, no CAP_NET_ADMIN, no libnftables,
 forwarding off, or nftables refusing our table) the service says why in ONE log line, sets
@@ -25,13 +32,18 @@ from appconnector.config import Config
 from appconnector.nat import links, seen
 from appconnector.nat.nftables import Nftables, NftError
 from appconnector.nat.reconcile import Reconciler
-from appconnector.nat.render import Delta, Key, SteerModel, TableSpec, ip_text
+from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
 from appconnector.nat.targets import Resolver, TargetRefresher
 from appconnector.pool.api import Address, Changes, PoolReader, Replica
 from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
 
 log = logging.getLogger(__name__)
+
+PENDING_LIMIT = 50_000
+"""Kernel keys recorded for the worker; a longer backlog becomes one full rebuild instead of growing."""
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+"""Backoff between failed worker rounds (seconds): first retry, then doubling up to the maximum."""
 
 
 class NatService:
@@ -62,10 +74,24 @@ class NatService:
         self.touches_queued = 0
         self._pool = seen.PoolRanges(cfg.pool.prefixes)
         self._model = SteerModel()
-        self._lock = threading.RLock()      # model + kernel: apply thread, event loop, workers
+        # The model and what is pending for the kernel: taken by the apply thread, the event loop and
+        # the worker, always briefly (never across an nftables call).
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending = PendingDelta(PENDING_LIMIT)
+        self._recorded = 0                  # changes recorded for the kernel (a sequence number)
+        self._installed = 0                 # ... of which the kernel holds all up to this one
+        self._rounds = 0                    # worker rounds finished (ok or not)
+        self._busy = ""                     # what the worker is doing now: "", "delta", "rebuild"
+        self._failures = 0                  # worker rounds failed in a row (the backoff; logs say each)
+        self._retry_at = 0.0                # monotonic time before which a failed round is not retried
+        self._built = False                 # the table was built once (a later failure is not "unsupported")
+        self._worker: threading.Thread | None = None
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reconciler: Reconciler | None = None
         self._nft: Nftables | None = None
-        self._out_of_sync = False           # a change failed to reach the kernel: rebuild next round
+        self._out_of_sync = False           # the kernel may differ from the model: the worker rebuilds
         self._stopped = False
         self._dns_route: str | None = None
         # pyroute2's sync API cannot run on a thread with a running event loop: one worker does all
@@ -76,7 +102,9 @@ class NatService:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Build the table from the pool (the worker does; this waits for its first round without
+        blocking the loop), then start reading the seen set."""
+        loop = self._loop = asyncio.get_running_loop()
         reason = self._unavailable()
         if reason is None:
             try:
@@ -86,12 +114,17 @@ class NatService:
                 self.reason = "kernel steering on"
             except NftError as e:
                 reason = str(e)
+        if self.enabled:
+            self._worker = threading.Thread(target=self._work, name="nat-kernel", daemon=True)
+            self._worker.start()
         if self.directory is not None:
             self.directory.subscribe(self._on_nodes)
             self._model.set_node_ips({n: i.ipv4 for n, i in self.directory.nodes().items()})
-        self.replica.add_observer(self)  # on_reset at once: builds the table from the pool
+        self.replica.add_observer(self)  # on_reset at once: the worker builds the table from the pool
         if reason is not None:
             self._disable(reason)
+        else:
+            await self._wait(lambda: self._rounds > 0 or not self._kernel_ready())
         if links.has_net_admin():
             await self._add_dns_route(loop)
         if self.enabled:
@@ -113,14 +146,18 @@ class NatService:
             await self._refresher.stop()
         with self._lock:
             self._stopped = True
-            if self._reconciler is not None:
-                try:
-                    self._reconciler.remove()
-                except NftError as e:
-                    log.warning("nat: could not remove table inet appconnector: %s", e)
-            if self._nft is not None:
-                self._nft.close()
-            self.enabled = False
+            self._wake.notify_all()
+        if self._worker is not None:  # it finishes the round it is in (a rebuild may take seconds)
+            await asyncio.to_thread(self._worker.join)
+        if self._reconciler is not None:
+            try:
+                await asyncio.to_thread(self._reconciler.remove)
+            except NftError as e:
+                log.warning("nat: could not remove table inet appconnector: %s", e)
+        if self._nft is not None:
+            self._nft.close()
+        self.enabled = False
+        self._wake_waiters()
         if self._dns_route is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -154,56 +191,165 @@ class NatService:
         except OSError as e:
             log.warning("nat: could not make the DNS address %s local (%s); DNS cannot listen on it", dns, e)
 
-    # -- PoolObserver ---------------------------------------------------------------------------------
+    # -- PoolObserver (the apply thread: record only, never nftables) -------------------------------
     def on_reset(self, reader: PoolReader) -> None:
         mappings = list(reader.mappings())
         targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
         with self._lock:
-            elements = self._model.reset(mappings, targets)
-            if self._kernel_ready():
-                self._rebuild(elements)
+            self._model.reset(mappings, targets)
+            self._pending.mark_rebuild()
+            self._record()
 
     def on_changes(self, changes: Changes) -> None:
         with self._lock:
-            delta = self._model.apply(changes)
-            if self._kernel_ready():
-                self._apply(delta)
+            self._pending_delta(self._model.apply(changes))
             purge = [(ip, address) for node, address, _ in changes.removed for ip in self._model.ips_of(node)]
         if purge and self.enabled:
             self._netlink.submit(self._purge, purge)
 
+    def _on_nodes(self) -> None:
+        assert self.directory is not None
+        node_ips = {n: info.ipv4 for n, info in self.directory.nodes().items()}
+        with self._lock:
+            self._pending_delta(self._model.set_node_ips(node_ips))
+
+    def _pending_delta(self, delta: Delta) -> None:
+        """Under the lock: hand ``delta`` to the worker (coalesced with what it has not applied yet)."""
+        if delta:
+            self._pending.add(delta)
+            self._record()
+
+    def _record(self) -> None:
+        self._recorded += 1
+        metrics.NAT_PENDING.set(len(self._pending))
+        self._wake.notify()
+
     def _kernel_ready(self) -> bool:
         return self.enabled and not self._stopped and self._reconciler is not None
 
-    def _rebuild(self, elements: dict[Key, Address]) -> None:
+    # -- the worker: the only place that changes the kernel's steer map ------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while self._kernel_ready() and not self._due():
+                    self._wake.wait(self._retry_in())
+                if not self._kernel_ready():
+                    return
+                rebuild, delta = self._pending.take()
+                seq = self._recorded
+                parts = self._model.parts() if rebuild else None
+                self._busy = "rebuild" if rebuild else "delta"
+                metrics.NAT_PENDING.set(0)
+            ok = self._round(delta, parts)
+            with self._lock:
+                self._busy = ""
+                self._rounds += 1
+                if ok:
+                    self._installed = seq
+                    self._failures = 0
+                    self._out_of_sync = False
+                    self._built = True
+                else:
+                    self._pending.mark_rebuild()
+                    self._out_of_sync = True
+                    if ok is False:  # a refused delta is retried as a rebuild at once, anything else waits
+                        self._failures += 1
+                        self._retry_at = time.monotonic() + min(RETRY_MAX, RETRY_FIRST * 2 ** (self._failures - 1))
+                metrics.NAT_ELEMENTS.set(len(self._model))
+            self._wake_waiters()
+
+    def _due(self) -> bool:
+        return bool(self._pending) and time.monotonic() >= self._retry_at
+
+    def _retry_in(self) -> float | None:
+        return max(0.0, self._retry_at - time.monotonic()) if self._pending and self._retry_at else None
+
+    def _round(self, delta: Delta, parts: list[dict[Key, Address]] | None) -> bool | None:
+        """One transaction: True when the kernel took it, None for a refused delta (rebuild next),
+        False for a failed rebuild or an unexpected error (reported; retried with backoff)."""
         assert self._reconciler is not None
         try:
-            self._reconciler.rebuild(elements)
-            self._out_of_sync = False
-        except NftError as e:
-            if self._nft is not None and not self._reconciler.exists() and not self._out_of_sync:
-                self._disable(f"nftables refused table inet appconnector ({e})")
-            else:
-                log.error("nat: rebuilding table inet appconnector failed: %s", e)
-                self._out_of_sync = True
-        metrics.NAT_ELEMENTS.set(len(self._model))
+            if parts is None:
+                try:
+                    self._reconciler.apply(delta)
+                    return True
+                except NftError as e:
+                    log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
+                    return None
+            try:
+                self._reconciler.rebuild(flatten(parts))
+                return True
+            except NftError as e:
+                if not self._built and not self._reconciler.exists():
+                    self._disable(f"nftables refused table inet appconnector ({e})")
+                    return False
+                metrics.NAT_WORKER_ERRORS.labels("nftables").inc()
+                log.error("nat: rebuilding table inet appconnector failed (retry %d, with backoff): %s",
+                          self._failures + 1, e)
+                return False
+        except Exception:  # a bug must not end kernel steering silently: say so, count it, retry
+            metrics.NAT_WORKER_ERRORS.labels("internal").inc()
+            log.exception("nat: the kernel worker failed (retry %d: a rebuild, with backoff)", self._failures + 1)
+            return False
 
-    def _apply(self, delta: Delta) -> None:
-        assert self._reconciler is not None
-        if self._out_of_sync:
-            self._rebuild(self._model.elements())
+    # -- waiting for the worker (event loop; never blocks it) ----------------------------------------
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        assert self._loop is not None
+        if done():
             return
-        try:
-            self._reconciler.apply(delta, self._model.elements)
-        except NftError as e:
-            log.error("nat: steer map out of sync, retrying: %s", e)
-            self._out_of_sync = True
-        metrics.NAT_ELEMENTS.set(len(self._model))
-
-    def _resync(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
         with self._lock:
-            if self._out_of_sync and self._kernel_ready():
-                self._rebuild(self._model.elements())
+            self._waiters.append((done, fut))
+        if done():  # the worker may have finished between the check and the append
+            self._settle()
+        await fut
+
+    def _wake_waiters(self) -> None:
+        loop = self._loop
+        if loop is not None and self._waiters and not loop.is_closed():
+            loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            waiting, self._waiters = self._waiters, []
+        keep = []
+        for done, fut in waiting:
+            if fut.done():
+                continue
+            if done():
+                fut.set_result(None)
+            else:
+                keep.append((done, fut))
+        with self._lock:
+            self._waiters.extend(keep)
+
+    async def ready(self, node: str, address: Address) -> None:
+        """Wait until the kernel holds every change recorded so far: after a checkout returned, the
+        mapping it made steers (or it has no element: no target, no known node IP). Returns at once
+        when the kernel part is off. Callers bound the wait (DNS: ``NAT_READY_TIMEOUT``)."""
+        with self._lock:
+            target = self._recorded
+        await self._wait(lambda: self._installed >= target or not self._kernel_ready())
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def installed(self, node: str, address: Address) -> bool:
+        """True when the kernel steers ``node``'s traffic to ``address`` (its element is in place)."""
+        with self._lock:
+            return (self._kernel_ready() and not self._out_of_sync and self._installed == self._recorded
+                    and self._model.installed(node, address))
+
+    def domains(self) -> list[str]:
+        """Domains that have mappings (what the leader keeps resolved)."""
+        with self._lock:
+            return self._model.domains()
+
+    def status(self) -> dict[str, Any]:
+        """Published values only (no wait for the worker): readiness reads this."""
+        return {"enabled": self.enabled, "reason": self.reason, "mappings": self._model.mapping_count(),
+                "steer_elements": len(self._model), "out_of_sync": self._out_of_sync,
+                "pending": self._recorded - self._installed, "worker": self._busy or "idle",
+                "worker_failures": self._failures, "touches_queued": self.touches_queued,
+                "target_proposals": self._refresher.proposals if self._refresher else 0}
 
     def _purge(self, pairs: list[Key]) -> None:
         try:
@@ -212,32 +358,6 @@ class NatService:
                 log.info("nat: deleted %d conntrack entries of reassigned addresses", n)
         except OSError as e:
             log.warning("nat: conntrack purge failed: %s", e)
-
-    def _on_nodes(self) -> None:
-        assert self.directory is not None
-        node_ips = {n: info.ipv4 for n, info in self.directory.nodes().items()}
-        with self._lock:
-            delta = self._model.set_node_ips(node_ips)
-            if self._kernel_ready():
-                self._apply(delta)
-
-    # -- reads ---------------------------------------------------------------------------------------
-    def installed(self, node: str, address: Address) -> bool:
-        """True when the kernel steers ``node``'s traffic to ``address`` (its element is in place)."""
-        with self._lock:
-            return self._kernel_ready() and not self._out_of_sync and self._model.installed(node, address)
-
-    def domains(self) -> list[str]:
-        """Domains that have mappings (what the leader keeps resolved)."""
-        with self._lock:
-            return self._model.domains()
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {"enabled": self.enabled, "reason": self.reason, "mappings": self._model.mapping_count(),
-                    "steer_elements": len(self._model), "out_of_sync": self._out_of_sync,
-                    "touches_queued": self.touches_queued,
-                    "target_proposals": self._refresher.proposals if self._refresher else 0}
 
     # -- last-used marks ------------------------------------------------------------------------------
     async def _seen_loop(self) -> None:
@@ -257,8 +377,6 @@ class NatService:
         reconciler = self._reconciler
         if reconciler is None or not self._kernel_ready():
             return 0
-        if self._out_of_sync:  # off the event loop: a full rebuild of a big map takes a second or more
-            await asyncio.to_thread(self._resync)
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
         if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
             pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)

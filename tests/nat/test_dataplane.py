@@ -383,3 +383,75 @@ def test_without_net_admin_means_dns_only_without_traceback(topo: Topology) -> N
 
 def _ct(topo: Topology) -> str:
     return topo.run_in("conn1", "conntrack", "-L", check=False).stdout[-2000:]
+
+
+# ---- the kernel worker: nftables off the apply thread ---------------------------------------------------
+
+def test_apply_returns_at_once_while_the_worker_is_in_a_slow_rebuild(topo: Topology) -> None:
+    """Every nftables transaction takes 1.5 s here (a big table, a busy kernel). The pool's apply
+    callback must not wait for it (on the Raft apply thread a second there costs the leader its term):
+    a burst of changes during a refused delta and the rebuild after it returns at once, and lands in
+    the kernel with that one rebuild."""
+    d = driver(topo, env={"nat_max_mappings": 4096}, nft_delay=1.5)
+    try:
+        a = d.call("checkout", node=CLI1, domain="before.example", targets=[ORIGIN])
+        assert a["installed"]
+        base = d.call("status")["reconciles"]
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")  # the next delta is refused
+        burst = d.call("burst", node=CLI1, domain="burst.example", n=30, targets=[ORIGIN_B],
+                       wait_busy=True)
+        assert burst["status"]["worker"] != "idle", json.dumps(burst["status"])
+        assert burst["max_apply_seconds"] < 0.5, burst  # one slow transaction alone takes 1.5 s
+        done = d.call("ready", timeout=30)
+        assert done["status"]["pending"] == 0 and not done["status"]["out_of_sync"], done
+        st = d.call("status")
+        grew = {k: v - base.get(k, 0) for k, v in st["reconciles"].items()}
+        assert grew.get("delta/error") == 1 and grew.get("full/ok") == 1, grew
+        assert grew.get("delta/ok", 0) <= 1, f"the burst must be coalesced into the rebuild: {grew}"
+        for i in (0, 29):
+            addr = d.call("lookup", node=CLI1, domain=f"{i}.burst.example")["address"]
+            assert d.call("installed", node=CLI1, address=addr)["installed"]
+        assert client(topo, "cli1", "http", a["address"])["body"].startswith(f"origin {ORIGIN}")
+        last = d.call("lookup", node=CLI1, domain="29.burst.example")["address"]
+        assert client(topo, "cli1", "http", last)["body"].startswith(f"origin {ORIGIN_B}")
+    finally:
+        d.stop()
+
+
+def test_a_burst_of_changes_is_coalesced_into_few_transactions(topo: Topology) -> None:
+    d = driver(topo, nft_delay=1.0)
+    try:
+        base = d.call("status")["reconciles"]
+        burst = d.call("burst", node=CLI1, domain="many.example", n=40, targets=[ORIGIN], wait_busy=True)
+        assert burst["max_apply_seconds"] < 0.5, burst
+        d.call("ready", timeout=30)
+        st = d.call("status")
+        deltas = st["reconciles"].get("delta/ok", 0) - base.get("delta/ok", 0)
+        assert 1 <= deltas <= 3, f"40 changes while a 1 s transaction runs: {deltas} transactions"
+        assert st["steer_elements"] == 40 and not st["out_of_sync"], st
+        addr = d.call("lookup", node=CLI1, domain="39.many.example")["address"]
+        assert client(topo, "cli1", "udp", addr, "late")["reply"] == f"echo {ORIGIN} late"
+    finally:
+        d.stop()
+
+
+def test_a_failing_worker_is_reported_and_recovers(topo: Topology) -> None:
+    """A steer map that cannot take the pool (more mappings than nat.max_mappings) makes the worker's
+    rebuild fail: that is logged, counted, shown in status (unready), retried with backoff, and once
+    the pool fits again (a node forgotten) the table is rebuilt and steers."""
+    d = driver(topo, env={"nat_max_mappings": 1024})
+    try:
+        kept = d.call("checkout", node=CLI1, domain="kept.example", targets=[ORIGIN])["address"]
+        nodes = [f"100.101.9.{i}" for i in range(1, 6)]
+        d.call("burst", nodes=nodes, domain="fill.example", n=205, targets=[ORIGIN_B])  # 1,026 mappings
+        st = wait_for(lambda: (s := d.call("status"))["worker_errors"] >= 2 and s, 20,
+                      lambda: f"the failed rebuild to be retried and counted: {d.call('status')}")
+        assert st["out_of_sync"] and st["worker_failures"] >= 2, st
+        assert "rebuilding table inet appconnector failed" in d.log()
+        d.call("forget", nodes=nodes[:1])
+        wait_for(lambda: not d.call("status")["out_of_sync"], 40, "the retried rebuild to succeed")
+        assert d.call("status")["worker_failures"] == 0
+        assert d.call("installed", node=CLI1, address=kept)["installed"]
+        assert client(topo, "cli1", "http", kept)["body"].startswith(f"origin {ORIGIN}")
+    finally:
+        d.stop()

@@ -265,3 +265,28 @@ def test_netlink_decoders_read_keys_and_tuples() -> None:
     a, b = found[2]
     assert ct[a:b] == tuple_orig, "the original tuple is sent back verbatim to delete the entry"
     assert seen._pool_bound(netlink.attr(3, b"\0\0\0\0"), 0, 8) is None
+
+
+def test_pending_delta_coalesces_in_kernel_order_and_turns_a_long_backlog_into_a_rebuild() -> None:
+    k1, k2, k3 = (1, P1), (2, P1), (3, P1)
+    p = render.PendingDelta(limit=4)
+    p.add(Delta(removed=[k1], added={k1: R2}))   # kernel held k1 → R1: replace it
+    p.add(Delta(removed=[k1], added={k1: R3}))   # replaced again before the worker ran
+    p.add(Delta(added={k2: R1}))
+    p.add(Delta(removed=[k2]))                   # never reached the kernel: nothing to do for it
+    rebuild, d = p.take()
+    assert not rebuild and d.removed == [k1] and d.added == {k1: R3}
+    assert not p and p.take() == (False, Delta())
+    p.add(Delta(added={(i, P2): R1 for i in range(5)}))  # past the limit: one rebuild instead
+    assert p.rebuild and len(p) == 0
+    p.add(Delta(added={k3: R1}))
+    assert p.take() == (True, Delta()) and not p
+
+
+def test_model_parts_flatten_to_its_elements_and_do_not_change_with_the_model() -> None:
+    m = SteerModel()
+    m.reset([MappingView(N1, "a.example", P1, 0.0)], {"a.example": (R1,)})
+    parts = m.parts()
+    m.apply(Changes(removed=[(N1, P1, "a.example")], added=[(N2, P2, "b.example")], targets={"b.example": (R2,)}))
+    assert render.flatten(parts) == {(ip(N1), P1): R1}
+    assert render.flatten(m.parts()) == m.elements() == {(ip(N2), P2): R2}
