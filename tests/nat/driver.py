@@ -145,7 +145,7 @@ async def main() -> None:
                        "seen_reads": counter_value(metrics.NAT_SEEN_READS),
                        "last_reconcile": metrics.NAT_LAST_RECONCILE._value.get(),
                        "unmapped_rejects": metrics.NAT_UNMAPPED_REJECTS._value.get(),
-                       "leader": replica.is_leader()})
+                       "leader": replica.is_leader(), "term": replica.status().get("term")})
             elif op == "stop":
                 await nat.stop()
                 await replica.stop()

@@ -455,3 +455,36 @@ def test_a_failing_worker_is_reported_and_recovers(topo: Topology) -> None:
         assert client(topo, "cli1", "http", kept)["body"].startswith(f"origin {ORIGIN}")
     finally:
         d.stop()
+
+
+def test_a_slow_kernel_does_not_cost_the_raft_leader_its_term(topo: Topology, tmp_path: Path) -> None:
+    """A real 2-member Raft cluster whose NAT transactions take 2.5 s each (and the leader's table was
+    flushed behind its back, so a rebuild follows a refused delta): the members' apply threads keep
+    ticking, so the leader keeps its term, writes keep committing meanwhile, and both kernels end up
+    steering every mapping."""
+    members = {"conn1": "100.101.0.11:16271", "conn2": "100.101.0.12:16271"}
+    drivers: dict[str, Driver] = {}
+    try:
+        for role, me in members.items():
+            raft = {"self": me, "peers": [p for p in members.values() if p != me], "secret": "acnat-test"}
+            drivers[role] = driver(topo, role, raft=raft, nft_delay=2.5,
+                                   env={"cluster_state_dir": str(tmp_path / role)})
+        leader = wait_for(lambda: next((d for d in drivers.values() if d.call("status")["leader"]), None), 20,
+                          "a Raft leader")
+        first = leader.call("checkout", node=CLI1, domain="term.example", targets=[ORIGIN], timeout=30)
+        assert first["installed"]
+        term = leader.call("status")["term"]
+        topo.run_in(leader.role, "nft", "delete", "table", "inet", "appconnector")
+        burst = leader.call("burst", node=CLI1, domain="during.example", n=20, targets=[ORIGIN_B], timeout=60)
+        assert burst["max_apply_seconds"] < 1.0, burst  # committed through Raft while the kernel is busy
+        for d in drivers.values():
+            d.call("ready", timeout=60)
+        st = leader.call("status")
+        assert st["leader"] and st["term"] == term, f"leadership changed: term {term} → {st['term']}"
+        last = leader.call("lookup", node=CLI1, domain="19.during.example")["address"]
+        for d in drivers.values():
+            assert d.call("installed", node=CLI1, address=last)["installed"]
+        assert client(topo, "cli1", "http", last)["body"].startswith(f"origin {ORIGIN_B}")
+    finally:
+        for d in drivers.values():
+            d.stop()
