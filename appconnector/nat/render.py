@@ -365,8 +365,15 @@ class SteerModel:
     def set_node_ips(self, node_ips: Mapping[str, Iterable[str]]) -> Delta:
         """Replace the directory's node → tailnet IPv4s; re-render the nodes whose IPs changed."""
         new = {n: tuple(sorted(i for i in map(parse_node_ip, ips) if i is not None)) for n, ips in node_ips.items()}
+        return self._replace_ips(new)
+
+    def adopt_node_ips(self, other: SteerModel) -> Delta:
+        """Take ``other``'s node IPs (a model built aside takes over from the live one)."""
+        return self._replace_ips(other._node_ips)
+
+    def _replace_ips(self, new: dict[str, tuple[int, ...]]) -> Delta:
         changed = {n for n in set(new) | set(self._node_ips) if new.get(n) != self._node_ips.get(n)}
-        self._set_ips(new)
+        self._set_ips(new)  # shared, never changed in place: a change replaces the dict
         touched = {(n, a) for n in changed for a in self._by_node.get(n, ())}
         return self._rerender(touched)
 

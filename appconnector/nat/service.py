@@ -8,6 +8,8 @@ thread (pysyncobj's tick thread: a second spent there costs the leader its term)
 the pure model and records the kernel delta; ONE worker thread applies what was recorded, coalescing
 every change that arrived meanwhile into one transaction and rebuilding the whole table when a delta
 is refused, when a snapshot replaced the state, or when the backlog grew past ``PENDING_LIMIT`` keys.
+A replaced state (``on_reset``: start-up, snapshot install) is O(pool) to mirror, so that too is the
+worker's: it builds the new model aside and replays the changes recorded meanwhile onto it.
 Nothing on the event loop waits for it: ``ready(node, address)`` (DNS awaits it after a new checkout,
 so the answer leaves after the element is in the kernel) is an asyncio wait, and ``status()`` reads
 published values.
@@ -86,6 +88,13 @@ class NatService:
         self._failures = 0                  # worker rounds failed in a row (the backoff; logs say each)
         self._retry_at = 0.0                # monotonic time before which a failed round is not retried
         self._built = False                 # the table was built once (a later failure is not "unsupported")
+        # A snapshot install or start-up replaces the whole state: the worker rebuilds the model from
+        # ``_reset_from`` aside; changes applied meanwhile wait in ``_raw`` and are replayed onto it.
+        self._reset_from: PoolReader | None = None
+        self._raw: list[Changes] = []
+        self._raw_size = 0
+        self._raw_lost = False              # _raw overflowed: read the state again after this reset
+        self._resets = 0                    # on_reset calls (a second one during a build restarts it)
         self._worker: threading.Thread | None = None
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,17 +123,15 @@ class NatService:
                 self.reason = "kernel steering on"
             except NftError as e:
                 reason = str(e)
-        if self.enabled:
-            self._worker = threading.Thread(target=self._work, name="nat-kernel", daemon=True)
-            self._worker.start()
+        if reason is not None:
+            self._disable(reason)  # the worker still keeps the model (domains for the target refresh)
+        self._worker = threading.Thread(target=self._work, name="nat-kernel", daemon=True)
+        self._worker.start()
         if self.directory is not None:
             self.directory.subscribe(self._on_nodes)
             self._model.set_node_ips({n: i.ipv4 for n, i in self.directory.nodes().items()})
         self.replica.add_observer(self)  # on_reset at once: the worker builds the table from the pool
-        if reason is not None:
-            self._disable(reason)
-        else:
-            await self._wait(lambda: self._rounds > 0 or not self._kernel_ready())
+        await self._wait(lambda: self._rounds > 0)
         if links.has_net_admin():
             await self._add_dns_route(loop)
         if self.enabled:
@@ -191,18 +198,26 @@ class NatService:
         except OSError as e:
             log.warning("nat: could not make the DNS address %s local (%s); DNS cannot listen on it", dns, e)
 
-    # -- PoolObserver (the apply thread: record only, never nftables) -------------------------------
+    # -- PoolObserver (the apply thread: record only, never nftables, nothing O(pool)) -------------
     def on_reset(self, reader: PoolReader) -> None:
-        mappings = list(reader.mappings())
-        targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
         with self._lock:
-            self._model.reset(mappings, targets)
+            self._reset_from = reader
+            self._resets += 1
+            self._raw, self._raw_size, self._raw_lost = [], 0, False
             self._pending.mark_rebuild()
             self._record()
 
     def on_changes(self, changes: Changes) -> None:
         with self._lock:
-            self._pending_delta(self._model.apply(changes))
+            if self._reset_from is not None:  # the worker is building a new model: replay this onto it
+                self._raw_size += len(changes.added) + len(changes.removed) + len(changes.targets)
+                if self._raw_size > PENDING_LIMIT:  # bounded: read the whole state once more instead
+                    self._raw, self._raw_lost = [], True
+                else:
+                    self._raw.append(changes)
+                self._record()
+            else:
+                self._pending_delta(self._model.apply(changes))
             purge = [(ip, address) for node, address, _ in changes.removed for ip in self._model.ips_of(node)]
         if purge and self.enabled:
             self._netlink.submit(self._purge, purge)
@@ -231,65 +246,112 @@ class NatService:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while self._kernel_ready() and not self._due():
+                while not self._stopped and not self._due():
                     self._wake.wait(self._retry_in())
-                if not self._kernel_ready():
+                if self._stopped:
                     return
-                rebuild, delta = self._pending.take()
-                seq = self._recorded
-                parts = self._model.parts() if rebuild else None
-                self._busy = "rebuild" if rebuild else "delta"
-                metrics.NAT_PENDING.set(0)
-            ok = self._round(delta, parts)
-            with self._lock:
-                self._busy = ""
-                self._rounds += 1
-                if ok:
-                    self._installed = seq
-                    self._failures = 0
-                    self._out_of_sync = False
-                    self._built = True
-                else:
-                    self._pending.mark_rebuild()
-                    self._out_of_sync = True
-                    if ok is False:  # a refused delta is retried as a rebuild at once, anything else waits
-                        self._failures += 1
-                        self._retry_at = time.monotonic() + min(RETRY_MAX, RETRY_FIRST * 2 ** (self._failures - 1))
-                metrics.NAT_ELEMENTS.set(len(self._model))
-            self._wake_waiters()
+                reader = self._reset_from
+                self._busy = "reset" if reader is not None else ""
+            try:
+                if reader is not None and not self._reset_model(reader):
+                    continue  # the state changed wholesale again meanwhile: read it once more
+                self._kernel_round()
+            except Exception:  # a bug must not end kernel steering silently: say so, count it, retry
+                metrics.NAT_WORKER_ERRORS.labels("internal").inc()
+                log.exception("nat: the kernel worker failed (retry %d: a rebuild, with backoff)", self._failures + 1)
+                with self._lock:
+                    self._busy = ""
+                    self._rounds += 1
+                    self._fail_round()
+                self._wake_waiters()
 
     def _due(self) -> bool:
-        return bool(self._pending) and time.monotonic() >= self._retry_at
+        return (self._reset_from is not None or bool(self._pending)) and time.monotonic() >= self._retry_at
 
     def _retry_in(self) -> float | None:
-        return max(0.0, self._retry_at - time.monotonic()) if self._pending and self._retry_at else None
+        due = self._reset_from is not None or bool(self._pending)
+        return max(0.0, self._retry_at - time.monotonic()) if due and self._retry_at else None
+
+    def _reset_model(self, reader: PoolReader) -> bool:
+        """Build the model of a whole new state aside (O(pool), outside our lock), then swap it in
+        with the changes applied meanwhile replayed onto it (each is an assignment: replaying one the
+        state already held changes nothing). False when it must be read again (another reset came,
+        or more changes arrived than ``_raw`` keeps)."""
+        with self._lock:
+            generation = self._resets
+            model = SteerModel()
+            model.adopt_node_ips(self._model)
+        mappings = list(reader.mappings())
+        targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
+        model.reset(mappings, targets)
+        with self._lock:
+            if generation != self._resets:
+                return False
+            if self._raw_lost:  # changes since the overflow are in the next read; collect from now on
+                self._raw, self._raw_size, self._raw_lost = [], 0, False
+                return False
+            model.adopt_node_ips(self._model)  # a netmap change while building
+            for changes in self._raw:
+                model.apply(changes)
+            self._reset_from = None
+            self._raw, self._raw_size = [], 0
+            self._model = model
+            self._pending.mark_rebuild()
+            return True
+
+    def _kernel_round(self) -> None:
+        with self._lock:
+            rebuild, delta = self._pending.take()
+            seq = self._recorded
+            kernel = self._kernel_ready()
+            parts = self._model.parts() if rebuild and kernel else None
+            self._busy = ("rebuild" if rebuild else "delta") if kernel else ""
+            metrics.NAT_PENDING.set(0)
+        ok = self._round(delta, parts) if kernel else True  # kernel off: the model is all there is
+        with self._lock:
+            self._busy = ""
+            self._rounds += 1
+            if ok:
+                self._installed = seq
+                self._failures = 0
+                self._out_of_sync = False
+                self._built = self._built or kernel
+            elif ok is None:  # a refused delta: rebuild at once
+                self._pending.mark_rebuild()
+                self._out_of_sync = True
+            else:
+                self._fail_round()
+            metrics.NAT_ELEMENTS.set(len(self._model))
+        self._wake_waiters()
+
+    def _fail_round(self) -> None:
+        """Under the lock: rebuild later, with backoff (0.5 s doubling to 30 s)."""
+        self._pending.mark_rebuild()
+        self._out_of_sync = True
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(RETRY_MAX, RETRY_FIRST * 2 ** (self._failures - 1))
 
     def _round(self, delta: Delta, parts: list[dict[Key, Address]] | None) -> bool | None:
         """One transaction: True when the kernel took it, None for a refused delta (rebuild next),
-        False for a failed rebuild or an unexpected error (reported; retried with backoff)."""
+        False for a failed rebuild (reported; retried with backoff)."""
         assert self._reconciler is not None
-        try:
-            if parts is None:
-                try:
-                    self._reconciler.apply(delta)
-                    return True
-                except NftError as e:
-                    log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
-                    return None
+        if parts is None:
             try:
-                self._reconciler.rebuild(flatten(parts))
+                self._reconciler.apply(delta)
                 return True
             except NftError as e:
-                if not self._built and not self._reconciler.exists():
-                    self._disable(f"nftables refused table inet appconnector ({e})")
-                    return False
-                metrics.NAT_WORKER_ERRORS.labels("nftables").inc()
-                log.error("nat: rebuilding table inet appconnector failed (retry %d, with backoff): %s",
-                          self._failures + 1, e)
-                return False
-        except Exception:  # a bug must not end kernel steering silently: say so, count it, retry
-            metrics.NAT_WORKER_ERRORS.labels("internal").inc()
-            log.exception("nat: the kernel worker failed (retry %d: a rebuild, with backoff)", self._failures + 1)
+                log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
+                return None
+        try:
+            self._reconciler.rebuild(flatten(parts))
+            return True
+        except NftError as e:
+            if not self._built and not self._reconciler.exists():
+                self._disable(f"nftables refused table inet appconnector ({e})")
+                return True  # DNS-only from now on: nothing is pending for a kernel we do not use
+            metrics.NAT_WORKER_ERRORS.labels("nftables").inc()
+            log.error("nat: rebuilding table inet appconnector failed (retry %d, with backoff): %s",
+                      self._failures + 1, e)
             return False
 
     # -- waiting for the worker (event loop; never blocks it) ----------------------------------------
