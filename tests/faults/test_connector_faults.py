@@ -401,7 +401,7 @@ def test_without_a_quorum_new_names_get_servfail_in_time(tmp_path: Path, nodes: 
     pool.checkout_timeout over UDP and TCP (not silence, so clients move on), a known name still
     answers from local state, checkouts beyond pool.max_queued_checkouts are refused at once (SERVFAIL,
     counted), and once the members come back a new name is answered again."""
-    c = ConnectorCluster(tmp_path / "acfault", 27820 if survivor == "leader" else 27860)
+    c = ConnectorCluster(tmp_path / "acfault", 27820 if survivor == "leader" else 27920)
     for m in c.members.values():
         m.env = {"APPCONNECTOR_POOL_MAX_QUEUED_CHECKOUTS": str(MAX_QUEUED)}
     try:
