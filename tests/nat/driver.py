@@ -81,6 +81,17 @@ async def main() -> None:
             run(commands)
 
         slow.run = slow_run  # type: ignore[method-assign]
+    broken = {"left": int(opts.get("break_rebuilds", 0))}
+    if broken["left"] and nat._reconciler is not None:  # a bug in the worker's path, the first n rebuilds
+        rec = nat._reconciler
+
+        def buggy_rebuild(elements: Any, rebuild: Any = rec.rebuild) -> None:
+            if broken["left"] > 0:
+                broken["left"] -= 1
+                raise RuntimeError("planted bug in rebuild")
+            rebuild(elements)
+
+        rec.rebuild = buggy_rebuild  # type: ignore[method-assign]
     out = sys.stdout
 
     def reply(obj: dict[str, Any]) -> None:
@@ -140,6 +151,7 @@ async def main() -> None:
                                       for m in metrics.NAT_RECONCILES.collect() for s in m.samples
                                       if s.name.endswith("_total")},
                        "worker_errors": counter_value(metrics.NAT_WORKER_ERRORS),
+                       "worker_errors_internal": metrics.NAT_WORKER_ERRORS.labels("internal")._value.get(),
                        "touch_batches": counter_value(metrics.POOL_TOUCH_BATCHES),
                        "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
                        "seen_reads": counter_value(metrics.NAT_SEEN_READS),

@@ -488,3 +488,20 @@ def test_a_slow_kernel_does_not_cost_the_raft_leader_its_term(topo: Topology, tm
     finally:
         for d in drivers.values():
             d.stop()
+
+
+def test_a_bug_in_the_worker_is_reported_and_does_not_stop_steering(topo: Topology) -> None:
+    """An unexpected exception in the worker (planted: the first two rebuilds raise) is logged with its
+    traceback, counted as appconnector_nat_worker_errors{kind="internal"}, and retried: the table is
+    rebuilt and steers."""
+    d = driver(topo, break_rebuilds=2)
+    try:
+        a = d.call("checkout", node=CLI1, domain="bug.example", targets=[ORIGIN])["address"]
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")  # the next delta is refused
+        d.call("checkout", node=CLI1, domain="bug2.example", targets=[ORIGIN_B], ready_timeout=20)
+        st = d.call("status")
+        assert st["worker_errors_internal"] == 2 and not st["out_of_sync"], st
+        assert "planted bug in rebuild" in d.log() and "the kernel worker failed" in d.log()
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
+    finally:
+        d.stop()
