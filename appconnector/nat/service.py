@@ -46,6 +46,10 @@ PENDING_LIMIT = 50_000
 """Kernel keys recorded for the worker; a longer backlog becomes one full rebuild instead of growing."""
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 """Backoff between failed worker rounds (seconds): first retry, then doubling up to the maximum."""
+FATAL_AFTER = 5
+"""Unexpected worker errors in a row (a bug, ~8 s of retries) before ``on_fatal`` is told: the process
+then exits 1 so the supervisor restarts it. nftables refusing a rebuild is retried for ever instead
+(unready meanwhile): a restart would not help, and DNS still answers."""
 
 
 class NatService:
@@ -54,14 +58,16 @@ class NatService:
     ``resolver`` (``async (domain) -> (targets, ttl)``) enables the leader's TTL refresh of targets,
     which runs even when the kernel part is off (other members may steer). ``seen_interval`` is how
     often the kernel's seen set is read, ``conntrack_interval`` how often long flows are looked for,
-    ``touch_refresh`` the age below which a last-used mark is not refreshed.
+    ``touch_refresh`` the age below which a last-used mark is not refreshed. ``on_fatal(reason)`` is
+    called (from the worker thread) when the worker keeps failing unexpectedly (``FATAL_AFTER``).
     """
 
     def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None = None, *,
                  resolver: Resolver | None = None, seen_interval: float = 5.0,
                  conntrack_interval: float = 30.0, touch_refresh: float | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_fatal: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_fatal = on_fatal
         self.replica = replica
         self.directory = directory
         self.seen_interval = seen_interval
@@ -86,6 +92,7 @@ class NatService:
         self._rounds = 0                    # worker rounds finished (ok or not)
         self._busy = ""                     # what the worker is doing now: "", "delta", "rebuild"
         self._failures = 0                  # worker rounds failed in a row (the backoff; logs say each)
+        self._bugs = 0                      # ... of which by an unexpected exception
         self._retry_at = 0.0                # monotonic time before which a failed round is not retried
         self._built = False                 # the table was built once (a later failure is not "unsupported")
         # A snapshot install or start-up replaces the whole state: the worker rebuilds the model from
@@ -256,14 +263,18 @@ class NatService:
                 if reader is not None and not self._reset_model(reader):
                     continue  # the state changed wholesale again meanwhile: read it once more
                 self._kernel_round()
-            except Exception:  # a bug must not end kernel steering silently: say so, count it, retry
+            except Exception as e:  # a bug must not end kernel steering silently: say so, count it, retry
                 metrics.NAT_WORKER_ERRORS.labels("internal").inc()
                 log.exception("nat: the kernel worker failed (retry %d: a rebuild, with backoff)", self._failures + 1)
                 with self._lock:
                     self._busy = ""
                     self._rounds += 1
                     self._fail_round()
+                    self._bugs += 1
+                    bugs = self._bugs
                 self._wake_waiters()
+                if bugs == FATAL_AFTER and self.on_fatal is not None:
+                    self.on_fatal(f"nat: the kernel worker failed {bugs} times in a row ({e!r})")
 
     def _due(self) -> bool:
         return (self._reset_from is not None or bool(self._pending)) and time.monotonic() >= self._retry_at
@@ -313,7 +324,7 @@ class NatService:
             self._rounds += 1
             if ok:
                 self._installed = seq
-                self._failures = 0
+                self._failures = self._bugs = 0
                 self._out_of_sync = False
                 self._built = self._built or kernel
             elif ok is None:  # a refused delta: rebuild at once

@@ -68,9 +68,10 @@ async def main() -> None:
     env = {f"APPCONNECTOR_{k.upper()}": str(v) for k, v in opts.get("env", {}).items()}
     cfg = load(opts.get("config"), env=env)
     replica = await make_replica(opts, cfg)
+    fatal: list[str] = []
     nat = NatService(cfg, replica, None, seen_interval=opts.get("seen_interval", 1.0),
                      conntrack_interval=opts.get("conntrack_interval", 30.0),
-                     touch_refresh=opts.get("touch_refresh"))
+                     touch_refresh=opts.get("touch_refresh"), on_fatal=fatal.append)
     await nat.start()
     delay = opts.get("nft_delay")
     if delay and nat._nft is not None:  # a deliberately slow kernel: after start, every transaction takes `delay` s
@@ -152,6 +153,7 @@ async def main() -> None:
                                       if s.name.endswith("_total")},
                        "worker_errors": counter_value(metrics.NAT_WORKER_ERRORS),
                        "worker_errors_internal": metrics.NAT_WORKER_ERRORS.labels("internal")._value.get(),
+                       "fatal": fatal,
                        "touch_batches": counter_value(metrics.POOL_TOUCH_BATCHES),
                        "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
                        "seen_reads": counter_value(metrics.NAT_SEEN_READS),

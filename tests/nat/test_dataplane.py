@@ -505,3 +505,20 @@ def test_a_bug_in_the_worker_is_reported_and_does_not_stop_steering(topo: Topolo
         assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
     finally:
         d.stop()
+
+
+def test_a_worker_that_keeps_failing_is_reported_fatal_once(topo: Topology) -> None:
+    """Every rebuild raising (a bug that stays): after FATAL_AFTER failures in a row the service tells
+    its on_fatal (the connector then exits 1, and its supervisor restarts it), once."""
+    from appconnector.nat.service import FATAL_AFTER
+
+    d = driver(topo, break_rebuilds=1000)
+    try:
+        d.call("checkout", node=CLI1, domain="doomed.example", targets=[ORIGIN])
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")
+        d.call("burst", node=CLI1, domain="more.example", n=1, targets=[ORIGIN])
+        st = wait_for(lambda: (s := d.call("status"))["fatal"] and s, 30, "the fatal report")
+        assert len(st["fatal"]) == 1 and "kernel worker failed" in st["fatal"][0], st
+        assert st["worker_errors_internal"] >= FATAL_AFTER and st["out_of_sync"], st
+    finally:
+        d.stop()
