@@ -399,10 +399,11 @@ class NatService:
     async def ready(self, node: str, address: Address) -> None:
         """Wait until the kernel holds every change recorded so far: after a checkout returned, the
         mapping it made steers (or it has no element: no target, no known node IP). Returns at once
-        when the kernel part is off. Callers bound the wait (DNS: ``NAT_READY_TIMEOUT``)."""
+        when the kernel part is off or failing (waiting for a retry in backoff would only delay the
+        answer). Callers bound the wait (DNS: ``NAT_READY_TIMEOUT``)."""
         with self._lock:
             target = self._recorded
-        await self._wait(lambda: self._installed >= target or not self._kernel_ready())
+        await self._wait(lambda: self._installed >= target or not self._kernel_ready() or self._failures > 0)
 
     # -- reads ---------------------------------------------------------------------------------------
     def installed(self, node: str, address: Address) -> bool:
