@@ -120,9 +120,11 @@ class Connector:
         self.dns = DnsService(cfg, self.replica, identity)
         directory = self.tailnet.directory if self.tailnet is not None else None
         self.nat = NatService(cfg, self.replica, directory,
-                              resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None)
+                              resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None,
+                              on_fatal=self.fatal.report)
         await self.nat.start()
         self._started.append(self.nat)
+        self.dns.nat_ready = self.nat.ready  # NAT's worker installs elements after the apply returns
 
         await self.dns.start()
         self._started.append(self.dns)

@@ -104,6 +104,8 @@ class PoolConfig:
     prefixes: tuple[str, ...] = ("100.64.1.0/24",)
     reuse_after: float = 48 * 3600.0
     ignore_destinations: tuple[str, ...] = ()
+    checkout_timeout: float = 2.0
+    max_queued_checkouts: int = 4096
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,9 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least two addresses (one is reserved for DNS)")
     if cfg.pool.reuse_after <= 0:
         raise ConfigError("pool.reuse_after", cfg.pool.reuse_after, "a duration above zero")
+    if not 0.05 <= cfg.pool.checkout_timeout <= 60:
+        raise ConfigError("pool.checkout_timeout", cfg.pool.checkout_timeout,
+                          'a duration from "50ms" to "60s" (DNS clients give up after a few seconds)')
     for p in cfg.pool.ignore_destinations:
         try:
             ipaddress.ip_network(p, strict=False)
@@ -339,7 +344,8 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
         "listen": _strlist, "upstream": _strlist, "verify_upstream": _bool,
         "ttl": parse_duration, "domains": _strlist,
     },
-    "pool": {"prefixes": _strlist, "reuse_after": parse_duration, "ignore_destinations": _strlist},
+    "pool": {"prefixes": _strlist, "reuse_after": parse_duration, "ignore_destinations": _strlist,
+             "checkout_timeout": parse_duration, "max_queued_checkouts": lambda k, v: _int(k, v, 1, 1 << 20)},
     "cluster": {
         "state_dir": _str, "raft_port": lambda k, v: _int(k, v, 1, 65535), "tag": _str,
         "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,

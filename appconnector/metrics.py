@@ -25,11 +25,12 @@ DNS_UPSTREAM_IGNORED = Counter("appconnector_dns_upstream_ignored", "Upstream da
 DNS_UPSTREAM_CACHE = Counter("appconnector_dns_upstream_cache", "Upstream cache lookups by result (hit, miss)",
                              ["result"], registry=REGISTRY)
 DNS_SERVFAIL = Counter("appconnector_dns_servfail", "SERVFAIL answers by reason "
-                       "(upstream, loop, exhausted, unavailable, tailnet, internal)", ["reason"], registry=REGISTRY)
+                       "(upstream, loop, exhausted, unavailable, overloaded, tailnet, internal)", ["reason"],
+                       registry=REGISTRY)
 DNS_UDP_SEND_ERRORS = Counter("appconnector_dns_udp_send_errors", "UDP answers the kernel refused to send",
                               registry=REGISTRY)
-DNS_DROPPED = Counter("appconnector_dns_dropped", "UDP queries dropped: too many already in flight",
-                      registry=REGISTRY)
+DNS_DROPPED = Counter("appconnector_dns_dropped", "UDP queries dropped and TCP connections closed unanswered: "
+                      "too many queries and connections already in flight", ["transport"], registry=REGISTRY)
 DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
 DNS_SVCB = Counter("appconnector_dns_svcb_records", "Upstream HTTPS/SVCB records of steered names by outcome "
                    "(passed: sent on without address hints; foreign_target: left out, its target is not a "
@@ -41,6 +42,10 @@ DNS_FIRST_ANSWER = Histogram("appconnector_dns_new_name_seconds", "Time to answe
 # --- pool / replica ----------------------------------------------------------------------------------
 POOL_CHECKOUTS = Counter("appconnector_pool_checkouts", "Checkouts by result (hit, new, reused, exhausted, error)",
                          ["result"], registry=REGISTRY)
+POOL_CHECKOUTS_REFUSED = Counter("appconnector_pool_checkouts_refused",
+                                 "Checkouts this member gave up on, by reason (queue_full: pool.max_queued_checkouts "
+                                 "waiting; timeout: not committed within pool.checkout_timeout)", ["reason"],
+                                 registry=REGISTRY)
 POOL_EXHAUSTED = Counter("appconnector_pool_exhausted", "Checkouts refused because the node's pool is full",
                          registry=REGISTRY)
 POOL_MAPPINGS = Gauge("appconnector_pool_mappings", "Mappings held in local state", registry=REGISTRY)
@@ -88,6 +93,11 @@ NAT_UNMAPPED_REJECTS = Gauge("appconnector_nat_unmapped_rejects", "Packets to po
                              "answered with a TCP reset or ICMP admin-prohibited", registry=REGISTRY)
 NAT_UNMAPPED_DROPS = Gauge("appconnector_nat_unmapped_drops", "Packets to pool addresses with no mapping, "
                            "dropped silently (over the reject rate limit)", registry=REGISTRY)
+NAT_PENDING = Gauge("appconnector_nat_pending", "Steer-map keys recorded and not yet handed to the kernel "
+                    "(0 while a full rebuild is pending: that is one transaction)", registry=REGISTRY)
+NAT_WORKER_ERRORS = Counter("appconnector_nat_worker_errors", "NAT worker rounds that failed, by kind "
+                            "(nftables: a rebuild refused; internal: a bug); each is retried with backoff",
+                            ["kind"], registry=REGISTRY)
 NAT_ENABLED = Gauge("appconnector_nat_enabled", "1 when the kernel dataplane is in place", registry=REGISTRY)
 NAT_CONFIGURED = Gauge("appconnector_nat_configured", "1 when nat.enabled asks for the kernel dataplane",
                        registry=REGISTRY)

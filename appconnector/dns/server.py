@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 _errors = RateLimitedLog(log)
 
 TCP_IDLE_TIMEOUT = 10.0
-MAX_INFLIGHT = 10_000       # general-path tasks at once; beyond that UDP queries are dropped (the client retries)
+MAX_INFLIGHT = 10_000       # general-path queries + TCP connections at once; beyond that UDP queries are
+                            # dropped (the client retries) and new TCP connections closed, after an idle
+                            # TCP connection was closed to make room if there is one (RFC 7766 §6.2.3)
 UDP_BUFFER = 4 << 20
 UDP_BATCH = 64             # datagrams per readiness callback before yielding to the loop
 RECV_SIZE = 65535
@@ -105,9 +107,11 @@ def _bind(sock: socket.socket, host: str, port: int) -> None:
 class DnsServer:
     """Listeners on ``addresses`` (``[(ip, port)]``; port 0 picks a free port, see ``bound``)."""
 
-    def __init__(self, handler: QueryHandler, addresses: list[tuple[str, int]]) -> None:
+    def __init__(self, handler: QueryHandler, addresses: list[tuple[str, int]],
+                 max_inflight: int = MAX_INFLIGHT) -> None:
         self.handler = handler
         self.addresses = addresses
+        self.max_inflight = max_inflight
         self.bound: list[tuple[str, int]] = []
         self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.Server] = []
@@ -115,11 +119,23 @@ class DnsServer:
         self._idle: set[asyncio.Task[Any]] = set()  # TCP connections between queries
         self._accepting = True
 
+    def _room(self, transport: str) -> bool:
+        """True when one more query or connection may start; else counted, logged (rate-limited)."""
+        if self._accepting and len(self._tasks) < self.max_inflight:
+            return True
+        if self._accepting and self._idle:  # a connection waiting for its next query yields its place
+            idle = self._idle.pop()
+            idle.cancel()
+            self._tasks.discard(idle)
+            return True
+        DNS_DROPPED.labels(transport).inc()
+        _errors.warning("overload", "DNS: dropped a %s query: %d queries and connections already in flight",
+                        transport, len(self._tasks))
+        return False
+
     def spawn(self, coro: Any) -> None:
-        if not self._accepting or len(self._tasks) >= MAX_INFLIGHT:
+        if not self._room("udp"):
             coro.close()
-            DNS_DROPPED.inc()
-            _errors.warning("overload", "DNS: dropped a query: %d queries already in flight", len(self._tasks))
             return
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -173,6 +189,9 @@ class DnsServer:
         self._tcp.clear()
 
     async def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._room("tcp"):  # a connection counts against the in-flight limit like a query
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:  # so stop() waits for (or cancels) open connections too
             self._tasks.add(task)

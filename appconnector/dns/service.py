@@ -7,8 +7,7 @@
 
 ``nat_ready(node, address)``, when given, is awaited after a new checkout and before the answer goes
 out, for a NAT layer that installs mappings asynchronously (the first packet must find its steer
-element). The replica already calls observers before ``checkout`` returns, so an in-process NAT
-mirror needs none.
+element): the connector passes ``NatService.ready``.
 """
 
 from __future__ import annotations
@@ -36,7 +35,14 @@ from appconnector.metrics import (
     DNS_SVCB,
     DNS_UNKNOWN_CLIENTS,
 )
-from appconnector.pool.api import Address, PoolExhausted, Replica, ReplicaUnavailable, touch_refresh
+from appconnector.pool.api import (
+    Address,
+    PoolExhausted,
+    Replica,
+    ReplicaOverloaded,
+    ReplicaUnavailable,
+    touch_refresh,
+)
 from appconnector.pool.names import normalise_domain
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
@@ -307,7 +313,11 @@ class DnsService:
             DNS_SERVFAIL.labels("exhausted").inc()
             self._errors.warning("exhausted", "DNS: SERVFAIL for %s from %s: %s", domain, info.name or node, e)
             return Reply(wire.SERVFAIL), False
-        except ReplicaUnavailable as e:
+        except ReplicaOverloaded as e:
+            DNS_SERVFAIL.labels("overloaded").inc()
+            self._errors.warning("overloaded", "DNS: SERVFAIL for %s: %s", domain, e)
+            return Reply(wire.SERVFAIL), False
+        except ReplicaUnavailable as e:  # incl. pool.checkout_timeout passing without a quorum
             DNS_SERVFAIL.labels("unavailable").inc()
             self._errors.warning("unavailable", "DNS: SERVFAIL for %s: pool unavailable (%s)", domain, e)
             return Reply(wire.SERVFAIL), False

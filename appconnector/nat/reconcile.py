@@ -1,4 +1,5 @@
-"""Puts the desired steer state into the kernel: one nftables transaction per change.
+"""Puts the desired steer state into the kernel: one nftables transaction per change (run by the
+NAT service's worker thread, never on the Raft apply thread or the event loop).
 
 At start (and whenever a delta is refused, e.g. someone flushed our map) the whole table is replaced
 in ONE transaction: delete + create + every element. That is atomic, so traffic sees the old table or
@@ -9,10 +10,9 @@ come from :class:`appconnector.nat.render.SteerModel`. Only ``table inet appconn
 
 from __future__ import annotations
 
-import logging
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from appconnector import metrics
 from appconnector.nat import render
@@ -20,7 +20,6 @@ from appconnector.nat.nftables import Nftables, NftError, dump_set_keys
 from appconnector.nat.render import Delta, Key, TableSpec
 from appconnector.pool.api import Address
 
-log = logging.getLogger(__name__)
 _PAIR = struct.Struct("!II")  # a seen key: node IP . pool address, network order
 
 
@@ -41,18 +40,16 @@ class Reconciler:
         metrics.NAT_RECONCILES.labels("full", "ok").inc()
         metrics.NAT_LAST_RECONCILE.set(time.time())
 
-    def apply(self, delta: Delta, everything: Callable[[], Mapping[Key, Address]]) -> None:
-        """Apply ``delta``; if the kernel refuses it, rebuild from ``everything()``. Raises NftError
-        only when the rebuild fails too."""
+    def apply(self, delta: Delta) -> None:
+        """Apply ``delta`` in one transaction. Raises NftError when the kernel refuses it (someone
+        flushed our map, or it is full): the caller rebuilds."""
         if not delta:
             return
         try:
             self.nft.run(render.element_commands(add=delta.added, remove=delta.removed))
-        except NftError as e:
+        except NftError:
             metrics.NAT_RECONCILES.labels("delta", "error").inc()
-            log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
-            self.rebuild(everything())
-            return
+            raise
         metrics.NAT_RECONCILES.labels("delta", "ok").inc()
         metrics.NAT_LAST_RECONCILE.set(time.time())
 

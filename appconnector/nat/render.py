@@ -202,6 +202,58 @@ class Delta:
         return bool(self.removed or self.added)
 
 
+class PendingDelta:
+    """Kernel changes recorded and not yet applied, coalesced into one :class:`Delta`; past ``limit``
+    keys the backlog is dropped for one full rebuild (cheaper than a huge delta, and bounded memory).
+
+    Merging keeps the kernel rule "delete, then add": a key whose addition has not reached the kernel
+    is simply forgotten when it is removed again; a key the kernel may hold stays in ``removed``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rebuild = False
+        self._removed: dict[Key, None] = {}   # an ordered set
+        self._added: dict[Key, Address] = {}
+
+    def __len__(self) -> int:
+        return len(self._removed) + len(self._added)
+
+    def __bool__(self) -> bool:
+        return self.rebuild or bool(self._removed or self._added)
+
+    def add(self, delta: Delta) -> None:
+        if self.rebuild:
+            return
+        for key in delta.removed:
+            if key in self._added:
+                del self._added[key]
+            else:
+                self._removed[key] = None
+        self._added.update(delta.added)
+        if len(self) > self.limit:
+            self.mark_rebuild()
+
+    def mark_rebuild(self) -> None:
+        self.rebuild = True
+        self._removed, self._added = {}, {}
+
+    def take(self) -> tuple[bool, Delta]:
+        """(rebuild needed, the coalesced delta), and start empty."""
+        out = (self.rebuild, Delta(list(self._removed), self._added))
+        self.rebuild = False
+        self._removed, self._added = {}, {}
+        return out
+
+
+def flatten(parts: Iterable[Mapping[Key, Address]]) -> dict[Key, Address]:
+    """One element dict from :meth:`SteerModel.parts`."""
+    out: dict[Key, Address] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
 MappingId = tuple[str, Address]
 """(node, pool address): a mapping as NAT sees it."""
 
@@ -230,6 +282,12 @@ class SteerModel:
     def elements(self) -> dict[Key, Address]:
         """Every desired element (a copy)."""
         return {k: v for keys in self._keys.values() for k, v in keys.items()}
+
+    def parts(self) -> list[dict[Key, Address]]:
+        """Every mapping's elements, cheap to take under the caller's lock (a C-level copy of the outer
+        list): the per-mapping dicts are never changed in place (a change replaces them), so
+        :func:`flatten` can merge them later, outside the lock."""
+        return list(self._keys.values())
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -307,8 +365,15 @@ class SteerModel:
     def set_node_ips(self, node_ips: Mapping[str, Iterable[str]]) -> Delta:
         """Replace the directory's node → tailnet IPv4s; re-render the nodes whose IPs changed."""
         new = {n: tuple(sorted(i for i in map(parse_node_ip, ips) if i is not None)) for n, ips in node_ips.items()}
+        return self._replace_ips(new)
+
+    def adopt_node_ips(self, other: SteerModel) -> Delta:
+        """Take ``other``'s node IPs (a model built aside takes over from the live one)."""
+        return self._replace_ips(other._node_ips)
+
+    def _replace_ips(self, new: dict[str, tuple[int, ...]]) -> Delta:
         changed = {n for n in set(new) | set(self._node_ips) if new.get(n) != self._node_ips.get(n)}
-        self._set_ips(new)
+        self._set_ips(new)  # shared, never changed in place: a change replaces the dict
         touched = {(n, a) for n in changed for a in self._by_node.get(n, ())}
         return self._rerender(touched)
 

@@ -2,8 +2,17 @@
 
 ``NatService`` is a :class:`appconnector.pool.api.PoolObserver`. Every replica runs one, so every
 member's kernel holds every mapping and a standby steers from the first packet after it takes over.
-``on_changes`` installs the change synchronously (one nftables transaction) on the apply path, so a
-connector that answers DNS has the mapping in its kernel before the answer leaves.
+
+nftables work never runs where it could stall something else: ``on_changes`` runs on the Raft apply
+thread (pysyncobj's tick thread: a second spent there costs the leader its term), so it only updates
+the pure model and records the kernel delta; ONE worker thread applies what was recorded, coalescing
+every change that arrived meanwhile into one transaction and rebuilding the whole table when a delta
+is refused, when a snapshot replaced the state, or when the backlog grew past ``PENDING_LIMIT`` keys.
+A replaced state (``on_reset``: start-up, snapshot install) is O(pool) to mirror, so that too is the
+worker's: it builds the new model aside and replays the changes recorded meanwhile onto it.
+Nothing on the event loop waits for it: ``ready(node, address)`` (DNS awaits it after a new checkout,
+so the answer leaves after the element is in the kernel) is an asyncio wait, and ``status()`` reads
+published values.
 
 When the kernel part cannot run (``nat.enabled = false``, no CAP_NET_ADMIN, no libnftables,
 forwarding off, or nftables refusing our table) the service says why in ONE log line, sets
@@ -25,13 +34,22 @@ from appconnector.config import Config
 from appconnector.nat import links, seen
 from appconnector.nat.nftables import Nftables, NftError
 from appconnector.nat.reconcile import Reconciler
-from appconnector.nat.render import Delta, Key, SteerModel, TableSpec, ip_text
+from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
 from appconnector.nat.targets import Resolver, TargetRefresher
 from appconnector.pool.api import Address, Changes, PoolReader, Replica
 from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
 
 log = logging.getLogger(__name__)
+
+PENDING_LIMIT = 50_000
+"""Kernel keys recorded for the worker; a longer backlog becomes one full rebuild instead of growing."""
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+"""Backoff between failed worker rounds (seconds): first retry, then doubling up to the maximum."""
+FATAL_AFTER = 5
+"""Unexpected worker errors in a row (a bug, ~8 s of retries) before ``on_fatal`` is told: the process
+then exits 1 so the supervisor restarts it. nftables refusing a rebuild is retried for ever instead
+(unready meanwhile): a restart would not help, and DNS still answers."""
 
 
 class NatService:
@@ -40,14 +58,16 @@ class NatService:
     ``resolver`` (``async (domain) -> (targets, ttl)``) enables the leader's TTL refresh of targets,
     which runs even when the kernel part is off (other members may steer). ``seen_interval`` is how
     often the kernel's seen set is read, ``conntrack_interval`` how often long flows are looked for,
-    ``touch_refresh`` the age below which a last-used mark is not refreshed.
+    ``touch_refresh`` the age below which a last-used mark is not refreshed. ``on_fatal(reason)`` is
+    called (from the worker thread) when the worker keeps failing unexpectedly (``FATAL_AFTER``).
     """
 
     def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None = None, *,
                  resolver: Resolver | None = None, seen_interval: float = 5.0,
                  conntrack_interval: float = 30.0, touch_refresh: float | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_fatal: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_fatal = on_fatal
         self.replica = replica
         self.directory = directory
         self.seen_interval = seen_interval
@@ -62,10 +82,32 @@ class NatService:
         self.touches_queued = 0
         self._pool = seen.PoolRanges(cfg.pool.prefixes)
         self._model = SteerModel()
-        self._lock = threading.RLock()      # model + kernel: apply thread, event loop, workers
+        # The model and what is pending for the kernel: taken by the apply thread, the event loop and
+        # the worker, always briefly (never across an nftables call).
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending = PendingDelta(PENDING_LIMIT)
+        self._recorded = 0                  # changes recorded for the kernel (a sequence number)
+        self._installed = 0                 # ... of which the kernel holds all up to this one
+        self._rounds = 0                    # worker rounds finished (ok or not)
+        self._busy = ""                     # what the worker is doing now: "", "delta", "rebuild"
+        self._failures = 0                  # worker rounds failed in a row (the backoff; logs say each)
+        self._bugs = 0                      # ... of which by an unexpected exception
+        self._retry_at = 0.0                # monotonic time before which a failed round is not retried
+        self._built = False                 # the table was built once (a later failure is not "unsupported")
+        # A snapshot install or start-up replaces the whole state: the worker rebuilds the model from
+        # ``_reset_from`` aside; changes applied meanwhile wait in ``_raw`` and are replayed onto it.
+        self._reset_from: PoolReader | None = None
+        self._raw: list[Changes] = []
+        self._raw_size = 0
+        self._raw_lost = False              # _raw overflowed: read the state again after this reset
+        self._resets = 0                    # on_reset calls (a second one during a build restarts it)
+        self._worker: threading.Thread | None = None
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reconciler: Reconciler | None = None
         self._nft: Nftables | None = None
-        self._out_of_sync = False           # a change failed to reach the kernel: rebuild next round
+        self._out_of_sync = False           # the kernel may differ from the model: the worker rebuilds
         self._stopped = False
         self._dns_route: str | None = None
         # pyroute2's sync API cannot run on a thread with a running event loop: one worker does all
@@ -76,7 +118,9 @@ class NatService:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Build the table from the pool (the worker does; this waits for its first round without
+        blocking the loop), then start reading the seen set."""
+        loop = self._loop = asyncio.get_running_loop()
         reason = self._unavailable()
         if reason is None:
             try:
@@ -86,12 +130,15 @@ class NatService:
                 self.reason = "kernel steering on"
             except NftError as e:
                 reason = str(e)
+        if reason is not None:
+            self._disable(reason)  # the worker still keeps the model (domains for the target refresh)
+        self._worker = threading.Thread(target=self._work, name="nat-kernel", daemon=True)
+        self._worker.start()
         if self.directory is not None:
             self.directory.subscribe(self._on_nodes)
             self._model.set_node_ips({n: i.ipv4 for n, i in self.directory.nodes().items()})
-        self.replica.add_observer(self)  # on_reset at once: builds the table from the pool
-        if reason is not None:
-            self._disable(reason)
+        self.replica.add_observer(self)  # on_reset at once: the worker builds the table from the pool
+        await self._wait(lambda: self._rounds > 0)
         if links.has_net_admin():
             await self._add_dns_route(loop)
         if self.enabled:
@@ -113,14 +160,18 @@ class NatService:
             await self._refresher.stop()
         with self._lock:
             self._stopped = True
-            if self._reconciler is not None:
-                try:
-                    self._reconciler.remove()
-                except NftError as e:
-                    log.warning("nat: could not remove table inet appconnector: %s", e)
-            if self._nft is not None:
-                self._nft.close()
-            self.enabled = False
+            self._wake.notify_all()
+        if self._worker is not None:  # it finishes the round it is in (a rebuild may take seconds)
+            await asyncio.to_thread(self._worker.join)
+        if self._reconciler is not None:
+            try:
+                await asyncio.to_thread(self._reconciler.remove)
+            except NftError as e:
+                log.warning("nat: could not remove table inet appconnector: %s", e)
+        if self._nft is not None:
+            self._nft.close()
+        self.enabled = False
+        self._wake_waiters()
         if self._dns_route is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -154,56 +205,225 @@ class NatService:
         except OSError as e:
             log.warning("nat: could not make the DNS address %s local (%s); DNS cannot listen on it", dns, e)
 
-    # -- PoolObserver ---------------------------------------------------------------------------------
+    # -- PoolObserver (the apply thread: record only, never nftables, nothing O(pool)) -------------
     def on_reset(self, reader: PoolReader) -> None:
-        mappings = list(reader.mappings())
-        targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
         with self._lock:
-            elements = self._model.reset(mappings, targets)
-            if self._kernel_ready():
-                self._rebuild(elements)
+            self._reset_from = reader
+            self._resets += 1
+            self._raw, self._raw_size, self._raw_lost = [], 0, False
+            self._pending.mark_rebuild()
+            self._record()
 
     def on_changes(self, changes: Changes) -> None:
         with self._lock:
-            delta = self._model.apply(changes)
-            if self._kernel_ready():
-                self._apply(delta)
+            if self._reset_from is not None:  # the worker is building a new model: replay this onto it
+                self._raw_size += len(changes.added) + len(changes.removed) + len(changes.targets)
+                if self._raw_size > PENDING_LIMIT:  # bounded: read the whole state once more instead
+                    self._raw, self._raw_lost = [], True
+                else:
+                    self._raw.append(changes)
+                self._record()
+            else:
+                self._pending_delta(self._model.apply(changes))
             purge = [(ip, address) for node, address, _ in changes.removed for ip in self._model.ips_of(node)]
         if purge and self.enabled:
             self._netlink.submit(self._purge, purge)
 
+    def _on_nodes(self) -> None:
+        assert self.directory is not None
+        node_ips = {n: info.ipv4 for n, info in self.directory.nodes().items()}
+        with self._lock:
+            self._pending_delta(self._model.set_node_ips(node_ips))
+
+    def _pending_delta(self, delta: Delta) -> None:
+        """Under the lock: hand ``delta`` to the worker (coalesced with what it has not applied yet)."""
+        if delta:
+            self._pending.add(delta)
+            self._record()
+
+    def _record(self) -> None:
+        self._recorded += 1
+        metrics.NAT_PENDING.set(len(self._pending))
+        self._wake.notify()
+
     def _kernel_ready(self) -> bool:
         return self.enabled and not self._stopped and self._reconciler is not None
 
-    def _rebuild(self, elements: dict[Key, Address]) -> None:
-        assert self._reconciler is not None
-        try:
-            self._reconciler.rebuild(elements)
-            self._out_of_sync = False
-        except NftError as e:
-            if self._nft is not None and not self._reconciler.exists() and not self._out_of_sync:
-                self._disable(f"nftables refused table inet appconnector ({e})")
-            else:
-                log.error("nat: rebuilding table inet appconnector failed: %s", e)
-                self._out_of_sync = True
-        metrics.NAT_ELEMENTS.set(len(self._model))
+    # -- the worker: the only place that changes the kernel's steer map ------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._due():
+                    self._wake.wait(self._retry_in())
+                if self._stopped:
+                    return
+                reader = self._reset_from
+                self._busy = "reset" if reader is not None else ""
+            try:
+                if reader is not None and not self._reset_model(reader):
+                    continue  # the state changed wholesale again meanwhile: read it once more
+                self._kernel_round()
+            except Exception as e:  # a bug must not end kernel steering silently: say so, count it, retry
+                metrics.NAT_WORKER_ERRORS.labels("internal").inc()
+                log.exception("nat: the kernel worker failed (retry %d: a rebuild, with backoff)", self._failures + 1)
+                with self._lock:
+                    self._busy = ""
+                    self._rounds += 1
+                    self._fail_round()
+                    self._bugs += 1
+                    bugs = self._bugs
+                self._wake_waiters()
+                if bugs == FATAL_AFTER and self.on_fatal is not None:
+                    self.on_fatal(f"nat: the kernel worker failed {bugs} times in a row ({e!r})")
 
-    def _apply(self, delta: Delta) -> None:
-        assert self._reconciler is not None
-        if self._out_of_sync:
-            self._rebuild(self._model.elements())
-            return
-        try:
-            self._reconciler.apply(delta, self._model.elements)
-        except NftError as e:
-            log.error("nat: steer map out of sync, retrying: %s", e)
-            self._out_of_sync = True
-        metrics.NAT_ELEMENTS.set(len(self._model))
+    def _due(self) -> bool:
+        return (self._reset_from is not None or bool(self._pending)) and time.monotonic() >= self._retry_at
 
-    def _resync(self) -> None:
+    def _retry_in(self) -> float | None:
+        due = self._reset_from is not None or bool(self._pending)
+        return max(0.0, self._retry_at - time.monotonic()) if due and self._retry_at else None
+
+    def _reset_model(self, reader: PoolReader) -> bool:
+        """Build the model of a whole new state aside (O(pool), outside our lock), then swap it in
+        with the changes applied meanwhile replayed onto it (each is an assignment: replaying one the
+        state already held changes nothing). False when it must be read again (another reset came,
+        or more changes arrived than ``_raw`` keeps)."""
         with self._lock:
-            if self._out_of_sync and self._kernel_ready():
-                self._rebuild(self._model.elements())
+            generation = self._resets
+            model = SteerModel()
+            model.adopt_node_ips(self._model)
+        mappings = list(reader.mappings())
+        targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
+        model.reset(mappings, targets)
+        with self._lock:
+            if generation != self._resets:
+                return False
+            if self._raw_lost:  # changes since the overflow are in the next read; collect from now on
+                self._raw, self._raw_size, self._raw_lost = [], 0, False
+                return False
+            model.adopt_node_ips(self._model)  # a netmap change while building
+            for changes in self._raw:
+                model.apply(changes)
+            self._reset_from = None
+            self._raw, self._raw_size = [], 0
+            self._model = model
+            self._pending.mark_rebuild()
+            return True
+
+    def _kernel_round(self) -> None:
+        with self._lock:
+            rebuild, delta = self._pending.take()
+            seq = self._recorded
+            kernel = self._kernel_ready()
+            parts = self._model.parts() if rebuild and kernel else None
+            self._busy = ("rebuild" if rebuild else "delta") if kernel else ""
+            metrics.NAT_PENDING.set(0)
+        ok = self._round(delta, parts) if kernel else True  # kernel off: the model is all there is
+        with self._lock:
+            self._busy = ""
+            self._rounds += 1
+            if ok:
+                self._installed = seq
+                self._failures = self._bugs = 0
+                self._out_of_sync = False
+                self._built = self._built or kernel
+            elif ok is None:  # a refused delta: rebuild at once
+                self._pending.mark_rebuild()
+                self._out_of_sync = True
+            else:
+                self._fail_round()
+            metrics.NAT_ELEMENTS.set(len(self._model))
+        self._wake_waiters()
+
+    def _fail_round(self) -> None:
+        """Under the lock: rebuild later, with backoff (0.5 s doubling to 30 s)."""
+        self._pending.mark_rebuild()
+        self._out_of_sync = True
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(RETRY_MAX, RETRY_FIRST * 2 ** (self._failures - 1))
+
+    def _round(self, delta: Delta, parts: list[dict[Key, Address]] | None) -> bool | None:
+        """One transaction: True when the kernel took it, None for a refused delta (rebuild next),
+        False for a failed rebuild (reported; retried with backoff)."""
+        assert self._reconciler is not None
+        if parts is None:
+            try:
+                self._reconciler.apply(delta)
+                return True
+            except NftError as e:
+                log.warning("nat: steer map change refused (%s); rebuilding the table from the pool", e)
+                return None
+        try:
+            self._reconciler.rebuild(flatten(parts))
+            return True
+        except NftError as e:
+            if not self._built and not self._reconciler.exists():
+                self._disable(f"nftables refused table inet appconnector ({e})")
+                return True  # DNS-only from now on: nothing is pending for a kernel we do not use
+            metrics.NAT_WORKER_ERRORS.labels("nftables").inc()
+            log.error("nat: rebuilding table inet appconnector failed (retry %d, with backoff): %s",
+                      self._failures + 1, e)
+            return False
+
+    # -- waiting for the worker (event loop; never blocks it) ----------------------------------------
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        assert self._loop is not None
+        if done():
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            self._waiters.append((done, fut))
+        if done():  # the worker may have finished between the check and the append
+            self._settle()
+        await fut
+
+    def _wake_waiters(self) -> None:
+        loop = self._loop
+        if loop is not None and self._waiters and not loop.is_closed():
+            loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            waiting, self._waiters = self._waiters, []
+        keep = []
+        for done, fut in waiting:
+            if fut.done():
+                continue
+            if done():
+                fut.set_result(None)
+            else:
+                keep.append((done, fut))
+        with self._lock:
+            self._waiters.extend(keep)
+
+    async def ready(self, node: str, address: Address) -> None:
+        """Wait until the kernel holds every change recorded so far: after a checkout returned, the
+        mapping it made steers (or it has no element: no target, no known node IP). Returns at once
+        when the kernel part is off or failing (waiting for a retry in backoff would only delay the
+        answer). Callers bound the wait (DNS: ``NAT_READY_TIMEOUT``)."""
+        with self._lock:
+            target = self._recorded
+        await self._wait(lambda: self._installed >= target or not self._kernel_ready() or self._failures > 0)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def installed(self, node: str, address: Address) -> bool:
+        """True when the kernel steers ``node``'s traffic to ``address`` (its element is in place)."""
+        with self._lock:
+            return (self._kernel_ready() and not self._out_of_sync and self._installed == self._recorded
+                    and self._model.installed(node, address))
+
+    def domains(self) -> list[str]:
+        """Domains that have mappings (what the leader keeps resolved)."""
+        with self._lock:
+            return self._model.domains()
+
+    def status(self) -> dict[str, Any]:
+        """Published values only (no wait for the worker): readiness reads this."""
+        return {"enabled": self.enabled, "reason": self.reason, "mappings": self._model.mapping_count(),
+                "steer_elements": len(self._model), "out_of_sync": self._out_of_sync,
+                "pending": self._recorded - self._installed, "worker": self._busy or "idle",
+                "worker_failures": self._failures, "touches_queued": self.touches_queued,
+                "target_proposals": self._refresher.proposals if self._refresher else 0}
 
     def _purge(self, pairs: list[Key]) -> None:
         try:
@@ -212,32 +432,6 @@ class NatService:
                 log.info("nat: deleted %d conntrack entries of reassigned addresses", n)
         except OSError as e:
             log.warning("nat: conntrack purge failed: %s", e)
-
-    def _on_nodes(self) -> None:
-        assert self.directory is not None
-        node_ips = {n: info.ipv4 for n, info in self.directory.nodes().items()}
-        with self._lock:
-            delta = self._model.set_node_ips(node_ips)
-            if self._kernel_ready():
-                self._apply(delta)
-
-    # -- reads ---------------------------------------------------------------------------------------
-    def installed(self, node: str, address: Address) -> bool:
-        """True when the kernel steers ``node``'s traffic to ``address`` (its element is in place)."""
-        with self._lock:
-            return self._kernel_ready() and not self._out_of_sync and self._model.installed(node, address)
-
-    def domains(self) -> list[str]:
-        """Domains that have mappings (what the leader keeps resolved)."""
-        with self._lock:
-            return self._model.domains()
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {"enabled": self.enabled, "reason": self.reason, "mappings": self._model.mapping_count(),
-                    "steer_elements": len(self._model), "out_of_sync": self._out_of_sync,
-                    "touches_queued": self.touches_queued,
-                    "target_proposals": self._refresher.proposals if self._refresher else 0}
 
     # -- last-used marks ------------------------------------------------------------------------------
     async def _seen_loop(self) -> None:
@@ -257,8 +451,6 @@ class NatService:
         reconciler = self._reconciler
         if reconciler is None or not self._kernel_ready():
             return 0
-        if self._out_of_sync:  # off the event loop: a full rebuild of a big map takes a second or more
-            await asyncio.to_thread(self._resync)
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
         if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
             pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)

@@ -47,6 +47,10 @@ class ReplicaUnavailable(PoolError):
     """The write could not be committed in time (no leader, partition, shutting down). Retry later."""
 
 
+class ReplicaOverloaded(ReplicaUnavailable):
+    """Too many checkouts are already waiting (``pool.max_queued_checkouts``): refused at once."""
+
+
 @dataclass(frozen=True, slots=True)
 class MappingView:
     """One (node, domain) ↔ address mapping as seen in local state."""

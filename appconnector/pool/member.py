@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="members change through Raft (add_member/remove_member); the stored list wins")
     p.add_argument("--write-deadline", type=float, default=15.0,
                    help="seconds before a write that was not committed fails with ReplicaUnavailable")
+    p.add_argument("--checkout-timeout", type=float, default=None,
+                   help="seconds before a checkout fails (pool.checkout_timeout; default: --write-deadline)")
+    p.add_argument("--max-queued-checkouts", type=int, default=PoolConfig.max_queued_checkouts,
+                   help="checkouts waiting to be proposed before more are refused (pool.max_queued_checkouts)")
     p.add_argument("--no-guard", action="store_true",
                    help="run pysyncobj's append handling unguarded (ONLY to show the regression test fails)")
     p.add_argument("--control", default=None, help="serve JSON lines on this unix socket instead of stdin")
@@ -264,7 +268,9 @@ async def _serve_stream(member: Member, reader: asyncio.StreamReader, write: Cal
 
 async def run(args: argparse.Namespace) -> int:
     secret = Path(args.secret_file).read_text().strip() if args.secret_file else None
-    cfg = Config(pool=PoolConfig(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after),
+    timeout = args.write_deadline if args.checkout_timeout is None else args.checkout_timeout
+    cfg = Config(pool=PoolConfig(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
+                                 checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts),
                  cluster=ClusterConfig(state_dir=args.state_dir, self=args.self_address,
                                        peers=tuple(args.partner)))
     tuning = RaftTuning.pysyncobj_defaults() if args.tuning == "defaults" else RaftTuning()

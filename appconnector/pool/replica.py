@@ -44,6 +44,7 @@ from appconnector.pool.api import (
     PoolObserver,
     PoolReader,
     Replica,
+    ReplicaOverloaded,
     ReplicaUnavailable,
     Targets,
 )
@@ -114,6 +115,8 @@ class RaftReplica:
         self._membership_state = MEMBER
         self._write_deadline = write_deadline
         self._state_dir = cfg.cluster.state_dir
+        self._checkout_timeout = cfg.pool.checkout_timeout
+        self._max_queued = cfg.pool.max_queued_checkouts
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
@@ -302,16 +305,21 @@ class RaftReplica:
         if engine is None or self._stopped:
             self._fail(p, ReplicaUnavailable("replica is not running"))
             return
-        if time.monotonic() - p.started > self._write_deadline:
-            self._fail(p, ReplicaUnavailable(f"write not committed within {self._write_deadline:g}s (no leader?)"))
+        # A checkout has a DNS client waiting: its deadline is short (pool.checkout_timeout), and it is
+        # resent sooner so a dropped callback still leaves time for a retry.
+        checkout = p.kind == "checkout"
+        deadline = self._checkout_timeout if checkout else self._write_deadline
+        left = deadline - (time.monotonic() - p.started)
+        if left <= 0:
+            self._fail(p, ReplicaUnavailable(f"write not committed within {deadline:g}s (no quorum or no leader?)"))
             return
         if p.attempts:
             metrics.RAFT_RETRIES.inc()
         p.attempts += 1
         if p.timer is not None:
             p.timer.cancel()
-        p.timer = loop.call_later(min(RETRY_AFTER, max(0.05, self._write_deadline - (time.monotonic() - p.started))),
-                                  self._send, p)
+        retry = min(RETRY_AFTER, deadline / 3) if checkout else RETRY_AFTER
+        p.timer = loop.call_later(min(retry, max(0.05, left)), self._send, p)
 
         def on_result(result: object, err: int) -> None:
             if err != 0 and not p.done:  # retry soon; an apply that still arrives resolves it first
@@ -378,12 +386,26 @@ class RaftReplica:
     # ---- checkouts ----------------------------------------------------------------------------------
 
     async def checkout(self, node: str, domain: str, targets: Targets, ttl: float) -> Address:
+        """Raises ReplicaOverloaded at once when ``pool.max_queued_checkouts`` are already waiting, and
+        ReplicaUnavailable when not applied within ``pool.checkout_timeout`` (no quorum, no leader):
+        the caller answers SERVFAIL instead of leaving its client without an answer."""
         self._check_open()
         assert self._loop is not None
+        if len(self._queue) >= self._max_queued:
+            self._queue = [q for q in self._queue if not q[1].done()]  # drop the ones that gave up
+            if len(self._queue) >= self._max_queued:
+                metrics.POOL_CHECKOUTS_REFUSED.labels("queue_full").inc()
+                raise ReplicaOverloaded(f"{len(self._queue)} checkouts already waiting "
+                                        "(pool.max_queued_checkouts): no quorum, or too busy")
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._queue.append(((node, domain, tuple(targets), float(ttl)), fut))
         self._schedule_flush()
-        address = await fut
+        try:  # on timeout the future is cancelled: a flush skips it, an apply that still comes is kept
+            address = await asyncio.wait_for(fut, self._checkout_timeout)
+        except TimeoutError:
+            metrics.POOL_CHECKOUTS_REFUSED.labels("timeout").inc()
+            raise ReplicaUnavailable(f"checkout not committed within {self._checkout_timeout:g}s "
+                                     "(pool.checkout_timeout): no quorum or no leader") from None
         assert isinstance(address, int)
         return address
 

@@ -212,15 +212,18 @@ def default_apply() -> Callable[[Sequence[Command]], None]:
 
 
 class RaftFilter:
-    """Keeps the Raft-port filter equal to the current members' tailnet IPv4s."""
+    """Keeps the Raft-port filter equal to the current members' tailnet IPv4s. nftables runs in a
+    worker thread (``asyncio.to_thread``), never on the event loop that answers DNS."""
 
     def __init__(self, port: int, apply: Callable[[Sequence[Command]], None] | None = None) -> None:
         self.port = port
         self._apply = apply or default_apply()
         self.allowed: frozenset[str] | None = None
+        self._wanted: frozenset[str] | None = None
+        self._sync: asyncio.Task[None] | None = None
 
     def update(self, allowed_ipv4: Iterable[str]) -> bool:
-        """Re-render when the member set changed. Returns True when the kernel was changed."""
+        """Re-render when the member set changed (blocking: nftables). Returns True when the kernel was changed."""
         allowed = frozenset(allowed_ipv4)
         if allowed == self.allowed:
             return False
@@ -230,16 +233,35 @@ class RaftFilter:
                  ", ".join(sorted(allowed)) or "none")
         return True
 
-    def follow(self, directory: TailnetDirectory, tag: str) -> None:
-        """Apply now and after every netmap change (tagged nodes' IPv4s, online or not)."""
-        def refresh() -> None:
-            try:
-                self.update(ip for n in directory.tagged(tag) for ip in n.ipv4)
-            except Exception:
-                log.exception("could not refresh the Raft-port filter")
-        directory.subscribe(refresh)
-        refresh()
+    async def follow(self, directory: TailnetDirectory, tag: str) -> None:
+        """Apply now (returns once in place) and after every netmap change (tagged nodes' IPv4s, online
+        or not): one transaction at a time off the loop, the latest member set wins."""
+        loop = asyncio.get_running_loop()
 
-    def remove(self) -> None:
-        self._apply(render_raft_filter_removal())
+        def wanted() -> frozenset[str]:
+            return frozenset(ip for n in directory.tagged(tag) for ip in n.ipv4)
+
+        def refresh() -> None:
+            self._wanted = wanted()
+            if self._sync is None or self._sync.done():
+                self._sync = loop.create_task(self._catch_up(), name="raft-filter")
+
+        directory.subscribe(refresh)
+        self._wanted = wanted()
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        while self._wanted is not None and self._wanted != self.allowed:
+            try:
+                await asyncio.to_thread(self.update, self._wanted)
+            except Exception:  # the next netmap change tries again
+                log.exception("could not refresh the Raft-port filter")
+                return
+
+    async def remove(self) -> None:
+        self._wanted = None
+        if self._sync is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
+        await asyncio.to_thread(self._apply, render_raft_filter_removal())
         self.allowed = None

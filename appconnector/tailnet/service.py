@@ -58,7 +58,7 @@ class TailnetService:
             log.warning("this node does not carry cluster.tag %s: it cannot join the cluster "
                         "(tailscale up --advertise-tags=%s)", self.cfg.cluster.tag, self.cfg.cluster.tag)
         if self.raft_filter is not None:
-            self.raft_filter.follow(self.directory, self.cfg.cluster.tag)
+            await self.raft_filter.follow(self.directory, self.cfg.cluster.tag)
         if self.cfg.tailnet.advertise_routes:
             metrics.TAILNET_ROUTES_WANTED.set(len(self.advertiser.prefixes))
             await self.advertiser.advertise()
@@ -130,6 +130,6 @@ class TailnetService:
         await self.directory.stop()
         if self.raft_filter is not None:
             try:
-                self.raft_filter.remove()
+                await self.raft_filter.remove()
             except Exception as e:
                 log.warning("could not remove the Raft-port filter: %s", e)

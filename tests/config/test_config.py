@@ -54,6 +54,9 @@ def test_env_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "key"), [
     ('[pool]\nreuse_after = "two days"', "pool.reuse_after"),
     ('[pool]\nprefixes = ["100.64.1.1/24"]', "pool.prefixes"),
+    ('[pool]\ncheckout_timeout = "0s"', "pool.checkout_timeout"),
+    ('[pool]\ncheckout_timeout = "5m"', "pool.checkout_timeout"),
+    ('[pool]\nmax_queued_checkouts = 0', "pool.max_queued_checkouts"),
     ('[pool]\nprefixes = ["fd00::/64"]', "pool.prefixes"),
     ('[pool]\nprefixes = ["100.64.1.0/24", "100.64.1.128/25"]', "pool.prefixes"),
     ('[dns]\nlisten = ["localhost:53"]', "dns.listen"),

@@ -4,6 +4,7 @@ reassignment and draining on stop. Real sockets throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import threading
 import time
@@ -228,3 +229,53 @@ def test_a_mapping_idle_near_reuse_after_is_confirmed_through_the_pool(running: 
     assert now[1] >= before, "the answer waited for a checkout that marked the mapping used now"
     # answered again at once: now a recent mapping, from local state (and the fast path)
     assert a_of(r.query("app.test")) == [str(ipaddress.IPv4Address(address))]
+
+
+def test_tcp_connections_count_against_the_in_flight_limit(running: Start, stub: StubUpstream) -> None:
+    """Open TCP connections take places in the in-flight limit like UDP queries: beyond it a new
+    connection is closed unanswered (counted), and a connection idle between queries gives its place
+    up to a new query (RFC 7766: a server under pressure may close idle connections)."""
+    import socket
+    import struct
+    stub.mode, stub.delay = "delay", 1.0
+    r = running(make_config(upstream=[f"127.0.0.1:{stub.port}"]), upstream_timeout=5)
+    assert r.service is not None
+    r.service.server.max_inflight = 2
+
+    def send(conn: socket.socket, name: str) -> None:
+        wire = dns.message.make_query(name, "A").to_wire()
+        conn.sendall(struct.pack("!H", len(wire)) + wire)
+
+    def answer(conn: socket.socket) -> dns.message.Message:
+        (n,) = struct.unpack("!H", conn.recv(2))
+        data = b""
+        while len(data) < n:
+            data += conn.recv(n - len(data))
+        return dns.message.from_wire(data)
+
+    tcp0 = metric("appconnector_dns_dropped_total", transport="tcp")
+    udp0 = metric("appconnector_dns_dropped_total", transport="udp")
+    busy = [socket.create_connection((r.host, r.port), timeout=8) for _ in range(2)]
+    try:
+        for i, conn in enumerate(busy):
+            send(conn, f"slow{i}.example")
+        wait_until(lambda: stub.queries >= 1, 5, "the first slow query to reach the upstream")
+        with socket.create_connection((r.host, r.port), timeout=5) as extra:
+            send(extra, "extra.example")
+            assert extra.recv(2) == b"", "a connection beyond the limit is closed unanswered"
+        assert metric("appconnector_dns_dropped_total", transport="tcp") == tcp0 + 1
+        with pytest.raises(dns.exception.Timeout):
+            dns.query.udp(dns.message.make_query("udp.example", "A"), r.host, port=r.port, timeout=0.3)
+        assert metric("appconnector_dns_dropped_total", transport="udp") == udp0 + 1
+        assert all(answer(conn).rcode() == dns.rcode.NOERROR for conn in busy)
+        # both connections are idle now: a new query takes the place of one of them
+        assert r.query("fresh.example").rcode() == dns.rcode.NOERROR
+        closed = 0
+        for conn in busy:
+            conn.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                closed += conn.recv(1) == b""
+        assert closed == 1, "exactly one idle connection made room"
+    finally:
+        for conn in busy:
+            conn.close()

@@ -351,3 +351,108 @@ def test_corrupt_journal_refused_by_connector(tmp_path: Path, nodes: list[str]) 
         assert c3.lookup(nodes[0], "j3.example.com", 5.0) == answers["j3.example.com"]
     finally:
         gen.close()
+
+
+# ---- no quorum -----------------------------------------------------------------------------------------
+
+CHECKOUT_TIMEOUT = 2.0  # the shipped pool.checkout_timeout
+MAX_QUEUED = 8
+
+
+def _timed(m: ConnectorMember, node: str, name: str, tcp: bool = False) -> tuple[int, float]:
+    """(rcode, seconds) of one A query; a client that hears nothing within 10 s fails the test."""
+    t0 = time.monotonic()
+    try:
+        r = _ask(m, node, name, tcp=tcp) if not tcp else dns.query.tcp(
+            dns.message.make_query(name, "A"), "127.0.0.1", port=m.dns_port, timeout=10, source=node)
+    except dns.exception.Timeout:
+        raise AssertionError(f"no answer at all for {name} over {'TCP' if tcp else 'UDP'}") from None
+    return r.rcode(), time.monotonic() - t0
+
+
+def _burst(m: ConnectorMember, node: str, names: list[str], gap: float) -> dict[str, tuple[int, float]]:
+    """Send one UDP query per name, ``gap`` apart, from one socket; collect (rcode, seconds after the
+    last send) per name."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((node, 0))
+    ids = {}
+    for i, name in enumerate(names):
+        q = dns.message.make_query(name, "A", id=1000 + i)
+        ids[1000 + i] = name
+        s.sendto(q.to_wire(), ("127.0.0.1", m.dns_port))
+        time.sleep(gap)
+    sent = time.monotonic()
+    got: dict[str, tuple[int, float]] = {}
+    s.settimeout(0.5)
+    while len(got) < len(names) and time.monotonic() - sent < 10:
+        try:
+            r = dns.message.from_wire(s.recv(65535))
+        except TimeoutError:
+            continue
+        if r.id in ids:
+            got[ids[r.id]] = (r.rcode(), time.monotonic() - sent)
+    s.close()
+    return got
+
+
+@pytest.mark.parametrize("survivor", ["leader", "follower"])
+def test_without_a_quorum_new_names_get_servfail_in_time(tmp_path: Path, nodes: list[str], survivor: str) -> None:
+    """Two of three connectors stopped (SIGSTOP): a new name gets SERVFAIL within twice
+    pool.checkout_timeout over UDP and TCP (not silence, so clients move on), a known name still
+    answers from local state, checkouts beyond pool.max_queued_checkouts are refused at once (SERVFAIL,
+    counted), and once the members come back a new name is answered again."""
+    c = ConnectorCluster(tmp_path / "acfault", 27820 if survivor == "leader" else 27920)
+    for m in c.members.values():
+        m.env = {"APPCONNECTOR_POOL_MAX_QUEUED_CHECKOUTS": str(MAX_QUEUED)}
+    try:
+        c.start()
+        leader = c.leader(timeout=20)
+        m = leader if survivor == "leader" else next(x for x in c.members.values() if x is not leader)
+        known = _ask(m, nodes[0], "known.example.com")
+        assert known.rcode() == dns.rcode.NOERROR and known.answer
+        c.wait_converged()
+        others = [x for x in c.members.values() if x is not m]
+        for x in others:
+            x.pause()
+        times = {}
+        for name, tcp in (("new-udp.example.com", False), ("new-tcp.example.com", True)):
+            rcode, seconds = _timed(m, nodes[1], name, tcp=tcp)
+            assert rcode == dns.rcode.SERVFAIL, (name, dns.rcode.to_text(rcode))
+            assert seconds < 2 * CHECKOUT_TIMEOUT, f"{name}: SERVFAIL after {seconds:.2f}s"
+            times["tcp" if tcp else "udp"] = round(seconds, 3)
+        again = _ask(m, nodes[0], "known.example.com")
+        assert again.rcode() == dns.rcode.NOERROR and again.answer[0] == known.answer[0], again
+        assert _ask(m, nodes[0], "known.example.com", tcp=True).answer[0] == known.answer[0]
+
+        refused0 = _metric(m, 'appconnector_pool_checkouts_refused_total{reason="queue_full"}')
+        overloaded0 = _metric(m, 'appconnector_dns_servfail_total{reason="overloaded"}')
+        names = [f"q{i}.example.com" for i in range(30)]
+        got = _burst(m, nodes[2], names, gap=0.02)
+        assert set(got) == set(names), f"unanswered: {sorted(set(names) - set(got))}"
+        assert {rc for rc, _ in got.values()} == {dns.rcode.SERVFAIL}, got
+        assert max(s for _, s in got.values()) < 2 * CHECKOUT_TIMEOUT, got
+        refused = _metric(m, 'appconnector_pool_checkouts_refused_total{reason="queue_full"}') - refused0
+        assert refused >= 1, "the bounded queue never overflowed"
+        assert _metric(m, 'appconnector_dns_servfail_total{reason="overloaded"}') - overloaded0 == refused
+        assert sum(1 for _, s in got.values() if s < CHECKOUT_TIMEOUT / 2) >= refused, \
+            "overflowing checkouts are refused at once, not after the deadline"
+        assert "checkouts already waiting" in m.log_text()
+        fast = sorted(s for _, s in got.values())
+        _report("no_quorum", {"survivor": survivor, "servfail_seconds": times, "burst_refused": refused,
+                              "burst_fastest": round(fast[0], 3), "burst_slowest": round(fast[-1], 3)})
+        print(f"no quorum ({survivor} left): SERVFAIL after {times}; burst of 30: {refused:.0f} refused at once, "
+              f"answers {fast[0]:.3f}-{fast[-1]:.3f}s after the last send")
+
+        for x in others:
+            x.resume()
+        deadline = time.monotonic() + 30
+        while True:  # a stub resolver retrying: the quorum is back once an election is done
+            r = _ask(m, nodes[1], "after.example.com")
+            if r.rcode() == dns.rcode.NOERROR:
+                break
+            assert time.monotonic() < deadline, "no new name answered after the members came back"
+            time.sleep(0.2)
+        assert r.answer
+        assert "Traceback" not in m.log_text(), m.log_text()[-3000:]
+    finally:
+        c.stop()

@@ -68,10 +68,31 @@ async def main() -> None:
     env = {f"APPCONNECTOR_{k.upper()}": str(v) for k, v in opts.get("env", {}).items()}
     cfg = load(opts.get("config"), env=env)
     replica = await make_replica(opts, cfg)
+    fatal: list[str] = []
     nat = NatService(cfg, replica, None, seen_interval=opts.get("seen_interval", 1.0),
                      conntrack_interval=opts.get("conntrack_interval", 30.0),
-                     touch_refresh=opts.get("touch_refresh"))
+                     touch_refresh=opts.get("touch_refresh"), on_fatal=fatal.append)
     await nat.start()
+    delay = opts.get("nft_delay")
+    if delay and nat._nft is not None:  # a deliberately slow kernel: after start, every transaction takes `delay` s
+        slow = nat._nft
+
+        def slow_run(commands: Any, run: Any = slow.run) -> None:
+            time.sleep(delay)
+            run(commands)
+
+        slow.run = slow_run  # type: ignore[method-assign]
+    broken = {"left": int(opts.get("break_rebuilds", 0))}
+    if broken["left"] and nat._reconciler is not None:  # a bug in the worker's path, the first n rebuilds
+        rec = nat._reconciler
+
+        def buggy_rebuild(elements: Any, rebuild: Any = rec.rebuild) -> None:
+            if broken["left"] > 0:
+                broken["left"] -= 1
+                raise RuntimeError("planted bug in rebuild")
+            rebuild(elements)
+
+        rec.rebuild = buggy_rebuild  # type: ignore[method-assign]
     out = sys.stdout
 
     def reply(obj: dict[str, Any]) -> None:
@@ -87,13 +108,32 @@ async def main() -> None:
         cmd = json.loads(line)
         op = cmd.pop("op")
         try:
-            if op == "checkout":
+            if op == "checkout":  # as DNS does: checkout, then wait (bounded) for the kernel element
                 t0 = time.perf_counter()
                 address = await replica.checkout(cmd["node"], cmd["domain"],
                                                  tuple(sorted(ip_int(t) for t in cmd["targets"])),
                                                  cmd.get("ttl", 60.0))
+                applied = time.perf_counter() - t0
+                await asyncio.wait_for(nat.ready(cmd["node"], address), cmd.get("ready_timeout", 10.0))
                 reply({"address": ip_text(address), "installed": nat.installed(cmd["node"], address),
-                       "seconds": time.perf_counter() - t0})
+                       "applied_seconds": applied, "seconds": time.perf_counter() - t0})
+            elif op == "burst":  # many checkouts without waiting for the kernel: how long each apply takes
+                applies = []
+                targets = tuple(sorted(ip_int(t) for t in cmd["targets"]))
+                for node in cmd.get("nodes", [cmd.get("node")]):
+                    for i in range(cmd["n"]):
+                        t0 = time.perf_counter()
+                        await replica.checkout(node, f"{i}.{cmd['domain']}", targets, 60.0)
+                        applies.append(time.perf_counter() - t0)
+                        if i == 0 and cmd.get("wait_busy"):  # the rest while the worker is in a transaction
+                            deadline = time.monotonic() + 10
+                            while nat.status()["worker"] == "idle" and time.monotonic() < deadline:
+                                await asyncio.sleep(0.005)
+                reply({"max_apply_seconds": max(applies), "status": nat.status()})
+            elif op == "ready":
+                t0 = time.perf_counter()
+                await asyncio.wait_for(nat.ready("", 0), cmd.get("timeout", 30.0))
+                reply({"seconds": time.perf_counter() - t0, "status": nat.status()})
             elif op == "set_targets":
                 await replica.set_targets(cmd["domain"], tuple(sorted(ip_int(t) for t in cmd["targets"])),
                                           cmd.get("ttl", 60.0))
@@ -108,12 +148,18 @@ async def main() -> None:
                 reply({"installed": nat.installed(cmd["node"], ip_int(cmd["address"]))})
             elif op == "status":
                 reply({**nat.status(), "touch_calls": getattr(replica, "touch_calls", None),
+                       "reconciles": {f"{s.labels['kind']}/{s.labels['result']}": s.value
+                                      for m in metrics.NAT_RECONCILES.collect() for s in m.samples
+                                      if s.name.endswith("_total")},
+                       "worker_errors": counter_value(metrics.NAT_WORKER_ERRORS),
+                       "worker_errors_internal": metrics.NAT_WORKER_ERRORS.labels("internal")._value.get(),
+                       "fatal": fatal,
                        "touch_batches": counter_value(metrics.POOL_TOUCH_BATCHES),
                        "unmapped_drops": metrics.NAT_UNMAPPED_DROPS._value.get(),
                        "seen_reads": counter_value(metrics.NAT_SEEN_READS),
                        "last_reconcile": metrics.NAT_LAST_RECONCILE._value.get(),
                        "unmapped_rejects": metrics.NAT_UNMAPPED_REJECTS._value.get(),
-                       "leader": replica.is_leader()})
+                       "leader": replica.is_leader(), "term": replica.status().get("term")})
             elif op == "stop":
                 await nat.stop()
                 await replica.stop()

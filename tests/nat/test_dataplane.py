@@ -383,3 +383,143 @@ def test_without_net_admin_means_dns_only_without_traceback(topo: Topology) -> N
 
 def _ct(topo: Topology) -> str:
     return topo.run_in("conn1", "conntrack", "-L", check=False).stdout[-2000:]
+
+
+# ---- the kernel worker: nftables off the apply thread ---------------------------------------------------
+
+def test_apply_returns_at_once_while_the_worker_is_in_a_slow_rebuild(topo: Topology) -> None:
+    """Every nftables transaction takes 1.5 s here (a big table, a busy kernel). The pool's apply
+    callback must not wait for it (on the Raft apply thread a second there costs the leader its term):
+    a burst of changes during a refused delta and the rebuild after it returns at once, and lands in
+    the kernel with that one rebuild."""
+    d = driver(topo, env={"nat_max_mappings": 4096}, nft_delay=1.5)
+    try:
+        a = d.call("checkout", node=CLI1, domain="before.example", targets=[ORIGIN])
+        assert a["installed"]
+        base = d.call("status")["reconciles"]
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")  # the next delta is refused
+        burst = d.call("burst", node=CLI1, domain="burst.example", n=30, targets=[ORIGIN_B],
+                       wait_busy=True)
+        assert burst["status"]["worker"] != "idle", json.dumps(burst["status"])
+        assert burst["max_apply_seconds"] < 0.5, burst  # one slow transaction alone takes 1.5 s
+        done = d.call("ready", timeout=30)
+        assert done["status"]["pending"] == 0 and not done["status"]["out_of_sync"], done
+        st = d.call("status")
+        grew = {k: v - base.get(k, 0) for k, v in st["reconciles"].items()}
+        assert grew.get("delta/error") == 1 and grew.get("full/ok") == 1, grew
+        assert grew.get("delta/ok", 0) <= 1, f"the burst must be coalesced into the rebuild: {grew}"
+        for i in (0, 29):
+            addr = d.call("lookup", node=CLI1, domain=f"{i}.burst.example")["address"]
+            assert d.call("installed", node=CLI1, address=addr)["installed"]
+        assert client(topo, "cli1", "http", a["address"])["body"].startswith(f"origin {ORIGIN}")
+        last = d.call("lookup", node=CLI1, domain="29.burst.example")["address"]
+        assert client(topo, "cli1", "http", last)["body"].startswith(f"origin {ORIGIN_B}")
+    finally:
+        d.stop()
+
+
+def test_a_burst_of_changes_is_coalesced_into_few_transactions(topo: Topology) -> None:
+    d = driver(topo, nft_delay=1.0)
+    try:
+        base = d.call("status")["reconciles"]
+        burst = d.call("burst", node=CLI1, domain="many.example", n=40, targets=[ORIGIN], wait_busy=True)
+        assert burst["max_apply_seconds"] < 0.5, burst
+        d.call("ready", timeout=30)
+        st = d.call("status")
+        deltas = st["reconciles"].get("delta/ok", 0) - base.get("delta/ok", 0)
+        assert 1 <= deltas <= 3, f"40 changes while a 1 s transaction runs: {deltas} transactions"
+        assert st["steer_elements"] == 40 and not st["out_of_sync"], st
+        addr = d.call("lookup", node=CLI1, domain="39.many.example")["address"]
+        assert client(topo, "cli1", "udp", addr, "late")["reply"] == f"echo {ORIGIN} late"
+    finally:
+        d.stop()
+
+
+def test_a_failing_worker_is_reported_and_recovers(topo: Topology) -> None:
+    """A steer map that cannot take the pool (more mappings than nat.max_mappings) makes the worker's
+    rebuild fail: that is logged, counted, shown in status (unready), retried with backoff, and once
+    the pool fits again (a node forgotten) the table is rebuilt and steers."""
+    d = driver(topo, env={"nat_max_mappings": 1024})
+    try:
+        kept = d.call("checkout", node=CLI1, domain="kept.example", targets=[ORIGIN])["address"]
+        nodes = [f"100.101.9.{i}" for i in range(1, 6)]
+        d.call("burst", nodes=nodes, domain="fill.example", n=205, targets=[ORIGIN_B])  # 1,026 mappings
+        st = wait_for(lambda: (s := d.call("status"))["worker_errors"] >= 2 and s, 20,
+                      lambda: f"the failed rebuild to be retried and counted: {d.call('status')}")
+        assert st["out_of_sync"] and st["worker_failures"] >= 2, st
+        assert "rebuilding table inet appconnector failed" in d.log()
+        d.call("forget", nodes=nodes[:1])
+        wait_for(lambda: not d.call("status")["out_of_sync"], 40, "the retried rebuild to succeed")
+        assert d.call("status")["worker_failures"] == 0
+        assert d.call("installed", node=CLI1, address=kept)["installed"]
+        assert client(topo, "cli1", "http", kept)["body"].startswith(f"origin {ORIGIN}")
+    finally:
+        d.stop()
+
+
+def test_a_slow_kernel_does_not_cost_the_raft_leader_its_term(topo: Topology, tmp_path: Path) -> None:
+    """A real 2-member Raft cluster whose NAT transactions take 2.5 s each (and the leader's table was
+    flushed behind its back, so a rebuild follows a refused delta): the members' apply threads keep
+    ticking, so the leader keeps its term, writes keep committing meanwhile, and both kernels end up
+    steering every mapping."""
+    members = {"conn1": "100.101.0.11:16271", "conn2": "100.101.0.12:16271"}
+    drivers: dict[str, Driver] = {}
+    try:
+        for role, me in members.items():
+            raft = {"self": me, "peers": [p for p in members.values() if p != me], "secret": "acnat-test"}
+            drivers[role] = driver(topo, role, raft=raft, nft_delay=2.5,
+                                   env={"cluster_state_dir": str(tmp_path / role)})
+        leader = wait_for(lambda: next((d for d in drivers.values() if d.call("status")["leader"]), None), 20,
+                          "a Raft leader")
+        first = leader.call("checkout", node=CLI1, domain="term.example", targets=[ORIGIN], timeout=30)
+        assert first["installed"]
+        term = leader.call("status")["term"]
+        topo.run_in(leader.role, "nft", "delete", "table", "inet", "appconnector")
+        burst = leader.call("burst", node=CLI1, domain="during.example", n=20, targets=[ORIGIN_B], timeout=60)
+        assert burst["max_apply_seconds"] < 1.0, burst  # committed through Raft while the kernel is busy
+        for d in drivers.values():
+            d.call("ready", timeout=60)
+        st = leader.call("status")
+        assert st["leader"] and st["term"] == term, f"leadership changed: term {term} → {st['term']}"
+        last = leader.call("lookup", node=CLI1, domain="19.during.example")["address"]
+        for d in drivers.values():
+            assert d.call("installed", node=CLI1, address=last)["installed"]
+        assert client(topo, "cli1", "http", last)["body"].startswith(f"origin {ORIGIN_B}")
+    finally:
+        for d in drivers.values():
+            d.stop()
+
+
+def test_a_bug_in_the_worker_is_reported_and_does_not_stop_steering(topo: Topology) -> None:
+    """An unexpected exception in the worker (planted: the first two rebuilds raise) is logged with its
+    traceback, counted as appconnector_nat_worker_errors{kind="internal"}, and retried: the table is
+    rebuilt and steers."""
+    d = driver(topo, break_rebuilds=2)
+    try:
+        a = d.call("checkout", node=CLI1, domain="bug.example", targets=[ORIGIN])["address"]
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")  # the next delta is refused
+        d.call("checkout", node=CLI1, domain="bug2.example", targets=[ORIGIN_B])  # ready() does not wait out a backoff
+        st = wait_for(lambda: (s := d.call("status"))["worker_errors_internal"] == 2 and not s["out_of_sync"] and s,
+                      20, lambda: f"the retried rebuild to succeed: {d.call('status')}")
+        assert st["worker_failures"] == 0 and not st["fatal"], st
+        assert "planted bug in rebuild" in d.log() and "the kernel worker failed" in d.log()
+        assert client(topo, "cli1", "http", a)["body"].startswith(f"origin {ORIGIN}")
+    finally:
+        d.stop()
+
+
+def test_a_worker_that_keeps_failing_is_reported_fatal_once(topo: Topology) -> None:
+    """Every rebuild raising (a bug that stays): after FATAL_AFTER failures in a row the service tells
+    its on_fatal (the connector then exits 1, and its supervisor restarts it), once."""
+    from appconnector.nat.service import FATAL_AFTER
+
+    d = driver(topo, break_rebuilds=1000)
+    try:
+        d.call("checkout", node=CLI1, domain="doomed.example", targets=[ORIGIN])
+        topo.run_in("conn1", "nft", "delete", "table", "inet", "appconnector")
+        d.call("burst", node=CLI1, domain="more.example", n=1, targets=[ORIGIN])
+        st = wait_for(lambda: (s := d.call("status"))["fatal"] and s, 30, "the fatal report")
+        assert len(st["fatal"]) == 1 and "kernel worker failed" in st["fatal"][0], st
+        assert st["worker_errors_internal"] >= FATAL_AFTER and st["out_of_sync"], st
+    finally:
+        d.stop()

@@ -265,3 +265,85 @@ def test_netlink_decoders_read_keys_and_tuples() -> None:
     a, b = found[2]
     assert ct[a:b] == tuple_orig, "the original tuple is sent back verbatim to delete the entry"
     assert seen._pool_bound(netlink.attr(3, b"\0\0\0\0"), 0, 8) is None
+
+
+def test_pending_delta_coalesces_in_kernel_order_and_turns_a_long_backlog_into_a_rebuild() -> None:
+    k1, k2, k3 = (1, P1), (2, P1), (3, P1)
+    p = render.PendingDelta(limit=4)
+    p.add(Delta(removed=[k1], added={k1: R2}))   # kernel held k1 → R1: replace it
+    p.add(Delta(removed=[k1], added={k1: R3}))   # replaced again before the worker ran
+    p.add(Delta(added={k2: R1}))
+    p.add(Delta(removed=[k2]))                   # never reached the kernel: nothing to do for it
+    rebuild, d = p.take()
+    assert not rebuild and d.removed == [k1] and d.added == {k1: R3}
+    assert not p and p.take() == (False, Delta())
+    p.add(Delta(added={(i, P2): R1 for i in range(5)}))  # past the limit: one rebuild instead
+    assert p.rebuild and len(p) == 0
+    p.add(Delta(added={k3: R1}))
+    assert p.take() == (True, Delta()) and not p
+
+
+def test_model_parts_flatten_to_its_elements_and_do_not_change_with_the_model() -> None:
+    m = SteerModel()
+    m.reset([MappingView(N1, "a.example", P1, 0.0)], {"a.example": (R1,)})
+    parts = m.parts()
+    m.apply(Changes(removed=[(N1, P1, "a.example")], added=[(N2, P2, "b.example")], targets={"b.example": (R2,)}))
+    assert render.flatten(parts) == {(ip(N1), P1): R1}
+    assert render.flatten(m.parts()) == m.elements() == {(ip(N2), P2): R2}
+
+
+def test_the_model_follows_a_state_replaced_while_changes_keep_coming() -> None:
+    """The NAT worker rebuilds its model aside after every state replacement (a snapshot install)
+    while the apply path keeps recording changes (another thread here, as pysyncobj's is); whatever
+    the interleaving, it ends equal to a model built from the final state (kernel part off: this is
+    the model alone)."""
+    import threading
+    import time
+
+    from appconnector.config import load
+    from appconnector.nat.service import NatService
+
+    async def body() -> None:
+        cfg = load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone", "APPCONNECTOR_NAT_ENABLED": "false",
+                              "APPCONNECTOR_POOL_PREFIXES": "100.64.0.0/16"})
+        pool = LocalPool(cfg.pool.prefixes)
+        await pool.start()
+        now = time.time()
+        pool.apply(("checkout_batch", tuple((f"100.101.0.{i % 9}", f"pre{i}.example", (R1 + i % 3,), 60.0)
+                                            for i in range(10000)), now, now - 3600))
+        nat = NatService(cfg, pool, None)
+        await nat.start()
+        done = threading.Event()
+
+        def writer() -> None:  # the apply thread: changes keep coming while the model is rebuilt
+            for j in range(2000):
+                t = time.time()
+                pool.apply(("checkout_batch", ((f"100.101.0.{j % 9}", f"w{j}.example", (R2,), 60.0),), t, t - 3600))
+                if j % 500 == 0:
+                    pool.apply(("forget", (f"100.101.0.{j % 9}",), t))
+                time.sleep(0.0002)
+            done.set()
+
+        try:
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while not done.is_set():
+                nat.on_reset(pool)  # as a snapshot install does
+                await asyncio.sleep(0.25)
+            thread.join()
+            deadline = time.monotonic() + 30
+            while nat.status()["pending"]:
+                assert time.monotonic() < deadline, nat.status()
+                await asyncio.sleep(0.02)
+            views = list(pool.mappings())
+            fresh = SteerModel()
+            fresh.reset(views, {d: pool.targets(d) for d in {v.domain for v in views}})
+            st = nat.status()
+            assert st["mappings"] == fresh.mapping_count() == len(views)
+            assert st["steer_elements"] == len(fresh)
+            assert sorted(nat.domains()) == sorted(fresh.domains())
+        finally:
+            await nat.stop()
+            await pool.stop()
+
+    asyncio.run(body())

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from appconnector.tailnet.cluster import (
 )
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient
-from tests.tailnet.helpers import TAG, run, started
+from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 A = Candidate("nA", "100.100.0.1:6270", True)
 B = Candidate("nB", "100.100.0.2:6270", True)
@@ -248,3 +249,56 @@ def test_render_is_one_replacing_transaction() -> None:
     elems = [c["add"]["element"]["elem"] for c in cmds if "element" in c.get("add", {})]
     assert elems == [["100.100.0.1", "100.100.0.2"]]
     assert not any("element" in c.get("add", {}) for c in render_raft_filter(6270, []))
+
+
+@pytest.mark.root
+def test_raft_filter_refresh_never_blocks_the_event_loop(raft_netns: dict[str, str], tmp_path: Path) -> None:
+    """A netmap change re-renders the filter; nftables (slowed here to 1 s a transaction) runs off the
+    loop, which keeps answering (DNS shares it), and the new member's address lands in the kernel."""
+    import time
+
+    from appconnector.tailnet.cluster import RaftFilter, nft_cli_apply
+
+    srv = raft_netns["srv"]
+
+    def slow_apply(commands: Any) -> None:
+        time.sleep(1.0)
+        nft_cli_apply(commands, prefix=["ip", "netns", "exec", srv])
+
+    def members() -> str:
+        return _sh("ip", "netns", "exec", srv, "nft", "list", "set", "inet", "appconnector_raft", "members4",
+                   check=False).stdout
+
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state("delta"))
+        d = TailnetDirectory(LocalAPIClient(sock), cluster_tag=TAG)
+        filt = RaftFilter(6270, apply=slow_apply)
+        try:
+            await d.start()
+            await filt.follow(d, TAG)
+            assert "100.100.0.2" in members() and "100.100.0.3" not in members()
+            gaps: list[float] = []
+
+            async def ticker() -> None:
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.02)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            await wait_for(lambda: bool(s._watchers), what="watch connected")
+            tick = asyncio.create_task(ticker())
+            s.add_peer("nConn3", ["100.100.0.3"], tags=[TAG])
+            deadline = time.monotonic() + 15
+            while "100.100.0.3" not in members():
+                assert time.monotonic() < deadline, "the new member never reached the filter"
+                await asyncio.sleep(0.1)
+            tick.cancel()
+            assert gaps and max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f}s behind nftables"
+        finally:
+            await filt.remove()
+            await d.stop()
+            await s.stop()
+    run(body())
