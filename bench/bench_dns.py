@@ -1,17 +1,25 @@
-"""DNS benchmark: the connector against Unbound (one thread), same names, same run, on loopback.
+"""DNS benchmark: the shipped connector (`appconnector run`) against Unbound (one thread), same run.
 
-    ./dev bench bench_dns [--seconds 8] [--names 2000] [--new-names 3000] [--cluster]
+    ./dev bench bench_dns [--seconds 2] [--rounds 5] [--names 2000] [--sources 4] [--new-names 3000]
+                          [--no-cluster] [--no-uvloop] [--no-in-process]
 
-1. Known mappings: dnsperf replays A queries for ``--names`` names, first against Unbound serving
-   them as local data, then against the connector (DnsService + LocalPool on uvloop, every name
-   already mapped for the client, so the pre-built fast path answers). Reports both qps and the ratio
-   (target ≥ 0.7).
-2. New names: dnsperf sends each of ``--new-names`` fresh names once (100 outstanding); every query
-   is an upstream lookup (Unbound) plus a pool checkout: checkouts/s on a single node with LocalPool,
-   and, with ``--cluster``, through a 3-member RaftReplica cluster (separate processes on loopback).
-3. First-answer latency: a client in another process asks fresh names one at a time; p50/p99.
+Everything on loopback; the servers (each connector process and Unbound, one thread) are pinned to
+core 1, every client to core 0 (``bench/shipped.py``). Headline rows are ``appconnector run --config``
+processes with the shipped defaults (stdlib event loop, RaftReplica with compaction, standalone mode
+where the client IP is the node), driven from outside:
 
-Prints a markdown table (paste into bench/README.md).
+1. Known names: ``--sources`` dnsperf processes at once, one per loopback source address (one node
+   each), replay A queries for ``--names`` names after each node has checked them all out; Unbound
+   serves the same names as local data. Unbound and the connectors alternate in ``--seconds`` rounds;
+   the ratio is the median of per-round ratios (target ≥ 0.8).
+2. New names: dnsperf sends ``--new-names`` fresh names once (100 outstanding): each is an upstream
+   lookup (Unbound) plus a Raft checkout. First answer: a client asks fresh names one at a time.
+3. The same through a 3-member standalone cluster (static peers, shared secret): through the leader and
+   through a follower.
+
+Extra rows, labelled: the same `run` started with uvloop (the event-loop decision), and the old
+in-process measurement (DnsService + LocalPool on uvloop inside this process, plus a UDP echo there).
+Prints a markdown table (paste into bench/README.md). Stops by itself: every client call has a timeout.
 """
 
 from __future__ import annotations
@@ -19,118 +27,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import socket
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shipped import (
+    POOL,
+    Connector,
+    dnsperf,
+    dnsperf_many,
+    free_port,
+    latency_client,
+    percentile,
+    sources,
+    start_cluster,
+    start_unbound,
+)
 
 from appconnector.config import Config, load
-from appconnector.dns.service import DnsService
-from appconnector.pool.api import Replica
-from appconnector.pool.local import LocalPool
-from appconnector.tailnet.standalone import StandaloneIdentity
 
-POOL = "100.80.0.0/12"
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-
-
-def start_unbound(workdir: Path, names: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    lines = ["server:", f"  interface: 127.0.0.1@{port}", "  do-daemonize: no", '  username: ""', '  chroot: ""',
-             f'  directory: "{workdir}"', '  pidfile: ""', "  use-syslog: no", "  verbosity: 0", "  num-threads: 1",
-             "  do-ip6: no", "  access-control: 127.0.0.0/8 allow", '  module-config: "iterator"',
-             '  local-zone: "bench.test." static',
-             '  local-data: "bench.test. 3600 IN SOA ns.bench.test. h.bench.test. 1 3600 600 86400 60"',
-             *[f'  local-data: "k{i}.bench.test. 300 IN A 192.0.2.{1 + i % 250}"' for i in range(names)],
-             # every name below new.test answers A 198.18.0.1: fresh names without a huge config
-             '  local-zone: "new.test." redirect', '  local-data: "new.test. 300 IN A 198.18.0.1"',
-             "remote-control:", "  control-enable: no"]
-    conf = workdir / "unbound.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen(["unbound", "-d", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if dns_query("127.0.0.1", port, "k0.bench.test") is not None:
-            return proc, port
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("unbound did not start")
-
-
-def dns_query(host: str, port: int, name: str, timeout: float = 0.5) -> bytes | None:
-    packet = struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        packet += bytes([len(label)]) + label.encode()
-    packet += b"\x00\x00\x01\x00\x01"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.sendto(packet, (host, port))
-        try:
-            return s.recv(4096)
-        except TimeoutError:
-            return None
-
-
-def dnsperf(port: int, datafile: Path, seconds: float | None, *, once: bool = False,
-            outstanding: int = 100, clients: int = 4) -> dict[str, float]:
-    cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(datafile), "-c", str(clients),
-           "-T", "1", "-q", str(outstanding), "-t", "5"]
-    cmd += ["-n", "1"] if once else ["-l", str(seconds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-
-    def grab(label: str) -> float:
-        m = re.search(rf"{label}:\s+([0-9.]+)", out)
-        return float(m.group(1)) if m else float("nan")
-    return {"qps": grab("Queries per second"), "completed": grab("Queries completed"),
-            "lost": grab("Queries lost"), "avg_latency": grab(r"Average Latency \(s\)")}
-
-
-def latency_client(port: int, prefix: str, count: int) -> list[float]:
-    """Runs in a child process: one fresh name at a time, wall time per answer."""
-    code = f"""
-import socket, struct, time, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-out = []
-for i in range({count}):
-    name = "{prefix}" + str(i) + ".new.test"
-    p = struct.pack("!6H", i & 0xffff, 0x0100, 1, 0, 0, 0)
-    for l in name.split("."):
-        p += bytes([len(l)]) + l.encode()
-    p += b"\\x00\\x00\\x01\\x00\\x01"
-    t = time.perf_counter(); s.sendto(p, ("127.0.0.1", {port})); s.recv(4096)
-    out.append(time.perf_counter() - t)
-print(" ".join(repr(x) for x in out))
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return [float(x) for x in res.stdout.split()]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+Row = tuple[str, str, str]
 
 
 def config(upstream_port: int, dns_port: int) -> Config:
@@ -159,152 +83,176 @@ def start_echo(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-async def run_connector(cfg: Config, replica: Replica, work: Any) -> Any:
-    """Start the service on ``replica``, run ``work(port)`` in a thread (it blocks on subprocesses)."""
-    service = DnsService(cfg, replica, StandaloneIdentity())
-    await service.start()
-    try:
-        port = service.bound[0][1]
-        return await asyncio.to_thread(work, port)
-    finally:
-        await service.stop()
+def alternate(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Each round runs every measurement once, in turn: the shared machine's load drifts."""
+    out: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            out[k].append(f())
+        print("  " + ", ".join(f"{k} {v[-1]:,.0f} qps" for k, v in out.items()), file=sys.stderr)
+    return out
+
+
+def ratio_row(label: str, runs: list[float], ref: list[float], target: str = "") -> Row:
+    ratios = [c / u for c, u in zip(runs, ref, strict=True)]
+    return (label, f"{statistics.median(runs):,.0f} qps",
+            f"**{statistics.median(ratios):.2f}** of Unbound (per-round " + ", ".join(f"{r:.2f}" for r in ratios)
+            + (f"; target {target}" if target else "") + ")")
+
+
+def new_name_rows(label: str, port: int, work: Path, tag: str, args: argparse.Namespace,
+                  samples: int) -> list[Row]:
+    fresh = work / f"fresh-{tag}.txt"
+    fresh.write_text("".join(f"{tag}{i}.new.test A\n" for i in range(args.new_names)))
+    new = dnsperf(port, fresh, None, once=True)
+    lat = latency_client(port, f"{tag}lat", samples)
+    return [(f"new names, {label}: checkouts/s", f"{new['qps']:,.0f}/s",
+             f"{int(new['completed'])} names once, 100 outstanding, {int(new['lost'])} lost; "
+             "each an upstream lookup + checkout"),
+            (f"first answer of a new name, {label}", f"p50 {percentile(lat, 50) * 1e3:.2f} ms",
+             f"p99 {percentile(lat, 99) * 1e3:.2f} ms ({len(lat)} sequential names)")]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--rounds", type=int, default=9, help="alternating Unbound/connector/echo qps rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating known-name rounds")
     ap.add_argument("--names", type=int, default=2000)
+    ap.add_argument("--sources", type=int, default=4, help="client source addresses (nodes), one dnsperf each")
     ap.add_argument("--new-names", type=int, default=3000)
     ap.add_argument("--latency-samples", type=int, default=500)
-    ap.add_argument("--cluster", action="store_true", help="also through a 3-member RaftReplica cluster")
+    ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--no-uvloop", action="store_true", help="skip the `run` with uvloop comparison")
+    ap.add_argument("--no-in-process", action="store_true", help="skip the old in-process rows")
     args = ap.parse_args()
-    for tool in ("dnsperf", "unbound"):
+    for tool in ("dnsperf", "unbound", "taskset"):
         if shutil.which(tool) is None:
-            print(f"needs {tool} (apt-get install {tool})", file=sys.stderr)
+            print(f"needs {tool}", file=sys.stderr)
             return 2
-    rows: list[tuple[str, str, str]] = []
+    load_before = os.getloadavg()
+    rows: list[Row] = []
+    srcs = sources(args.sources)
     with tempfile.TemporaryDirectory(prefix="acdns-bench-") as tmp:
         work = Path(tmp)
         unbound, ub_port = start_unbound(work, args.names)
+        known = work / "known.txt"
+        known.write_text("".join(f"k{i}.bench.test A\n" for i in range(args.names)))
+        started: list[Connector] = []
         try:
-            known = work / "known.txt"
-            known.write_text("".join(f"k{i}.bench.test A\n" for i in range(args.names)))
-            unbound_runs: list[float] = []
-
-            async def single() -> dict[str, Any]:
-                pool = LocalPool((POOL,))
-                await pool.start()
-                try:
-                    cfg = config(ub_port, free_port())
-                    echo_sock, echo_port = start_echo(asyncio.get_running_loop())
-
-                    def scenario(port: int) -> dict[str, Any]:
-                        dnsperf(port, known, None, once=True)  # map every name for 127.0.0.1
-                        # alternate Unbound and the connector: the machine is shared, its load drifts
-                        fast_runs, echo_runs = [], []
-                        for _ in range(args.rounds):
-                            unbound_runs.append(dnsperf(ub_port, known, args.seconds)["qps"])
-                            fast_runs.append(dnsperf(port, known, args.seconds)["qps"])
-                            echo_runs.append(dnsperf(echo_port, known, args.seconds)["qps"])
-                            print(f"unbound {unbound_runs[-1]:.0f} qps, connector {fast_runs[-1]:.0f} qps, "
-                                  f"echo {echo_runs[-1]:.0f} qps", file=sys.stderr)
-                        fast = {"qps": statistics.median(fast_runs), "runs": fast_runs, "echo": echo_runs}
-                        fresh = work / "fresh.txt"
-                        fresh.write_text("".join(f"s{i}.new.test A\n" for i in range(args.new_names)))
-                        new = dnsperf(port, fresh, None, once=True)
-                        lat = latency_client(port, "lat", args.latency_samples)
-                        return {"fast": fast, "new": new, "lat": lat}
-                    return dict(await run_connector(cfg, pool, scenario))
-                finally:
-                    asyncio.get_running_loop().remove_reader(echo_sock.fileno())
-                    echo_sock.close()
-                    await pool.stop()
-            res = uvloop.run(single())
-            ub_qps = statistics.median(unbound_runs)
-            ratios = [c / u for c, u in zip(res["fast"]["runs"], unbound_runs, strict=True)]
-            rows.append(("known mappings, Unbound 1 thread (reference)", f"{ub_qps:,.0f} qps",
-                         "median of " + ", ".join(f"{q:,.0f}" for q in unbound_runs)))
-            rows.append(("known mappings, connector (fast path, uvloop)", f"{res['fast']['qps']:,.0f} qps",
-                         f"**{statistics.median(ratios):.2f}** of Unbound (median of per-round ratios "
-                         + ", ".join(f"{r:.2f}" for r in ratios) + "; target ≥ 0.7); best rounds "
-                         f"{max(res['fast']['runs']):,.0f} vs {max(unbound_runs):,.0f} = "
-                         f"{max(res['fast']['runs']) / max(unbound_runs):.2f}"))
-            echo_ratios = [e / u for e, u in zip(res["fast"]["echo"], unbound_runs, strict=True)]
-            rows.append(("UDP echo in this process (ceiling of Python + uvloop, no DNS work)",
-                         f"{statistics.median(res['fast']['echo']):,.0f} qps",
-                         f"{statistics.median(echo_ratios):.2f} of Unbound"))
-            rows.append(("new names, single node (LocalPool): checkouts/s", f"{res['new']['qps']:,.0f}/s",
-                         f"{int(res['new']['completed'])} names, each an upstream lookup + checkout"))
-            lat = res["lat"]
-            rows.append(("first answer of a new name, single node", f"p50 {percentile(lat, 50) * 1e3:.2f} ms",
-                         f"p99 {percentile(lat, 99) * 1e3:.2f} ms ({len(lat)} sequential names)"))
-            if args.cluster:
-                rows += cluster_rows(args, work, ub_port)
+            print("single node: `appconnector run` (stdlib loop)" + ("" if args.no_uvloop else " and with uvloop"),
+                  file=sys.stderr)
+            single = Connector(work, "single", ub_port).start()
+            started.append(single)
+            targets = {"connector": single}
+            if not args.no_uvloop:
+                targets["uvloop"] = Connector(work, "single-uvloop", ub_port, uvloop=True).start()
+                started.append(targets["uvloop"])
+            for c in targets.values():
+                c.wait_ready()
+                dnsperf_many(c.dns_port, known, None, srcs, once=True)  # every node checks out every name
+            runs = alternate(args.rounds, {
+                "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
+                **{k: (lambda c=c: dnsperf_many(c.dns_port, known, args.seconds, srcs)["qps"])
+                   for k, c in targets.items()}})
+            ub = runs["unbound"]
+            rows.append(("known names, Unbound 1 thread (reference)", f"{statistics.median(ub):,.0f} qps",
+                         "median of " + ", ".join(f"{q:,.0f}" for q in ub)))
+            rows.append(ratio_row(f"known names, `appconnector run`, single node, {args.sources} nodes",
+                                  runs["connector"], ub, "≥ 0.8"))
+            if "uvloop" in runs:
+                rows.append(ratio_row("extra: the same `run` started with uvloop (not shipped)", runs["uvloop"], ub))
+            rows += new_name_rows("`run`, single node", single.dns_port, work, "s", args, args.latency_samples)
+            for c in started:
+                c.stop()
+            started.clear()
+            if not args.no_cluster:
+                rows += cluster_rows(args, work, ub_port, known, srcs, started)
+            for c in started:
+                c.stop()
+            started.clear()
+            if not args.no_in_process:
+                rows += in_process_rows(args, ub_port, known, srcs)
         finally:
-            unbound.terminate()
-            unbound.wait(5)
+            for c in started:
+                c.stop()
+            from shipped import stop_group
+            stop_group(unbound)
     print("| measurement | result | note |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    print(f"\n{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"dnsperf -c 4 -T 1 -q 100, {args.rounds} alternating rounds of {args.seconds:.0f} s, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    load_after = os.getloadavg()
+    print(f"\n{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, servers on core 1, "
+          f"clients on core 0, {args.sources} dnsperf (-c 1 -q {max(1, 100 // args.sources)}) at once, "
+          f"{args.rounds} alternating rounds of {args.seconds:.0f} s, "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     return 0
 
 
-def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int) -> list[tuple[str, str, str]]:
-    """New-name checkouts through a 3-member RaftReplica cluster: this process hosts one member (with
-    the DNS service), two more run as separate processes (``appconnector.pool.member``)."""
-    try:
-        from appconnector.pool.member import MemberProcess, free_ports
-        from appconnector.pool.replica import RaftReplica
-    except ImportError:
-        return [("new names, 3-node RaftReplica", "n/a", "appconnector.pool.replica not available")]
-    members = [f"127.0.0.1:{p}" for p in free_ports(3)]
-    secret = work / "secret"
-    secret.write_text("bench-secret\n")
-    others = [MemberProcess(members[i], [m for m in members if m != members[i]], work / f"m{i}",
-                            secret_file=secret, prefixes=(POOL,)).start() for i in (1, 2)]
+def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int, known: Path, srcs: list[str],
+                 started: list[Connector]) -> list[Row]:
+    """Three `appconnector run` members (standalone, static peers, shared secret): leader and a follower."""
+    print("3-member cluster of `appconnector run`", file=sys.stderr)
+    base = work / "cluster"
+    base.mkdir()
+    members = start_cluster(base, ub_port)
+    started += members
+    leader, follower = members[0], members[1]
+    for c in (leader, follower):
+        dnsperf_many(c.dns_port, known, None, srcs, once=True)
+    runs = alternate(args.rounds, {
+        "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
+        "leader": lambda: dnsperf_many(leader.dns_port, known, args.seconds, srcs)["qps"],
+        "follower": lambda: dnsperf_many(follower.dns_port, known, args.seconds, srcs)["qps"]})
+    rows = [ratio_row("known names, 3-member cluster, through the leader", runs["leader"], runs["unbound"], "≥ 0.8"),
+            ratio_row("known names, 3-member cluster, through a follower", runs["follower"], runs["unbound"],
+                      "≥ 0.8")]
+    samples = min(args.latency_samples, 300)
+    rows += new_name_rows("3-member cluster, through the leader", leader.dns_port, work, "cl", args, samples)
+    rows += new_name_rows("3-member cluster, through a follower", follower.dns_port, work, "cf", args, samples)
+    return rows
 
-    async def run() -> dict[str, Any]:
-        cfg = load(None, env={
-            "APPCONNECTOR_TAILNET_MODE": "standalone", "APPCONNECTOR_DNS_LISTEN": f"127.0.0.1:{free_port()}",
-            "APPCONNECTOR_DNS_UPSTREAM": f"127.0.0.1:{ub_port}", "APPCONNECTOR_POOL_PREFIXES": POOL,
-            "APPCONNECTOR_NAT_ENABLED": "false", "APPCONNECTOR_CLUSTER_STATE_DIR": str(work / "m0"),
-            "APPCONNECTOR_CLUSTER_SELF": members[0], "APPCONNECTOR_CLUSTER_PEERS": ",".join(members[1:]),
-            "APPCONNECTOR_CLUSTER_SECRET_FILE": str(secret)})
-        replica = RaftReplica(cfg, members[0], members[1:], cfg.read_secret())
-        await replica.start()
+
+def in_process_rows(args: argparse.Namespace, ub_port: int, known: Path, srcs: list[str]) -> list[Row]:
+    """The old measurement, kept as extra rows: DnsService + LocalPool on uvloop in this process (pinned to
+    the server core while it runs), and a UDP echo in the same loop (the ceiling of Python + uvloop)."""
+    import uvloop
+
+    from appconnector.dns.service import DnsService
+    from appconnector.pool.local import LocalPool
+    from appconnector.tailnet.standalone import StandaloneIdentity
+    print("in-process DnsService + LocalPool on uvloop", file=sys.stderr)
+
+    async def measure() -> dict[str, list[float]]:
+        pool = LocalPool((POOL,))
+        await pool.start()
+        echo_sock, echo_port = start_echo(asyncio.get_running_loop())
+        service = DnsService(config(ub_port, free_port()), pool, StandaloneIdentity())
+        await service.start()
         try:
-            deadline = time.monotonic() + 30
-            while not replica.status().get("leader"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no Raft leader after 30 s: {replica.status()}")
-                await asyncio.sleep(0.1)
+            port = service.bound[0][1]
 
-            def scenario(port: int) -> dict[str, Any]:
-                fresh = work / "fresh-cluster.txt"
-                fresh.write_text("".join(f"c{i}.new.test A\n" for i in range(args.new_names)))
-                new = dnsperf(port, fresh, None, once=True)
-                lat = latency_client(port, "clat", min(args.latency_samples, 300))
-                return {"new": new, "lat": lat, "leader": replica.is_leader()}
-            return dict(await run_connector(cfg, replica, scenario))
+            def scenario() -> dict[str, list[float]]:
+                dnsperf_many(port, known, None, srcs, once=True)
+                return alternate(args.rounds, {
+                    "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
+                    "in-process": lambda: dnsperf_many(port, known, args.seconds, srcs)["qps"],
+                    "echo": lambda: dnsperf_many(echo_port, known, args.seconds, srcs)["qps"]})
+            return await asyncio.to_thread(scenario)
         finally:
-            await replica.stop()
+            await service.stop()
+            asyncio.get_running_loop().remove_reader(echo_sock.fileno())
+            echo_sock.close()
+            await pool.stop()
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})
     try:
-        for m in others:
-            m.wait_ready()
-        res = uvloop.run(run())
+        runs = uvloop.run(measure())
     finally:
-        for m in others:
-            m.stop()
-    where = "DNS on the leader" if res["leader"] else "DNS on a follower"
-    lat = res["lat"]
-    return [("new names, 3-node RaftReplica: checkouts/s", f"{res['new']['qps']:,.0f}/s",
-             f"{int(res['new']['completed'])} names, {where}; concurrent checkouts batched per Raft entry"),
-            ("first answer of a new name, 3-node cluster", f"p50 {percentile(lat, 50) * 1e3:.2f} ms",
-             f"p99 {percentile(lat, 99) * 1e3:.2f} ms ({len(lat)} sequential names, {where})")]
+        os.sched_setaffinity(0, mask)
+    return [ratio_row("in-process: DnsService + LocalPool on uvloop (not `run`)", runs["in-process"],
+                      runs["unbound"]),
+            ratio_row("in-process: UDP echo on uvloop (ceiling of Python, no DNS work)", runs["echo"],
+                      runs["unbound"])]
 
 
 if __name__ == "__main__":
