@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shipped import (
     POOL,
     Connector,
+    cpu_seconds,
     dnsperf,
     dnsperf_many,
     free_port,
@@ -50,6 +50,7 @@ from shipped import (
     sources,
     start_cluster,
     start_unbound,
+    stop_group,
 )
 
 from appconnector.config import Config, load
@@ -83,21 +84,44 @@ def start_echo(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def alternate(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
-    """Each round runs every measurement once, in turn: the shared machine's load drifts."""
-    out: dict[str, list[float]] = {k: [] for k in runs}
+class Runs:
+    """Per-round qps and server CPU per answer (utime+stime of the server process over the round / answers):
+    the CPU figure is what one dedicated core would give, and moves much less with the machine's load."""
+
+    def __init__(self) -> None:
+        self.qps: list[float] = []
+        self.us: list[float] = []
+
+
+def alternate(rounds: int, seconds: float, datafile: Path, srcs: list[str],
+              targets: dict[str, tuple[int, int]]) -> dict[str, Runs]:
+    """Each round drives every target (name → (DNS port, server pid)) once, in turn: the shared
+    machine's load drifts, so each ratio compares runs seconds apart."""
+    out = {k: Runs() for k in targets}
     for _ in range(rounds):
-        for k, f in runs.items():
-            out[k].append(f())
-        print("  " + ", ".join(f"{k} {v[-1]:,.0f} qps" for k, v in out.items()), file=sys.stderr)
+        for k, (port, pid) in targets.items():
+            before = cpu_seconds(pid)
+            r = dnsperf_many(port, datafile, seconds, srcs)
+            out[k].qps.append(r["qps"])
+            out[k].us.append(1e6 * (cpu_seconds(pid) - before) / max(1.0, r["completed"]))
+        print("  " + ", ".join(f"{k} {v.qps[-1]:,.0f} qps {v.us[-1]:.1f} µs" for k, v in out.items()),
+              file=sys.stderr)
     return out
 
 
-def ratio_row(label: str, runs: list[float], ref: list[float], target: str = "") -> Row:
-    ratios = [c / u for c, u in zip(runs, ref, strict=True)]
-    return (label, f"{statistics.median(runs):,.0f} qps",
+def ratio_row(label: str, runs: Runs, ref: Runs, target: str = "") -> Row:
+    ratios = [c / u for c, u in zip(runs.qps, ref.qps, strict=True)]
+    cpu = [u / c for c, u in zip(runs.us, ref.us, strict=True)]
+    return (label, f"{statistics.median(runs.qps):,.0f} qps",
             f"**{statistics.median(ratios):.2f}** of Unbound (per-round " + ", ".join(f"{r:.2f}" for r in ratios)
-            + (f"; target {target}" if target else "") + ")")
+            + (f"; target {target}" if target else "") + f"); CPU per answer {statistics.median(runs.us):.1f} µs "
+            f"vs Unbound's {statistics.median(ref.us):.1f} µs = **{statistics.median(cpu):.2f}** of its rate per core")
+
+
+def ref_row(ub: Runs) -> Row:
+    return ("known names, Unbound 1 thread (reference)", f"{statistics.median(ub.qps):,.0f} qps",
+            "median of " + ", ".join(f"{q:,.0f}" for q in ub.qps)
+            + f"; CPU per answer {statistics.median(ub.us):.1f} µs")
 
 
 def new_name_rows(label: str, port: int, work: Path, tag: str, args: argparse.Namespace,
@@ -150,13 +174,10 @@ def main() -> int:
             for c in targets.values():
                 c.wait_ready()
                 dnsperf_many(c.dns_port, known, None, srcs, once=True)  # every node checks out every name
-            runs = alternate(args.rounds, {
-                "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
-                **{k: (lambda c=c: dnsperf_many(c.dns_port, known, args.seconds, srcs)["qps"])
-                   for k, c in targets.items()}})
+            runs = alternate(args.rounds, args.seconds, known, srcs, {
+                "unbound": (ub_port, unbound.pid), **{k: (c.dns_port, c.pid()) for k, c in targets.items()}})
             ub = runs["unbound"]
-            rows.append(("known names, Unbound 1 thread (reference)", f"{statistics.median(ub):,.0f} qps",
-                         "median of " + ", ".join(f"{q:,.0f}" for q in ub)))
+            rows.append(ref_row(ub))
             rows.append(ratio_row(f"known names, `appconnector run`, single node, {args.sources} nodes",
                                   runs["connector"], ub, "≥ 0.8"))
             if "uvloop" in runs:
@@ -166,16 +187,15 @@ def main() -> int:
                 c.stop()
             started.clear()
             if not args.no_cluster:
-                rows += cluster_rows(args, work, ub_port, known, srcs, started)
+                rows += cluster_rows(args, work, ub_port, unbound.pid, known, srcs, started)
             for c in started:
                 c.stop()
             started.clear()
             if not args.no_in_process:
-                rows += in_process_rows(args, ub_port, known, srcs)
+                rows += in_process_rows(args, ub_port, unbound.pid, known, srcs)
         finally:
             for c in started:
                 c.stop()
-            from shipped import stop_group
             stop_group(unbound)
     print("| measurement | result | note |\n|---|---|---|")
     for r in rows:
@@ -188,7 +208,7 @@ def main() -> int:
     return 0
 
 
-def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int, known: Path, srcs: list[str],
+def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int, ub_pid: int, known: Path, srcs: list[str],
                  started: list[Connector]) -> list[Row]:
     """Three `appconnector run` members (standalone, static peers, shared secret): leader and a follower."""
     print("3-member cluster of `appconnector run`", file=sys.stderr)
@@ -199,11 +219,11 @@ def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int, known: Path
     leader, follower = members[0], members[1]
     for c in (leader, follower):
         dnsperf_many(c.dns_port, known, None, srcs, once=True)
-    runs = alternate(args.rounds, {
-        "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
-        "leader": lambda: dnsperf_many(leader.dns_port, known, args.seconds, srcs)["qps"],
-        "follower": lambda: dnsperf_many(follower.dns_port, known, args.seconds, srcs)["qps"]})
-    rows = [ratio_row("known names, 3-member cluster, through the leader", runs["leader"], runs["unbound"], "≥ 0.8"),
+    runs = alternate(args.rounds, args.seconds, known, srcs, {
+        "unbound": (ub_port, ub_pid), "leader": (leader.dns_port, leader.pid()),
+        "follower": (follower.dns_port, follower.pid())})
+    rows = [ref_row(runs["unbound"]),
+            ratio_row("known names, 3-member cluster, through the leader", runs["leader"], runs["unbound"], "≥ 0.8"),
             ratio_row("known names, 3-member cluster, through a follower", runs["follower"], runs["unbound"],
                       "≥ 0.8")]
     samples = min(args.latency_samples, 300)
@@ -212,7 +232,7 @@ def cluster_rows(args: argparse.Namespace, work: Path, ub_port: int, known: Path
     return rows
 
 
-def in_process_rows(args: argparse.Namespace, ub_port: int, known: Path, srcs: list[str]) -> list[Row]:
+def in_process_rows(args: argparse.Namespace, ub_port: int, ub_pid: int, known: Path, srcs: list[str]) -> list[Row]:
     """The old measurement, kept as extra rows: DnsService + LocalPool on uvloop in this process (pinned to
     the server core while it runs), and a UDP echo in the same loop (the ceiling of Python + uvloop)."""
     import uvloop
@@ -222,7 +242,7 @@ def in_process_rows(args: argparse.Namespace, ub_port: int, known: Path, srcs: l
     from appconnector.tailnet.standalone import StandaloneIdentity
     print("in-process DnsService + LocalPool on uvloop", file=sys.stderr)
 
-    async def measure() -> dict[str, list[float]]:
+    async def measure() -> dict[str, Runs]:
         pool = LocalPool((POOL,))
         await pool.start()
         echo_sock, echo_port = start_echo(asyncio.get_running_loop())
@@ -231,12 +251,11 @@ def in_process_rows(args: argparse.Namespace, ub_port: int, known: Path, srcs: l
         try:
             port = service.bound[0][1]
 
-            def scenario() -> dict[str, list[float]]:
+            def scenario() -> dict[str, Runs]:
                 dnsperf_many(port, known, None, srcs, once=True)
-                return alternate(args.rounds, {
-                    "unbound": lambda: dnsperf_many(ub_port, known, args.seconds, srcs)["qps"],
-                    "in-process": lambda: dnsperf_many(port, known, args.seconds, srcs)["qps"],
-                    "echo": lambda: dnsperf_many(echo_port, known, args.seconds, srcs)["qps"]})
+                return alternate(args.rounds, args.seconds, known, srcs, {
+                    "unbound": (ub_port, ub_pid), "in-process": (port, os.getpid()),
+                    "echo": (echo_port, os.getpid())})
             return await asyncio.to_thread(scenario)
         finally:
             await service.stop()
@@ -249,7 +268,8 @@ def in_process_rows(args: argparse.Namespace, ub_port: int, known: Path, srcs: l
         runs = uvloop.run(measure())
     finally:
         os.sched_setaffinity(0, mask)
-    return [ratio_row("in-process: DnsService + LocalPool on uvloop (not `run`)", runs["in-process"],
+    return [ref_row(runs["unbound"]),
+            ratio_row("in-process: DnsService + LocalPool on uvloop (not `run`)", runs["in-process"],
                       runs["unbound"]),
             ratio_row("in-process: UDP echo on uvloop (ceiling of Python, no DNS work)", runs["echo"],
                       runs["unbound"])]

@@ -38,15 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shipped import dnsperf, latency_client, percentile, start_unbound, stop_group
+from shipped import cpu_seconds, dnsperf, latency_client, percentile, start_unbound, stop_group
 from shipped import start_cluster as start_shipped_cluster
 
 from appconnector.pool.member import MemberProcess, free_ports
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_cluster(root: Path, tuning: str) -> list[MemberProcess]:

@@ -50,6 +50,12 @@ def free_port() -> int:
             return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_group(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     """SIGTERM to the process group (a planned stop), SIGKILL if it lingers."""
     if proc.poll() is not None:
