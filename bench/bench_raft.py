@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,22 @@ def start_cluster(root: Path, tuning: str) -> list[MemberProcess]:
     raise RuntimeError("no leader")
 
 
+def concurrently(fn: Callable[[int], Any], n: int) -> tuple[list[Any], float]:
+    """``fn(0) .. fn(n-1)`` at once, one thread each: their results and the wall time of the slowest."""
+    results: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
 def leader_and_follower(members: list[MemberProcess]) -> tuple[MemberProcess, MemberProcess]:
     roles = {m.self_address: m.status()["role"] for m in members}
     leader = next(m for m in members if roles[m.self_address] == "leader")
@@ -84,19 +101,13 @@ def measure(tuning: str, quick: bool) -> dict[str, Any]:
             r = leader.call("load", count=count, concurrency=2000, nodes=200, node_prefix="p", domain_prefix="p",
                             return_acked=False, timeout=600)
             out["pipelined_one"] = r["rate"]
-            results: dict[int, Any] = {}
 
-            def run(i: int, m: MemberProcess) -> None:
-                results[i] = m.call("load", count=count // 3, concurrency=1000, nodes=200, node_prefix=f"a{i}",
-                                    domain_prefix=f"a{i}", return_acked=False, timeout=600)
+            def run(i: int) -> Any:
+                return members[i].call("load", count=count // 3, concurrency=1000, nodes=200, node_prefix=f"a{i}",
+                                       domain_prefix=f"a{i}", return_acked=False, timeout=600)
 
-            threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate(members)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            out["pipelined_all"] = sum(r["acked"] for r in results.values()) / (time.perf_counter() - t0)
+            results, elapsed = concurrently(run, len(members))
+            out["pipelined_all"] = sum(r["acked"] for r in results) / elapsed
             time.sleep(2.0)  # let the adaptive heartbeat settle to idle
             pids = [m.status()["pid"] for m in members]
             before = [cpu_seconds(p) for p in pids]
@@ -128,21 +139,13 @@ def measure_shipped(quick: bool) -> dict[str, Any]:
             fresh.write_text("".join(f"p{i}.new.test A\n" for i in range(count)))
             r = dnsperf(leader.dns_port, fresh, None, once=True, outstanding=2000)
             out["pipelined_one"], out["lost_one"] = r["qps"], r["lost"]
-            results: dict[int, dict[str, float]] = {}
-
-            def run(i: int, port: int) -> None:
-                part = work / f"all{i}.txt"
+            parts = [work / f"all{i}.txt" for i in range(len(members))]
+            for i, part in enumerate(parts):
                 part.write_text("".join(f"a{i}-{j}.new.test A\n" for j in range(count // 3)))
-                results[i] = dnsperf(port, part, None, once=True, outstanding=1000)
-
-            threads = [threading.Thread(target=run, args=(i, m.dns_port)) for i, m in enumerate(members)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            out["pipelined_all"] = sum(r["completed"] for r in results.values()) / (time.perf_counter() - t0)
-            out["lost_all"] = sum(r["lost"] for r in results.values())
+            results, elapsed = concurrently(
+                lambda i: dnsperf(members[i].dns_port, parts[i], None, once=True, outstanding=1000), len(members))
+            out["pipelined_all"] = sum(r["completed"] for r in results) / elapsed
+            out["lost_all"] = sum(r["lost"] for r in results)
             time.sleep(2.0)
             before = [cpu_seconds(m.pid()) for m in members]
             idle = 5.0 if quick else 10.0
