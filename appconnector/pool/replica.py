@@ -206,28 +206,43 @@ class RaftReplica:
         self._flush_touches()
         engine = self._engine
         if engine.is_leader() and self.partners:
-            old_leader = engine.leader()
-            done = asyncio.Event()
-            loop = asyncio.get_running_loop()
-
-            def transferred(ok: bool) -> None:
-                loop.call_soon_threadsafe(done.set)
-
-            engine.transfer_leadership(transferred)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 1.0)
-            deadline = time.monotonic() + 2 * self._tuning.raft_max_timeout
-            while engine.leader() == old_leader and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            if engine.leader() not in (old_leader, None):
-                log.info("raft: handed leadership to %s before stopping", engine.leader())
-            else:
-                log.warning("raft: could not hand leadership away before stopping (no caught-up follower)")
+            await self._hand_leadership_away(engine)
         self._stopped = True
         await asyncio.to_thread(engine.close)
         self._lock.release()
         for p in list(self._waiting.values()):
             self._fail(p, ReplicaUnavailable("replica stopped"))
+
+    async def _hand_leadership_away(self, engine: PoolSyncObj) -> None:
+        """Best effort before a planned stop, so the restart costs no election. pysyncobj denies a transfer
+        while no follower's acknowledged index has reached the leader's last entry (under load, often the
+        entry just written): ask again until a follower is caught up or the deadline passes."""
+        old_leader = engine.leader()
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + 2 * self._tuning.raft_max_timeout
+        while time.monotonic() < deadline and engine.leader() == old_leader:
+            answer: asyncio.Future[bool] = loop.create_future()
+
+            def settle(ok: bool, answer: asyncio.Future[bool] = answer) -> None:
+                if not answer.done():
+                    answer.set_result(ok)
+
+            def transferred(ok: bool, settle: Callable[[bool], None] = settle) -> None:
+                loop.call_soon_threadsafe(settle, ok)
+
+            engine.transfer_leadership(transferred)
+            try:
+                sent = await asyncio.wait_for(answer, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            # Sent: the follower starts an election at once; give it an election's time to win.
+            wait_until = min(deadline, time.monotonic() + (self._tuning.raft_max_timeout if sent else 0.02))
+            while engine.leader() == old_leader and time.monotonic() < wait_until:
+                await asyncio.sleep(0.01)
+        if engine.leader() not in (old_leader, None):
+            log.info("raft: handed leadership to %s before stopping", engine.leader())
+        else:
+            log.warning("raft: could not hand leadership away before stopping (no caught-up follower)")
 
     def _on_untrusted(self, reason: str) -> None:
         """The engine found this member's state untrusted and left Raft (tick thread): persist the marker
