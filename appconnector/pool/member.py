@@ -122,7 +122,8 @@ class Member:
         return {"address": address}
 
     async def op_touch(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.replica.touch(req["node"], int(req["address"]), req["domain"], float(req["at"]))
+        # stamped with this member's pool time: the client's "at" is its own wall clock, not pool time
+        self.replica.touch(req["node"], int(req["address"]), req["domain"], self.replica.now())
         return {}
 
     async def op_set_targets(self, req: dict[str, Any]) -> dict[str, Any]:
