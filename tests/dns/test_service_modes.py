@@ -140,14 +140,14 @@ def test_hits_touch_last_used_once_per_refresh_interval(running: Start, unbound:
 
 
 def test_reassigned_address_is_not_served_from_a_stale_fast_answer(running: Start, unbound: Unbound) -> None:
-    # three addresses, reusable after 1s idle: the fourth name takes the least recently used one
+    # three addresses, reusable after 4s idle (the smallest reuse_after accepted): the fourth name takes
+    # the least recently used one
     r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], pool_prefixes="100.64.9.0/30",
-                            pool_reuse_after="1s"))
+                            pool_reuse_after="4s"))
     first = a_of(r.query("n0.test"))
     for i in (1, 2):
         r.query(f"n{i}.test")
-    # (with reuse_after 1s the fast path never answers: every hit is idle near reuse_after, see below)
-    wait_until(lambda: r.query("n5.test").rcode() == dns.rcode.NOERROR, 6, "n5 to reuse an idle address")
+    wait_until(lambda: r.query("n5.test").rcode() == dns.rcode.NOERROR, 12, "n5 to reuse an idle address")
     n5 = a_of(r.query("n5.test"))
     assert n5 == first and r.pool.lookup("127.0.0.1", "n0.test") is None  # n0 was the least recently used
     n0 = r.query("n0.test")
@@ -220,9 +220,11 @@ def test_a_mapping_idle_near_reuse_after_is_confirmed_through_the_pool(running: 
     leaves) instead of being answered from local state with a queued touch."""
     # reuse_after 8s → refresh 1s → local answers only for mappings used within the last 7s
     r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], pool_reuse_after="8s"))
-    old = time.time() - 7.5
+    old = r.pool.now()  # pool time: used at old, then the pool clock ticks 7.5 s on
+    r.pool.apply(("tick", old))
     [address] = r.pool.apply(("checkout_batch", (("127.0.0.1", "app.test", (), 60.0),), old, old - 8))
-    before = time.time()
+    r.pool.apply(("tick", old + 7.5))
+    before = r.pool.now()
     assert a_of(r.query("app.test")) == [str(ipaddress.IPv4Address(address))]
     now = r.pool.lookup("127.0.0.1", "app.test")
     assert now is not None and now[0] == address

@@ -102,6 +102,7 @@ async def test_touches_are_coalesced_and_flushed_within_a_second() -> None:
     await pool.start()
     try:
         a = await pool.checkout("n", "a", (), 60.0)
+        clock.now = T0 + 60  # pool time moves on (marks are clamped to it)
         for t in (T0 + 5, T0 + 50, T0 + 20):
             pool.touch("n", a, "a", t)
         pool.touch("n", a, "wrong-domain", T0 + 99)
@@ -123,9 +124,11 @@ async def test_touches_are_coalesced_and_flushed_within_a_second() -> None:
 
 @sync
 async def test_stop_flushes_queued_touches_and_refuses_writes_after() -> None:
-    pool = LocalPool(["100.64.1.0/29"], clock=Clock(), touch_flush_interval=3600)
+    clock = Clock()
+    pool = LocalPool(["100.64.1.0/29"], clock=clock, touch_flush_interval=3600)
     await pool.start()
     a = await pool.checkout("n", "a", (), 60.0)
+    clock.now = T0 + 30
     pool.touch("n", a, "a", T0 + 30)
     await pool.stop()
     assert pool.lookup("n", "a") == (a, T0 + 30)
