@@ -65,7 +65,7 @@ from appconnector.pool.engine import (
     validate_state_dir,
 )
 from appconnector.pool.membership import MEMBER
-from appconnector.pool.state import PoolState, Touch
+from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
 from appconnector.pool.touches import TouchQueue
 from appconnector.ratelimit import RateLimitedLog
@@ -470,7 +470,7 @@ class RaftReplica:
             now = self._clock.now()
             command = ("checkout_batch", tuple(items), now, now - self._reuse_window)
             size = len(pickle.dumps(command, 2))
-            if size >= budget and len(items) > 1:
+            while size >= budget and len(items) > 1:
                 half = len(items) // 2  # estimate was off (long names): put the second half back
                 self._queue[0:0] = list(zip(items[half:], futures[half:], strict=True))
                 items, futures = items[:half], futures[:half]
@@ -481,36 +481,48 @@ class RaftReplica:
 
     # ---- other writes -------------------------------------------------------------------------------
 
-    async def _write(self, command: tuple[Any, ...]) -> object:
+    async def _write(self, command: tuple[Any, ...], size: int | None = None) -> object:
         self._check_open()
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._propose(command, [fut], "write")
+        self._propose(command, [fut], "write", size)
         return await fut
 
     async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
         await self._write(("set_targets", domain, tuple(targets), float(ttl), self._clock.now()))
 
     async def forget(self, nodes: Sequence[str]) -> None:
-        for chunk in _chunks(list(nodes), lambda n: len(n) + 8, self._budget()):
-            await self._write(("forget", tuple(chunk), self._clock.now()))
+        for command, size in self._fitting(lambda part: ("forget", part, self._clock.now()), tuple(nodes)):
+            await self._write(command, size)
 
     async def set_excluded(self, addresses: Iterable[Address]) -> None:
-        wanted = sorted(set(addresses))
-        budget = self._budget()
-        if len(wanted) * _ADDRESS_COST < budget:
-            await self._write(("set_excluded", tuple(wanted), self._clock.now()))
+        wanted = tuple(sorted(set(addresses)))
+        whole = ("set_excluded", wanted, self._clock.now())
+        size = len(pickle.dumps(whole, 2))
+        if size < self._budget():
+            await self._write(whole, size)
             return
         # too many for one command: change the set in pieces, from what this member has applied (the
         # leader, normally; a stale base only costs a later round to correct it)
         with self._state_lock():
             current = set(self._pool().excluded())
-        lifted = sorted(current - set(wanted))
-        added = sorted(set(wanted) - current)
-        for chunk in _chunks(lifted, lambda a: _ADDRESS_COST, budget):
-            await self._write(("exclude", (), tuple(chunk), self._clock.now()))
-        for chunk in _chunks(added, lambda a: _ADDRESS_COST, budget):
-            await self._write(("exclude", tuple(chunk), (), self._clock.now()))
+        lifted = tuple(sorted(current.difference(wanted)))
+        added = tuple(sorted(set(wanted) - current))
+        pieces = [*self._fitting(lambda part: ("exclude", (), part, self._clock.now()), lifted),
+                  *self._fitting(lambda part: ("exclude", part, (), self._clock.now()), added)]
+        for command, size in pieces:
+            await self._write(command, size)
+
+    def _fitting(self, make: Callable[[tuple[Any, ...]], tuple[Any, ...]], items: tuple[Any, ...]
+                 ) -> list[tuple[tuple[Any, ...], int]]:
+        """``make(part)`` commands over consecutive parts of ``items``, each pickled below the batch limit
+        (measured, not estimated: halved until it fits), with their sizes."""
+        command = make(items)
+        size = len(pickle.dumps(command, 2))
+        if size < self._budget() or len(items) <= 1:
+            return [(command, size)]
+        half = len(items) // 2
+        return self._fitting(make, items[:half]) + self._fitting(make, items[half:])
 
     # ---- the pool clock -----------------------------------------------------------------------------
 
@@ -544,27 +556,17 @@ class RaftReplica:
         batch = self._touches.take()
         if not batch:
             return 0
-        budget = self._budget()
-        chunk: list[Touch] = []
-        size = 64
-        for t in batch:
-            cost = len(t[0]) + len(t[2]) + 32
-            if chunk and size + cost > budget:
-                self._propose_touches(chunk)
-                chunk, size = [], 64
-            chunk.append(t)
-            size += cost
-        if chunk:
-            self._propose_touches(chunk)
+        for command, size in self._fitting(lambda part: ("touch_batch", part), tuple(batch)):
+            self._propose_touches(command, size)
         metrics.POOL_TOUCHES.inc(len(batch))
         return len(batch)
 
-    def _propose_touches(self, chunk: list[Touch]) -> None:
+    def _propose_touches(self, command: tuple[Any, ...], size: int) -> None:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         fut.add_done_callback(lambda f: f.exception())  # a lost touch batch only delays a last-used mark
         metrics.POOL_TOUCH_BATCHES.inc()
-        self._propose(("touch_batch", tuple(chunk)), [fut], "touch")
+        self._propose(command, [fut], "touch", size)
 
     async def _touch_loop(self) -> None:
         while True:
@@ -757,26 +759,6 @@ class RaftReplica:
             "diverged": engine.divergence.count + engine.journal.truncated_applied,
             "failure": self._failure(),
         }
-
-
-_ADDRESS_COST = 6
-"""Pickled bytes per address in an ``exclude``/``set_excluded`` command (a 32-bit int: 5, plus slack)."""
-
-
-def _chunks(items: list[Any], cost: Any, budget: int) -> Iterator[list[Any]]:
-    """``items`` in runs whose summed ``cost(item)`` (plus a command's own overhead) stays below
-    ``budget``; one run, possibly empty, when everything fits."""
-    chunk: list[Any] = []
-    size = 128
-    for item in items:
-        c = cost(item)
-        if chunk and size + c >= budget:
-            yield chunk
-            chunk, size = [], 128
-        chunk.append(item)
-        size += c
-    if chunk or not items:
-        yield chunk
 
 
 def _conforms(replica: RaftReplica) -> Replica:

@@ -378,3 +378,32 @@ def test_a_stopping_leader_hands_leadership_to_a_follower(cluster_factory: Calla
     new = c.wait_leader()
     assert new is not leader
     assert new.call("lookup", node="n", domain="before.example")["address"] is not None
+
+
+def test_forget_and_set_excluded_of_20000_go_through_commands_below_the_batch_limit(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    """Issue 9 item 8: 20,000 departed nodes (about 1 MB of names) and 20,000 excluded addresses, each
+    through a follower of a real cluster: all applied everywhere, and no command proposed reached the
+    size at which pysyncobj takes its unguarded chunked path."""
+    c = cluster_factory(prefixes=("100.64.0.0/16",)).start()
+    leader = c.wait_leader()
+    prefix = "departed-node-with-a-long-stable-id-"
+    r = leader.call("load", count=20_000, concurrency=200, nodes=20_000, node_prefix=prefix, return_acked=False,
+                    timeout=180)
+    assert r["acked"] == 20_000, r["errors"]
+    follower = c.followers()[0]
+    follower.call("forget", nodes=[f"{prefix}{i}" for i in range(20_000)], timeout=180)
+    base = 0x64400000  # 100.64.0.0
+    follower.call("set_excluded", addresses=[base + 2 + 3 * i for i in range(20_000)], timeout=180)
+
+    def applied_everywhere(excluded: int) -> bool:
+        return all(s["mapping_count"] == 0 and s["excluded_count"] == excluded
+                   for s in (m.status() for m in c.live()))
+
+    _wait(lambda: applied_everywhere(20_000), 60, "every member to forget 20,000 nodes and exclude 20,000")
+    follower.call("set_excluded", addresses=[base + 2 + 3 * i for i in range(100)], timeout=180)  # 19,900 lifted
+    _wait(lambda: applied_everywhere(100), 60, "every member to lift 19,900 exclusions")
+    for m in (leader, follower):
+        st = m.status()
+        assert 0 < st["largest_command_bytes"] < (1 << 16) // 2, st["largest_command_bytes"]
+    c.converged()
