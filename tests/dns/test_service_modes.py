@@ -161,7 +161,7 @@ def test_an_address_dropped_from_the_pool_is_not_served_from_a_stale_fast_answer
     query = dns.message.make_query("n0.test", "A").to_wire()
     assert r.service is not None and r.service.fast.answer(query, "127.0.0.1"), "a ready fast answer"
     # a tailnet node turns out to hold that address: the pool drops the mapping (set_excluded)
-    r.pool.apply(("set_excluded", (int(ipaddress.IPv4Address(first)),), time.time()))
+    r.call(r.pool.set_excluded([int(ipaddress.IPv4Address(first))]))
     assert r.service.fast.answer(query, "127.0.0.1") is None
     [again] = a_of(r.query("n0.test"))
     assert again != first, "never the dropped address again"
@@ -214,6 +214,7 @@ def test_works_on_the_default_asyncio_loop_too(running: Start, unbound: Unbound)
 
 
 
+@pytest.mark.parametrize("replica_kind", ["local"])  # builds the idle mapping with LocalPool's raw apply
 def test_a_mapping_idle_near_reuse_after_is_confirmed_through_the_pool(running: Start, unbound: Unbound) -> None:
     """A lagging member may hold a mapping the cluster already reused; only a mapping idle for nearly
     ``reuse_after`` can be affected, so such a hit is confirmed by a checkout (applied before the answer
