@@ -26,9 +26,9 @@ import uvloop
 from appconnector.config import Config, load
 from appconnector.dns.service import DnsService
 from appconnector.dns.upstream import UpstreamResolver
-from tests.replicas import start_replica
 from appconnector.tailnet.api import NodeIdentity
 from appconnector.tailnet.standalone import StandaloneIdentity
+from tests.replicas import start_replica
 
 T = TypeVar("T")
 
