@@ -263,7 +263,12 @@ class RaftReplica:
 
     def _on_role_change(self) -> None:
         if self._engine is not None:
-            metrics.RAFT_ROLE.set(1 if self._engine.is_leader() else 0)
+            leader = self._engine.is_leader()
+            metrics.RAFT_ROLE.set(1 if leader else 0)
+            if leader and self._loop is not None:
+                # a new leader ticks at once: commands it commits before its first tick would stamp a
+                # clock that stood still since the old leader's last one
+                self._loop.call_soon_threadsafe(self._tick)
 
     # ---- the apply thread ---------------------------------------------------------------------------
 
@@ -532,18 +537,22 @@ class RaftReplica:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval)
-            if self._tick_in_flight or not self.is_leader() or self._failure():
-                continue
-            self._tick_in_flight = True
-            assert self._loop is not None
-            fut: asyncio.Future[Any] = self._loop.create_future()
+            self._tick()
 
-            def done(f: asyncio.Future[Any]) -> None:
-                self._tick_in_flight = False
-                f.exception()  # a lost tick is only a later one
+    def _tick(self) -> None:
+        """Propose this member's reading as the pool clock, while it leads (one tick in flight at most)."""
+        if self._tick_in_flight or self._stopped or not self.is_leader() or self._failure():
+            return
+        self._tick_in_flight = True
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
 
-            fut.add_done_callback(done)
-            self._propose(("tick", self._clock.now()), [fut], "tick")
+        def done(f: asyncio.Future[Any]) -> None:
+            self._tick_in_flight = False
+            f.exception()  # a lost tick is only a later one
+
+        fut.add_done_callback(done)
+        self._propose(("tick", self._clock.now()), [fut], "tick")
 
     # ---- touches ------------------------------------------------------------------------------------
 
