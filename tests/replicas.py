@@ -23,7 +23,8 @@ KINDS = ("local", "raft")
 
 
 async def start_replica(kind: str, cfg: Config, state_dir: str | None = None) -> Replica:
-    """A started replica of ``kind`` over ``cfg.pool``; a Raft one leads before this returns."""
+    """A started replica of ``kind`` over ``cfg.pool``; a Raft one leads and is caught up before this
+    returns (until then DNS answers nothing from its local state)."""
     if kind == "local":
         pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after)
         await pool.start()
@@ -34,7 +35,7 @@ async def start_replica(kind: str, cfg: Config, state_dir: str | None = None) ->
     replica = RaftReplica(cfg, f"127.0.0.1:{free_ports(1)[0]}", [], None)
     await replica.start()
     deadline = time.monotonic() + 15.0
-    while not replica.is_leader():
+    while not (replica.is_leader() and replica.caught_up()):
         if time.monotonic() > deadline:
             await replica.stop()
             raise AssertionError("a one-member Raft replica did not elect itself within 15 s")

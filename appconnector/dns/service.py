@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -64,8 +65,10 @@ def local_answer_age(reuse_after: float) -> float:
     pool clock (``Replica.now``) is behind the cluster's by at most its apply lag (``pool/clock.py``).
     So a mapping idle for less than ``reuse_after - refresh`` on this member's reading cannot have been
     reclaimed yet while that lag stays below ``refresh`` plus a tick; an older one is confirmed through a
-    Raft checkout, which this member applies in log order, after any reuse. No wall clock is involved:
-    a member's clock days off changes nothing here.
+    Raft checkout, which this member applies in log order, after any reuse. A member catching up
+    (``Replica.caught_up()`` False) applies old ticks late, so its reading may be behind by the whole
+    backlog: it answers nothing from local state until it is current. No wall clock is involved: a
+    member's clock days off changes nothing here.
     """
     return reuse_after - touch_refresh(reuse_after)
 
@@ -137,7 +140,8 @@ class DnsService:
     async def _tick(self) -> None:
         """Advance the fast path's coarse clock (pool time) and publish its counters."""
         while True:
-            self.fast.now = self.replica.now()
+            # a member that is catching up must not answer from local state: its clock may be behind
+            self.fast.now = self.replica.now() if self.replica.caught_up() else math.inf
             self._report_fast()
             await asyncio.sleep(self.fast_clock_tick)
 
@@ -268,7 +272,7 @@ class DnsService:
         generation = self.fast.generation
         known = self.replica.lookup(node, domain)
         now = self.replica.now()
-        if known is not None and now - known[1] < self.max_age:
+        if known is not None and now - known[1] < self.max_age and self.replica.caught_up():
             address, last_used = known
             if now - last_used >= self.fast.refresh:
                 self.replica.touch(node, address, domain, now)

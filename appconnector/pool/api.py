@@ -150,6 +150,12 @@ class Replica(PoolReader, Protocol):
         """Pool time on this member (:class:`appconnector.pool.clock.PoolClock`): compare last-used
         times with it, and stamp touches with it. Never the wall clock."""
 
+    def caught_up(self) -> bool:
+        """False while this member may be behind the cluster (replaying or fetching a backlog after a
+        restart, or not yet told the leader's commit index): its state and its reading of the pool clock
+        may then both be stale, so nothing may be answered from local state on the strength of an idle
+        time (DNS confirms through the pool instead). LocalPool: always True."""
+
     async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
         """Replace the replicated real addresses of ``domain`` (leader's TTL refresh)."""
 

@@ -86,6 +86,9 @@ class LocalPool:
     def now(self) -> float:
         return self._clock.now()
 
+    def caught_up(self) -> bool:
+        return True  # the only member: nothing to catch up with
+
     def tick(self) -> float:
         """Tick the pool clock to this pool's reading; returns it."""
         now = self._clock.now()

@@ -81,6 +81,8 @@ RETRY_AFTER = 2.0
 """Propose again when a write was not applied in this time (dropped callback, lost leader)."""
 WRITE_DEADLINE = 15.0
 """Give up (ReplicaUnavailable) when a write was not applied in this time."""
+CAUGHT_UP_ENTRIES = 64
+"""Entries behind the leader's commit index a member may be and still count as caught up (in flight)."""
 
 
 @dataclass
@@ -117,6 +119,7 @@ class RaftReplica:
         self._clock = PoolClock()
         self._tick_task: asyncio.Task[None] | None = None
         self._tick_in_flight = False
+        self._caught_up = False  # see caught_up(): refreshed every tick interval
         self.largest_command = 0  # bytes: the largest command proposed (each must stay below the limit)
         self.self_address = self_address
         self.partners = partners
@@ -537,7 +540,22 @@ class RaftReplica:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval)
+            self._caught_up = self._check_caught_up()
             self._tick()
+
+    def caught_up(self) -> bool:
+        return self._caught_up
+
+    def _check_caught_up(self) -> bool:
+        """Has this member applied (nearly) all the leader last said it committed? A member replaying or
+        fetching a backlog applies ticks long after they were committed, so its reading of the pool
+        clock is behind by that much; it must not vouch for a mapping's idle time until it is current.
+        A cut-off member keeps the last commit index it heard, which it had applied live: still current."""
+        engine = self._engine
+        if engine is None or self._stopped or self._failure():
+            return False
+        leader_commit = engine.status().get("leader_commit_idx")
+        return isinstance(leader_commit, int) and engine.raftLastApplied >= leader_commit - CAUGHT_UP_ENTRIES
 
     def _tick(self) -> None:
         """Propose this member's reading as the pool clock, while it leads (one tick in flight at most)."""
@@ -758,6 +776,7 @@ class RaftReplica:
             "last_heard": {p: round(time.monotonic() - t, 1) for p, t in dict(engine.last_heard).items()},
             "queued_touches": queued,
             "pool_clock": self._clock.now(),
+            "caught_up": self._caught_up,
             "largest_command_bytes": self.largest_command,
             "in_flight": self._in_flight,
             "queued_checkouts": len(self._queue),

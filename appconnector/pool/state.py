@@ -602,11 +602,13 @@ class PoolState:
 
     # ---- snapshot ---------------------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """Versioned, canonical encoding: equal states give equal bytes whatever their history."""
+    def to_bytes(self, *, clock: bool = True) -> bytes:
+        """Versioned, canonical encoding: equal states give equal bytes whatever their history.
+        ``clock=False`` writes 0.0 for the pool clock (for :meth:`digest`)."""
         domains = sorted(set(self._domain_refs) | set(self._targets))
         index = {d: i for i, d in enumerate(domains)}
-        out = bytearray(_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self._clock, len(self.space.prefixes)))
+        out = bytearray(_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self._clock if clock else 0.0,
+                                     len(self.space.prefixes)))
         out += _FLAGS.pack(_LEGACY if self._legacy else 0)
         for p in self.space.prefixes:
             _put_blob(out, p.encode())
@@ -645,8 +647,11 @@ class PoolState:
         return bytes(out)
 
     def digest(self) -> str:
-        """sha256 of :meth:`to_bytes`, hex: replicas that applied the same log agree on it."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        """sha256 of :meth:`to_bytes` without the pool clock, hex: replicas that applied the same log
+        agree on it. The clock moves with every tick (up to 20 a second), so members compared one after
+        the other would never agree; every stamp it gave is in the digest, and the journal guard, not
+        the digest, is what catches a diverged log."""
+        return hashlib.sha256(self.to_bytes(clock=False)).hexdigest()
 
     @classmethod
     def from_bytes(cls, data: bytes, prefixes: Sequence[str]) -> PoolState:

@@ -589,3 +589,11 @@ def test_replicas_with_different_hash_seeds_reach_the_same_bytes() -> None:
     assert len(outputs) == 1, outputs
     digest, mappings = outputs.pop().split()
     assert len(digest) == 64 and int(mappings) > 50
+
+
+def test_the_digest_leaves_out_the_pool_clock_and_only_it() -> None:
+    a, b = populated(), populated()
+    b.tick(T0 + HOUR)
+    assert a.digest() == b.digest() and a.to_bytes() != b.to_bytes()
+    b.touch_batch([("n1", ip("100.64.1.2"), "d1.example", T0 + HOUR)])
+    assert a.digest() != b.digest(), "a stamp of the later clock is in it"
