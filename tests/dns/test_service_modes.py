@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -282,3 +283,22 @@ def test_tcp_connections_count_against_the_in_flight_limit(running: Start, stub:
     finally:
         for conn in busy:
             conn.close()
+
+
+@pytest.mark.parametrize("replica_kind", ["local"])  # stands a LocalPool in for a member catching up
+def test_a_member_catching_up_confirms_every_hit_through_the_pool(running: Start, unbound: Unbound) -> None:
+    """A member replaying or fetching a backlog reads the pool clock late by that backlog, so no idle
+    time it computes can vouch for a local answer: hits go through a checkout until it is current."""
+    r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]))
+    [address] = a_of(r.query("app.test"))
+    assert r.service is not None
+    for _ in range(3):
+        assert a_of(r.query("app.test")) == [address]
+    assert r.service.fast.hits > 0, "while caught up, hits are answered from local state"
+    r.pool.caught_up = lambda: False  # what RaftReplica reports while behind the leader's commit index
+    wait_until(lambda: r.service is not None and r.service.fast.now == math.inf, 5, "the fast path to stand down")
+    hits, applied = r.service.fast.hits, r.pool.status()["applied_index"]
+    for _ in range(3):
+        assert a_of(r.query("app.test")) == [address]
+    assert r.service.fast.hits == hits, "nothing answered from local state"
+    assert r.pool.status()["applied_index"] >= applied + 3, "each answer was confirmed by a checkout"
