@@ -24,7 +24,8 @@ mappings), a heap of free offsets below that, and an ordered index of (last_used
 Times: the state carries the pool clock, and only ``tick`` commands move it (the current leader proposes
 them: the last replicated clock plus the monotonic time it measured since it saw that value, see
 :mod:`appconnector.pool.clock`). Every stamp and every reuse decision is in pool time: a checkout stamps
-the pool clock; a touch or ``set_targets`` stamps its own time clamped to the pool clock; a checkout's
+the pool clock, and so does a touch (a use now: its own time is only validated, since a member that
+is catching up reads the clock late); ``set_targets`` stamps its time clamped to the clock; a checkout's
 reuse deadline is ``clock - (now - reuse_deadline)`` (the proposer's reuse window, measured from the
 pool clock), so no proposer's wall clock, fast or slow, and no number of commands can age a mapping.
 A time more than :data:`SKEW_LIMIT` ahead of the clock is counted in ``appconnector_pool_clock_skew``
@@ -450,7 +451,9 @@ class PoolState:
             offset = self.space.offset(address) if n is not None else None
             if n is None or offset is None or offset >= n.cursor or n.owner[offset] != domain:
                 continue  # unknown, reassigned or never mapped: nothing to mark
-            self._mark_used(n, domain, n.by_domain[domain], admitted[0])
+            # a touch is a use now: it stamps the pool clock. Its own time is a member's reading, and a
+            # member catching up reads the clock late: trusting it could make a live mapping look idle
+            self._mark_used(n, domain, n.by_domain[domain], admitted[0] if self._legacy else self._clock)
         if bad:
             metrics.POOL_INVALID_COMMANDS.inc(bad)
             log.warning("pool: touch_batch skipped %d malformed entries", bad)

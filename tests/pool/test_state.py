@@ -209,17 +209,20 @@ def test_touch_rules() -> None:
     state = PoolState(["100.64.1.0/29"])
     a = checkout(state, "n", "a", now=T0)
     assert isinstance(a, int)
-    state.tick(T0 + 10)
-    state.touch_batch([("n", a, "a", T0 - 10)])  # older than stored: no-op
-    assert state.lookup("n", "a") == (a, T0)
     state.touch_batch([("n", a, "other", T0 + 10)])  # domain differs: no-op
     state.touch_batch([("m", a, "a", T0 + 10)])  # unknown node
     state.touch_batch([("n", a + 1, "a", T0 + 10)])  # unknown address
     state.touch_batch([("n", ip("10.0.0.1"), "a", T0 + 10)])  # outside the pool
+    state.tick(T0 + 10)
     assert state.lookup("n", "a") == (a, T0)
     assert state.stats()["mappings"] == 1 and state.domain_for("n", a + 1) is None
-    state.touch_batch([("n", a, "a", T0 + 10), ("n", a, "a", T0 + 5)])  # newest wins whatever the order
+    # a touch is a use now on the pool clock, whatever time its proposer read (a member catching up
+    # reads the clock late: its mark must not make a live mapping look idle)
+    state.touch_batch([("n", a, "a", T0 - 10)])
     assert state.lookup("n", "a") == (a, T0 + 10)
+    state.tick(T0 + 20)
+    state.touch_batch([("n", a, "a", T0 + 500)])  # and never later than the clock
+    assert state.lookup("n", "a") == (a, T0 + 20)
 
 
 def test_touch_of_a_reassigned_address_does_not_refresh_the_new_domain() -> None:

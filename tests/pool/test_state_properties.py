@@ -106,7 +106,7 @@ class Reference:
     def touch(self, entries: list[tuple[str, int, str, float]]) -> None:
         for node, address, domain, at in entries:
             self.saw(at)
-            t = min(at, self.clock)  # a mark is never later than the pool clock
+            t = self.clock  # a mark is a use now, on the pool clock (the proposer's time is not trusted)
             offset = self.space.offset(address)
             entry = self.maps.get(node, {}).get(offset) if offset is not None else None
             if entry is not None and entry[0] == domain and t > entry[1]:
