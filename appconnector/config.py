@@ -25,6 +25,8 @@ STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
 ADMIN_TOKEN_NAME = "admin.token"
 # Tailscale's address ranges: traffic to them crosses the network inside WireGuard
 TAILNET_NETWORKS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+MIN_REUSE_AFTER = 4.0
+"""The smallest pool.reuse_after accepted (see pool.api.clock_tick)."""
 
 
 class ConfigError(ValueError):
@@ -284,8 +286,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least one IPv4 prefix")
     if sum(n.num_addresses for n in nets) < 2:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least two addresses (one is reserved for DNS)")
-    if cfg.pool.reuse_after <= 0:
-        raise ConfigError("pool.reuse_after", cfg.pool.reuse_after, "a duration above zero")
+    if not cfg.pool.reuse_after >= MIN_REUSE_AFTER:
+        raise ConfigError("pool.reuse_after", cfg.pool.reuse_after,
+                          f'a duration of at least "{MIN_REUSE_AFTER:g}s" (the pool clock ticks at reuse_after/80, '
+                          "at least 50 ms apart: shorter deadlines would reuse by a clock coarser than the "
+                          "last-used refresh)")
     if not 0.05 <= cfg.pool.checkout_timeout <= 60:
         raise ConfigError("pool.checkout_timeout", cfg.pool.checkout_timeout,
                           'a duration from "50ms" to "60s" (DNS clients give up after a few seconds)')

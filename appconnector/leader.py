@@ -5,12 +5,12 @@
   Absence is timed by this leader's own observation: a new leader starts the clock again, which only
   ever delays a forget, never hastens it.
 * ``set_excluded``: addresses that tailnet nodes hold inside the pool are skipped by the allocator
-  (the default pool sits in Tailscale's CGNAT range); proposed when the set changes, with a warning.
-* The pool's clock: the state machine clamps a command time more than 5 min ahead of its high-water
-  mark (a fast proposer clock must not reclaim addresses early). After a quiet spell every honest
-  command would look "ahead", so the leader re-proposes ``set_excluded`` (idempotent, it carries
-  ``now``) at least every ``HEARTBEAT`` seconds: the high-water mark stays within a minute of real time
-  and the clamp only bites for real skew. Standalone mode has no directory: only the heartbeat runs.
+  (the default pool sits in Tailscale's CGNAT range); proposed when the set changes (and once per term),
+  with a warning. Standalone mode has no directory: nothing to exclude or forget.
+
+The pool's clock is not kept here: the replica ticks it while it leads (``pool/clock.py``), so the
+60 s ``set_excluded`` heartbeat that used to drag a high-water mark along is gone. Absence is timed on
+this process's monotonic clock, so a wall clock set forward cannot forget nodes early either.
 
 Every member runs the loop; it acts only while ``replica.is_leader()``. The pure decisions are
 ``AbsenceTracker`` and ``excluded_addresses`` tested without a cluster.
@@ -30,8 +30,6 @@ from appconnector.pool.api import Address, PoolError, Replica
 from appconnector.tailnet.api import NodeDirectory, NodeInfo
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT = 60.0
 
 
 def excluded_addresses(nodes: Iterable[NodeInfo], pool: list[ipaddress.IPv4Network]) -> frozenset[Address]:
@@ -75,7 +73,7 @@ class LeaderDuties:
     """Periodic leader-only proposals. ``interval`` seconds between rounds."""
 
     def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None, *, interval: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.replica = replica
         self.directory = directory
         self.interval = interval
@@ -84,7 +82,6 @@ class LeaderDuties:
         self._pool = pool_networks(cfg.pool.prefixes)
         self._absence = AbsenceTracker(cfg.pool.reuse_after)
         self._excluded: frozenset[Address] | None = None
-        self._proposed_at = -HEARTBEAT
         self._loop = Periodic("leader duties", interval, self.round)
 
     def start(self) -> None:
@@ -98,18 +95,17 @@ class LeaderDuties:
             self._absence.clear()
             self._excluded = None  # a new term re-proposes what it sees
             return
+        if self.directory is None:
+            return  # standalone: no node list, nothing to exclude or forget
         now = self.clock()
-        nodes = self.directory.nodes() if self.directory is not None else {}
+        nodes = self.directory.nodes()
         excluded = excluded_addresses(nodes.values(), self._pool)
-        if excluded != self._excluded or now - self._proposed_at >= HEARTBEAT:
-            if excluded and excluded != self._excluded:
+        if excluded != self._excluded:
+            if excluded:
                 log.warning("tailnet nodes hold %d address(es) inside the pool; the allocator skips them "
                             "(choose pool.prefixes outside the addresses Tailscale assigns)", len(excluded))
             await self.replica.set_excluded(sorted(excluded))
             self._excluded = excluded
-            self._proposed_at = now
-        if self.directory is None:
-            return
         # copying every mapping takes ~0.5 s per 300k: off the event loop, so DNS keeps answering
         holders = await asyncio.to_thread(lambda: {m.node for m in self.replica.mappings()})
         gone = self._absence.observe(holders, nodes, now)

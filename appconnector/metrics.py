@@ -57,7 +57,7 @@ POOL_SIZE = Gauge("appconnector_pool_size", "Addresses a node may be given (pool
 POOL_TOUCHES = Counter("appconnector_pool_touches", "Last-used marks sent through Raft", registry=REGISTRY)
 POOL_TOUCH_BATCHES = Counter("appconnector_pool_touch_batches", "touch_batch commands proposed", registry=REGISTRY)
 POOL_CLOCK_SKEW = Counter("appconnector_pool_clock_skew",
-                          "Command times clamped to high-water + 5 min (proposer clock ahead)", registry=REGISTRY)
+                          "Command times more than 5 min ahead of the pool clock (clamped to it)", registry=REGISTRY)
 POOL_INVALID_COMMANDS = Counter("appconnector_pool_invalid_commands",
                                 "Pool commands or entries ignored as malformed (nothing changed)", registry=REGISTRY)
 RAFT_ROLE = Gauge("appconnector_raft_leader", "1 when this member is the Raft leader", registry=REGISTRY)

@@ -27,3 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(params=["local", "raft"])
+def replica_kind(request: pytest.FixtureRequest) -> str:
+    """Which ``Replica`` implementation a contract test runs against (see tests/replicas.py)."""
+    kind: str = request.param
+    return kind

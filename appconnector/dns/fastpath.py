@@ -93,16 +93,17 @@ def _heads(rcode: int, ancount: int, nscount: int) -> tuple[bytes, ...]:
 class FastPath:
     """The caches and the glue. ``cached_identity`` maps a client IP to its node without I/O; None
     means the IP is the node (standalone mode: one call less per query). ``now`` is a coarse clock
-    the service advances (one read per second, not one per query); ``touch`` queues a last-used mark
-    when an entry's is older than ``refresh``. An entry whose stored last-used is ``max_age`` old is
-    not answered from (the general path confirms it through Raft: another member may have reused the
-    address meanwhile)."""
+    the service advances (a few reads per second, not one per query); ``touch`` queues a last-used mark,
+    stamped by ``clock`` (exact), when an entry's is older than ``refresh``. An entry whose stored
+    last-used is ``max_age`` old is not answered from (the general path confirms it through Raft:
+    another member may have reused the address meanwhile)."""
 
     def __init__(self, cached_identity: Callable[[str], NodeInfo | None] | None,
                  touch: Callable[[str, Address, str, float], None], refresh: float, now: float,
-                 max_age: float = math.inf) -> None:
+                 max_age: float = math.inf, *, clock: Callable[[], float] | None = None) -> None:
         self._identity = cached_identity
         self._touch = touch
+        self._clock = clock
         self.refresh = refresh
         self.max_age = max_age
         self.now = now
@@ -181,8 +182,9 @@ class FastPath:
         return data[:2] + body
 
     def _touch_entry(self, entry: FastEntry) -> None:
-        entry.touch_due = self.now + self.refresh
-        self._touch(entry.node, entry.address, entry.domain, self.now)
+        at = self.now if self._clock is None else self._clock()  # the stamp is exact, not a second stale
+        entry.touch_due = at + self.refresh
+        self._touch(entry.node, entry.address, entry.domain, at)
 
     def store(self, query: wire.Query, node: str, domain: str, address: Address, last_used: float,
               reply_rcode: int, answers: tuple[bytes, ...], authority: tuple[bytes, ...],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from appconnector.pool.api import (
     Replica,
     ReplicaOverloaded,
     ReplicaUnavailable,
+    clock_tick,
     touch_refresh,
 )
 from appconnector.pool.names import normalise_domain
@@ -52,17 +54,21 @@ log = logging.getLogger(__name__)
 
 NatReady = Callable[[str, Address], Awaitable[None]]
 NAT_READY_TIMEOUT = 2.0
-FAST_CLOCK_TICK = 1.0    # how often the fast path's coarse clock is advanced
 
 
 def local_answer_age(reuse_after: float) -> float:
     """The oldest stored last-used a hit may be answered from local state.
 
     A lagging member (partitioned, restarted, slow) may still hold a mapping the cluster has already
-    reclaimed for another domain, but only one idle for ``reuse_after``: its local last-used can only
-    be older than the committed one. So a mapping idle for less than ``reuse_after - refresh`` cannot
-    have been reclaimed yet (with proposer clocks within ``refresh`` of each other); an older one is
-    confirmed through a Raft checkout, which this member applies in log order, after any reuse.
+    reclaimed for another domain, but only one idle on the pool clock for ``reuse_window`` (reuse_after
+    plus a tick); its local last-used can only be older than the committed one, and its reading of the
+    pool clock (``Replica.now``) is behind the cluster's by at most its apply lag (``pool/clock.py``).
+    So a mapping idle for less than ``reuse_after - refresh`` on this member's reading cannot have been
+    reclaimed yet while that lag stays below ``refresh`` plus a tick; an older one is confirmed through a
+    Raft checkout, which this member applies in log order, after any reuse. A member catching up
+    (``Replica.caught_up()`` False) applies old ticks late, so its reading may be behind by the whole
+    backlog: it answers nothing from local state until it is current. No wall clock is involved: a
+    member's clock days off changes nothing here.
     """
     return reuse_after - touch_refresh(reuse_after)
 
@@ -83,9 +89,11 @@ class DnsService:
         self._ignore_nets = ignore_networks(cfg.pool.ignore_destinations)
         node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
         self.max_age = local_answer_age(cfg.pool.reuse_after)
-        # the fast path's clock is coarse (advanced every FAST_CLOCK_TICK): its limit allows for that
-        self.fast = FastPath(node_of, replica.touch, touch_refresh(cfg.pool.reuse_after), time.time(),
-                             self.max_age - FAST_CLOCK_TICK)
+        # the fast path's clock is coarse (advanced every clock_tick, a tenth of the refresh interval at
+        # most): its limit allows for that; its touches read the exact clock (they are rare)
+        self.fast_clock_tick = clock_tick(cfg.pool.reuse_after)
+        self.fast = FastPath(node_of, replica.touch, touch_refresh(cfg.pool.reuse_after), replica.now(),
+                             self.max_age - self.fast_clock_tick, clock=replica.now)
         # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
         self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer
         self.server = DnsServer(self, cfg.dns_listen())
@@ -130,11 +138,12 @@ class DnsService:
         self.fast.clear()
 
     async def _tick(self) -> None:
-        """Advance the fast path's coarse clock and publish its counters once a second."""
+        """Advance the fast path's coarse clock (pool time) and publish its counters."""
         while True:
-            self.fast.now = time.time()
+            # a member that is catching up must not answer from local state: its clock may be behind
+            self.fast.now = self.replica.now() if self.replica.caught_up() else math.inf
             self._report_fast()
-            await asyncio.sleep(FAST_CLOCK_TICK)
+            await asyncio.sleep(self.fast_clock_tick)
 
     def _report_fast(self) -> None:
         hits = self.fast.hits
@@ -262,8 +271,8 @@ class DnsService:
         node = info.node
         generation = self.fast.generation
         known = self.replica.lookup(node, domain)
-        now = time.time()
-        if known is not None and now - known[1] < self.max_age:
+        now = self.replica.now()
+        if known is not None and now - known[1] < self.max_age and self.replica.caught_up():
             address, last_used = known
             if now - last_used >= self.fast.refresh:
                 self.replica.touch(node, address, domain, now)
@@ -328,7 +337,7 @@ class DnsService:
                 self._errors.warning("nat", "DNS: NAT not ready for %s after %.0fs; answering anyway",
                                      domain, NAT_READY_TIMEOUT)
         reply = self.policy.pool_answer(q.qtype, address)
-        self.fast.store(q, node, domain, address, time.time(), reply.rcode, reply.answers, reply.authority,
+        self.fast.store(q, node, domain, address, self.replica.now(), reply.rcode, reply.answers, reply.authority,
                         generation)
         return reply, True
 

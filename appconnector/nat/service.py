@@ -462,6 +462,6 @@ class NatService:
             with self._lock:
                 return self._model.node_for_ip(ip)
 
-        queued = seen.touches(pairs, node_for_ip, self.replica, self.clock(), self.touch_refresh)
+        queued = seen.touches(pairs, node_for_ip, self.replica, self.replica.now(), self.touch_refresh)
         self.touches_queued += queued
         return queued

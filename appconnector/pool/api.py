@@ -4,7 +4,10 @@ Addresses are IPv4 addresses as ``int`` (``int(IPv4Address)``) everywhere inside
 turned into text or bytes only at the edges (DNS wire, nftables JSON, logs). Nodes are strings: the
 tailscale ``Node.StableID`` in tailscale mode, the client IP text in standalone mode. Domains are
 normalised by :func:`appconnector.pool.names.normalise_domain` before they reach the pool. Times are
-unix seconds (``float``) chosen by the proposer; the state machine never reads a clock.
+pool time (``float`` seconds): the replicated pool clock, read on a member by ``Replica.now()`` (see
+:mod:`appconnector.pool.clock`); it starts near unix time but no member's wall clock moves it. Every
+time a caller hands the pool (``touch``'s ``at``) and every last-used it reads is pool time. The state
+machine never reads a clock.
 
 Two implementations of :class:`Replica` exist: ``pool.local.LocalPool`` (one process, no Raft: unit
 tests of DNS and NAT, and a single-machine mode) and ``pool.replica.RaftReplica`` (pysyncobj).
@@ -28,6 +31,20 @@ def touch_refresh(reuse_after: float) -> float:
     touch: min(5 min, reuse_after / 8) (docs/design.md §3; upstream natc uses a fixed 5 min). One rule for
     every toucher: DNS's limit on answering from local state relies on it."""
     return min(300.0, reuse_after / 8)
+
+
+def clock_tick(reuse_after: float) -> float:
+    """How often the leader ticks the pool clock, and so how far a last-used stamp can lag the use:
+    a tenth of the touch refresh interval, at most 1 s and at least 50 ms (reached at the smallest
+    accepted ``pool.reuse_after``, ``config.MIN_REUSE_AFTER``: a smaller one is refused, since the
+    tick would then no longer be well below the refresh interval)."""
+    return min(1.0, max(0.05, touch_refresh(reuse_after) / 10))
+
+
+def reuse_window(reuse_after: float) -> float:
+    """The reuse window a proposer asks for: ``reuse_after`` plus one tick, since a stamp of the pool
+    clock may be up to one tick older than the use it records. Never less than ``reuse_after``."""
+    return reuse_after + clock_tick(reuse_after)
 
 
 class PoolError(Exception):
@@ -124,17 +141,31 @@ class Replica(PoolReader, Protocol):
         returns."""
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:
-        """Queue a last-used mark; queued marks are flushed as one ``touch_batch`` at least every
-        second. Never blocks, never raises; a mark for an unknown or reassigned mapping is a no-op."""
+        """Queue a last-used mark at pool time ``at`` (from :meth:`now`); queued marks are flushed as
+        one ``touch_batch`` at least every second. Never blocks, never raises: a mark whose ``at`` is
+        not a finite non-negative number is dropped with a log line and a metric
+        (``appconnector_pool_invalid_commands``); a mark for an unknown or reassigned mapping is a no-op."""
+
+    def now(self) -> float:
+        """Pool time on this member (:class:`appconnector.pool.clock.PoolClock`): compare last-used
+        times with it, and stamp touches with it. Never the wall clock."""
+
+    def caught_up(self) -> bool:
+        """False while this member may be behind the cluster (replaying or fetching a backlog after a
+        restart, or not yet told the leader's commit index): its state and its reading of the pool clock
+        may then both be stale, so nothing may be answered from local state on the strength of an idle
+        time (DNS confirms through the pool instead). LocalPool: always True."""
 
     async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
         """Replace the replicated real addresses of ``domain`` (leader's TTL refresh)."""
 
     async def forget(self, nodes: Sequence[str]) -> None:
-        """Drop every mapping of these nodes (they left the tailnet for ``reuse_after``)."""
+        """Drop every mapping of these nodes (they left the tailnet for ``reuse_after``). Any number of
+        nodes: split into commands each below the engine's batch limit."""
 
     async def set_excluded(self, addresses: Iterable[Address]) -> None:
-        """Addresses the allocator must skip (held by tailnet nodes themselves)."""
+        """Addresses the allocator must skip (held by tailnet nodes themselves). Any number: a set too
+        large for one command is changed in pieces (``exclude`` commands), each below the batch limit."""
 
     def add_observer(self, observer: PoolObserver) -> None:
         """Register a mirror; it gets ``on_reset`` at once with the current state."""

@@ -2,7 +2,9 @@
 
 The same :class:`~appconnector.pool.state.PoolState` and command tuples the Raft replica uses, applied
 directly under a lock. DNS and NAT unit tests run against it, and it is the single-machine pool. It is
-the proposer, so it is where the clock is read (the state never does).
+the proposer and the only member, so it is also the leader that ticks the pool clock: before every
+timed command it ticks to its reading (:class:`~appconnector.pool.clock.PoolClock` over ``clock``, a
+monotonic source by default), so its stamps are exact and it needs no extra tick in the reuse window.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,9 @@ from appconnector.pool.api import (
     ReplicaUnavailable,
     Targets,
 )
+from appconnector.pool.clock import PoolClock
 from appconnector.pool.state import PoolState
+from appconnector.pool.touches import TouchQueue
 
 log = logging.getLogger("appconnector.pool.local")
 
@@ -41,20 +44,21 @@ class LocalPool:
     """One-process pool. Reads are safe from any thread; writes are applied in call order."""
 
     def __init__(self, prefixes: Sequence[str], *, reuse_after: float = DEFAULT_REUSE_AFTER,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] | None = None,
                  touch_flush_interval: float = TOUCH_FLUSH_INTERVAL,
                  state: PoolState | None = None) -> None:
         if reuse_after <= 0:
             raise ValueError(f"pool.reuse_after must be above zero, not {reuse_after!r}")
         self._state = state if state is not None else PoolState(prefixes)
         self._reuse_after = reuse_after
-        self._clock = clock
+        # tests pass one fake clock for both: pool time then equals it (for a fresh pool)
+        self._clock = PoolClock(clock, wall if wall is not None else (time.time if clock is time.monotonic else clock))
+        self._clock.observe(self._state.clock)
         self._flush_interval = touch_flush_interval
         self._state_lock = threading.Lock()  # guards PoolState: every read and every apply
         self._write_lock = threading.RLock()  # orders apply + observer calls, so observers see apply order
         self._observers: list[PoolObserver] = []
-        self._touch_lock = threading.Lock()
-        self._touches: dict[tuple[str, Address, str], float] = {}  # coalesced: newest time per mapping
+        self._touches = TouchQueue()
         self._applied = 0
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
@@ -67,6 +71,7 @@ class LocalPool:
             with self._state_lock:
                 result, changes = self._state.apply(command)
                 self._applied += 1
+                self._clock.observe(self._state.clock)
             if changes:
                 self._notify(changes)
         return result
@@ -78,9 +83,21 @@ class LocalPool:
             except Exception:
                 log.exception("pool observer %r failed on changes", observer)
 
+    def now(self) -> float:
+        return self._clock.now()
+
+    def caught_up(self) -> bool:
+        return True  # the only member: nothing to catch up with
+
+    def tick(self) -> float:
+        """Tick the pool clock to this pool's reading; returns it."""
+        now = self._clock.now()
+        self.apply(("tick", now))
+        return now
+
     async def checkout(self, node: str, domain: str, targets: Targets, ttl: float) -> Address:
         self._check_open()
-        now = self._clock()
+        now = self.tick()
         results = self.apply(("checkout_batch", ((node, domain, tuple(targets), ttl),), now,
                               now - self._reuse_after))
         if isinstance(results, PoolError):
@@ -93,21 +110,14 @@ class LocalPool:
         return result
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:
-        if isinstance(at, bool) or not isinstance(at, int | float):
-            log.warning("pool: dropped a touch with a bad time %r", at)
-            return
-        key = (node, address, domain)
-        with self._touch_lock:
-            if at > self._touches.get(key, -math.inf):
-                self._touches[key] = at
+        self._touches.add(node, address, domain, at)
 
     def flush_touches(self) -> int:
         """Apply the queued touches now as one ``touch_batch``; returns how many were sent."""
-        with self._touch_lock:
-            queued, self._touches = self._touches, {}
-        if not queued:
+        batch = tuple(self._touches.take())
+        if not batch:
             return 0
-        batch = tuple((node, address, domain, at) for (node, address, domain), at in queued.items())
+        self.tick()
         self.apply(("touch_batch", batch))
         metrics.POOL_TOUCHES.inc(len(batch))
         metrics.POOL_TOUCH_BATCHES.inc()
@@ -115,15 +125,15 @@ class LocalPool:
 
     async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
         self._check_open()
-        self._raise_invalid(self.apply(("set_targets", domain, tuple(targets), ttl, self._clock())))
+        self._raise_invalid(self.apply(("set_targets", domain, tuple(targets), ttl, self.tick())))
 
     async def forget(self, nodes: Sequence[str]) -> None:
         self._check_open()
-        self._raise_invalid(self.apply(("forget", tuple(nodes), self._clock())))
+        self._raise_invalid(self.apply(("forget", tuple(nodes), self.tick())))
 
     async def set_excluded(self, addresses: Iterable[Address]) -> None:
         self._check_open()
-        self._raise_invalid(self.apply(("set_excluded", tuple(addresses), self._clock())))
+        self._raise_invalid(self.apply(("set_excluded", tuple(addresses), self.tick())))
 
     @staticmethod
     def _raise_invalid(result: object) -> None:

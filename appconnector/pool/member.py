@@ -122,7 +122,8 @@ class Member:
         return {"address": address}
 
     async def op_touch(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.replica.touch(req["node"], int(req["address"]), req["domain"], float(req["at"]))
+        # stamped with this member's pool time: the client's "at" is its own wall clock, not pool time
+        self.replica.touch(req["node"], int(req["address"]), req["domain"], self.replica.now())
         return {}
 
     async def op_set_targets(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +132,10 @@ class Member:
 
     async def op_forget(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.replica.forget(list(req["nodes"]))
+        return {}
+
+    async def op_set_excluded(self, req: dict[str, Any]) -> dict[str, Any]:
+        await self.replica.set_excluded([int(a) for a in req["addresses"]])
         return {}
 
     async def op_add_member(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +158,9 @@ class Member:
         status = self.replica.status()
         if req.get("digest"):  # O(state): only when asked
             status["digest"] = self.replica.digest()
-        status["mapping_count"] = self.replica.stats()["mappings"]
+        stats = self.replica.stats()
+        status["mapping_count"] = stats["mappings"]
+        status["excluded_count"] = stats["excluded"]
         status["observer"] = {"resets": self.observer.resets, "changes": self.observer.changes,
                               "mappings_at_last_reset": self.observer.mappings_at_last_reset}
         status["pid"] = os.getpid()
@@ -240,6 +247,10 @@ class Member:
         return {}
 
 
+_LINE_LIMIT = 16 << 20
+"""Bytes in one request line: a forget of 20,000 nodes is about 1 MB of JSON."""
+
+
 async def _serve_stream(member: Member, reader: asyncio.StreamReader, write: Callable[[str], None]) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
@@ -309,11 +320,11 @@ async def run(args: argparse.Namespace) -> int:
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.control)
-        server = await asyncio.start_unix_server(client, path=args.control)
+        server = await asyncio.start_unix_server(client, path=args.control, limit=_LINE_LIMIT)
         await member.stopping.wait()
         server.close()
     else:
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         serve = loop.create_task(_serve_stream(member, reader, write))
         stop = loop.create_task(member.stopping.wait())

@@ -12,9 +12,12 @@ proposed them to the leader. Reads go to the local state under the state lock, n
   were applied (docs/design.md §6), so its callback is only used to retry sooner on errors; a proposal that
   has not been applied after ``retry_after`` is proposed again. Every command is idempotent, so a write
   applied twice gives the same answer.
-* The proposer reads the clock: ``now`` and ``reuse_deadline = now - pool.reuse_after`` go into the
-  command (the state machine never reads a clock).
+* Time is pool time (:mod:`appconnector.pool.clock`): this member's reading of the replicated clock
+  goes into commands, with ``reuse_deadline = now - reuse_window(pool.reuse_after)``; while leader, the
+  replica proposes a ``tick`` of its reading every ``clock_tick(reuse_after)``. No wall clock is read.
 * Touches are queued (newest time per mapping) and flushed as one ``touch_batch`` at least every second.
+* Every command stays below the batch limit: checkouts and touches are batched to fit, ``forget`` and
+  ``set_excluded`` are split; a command that still would not fit is refused, never proposed.
 * Observers are called on the engine's apply thread after each apply, outside the state lock; a
   snapshot install from the leader gives them ``on_reset``.
 """
@@ -47,7 +50,10 @@ from appconnector.pool.api import (
     ReplicaOverloaded,
     ReplicaUnavailable,
     Targets,
+    clock_tick,
+    reuse_window,
 )
+from appconnector.pool.clock import PoolClock
 from appconnector.pool.engine import (
     BindError,
     PoolConsumer,
@@ -61,6 +67,7 @@ from appconnector.pool.engine import (
 from appconnector.pool.membership import MEMBER
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
+from appconnector.pool.touches import TouchQueue
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.secrets_file import MEMBER_SECRET_FILE, ensure_secret_file, prepare_state_dir
 
@@ -74,6 +81,8 @@ RETRY_AFTER = 2.0
 """Propose again when a write was not applied in this time (dropped callback, lost leader)."""
 WRITE_DEADLINE = 15.0
 """Give up (ReplicaUnavailable) when a write was not applied in this time."""
+CAUGHT_UP_ENTRIES = 64
+"""Entries behind the leader's commit index a member may be and still count as caught up (in flight)."""
 
 
 @dataclass
@@ -105,6 +114,13 @@ class RaftReplica:
                               "than one member (pysyncobj pickles its messages)")
         self._prefixes = tuple(cfg.pool.prefixes)
         self._reuse_after = cfg.pool.reuse_after
+        self._reuse_window = reuse_window(cfg.pool.reuse_after)
+        self._tick_interval = clock_tick(cfg.pool.reuse_after)
+        self._clock = PoolClock()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._tick_in_flight = False
+        self._caught_up = False  # see caught_up(): refreshed every tick interval
+        self.largest_command = 0  # bytes: the largest command proposed (each must stay below the limit)
         self.self_address = self_address
         self.partners = partners
         self._secret = secret
@@ -133,8 +149,7 @@ class RaftReplica:
         self._queue: list[tuple[tuple[str, str, Targets, float], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._in_flight = 0
-        self._touches: dict[tuple[str, Address, str], float] = {}
-        self._touch_lock = threading.Lock()
+        self._touches = TouchQueue()
         self._touch_task: asyncio.Task[None] | None = None
         self._stopped = True
         self.applied = 0
@@ -192,6 +207,7 @@ class RaftReplica:
         self._engine.membership_state = self._membership_state
         self._stopped = False
         self._touch_task = self._loop.create_task(self._touch_loop(), name="raft-touch-flush")
+        self._tick_task = self._loop.create_task(self._tick_loop(), name="raft-pool-clock")
         log.info("raft: member %s started (partners %s, state %s, found %s)", self.self_address,
                  self.partners, self.paths.dir, self.started_info)
 
@@ -199,10 +215,11 @@ class RaftReplica:
         """Flush touches, hand leadership away if leader, stop the engine."""
         if self._stopped or self._engine is None:
             return
-        if self._touch_task is not None:
-            self._touch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._touch_task
+        for task in (self._touch_task, self._tick_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._flush_touches()
         engine = self._engine
         if engine.is_leader() and self.partners:
@@ -264,12 +281,23 @@ class RaftReplica:
 
     def _on_role_change(self) -> None:
         if self._engine is not None:
-            metrics.RAFT_ROLE.set(1 if self._engine.is_leader() else 0)
+            leader = self._engine.is_leader()
+            metrics.RAFT_ROLE.set(1 if leader else 0)
+            if leader and self._loop is not None:
+                # a new leader ticks at once: commands it commits before its first tick would stamp a
+                # clock that stood still since the old leader's last one
+                self._loop.call_soon_threadsafe(self._tick)
 
     # ---- the apply thread ---------------------------------------------------------------------------
 
+    def _observe_clock(self) -> None:
+        state = self._consumer.state if self._consumer is not None else None
+        if isinstance(state, PoolState):
+            self._clock.observe(state.clock)
+
     def _on_applied(self, rid: str, command: tuple[Any, ...], result: object, changes: Any) -> None:
         self.applied += 1
+        self._observe_clock()
         if changes:
             with self._observer_lock:
                 for obs in list(self._observers):
@@ -283,6 +311,7 @@ class RaftReplica:
             self._loop.call_soon_threadsafe(self._resolve, proposal, result)
 
     def _on_replaced(self, state: StateMachine) -> None:
+        self._observe_clock()
         with self._observer_lock:
             for obs in list(self._observers):
                 try:
@@ -303,9 +332,21 @@ class RaftReplica:
             raise ReplicaUnavailable("replica is not running")
         return self._engine
 
-    def _propose(self, command: tuple[Any, ...], futures: list[asyncio.Future[Any]], kind: str) -> _Proposal:
+    def _budget(self) -> int:
+        return self._tuning.batch_bytes // 2  # margin for pysyncobj's own framing of the entry
+
+    def _propose(self, command: tuple[Any, ...], futures: list[asyncio.Future[Any]], kind: str,
+                 size: int | None = None) -> _Proposal:
         rid = f"{self._nonce}:{next(self._rids)}"
         proposal = _Proposal(rid, command, futures, time.monotonic(), kind=kind)
+        size = len(pickle.dumps(command, 2)) if size is None else size
+        self.largest_command = max(self.largest_command, size)
+        if size >= self._budget():
+            # pysyncobj would take its chunked path, which the journal guard does not cover: never
+            log.error("raft: refused a %s command of %d bytes (limit %d): it must be split", command[0], size,
+                      self._budget())
+            self._fail(proposal, PoolError(f"{command[0]} command too large ({size} bytes)"))
+            return proposal
         with self._waiting_lock:
             self._waiting[rid] = proposal
         self._send(proposal)
@@ -431,7 +472,7 @@ class RaftReplica:
 
     def _flush_checkouts(self) -> None:
         self._flush_scheduled = False
-        budget = self._tuning.batch_bytes // 2  # margin for pysyncobj's own framing of the entry
+        budget = self._budget()
         while self._queue and self._in_flight < MAX_IN_FLIGHT:
             items: list[tuple[str, str, Targets, float]] = []
             futures: list[asyncio.Future[Any]] = []
@@ -449,69 +490,125 @@ class RaftReplica:
                 size += cost
             if not items:
                 continue
-            now = time.time()
-            command = ("checkout_batch", tuple(items), now, now - self._reuse_after)
-            if len(pickle.dumps(command, 2)) >= budget and len(items) > 1:
+            now = self._clock.now()
+            command = ("checkout_batch", tuple(items), now, now - self._reuse_window)
+            size = len(pickle.dumps(command, 2))
+            while size >= budget and len(items) > 1:
                 half = len(items) // 2  # estimate was off (long names): put the second half back
                 self._queue[0:0] = list(zip(items[half:], futures[half:], strict=True))
                 items, futures = items[:half], futures[:half]
-                command = ("checkout_batch", tuple(items), now, now - self._reuse_after)
+                command = ("checkout_batch", tuple(items), now, now - self._reuse_window)
+                size = len(pickle.dumps(command, 2))
             self._in_flight += 1
-            self._propose(command, futures, "checkout")
+            self._propose(command, futures, "checkout", size)
 
     # ---- other writes -------------------------------------------------------------------------------
 
-    async def _write(self, command: tuple[Any, ...]) -> object:
+    async def _write(self, command: tuple[Any, ...], size: int | None = None) -> object:
         self._check_open()
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._propose(command, [fut], "write")
+        self._propose(command, [fut], "write", size)
         return await fut
 
     async def set_targets(self, domain: str, targets: Targets, ttl: float) -> None:
-        await self._write(("set_targets", domain, tuple(targets), float(ttl), time.time()))
+        await self._write(("set_targets", domain, tuple(targets), float(ttl), self._clock.now()))
 
     async def forget(self, nodes: Sequence[str]) -> None:
-        await self._write(("forget", tuple(nodes), time.time()))
+        for command, size in self._fitting(lambda part: ("forget", part, self._clock.now()), tuple(nodes)):
+            await self._write(command, size)
 
     async def set_excluded(self, addresses: Iterable[Address]) -> None:
-        await self._write(("set_excluded", tuple(addresses), time.time()))
+        wanted = tuple(sorted(set(addresses)))
+        whole = ("set_excluded", wanted, self._clock.now())
+        size = len(pickle.dumps(whole, 2))
+        if size < self._budget():
+            await self._write(whole, size)
+            return
+        # too many for one command: change the set in pieces, from what this member has applied (the
+        # leader, normally; a stale base only costs a later round to correct it)
+        with self._state_lock():
+            current = set(self._pool().excluded())
+        lifted = tuple(sorted(current.difference(wanted)))
+        added = tuple(sorted(set(wanted) - current))
+        pieces = [*self._fitting(lambda part: ("exclude", (), part, self._clock.now()), lifted),
+                  *self._fitting(lambda part: ("exclude", part, (), self._clock.now()), added)]
+        for command, size in pieces:
+            await self._write(command, size)
+
+    def _fitting(self, make: Callable[[tuple[Any, ...]], tuple[Any, ...]], items: tuple[Any, ...]
+                 ) -> list[tuple[tuple[Any, ...], int]]:
+        """``make(part)`` commands over consecutive parts of ``items``, each pickled below the batch limit
+        (measured, not estimated: halved until it fits), with their sizes."""
+        command = make(items)
+        size = len(pickle.dumps(command, 2))
+        if size < self._budget() or len(items) <= 1:
+            return [(command, size)]
+        half = len(items) // 2
+        return self._fitting(make, items[:half]) + self._fitting(make, items[half:])
+
+    # ---- the pool clock -----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_interval)
+            self._caught_up = self._check_caught_up()
+            self._tick()
+
+    def caught_up(self) -> bool:
+        return self._caught_up
+
+    def _check_caught_up(self) -> bool:
+        """Has this member applied (nearly) all the leader last said it committed? A member replaying or
+        fetching a backlog applies ticks long after they were committed, so its reading of the pool
+        clock is behind by that much; it must not vouch for a mapping's idle time until it is current.
+        A cut-off member keeps the last commit index it heard, which it had applied live: still current."""
+        engine = self._engine
+        if engine is None or self._stopped or self._failure():
+            return False
+        leader_commit = engine.status().get("leader_commit_idx")
+        return isinstance(leader_commit, int) and engine.raftLastApplied >= leader_commit - CAUGHT_UP_ENTRIES
+
+    def _tick(self) -> None:
+        """Propose this member's reading as the pool clock, while it leads (one tick in flight at most)."""
+        if self._tick_in_flight or self._stopped or not self.is_leader() or self._failure():
+            return
+        self._tick_in_flight = True
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._tick_in_flight = False
+            f.exception()  # a lost tick is only a later one
+
+        fut.add_done_callback(done)
+        self._propose(("tick", self._clock.now()), [fut], "tick")
 
     # ---- touches ------------------------------------------------------------------------------------
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:
-        key = (node, address, domain)
-        with self._touch_lock:
-            if at > self._touches.get(key, -1.0):
-                self._touches[key] = at
+        self._touches.add(node, address, domain, at)
 
     def _flush_touches(self) -> int:
-        with self._touch_lock:
-            queued, self._touches = self._touches, {}
-        if not queued or self._engine is None or self._loop is None:
+        if self._engine is None or self._loop is None:
             return 0
-        batch = [(node, address, domain, at) for (node, address, domain), at in queued.items()]
-        budget = self._tuning.batch_bytes // 2
-        chunk: list[tuple[str, Address, str, float]] = []
-        size = 64
-        for t in batch:
-            cost = len(t[0]) + len(t[2]) + 32
-            if chunk and size + cost > budget:
-                self._propose_touches(chunk)
-                chunk, size = [], 64
-            chunk.append(t)
-            size += cost
-        if chunk:
-            self._propose_touches(chunk)
+        batch = self._touches.take()
+        if not batch:
+            return 0
+        for command, size in self._fitting(lambda part: ("touch_batch", part), tuple(batch)):
+            self._propose_touches(command, size)
         metrics.POOL_TOUCHES.inc(len(batch))
         return len(batch)
 
-    def _propose_touches(self, chunk: list[tuple[str, Address, str, float]]) -> None:
+    def _propose_touches(self, command: tuple[Any, ...], size: int) -> None:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         fut.add_done_callback(lambda f: f.exception())  # a lost touch batch only delays a last-used mark
         metrics.POOL_TOUCH_BATCHES.inc()
-        self._propose(("touch_batch", tuple(chunk)), [fut], "touch")
+        self._propose(command, [fut], "touch", size)
 
     async def _touch_loop(self) -> None:
         while True:
@@ -673,8 +770,7 @@ class RaftReplica:
             return {"engine": "pysyncobj", "role": "stopped"}
         role = "leader" if engine.is_leader() else ("follower" if engine.leader() else "candidate")
         raw = engine.status()
-        with self._touch_lock:
-            queued = len(self._touches)
+        queued = len(self._touches)
         return {
             "engine": "pysyncobj",
             "role": role,
@@ -694,6 +790,9 @@ class RaftReplica:
                             if k.startswith("match_idx_server_")},
             "last_heard": {p: round(time.monotonic() - t, 1) for p, t in dict(engine.last_heard).items()},
             "queued_touches": queued,
+            "pool_clock": self._clock.now(),
+            "caught_up": self._caught_up,
+            "largest_command_bytes": self.largest_command,
             "in_flight": self._in_flight,
             "queued_checkouts": len(self._queue),
             "guard": engine.guarded,

@@ -10,7 +10,10 @@ here reads a clock or randomness: proposers pass times in (docs/design.md §3). 
 * ``("touch_batch", ((node, address, domain, at), ...))`` → None
 * ``("set_targets", domain, targets, ttl, now)`` → None
 * ``("forget", (node, ...), now)`` → None
-* ``("set_excluded", (address, ...), now)`` → None
+* ``("set_excluded", (address, ...), now)`` → None (the whole set: replaces it)
+* ``("exclude", (address, ...), (address, ...), now)`` → None (add the first, lift the second: how a
+  set too large for one command is changed in pieces)
+* ``("tick", value)`` → None: the pool clock becomes max(clock, value)
 
 Allocation, per node: the lowest free address (never used, or freed by an exclusion or a prefix
 change), else the least recently used address whose last use is before ``reuse_deadline`` (ties: the
@@ -18,12 +21,20 @@ lowest), else PoolExhausted. It never scans the pool: each node keeps a table in
 its highest allocated offset (allocation is lowest-first, so the table is dense: memory follows
 mappings), a heap of free offsets below that, and an ordered index of (last_used, offset) keys.
 
-Times: the state keeps a high-water mark of command times. A time more than :data:`SKEW_LIMIT` ahead
-of it is clamped to ``high_water + SKEW_LIMIT`` (and a checkout's deadline moved back by the same
-amount), counted in ``appconnector_pool_clock_skew`` and logged: a proposer with a fast clock cannot
-reclaim addresses early. The old note (docs/design.md §14) said "applied with the high-water time"; that freezes
-time for good after any quiet spell longer than five minutes (every later command would be "ahead"), so
-the mark may advance by at most five minutes per command instead.
+Times: the state carries the pool clock, and only ``tick`` commands move it (the current leader proposes
+them: the last replicated clock plus the monotonic time it measured since it saw that value, see
+:mod:`appconnector.pool.clock`). Every stamp and every reuse decision is in pool time: a checkout stamps
+the pool clock, and so does a touch (a use now: its own time is only validated, since a member that
+is catching up reads the clock late); ``set_targets`` stamps its time clamped to the clock; a checkout's
+reuse deadline is ``clock - (now - reuse_deadline)`` (the proposer's reuse window, measured from the
+pool clock), so no proposer's wall clock, fast or slow, and no number of commands can age a mapping.
+A time more than :data:`SKEW_LIMIT` ahead of the clock is counted in ``appconnector_pool_clock_skew``
+and logged (a proposer that does not speak pool time). A fresh state takes its first clock value from
+the first time it sees (tick or command): a skewed bootstrap only offsets pool time from wall time.
+
+Legacy: a state restored from a version-1 snapshot keeps the old high-water rule (a command time moves
+the mark, by at most :data:`SKEW_LIMIT` per command) until its first tick, so journal entries written
+before the pool clock existed replay exactly as they were first applied.
 """
 
 from __future__ import annotations
@@ -49,15 +60,19 @@ from appconnector.pool.api import Address, Changes, MappingView, PoolError, Pool
 log = logging.getLogger("appconnector.pool.state")
 
 SKEW_LIMIT = 300.0
-"""Seconds a command time may run ahead of the high-water mark before it is clamped."""
+"""Seconds a command time may run ahead of the pool clock before it is logged as clock skew (and, in a
+legacy state, how far one command may move the high-water mark)."""
 
 SNAPSHOT_MAGIC = b"ACPOOL"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""1: no pool clock (the high-water rule); 2: adds a flags byte after the header (bit 0: legacy)."""
+_LEGACY = 1
 
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _DOUBLE = struct.Struct("<d")
-_HEADER = struct.Struct("<6sHdI")  # magic, version, high_water, number of prefixes
+_HEADER = struct.Struct("<6sHdI")  # magic, version, clock (v1: high-water), number of prefixes
+_FLAGS = struct.Struct("<B")  # version 2 on: right after the header
 _U32 = struct.Struct("<I")
 _TARGET_HEAD = struct.Struct("<IddI")  # domain index, ttl, updated, number of addresses
 _NODE_HEAD = struct.Struct("<II")  # name length, number of mappings
@@ -172,7 +187,8 @@ class PoolState:
         self._domain_refs: Counter[str] = Counter()  # domain → number of mappings holding it
         self._targets: dict[str, tuple[Targets, float, float]] = {}  # domain → (addresses, ttl, updated)
         self._excluded: set[int] = set()  # offsets the allocator skips
-        self._high_water = 0.0  # 0.0: no command time seen yet
+        self._clock = 0.0  # the pool clock; 0.0: no time seen yet
+        self._legacy = False  # restored from a version-1 snapshot and not ticked since
         self._mappings = 0
         self.clock_skew_events = 0  # since this object was made (not replicated state)
 
@@ -199,6 +215,12 @@ class PoolState:
             elif name == "set_excluded":
                 _, addresses, now = command
                 self._set_excluded(addresses, now, changes)
+            elif name == "exclude":
+                _, added, lifted, now = command
+                self._exclude(added, lifted, now, changes)
+            elif name == "tick":
+                _, value = command
+                self._tick(value)
             else:
                 raise InvalidCommand(f"unknown pool command {name!r}")
         except InvalidCommand as e:
@@ -235,6 +257,12 @@ class PoolState:
     def set_excluded(self, addresses: Iterable[Address], now: float) -> Changes:
         return self._typed(("set_excluded", tuple(addresses), now))
 
+    def exclude(self, added: Iterable[Address], lifted: Iterable[Address], now: float) -> Changes:
+        return self._typed(("exclude", tuple(added), tuple(lifted), now))
+
+    def tick(self, value: float) -> Changes:
+        return self._typed(("tick", value))
+
     def _typed(self, command: tuple[Any, ...]) -> Changes:
         result, changes = self.apply(command)
         if isinstance(result, InvalidCommand):
@@ -246,25 +274,40 @@ class PoolState:
     def _admit(self, value: object, what: str) -> tuple[float, float] | None:
         """(time to use, how far it was pulled back) for a command time; None if it is not a time.
 
-        Advances the high-water mark.
+        Pool clock: the time clamped to the clock (which it never moves, but for the very first time a
+        fresh state sees). Legacy: the high-water rule (see the module docstring).
         """
         t = _finite_time(value)
         if t is None:
             return None
+        clock = self._clock
+        if not clock:
+            self._clock = t  # the first time this state sees: where pool time starts
+            return t, 0.0
+        limit = clock + SKEW_LIMIT if self._legacy else clock
         shift = 0.0
-        if self._high_water and t > self._high_water + SKEW_LIMIT:
-            shift = t - (self._high_water + SKEW_LIMIT)
-            t = self._high_water + SKEW_LIMIT
+        skewed = t > clock + SKEW_LIMIT
+        if t > limit:
+            shift = t - limit
+            t = limit
+        if skewed:
             self.clock_skew_events += 1
             metrics.POOL_CLOCK_SKEW.inc()
             n = self.clock_skew_events
             if n & (n - 1) == 0 or n % 1000 == 0:  # log the 1st, 2nd, 4th, ... and every 1000th
-                log.warning("pool: %s time is %.1f s ahead of the pool's clock (high-water %.3f); "
-                            "applied as %.3f (clock skew events: %d)", what, shift + SKEW_LIMIT,
-                            self._high_water, t, n)
-        if t > self._high_water:
-            self._high_water = t
+                log.warning("pool: %s time is %.1f s ahead of the pool's clock (%.3f); applied as %.3f "
+                            "(clock skew events: %d)", what, shift + t - clock, clock, t, n)
+        if self._legacy and t > clock:
+            self._clock = t
         return t, shift
+
+    def _tick(self, value: object) -> None:
+        t = _finite_time(value)
+        if t is None:
+            raise InvalidCommand(f"tick value {value!r} is not a non-negative number")
+        self._legacy = False
+        if t > self._clock:
+            self._clock = t
 
     # ---- checkout ---------------------------------------------------------------------------------------
 
@@ -276,8 +319,8 @@ class PoolState:
         if admitted is None:
             raise InvalidCommand(f"checkout_batch time {now!r} is not a non-negative number")
         t, shift = admitted
-        if t < self._high_water:
-            t = self._high_water  # a slow proposer's checkout still counts as use "now"
+        if t < self._clock:
+            t = self._clock  # a checkout is a use "now", whatever the proposer's clock says
         d = _finite_number(deadline)
         d = -math.inf if d is None else d - shift  # no usable deadline: reuse nothing
         counts = [0, 0, 0, 0, 0]  # indexes: the _HIT.. constants
@@ -408,7 +451,9 @@ class PoolState:
             offset = self.space.offset(address) if n is not None else None
             if n is None or offset is None or offset >= n.cursor or n.owner[offset] != domain:
                 continue  # unknown, reassigned or never mapped: nothing to mark
-            self._mark_used(n, domain, n.by_domain[domain], admitted[0])
+            # a touch is a use now: it stamps the pool clock. Its own time is a member's reading, and a
+            # member catching up reads the clock late: trusting it could make a live mapping look idle
+            self._mark_used(n, domain, n.by_domain[domain], admitted[0] if self._legacy else self._clock)
         if bad:
             metrics.POOL_INVALID_COMMANDS.inc(bad)
             log.warning("pool: touch_batch skipped %d malformed entries", bad)
@@ -445,15 +490,30 @@ class PoolState:
     def _set_excluded(self, addresses: object, now: object, changes: Changes) -> None:
         if not isinstance(addresses, tuple | list | set | frozenset) or self._admit(now, "set_excluded") is None:
             raise InvalidCommand(f"set_excluded has bad fields: {_describe((addresses, now))}")
+        new = self._offsets(addresses, "set_excluded")
+        self._change_excluded(new - self._excluded, self._excluded - new, changes)
+
+    def _exclude(self, added: object, lifted: object, now: object, changes: Changes) -> None:
+        if (not isinstance(added, tuple | list) or not isinstance(lifted, tuple | list)
+                or self._admit(now, "exclude") is None):
+            raise InvalidCommand(f"exclude has bad fields: {_describe((added, lifted, now))}")
+        add, lift = self._offsets(added, "exclude"), self._offsets(lifted, "exclude")
+        self._change_excluded(add - self._excluded, (lift - add) & self._excluded, changes)
+
+    def _offsets(self, addresses: Iterable[object], what: str) -> set[int]:
+        """Pool offsets of ``addresses`` (outside the pool and the DNS address dropped: nothing to skip)."""
         new: set[int] = set()
         for a in addresses:
             if isinstance(a, bool) or not isinstance(a, int):
-                raise InvalidCommand(f"set_excluded: {a!r} is not an IPv4 integer")
+                raise InvalidCommand(f"{what}: {a!r} is not an IPv4 integer")
             o = self.space.offset(a)
-            if o is not None and o != 0:  # outside the pool or the DNS address: nothing to skip
+            if o is not None and o != 0:
                 new.add(o)
-        added, lifted = sorted(new - self._excluded), sorted(self._excluded - new)
-        self._excluded = new
+        return new
+
+    def _change_excluded(self, add: set[int], lift: set[int], changes: Changes) -> None:
+        added, lifted = sorted(add), sorted(lift)
+        self._excluded = (self._excluded | add) - lift
         if added:
             for node in sorted(self._nodes):  # one pass over nodes; each stops at its own cursor
                 n = self._nodes[node]
@@ -472,7 +532,7 @@ class PoolState:
                     heapq.heappush(n.free, o)
         if added:
             log.warning("pool: %d pool addresses are held by tailnet nodes and will not be handed out "
-                        "(choose a pool outside the tailnet's own addresses)", len(new))
+                        "(choose a pool outside the tailnet's own addresses)", len(self._excluded))
 
     # ---- reads ------------------------------------------------------------------------------------------
 
@@ -511,8 +571,14 @@ class PoolState:
         return [self.space.address(o) for o in sorted(self._excluded)]
 
     @property
-    def high_water(self) -> float:
-        return self._high_water
+    def clock(self) -> float:
+        """The pool clock (0.0 before any time was seen)."""
+        return self._clock
+
+    @property
+    def legacy_clock(self) -> bool:
+        """Restored from a version-1 snapshot and not ticked since: the high-water rule applies."""
+        return self._legacy
 
     def stats(self) -> dict[str, int | float]:
         max_use = max((len(n.by_domain) for n in self._nodes.values()), default=0)
@@ -525,7 +591,7 @@ class PoolState:
             "excluded": len(self._excluded),
             "max_node_use": max_use,
             "max_node_use_ratio": max_use / self.space.usable,
-            "high_water": self._high_water,
+            "clock": self._clock,
             "clock_skew_events": self.clock_skew_events,
         }
 
@@ -539,11 +605,14 @@ class PoolState:
 
     # ---- snapshot ---------------------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """Versioned, canonical encoding: equal states give equal bytes whatever their history."""
+    def to_bytes(self, *, clock: bool = True) -> bytes:
+        """Versioned, canonical encoding: equal states give equal bytes whatever their history.
+        ``clock=False`` writes 0.0 for the pool clock (for :meth:`digest`)."""
         domains = sorted(set(self._domain_refs) | set(self._targets))
         index = {d: i for i, d in enumerate(domains)}
-        out = bytearray(_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self._high_water, len(self.space.prefixes)))
+        out = bytearray(_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self._clock if clock else 0.0,
+                                     len(self.space.prefixes)))
+        out += _FLAGS.pack(_LEGACY if self._legacy else 0)
         for p in self.space.prefixes:
             _put_blob(out, p.encode())
         _put_u32_array(out, sorted(self.space.address(o) for o in self._excluded))
@@ -581,8 +650,11 @@ class PoolState:
         return bytes(out)
 
     def digest(self) -> str:
-        """sha256 of :meth:`to_bytes`, hex: replicas that applied the same log agree on it."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        """sha256 of :meth:`to_bytes` without the pool clock, hex: replicas that applied the same log
+        agree on it. The clock moves with every tick (up to 20 a second), so members compared one after
+        the other would never agree; every stamp it gave is in the digest, and the journal guard, not
+        the digest, is what catches a diverged log."""
+        return hashlib.sha256(self.to_bytes(clock=False)).hexdigest()
 
     @classmethod
     def from_bytes(cls, data: bytes, prefixes: Sequence[str]) -> PoolState:
@@ -654,9 +726,10 @@ class _Reader:
             raise ValueError("not a pool snapshot (bad magic or too short)")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
         _, version, _, _ = _HEADER.unpack_from(body, 0)
-        if version != SNAPSHOT_VERSION:
+        if version not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"pool snapshot version {version} is not supported (this build reads "
-                             f"version {SNAPSHOT_VERSION})")
+                             f"versions 1 to {SNAPSHOT_VERSION})")
+        self.version: int = version
         if hashlib.sha256(body).digest() != digest:
             raise ValueError("pool snapshot checksum mismatch (corrupt or truncated)")
         self.data = body
@@ -679,9 +752,16 @@ class _Reader:
         return _le(a)
 
     def restore_into(self, state: PoolState) -> None:
-        _, _, high_water, nprefixes = _HEADER.unpack(self.take(_HEADER.size))
-        if _finite_time(high_water) is None:
-            raise ValueError(f"pool snapshot has a bad high-water time {high_water!r}")
+        _, _, clock, nprefixes = _HEADER.unpack(self.take(_HEADER.size))
+        if _finite_time(clock) is None:
+            raise ValueError(f"pool snapshot has a bad clock {clock!r}")
+        if self.version == 1:
+            legacy = True  # written before the pool clock: its high-water mark, and the old rule, go on
+        else:
+            (flags,) = _FLAGS.unpack(self.take(_FLAGS.size))
+            if flags & ~_LEGACY:
+                raise ValueError(f"pool snapshot has unknown flags {flags:#x}")
+            legacy = bool(flags & _LEGACY)
         old_prefixes = [self.take(self.u32()).decode() for _ in range(nprefixes)]
         try:
             old = AddressSpace(old_prefixes)
@@ -757,7 +837,8 @@ class _Reader:
             state._restore_node(node, offsets, [domains[i] for i in dom_idx], used)
         if self.pos != len(self.data):
             raise ValueError("pool snapshot has trailing bytes")
-        state._high_water = high_water
+        state._clock = clock
+        state._legacy = legacy
         state._targets = {d: v for d, v in targets.items() if d in state._domain_refs}
         if dropped or dropped_excluded or len(state._targets) != len(targets):
             log.warning("pool: restored a snapshot of pool %s into pool %s: dropped %d mappings and %d "

@@ -8,6 +8,7 @@ import pytest
 
 from appconnector import config
 from appconnector.config import ConfigError
+from appconnector.pool.api import clock_tick, reuse_window, touch_refresh
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -191,3 +192,22 @@ def test_pool_in_tailscales_node_range() -> None:
     assert config.pool_in_node_range(("100.64.1.0/24",)) == "100.64.1.0/24"
     assert config.pool_in_node_range(("100.0.0.0/8",)) == "100.64.0.0/10"
     assert config.pool_in_node_range(("10.255.0.0/22",)) == ""
+
+
+@pytest.mark.parametrize("value", ["2s", "3999ms", "0s"])
+def test_reuse_after_below_the_floor_is_refused_naming_the_key(tmp_path: Path, value: str) -> None:
+    """Issue 13: at "2s" the clocks behind last-used marks were as coarse as the refresh interval."""
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, f'[pool]\nreuse_after = "{value}"'), env={})
+    assert err.value.key == "pool.reuse_after" and '"4s"' in str(err.value)
+    with pytest.raises(ConfigError):
+        config.load(None, env={"APPCONNECTOR_POOL_REUSE_AFTER": value})
+
+
+@pytest.mark.parametrize("reuse_after", [config.MIN_REUSE_AFTER, 60.0, 3600.0, 48 * 3600.0])
+def test_every_accepted_reuse_after_has_a_clock_well_below_its_refresh_interval(reuse_after: float) -> None:
+    cfg = config.load(None, env={"APPCONNECTOR_POOL_REUSE_AFTER": f"{reuse_after:g}s"})
+    assert cfg.pool.reuse_after == reuse_after
+    tick, refresh = clock_tick(reuse_after), touch_refresh(reuse_after)
+    assert tick <= refresh / 10 and tick <= 1.0
+    assert reuse_window(reuse_after) == reuse_after + tick

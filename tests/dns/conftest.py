@@ -26,9 +26,9 @@ import uvloop
 from appconnector.config import Config, load
 from appconnector.dns.service import DnsService
 from appconnector.dns.upstream import UpstreamResolver
-from appconnector.pool.local import LocalPool
 from appconnector.tailnet.api import NodeIdentity
 from appconnector.tailnet.standalone import StandaloneIdentity
+from tests.replicas import start_replica
 
 T = TypeVar("T")
 
@@ -247,16 +247,19 @@ def make_config(*, upstream: list[str], port: int | None = None, **env: str) -> 
 
 
 class Running:
-    """A DnsService + LocalPool on a uvloop event loop in a background thread."""
+    """A DnsService + a replica (``replica_kind``: LocalPool or a one-member RaftReplica, see
+    tests/replicas.py) on a uvloop event loop in a background thread."""
+
+    pool: Any  # LocalPool or RaftReplica: tests use what both offer, LocalPool-only tests say so
 
     def __init__(self, cfg: Config, identity: NodeIdentity | None = None, upstream_timeout: float = 0.5,
                  identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity]] | None = None,
-                 use_uvloop: bool = True) -> None:
+                 use_uvloop: bool = True, replica_kind: str = "local") -> None:
         self.cfg = cfg
+        self.replica_kind = replica_kind
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after)
         self._identity_factory = identity_factory
         self.identity = identity
         self.upstream = UpstreamResolver([_hp(u) for u in cfg.dns.upstream], timeout=upstream_timeout)
@@ -274,7 +277,7 @@ class Running:
             self.identity = await self._identity_factory()
         if self.identity is None:
             self.identity = StandaloneIdentity()
-        await self.pool.start()
+        self.pool = await start_replica(self.replica_kind, self.cfg)
         self.service = DnsService(self.cfg, self.pool, self.identity, upstream=self.upstream)
         await self.service.start()
 
@@ -301,8 +304,9 @@ class Running:
         async def _stop() -> None:
             if self.service is not None:
                 await self.service.stop()
-            with contextlib.suppress(Exception):
-                await self.pool.stop()
+            if hasattr(self, "pool"):
+                with contextlib.suppress(Exception):
+                    await self.pool.stop()
         try:
             self.call(_stop())
         finally:
@@ -317,12 +321,13 @@ def _hp(v: str) -> tuple[str, int]:
 
 
 @pytest.fixture
-def running() -> Iterator[Callable[..., Running]]:
-    """``running(cfg, identity=None)`` starts a service; all are stopped at the end of the test."""
+def running(replica_kind: str) -> Iterator[Callable[..., Running]]:
+    """``running(cfg, identity=None)`` starts a service; all are stopped at the end of the test. Each
+    test runs against both replicas (``replica_kind``)."""
     started: list[Running] = []
 
     def start(cfg: Config, **kw: Any) -> Running:
-        r = Running(cfg, **kw)
+        r = Running(cfg, replica_kind=replica_kind, **kw)
         started.append(r)
         return r
     yield start

@@ -1,5 +1,6 @@
 """The DNS service end to end: real UDP/TCP sockets, dnspython and kdig as clients, Unbound as the
-upstream, LocalPool as the replica. Covers upstream natc's ``TestDNSResponse`` cases and docs/design.md §4."""
+upstream, each replica (LocalPool and a one-member RaftReplica) behind it. Covers upstream natc's
+``TestDNSResponse`` cases and docs/design.md §4."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 from appconnector.dns import wire
 from appconnector.metrics import REGISTRY
 from tests.dns.conftest import Running, Unbound, make_config, wait_until
+from tests.replicas import KINDS
 
 CLIENT = "127.0.0.1"
 
@@ -37,9 +39,9 @@ def in_pool(address: str) -> bool:
     return ipaddress.ip_address(address) in ipaddress.ip_network("100.64.1.0/24")
 
 
-@pytest.fixture(scope="module")
-def svc(unbound: Unbound) -> Iterator[Running]:
-    r = Running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]))
+@pytest.fixture(scope="module", params=KINDS)
+def svc(unbound: Unbound, request: pytest.FixtureRequest) -> Iterator[Running]:
+    r = Running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]), replica_kind=request.param)
     yield r
     r.close()
 

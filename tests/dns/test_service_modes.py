@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -140,14 +141,14 @@ def test_hits_touch_last_used_once_per_refresh_interval(running: Start, unbound:
 
 
 def test_reassigned_address_is_not_served_from_a_stale_fast_answer(running: Start, unbound: Unbound) -> None:
-    # three addresses, reusable after 1s idle: the fourth name takes the least recently used one
+    # three addresses, reusable after 4s idle (the smallest reuse_after accepted): the fourth name takes
+    # the least recently used one
     r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], pool_prefixes="100.64.9.0/30",
-                            pool_reuse_after="1s"))
+                            pool_reuse_after="4s"))
     first = a_of(r.query("n0.test"))
     for i in (1, 2):
         r.query(f"n{i}.test")
-    # (with reuse_after 1s the fast path never answers: every hit is idle near reuse_after, see below)
-    wait_until(lambda: r.query("n5.test").rcode() == dns.rcode.NOERROR, 6, "n5 to reuse an idle address")
+    wait_until(lambda: r.query("n5.test").rcode() == dns.rcode.NOERROR, 12, "n5 to reuse an idle address")
     n5 = a_of(r.query("n5.test"))
     assert n5 == first and r.pool.lookup("127.0.0.1", "n0.test") is None  # n0 was the least recently used
     n0 = r.query("n0.test")
@@ -161,7 +162,7 @@ def test_an_address_dropped_from_the_pool_is_not_served_from_a_stale_fast_answer
     query = dns.message.make_query("n0.test", "A").to_wire()
     assert r.service is not None and r.service.fast.answer(query, "127.0.0.1"), "a ready fast answer"
     # a tailnet node turns out to hold that address: the pool drops the mapping (set_excluded)
-    r.pool.apply(("set_excluded", (int(ipaddress.IPv4Address(first)),), time.time()))
+    r.call(r.pool.set_excluded([int(ipaddress.IPv4Address(first))]))
     assert r.service.fast.answer(query, "127.0.0.1") is None
     [again] = a_of(r.query("n0.test"))
     assert again != first, "never the dropped address again"
@@ -214,15 +215,18 @@ def test_works_on_the_default_asyncio_loop_too(running: Start, unbound: Unbound)
 
 
 
+@pytest.mark.parametrize("replica_kind", ["local"])  # builds the idle mapping with LocalPool's raw apply
 def test_a_mapping_idle_near_reuse_after_is_confirmed_through_the_pool(running: Start, unbound: Unbound) -> None:
     """A lagging member may hold a mapping the cluster already reused; only a mapping idle for nearly
     ``reuse_after`` can be affected, so such a hit is confirmed by a checkout (applied before the answer
     leaves) instead of being answered from local state with a queued touch."""
     # reuse_after 8s → refresh 1s → local answers only for mappings used within the last 7s
     r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"], pool_reuse_after="8s"))
-    old = time.time() - 7.5
+    old = r.pool.now()  # pool time: used at old, then the pool clock ticks 7.5 s on
+    r.pool.apply(("tick", old))
     [address] = r.pool.apply(("checkout_batch", (("127.0.0.1", "app.test", (), 60.0),), old, old - 8))
-    before = time.time()
+    r.pool.apply(("tick", old + 7.5))
+    before = r.pool.now()
     assert a_of(r.query("app.test")) == [str(ipaddress.IPv4Address(address))]
     now = r.pool.lookup("127.0.0.1", "app.test")
     assert now is not None and now[0] == address
@@ -279,3 +283,22 @@ def test_tcp_connections_count_against_the_in_flight_limit(running: Start, stub:
     finally:
         for conn in busy:
             conn.close()
+
+
+@pytest.mark.parametrize("replica_kind", ["local"])  # stands a LocalPool in for a member catching up
+def test_a_member_catching_up_confirms_every_hit_through_the_pool(running: Start, unbound: Unbound) -> None:
+    """A member replaying or fetching a backlog reads the pool clock late by that backlog, so no idle
+    time it computes can vouch for a local answer: hits go through a checkout until it is current."""
+    r = running(make_config(upstream=[f"127.0.0.1:{unbound.port}"]))
+    [address] = a_of(r.query("app.test"))
+    assert r.service is not None
+    for _ in range(3):
+        assert a_of(r.query("app.test")) == [address]
+    assert r.service.fast.hits > 0, "while caught up, hits are answered from local state"
+    r.pool.caught_up = lambda: False  # what RaftReplica reports while behind the leader's commit index
+    wait_until(lambda: r.service is not None and r.service.fast.now == math.inf, 5, "the fast path to stand down")
+    hits, applied = r.service.fast.hits, r.pool.status()["applied_index"]
+    for _ in range(3):
+        assert a_of(r.query("app.test")) == [address]
+    assert r.service.fast.hits == hits, "nothing answered from local state"
+    assert r.pool.status()["applied_index"] >= applied + 3, "each answer was confirmed by a checkout"

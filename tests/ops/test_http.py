@@ -22,6 +22,7 @@ from appconnector.metrics import REGISTRY
 from appconnector.pool.local import LocalPool
 from appconnector.secrets_file import ensure_secret_file
 from tests.ops.helpers import REPO, free_port, http
+from tests.replicas import start_replica
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
@@ -70,11 +71,10 @@ def _strings(doc: Any) -> Iterable[str]:
         yield str(doc)
 
 
-def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -> None:
+def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path, replica_kind: str) -> None:
     async def body() -> None:
         cfg, cfg_path = _config(tmp_path)
-        pool = LocalPool(cfg.pool.prefixes)
-        await pool.start()
+        pool = await start_replica(replica_kind, cfg, str(tmp_path / "raft"))
         nft_ok = {"ok": True}
         server = StatusServer(cfg, pool, {
             "leader": lambda: (True, "local"),
@@ -91,7 +91,8 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -
             code, text = await asyncio.to_thread(http, base + "/metrics")
             assert code == 200 and "appconnector_dns_queries" in text and "# TYPE" in text
             code, text = await asyncio.to_thread(http, base + "/cluster/members")
-            assert code == 200 and json.loads(text)["members"] == ["local"]
+            members = ["local"] if replica_kind == "local" else [pool.status()["self"]]
+            assert code == 200 and json.loads(text)["members"] == members
             code, text = await asyncio.to_thread(http, base + "/status")
             status = json.loads(text)
             assert code == 200 and status["pool"]["mappings"] == 1 and status["pool"]["nodes"] == 1, "counts"
@@ -110,7 +111,7 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path) -
             assert rc == 0, err
             assert out.startswith("ready") and "nftables" in out
             rc, out, _ = await _cli("cluster", "members", "--config", str(cfg_path))
-            assert rc == 0 and "local" in out
+            assert rc == 0 and members[0] in out
             # a failing readiness check: /readyz 503, `status` exits 1 and names the check
             nft_ok["ok"] = False
             code, text = await asyncio.to_thread(http, base + "/readyz")
@@ -242,11 +243,11 @@ def test_admin_guard_answers_401_before_reading_anything(tmp_path: Path) -> None
     asyncio.run(body())
 
 
-def test_raising_check_is_not_ready(tmp_path: Path) -> None:
+def test_raising_check_is_not_ready(tmp_path: Path, replica_kind: str) -> None:
     async def body() -> None:
         listen = f"127.0.0.1:{free_port()}"
         cfg = config.load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone", "APPCONNECTOR_HTTP_LISTEN": listen})
-        pool = LocalPool(cfg.pool.prefixes)
+        pool = await start_replica(replica_kind, cfg, str(tmp_path / "raft"))
 
         def broken() -> tuple[bool, str]:
             raise RuntimeError("no raft yet")
@@ -260,4 +261,5 @@ def test_raising_check_is_not_ready(tmp_path: Path) -> None:
             assert code == 200 and json.loads(text)["ready"] is False
         finally:
             await server.stop()
+            await pool.stop()
     asyncio.run(body())

@@ -102,18 +102,19 @@ async def test_touches_are_coalesced_and_flushed_within_a_second() -> None:
     await pool.start()
     try:
         a = await pool.checkout("n", "a", (), 60.0)
+        clock.now = T0 + 60  # pool time moves on: a flushed mark stamps it
         for t in (T0 + 5, T0 + 50, T0 + 20):
             pool.touch("n", a, "a", t)
         pool.touch("n", a, "wrong-domain", T0 + 99)
         pool.touch("n", a, "a", "not a time")  # type: ignore[arg-type]  # dropped, never raises
         assert pool.status()["queued_touches"] == 2
         deadline = time.monotonic() + 3.0
-        while pool.lookup("n", "a") != (a, T0 + 50):
+        while pool.lookup("n", "a") != (a, T0 + 60):
             assert time.monotonic() < deadline, "touch not flushed in time"
             await asyncio.sleep(0.02)
         assert pool.status()["queued_touches"] == 0
         assert len(recorder.changes) == 1  # touches report no changes
-        # the touch protects the address: at T0+150 it is only 100 s idle
+        # the touch protects the address: at T0+150 it is only 90 s idle
         clock.now = T0 + 150
         a2 = await pool.checkout("n", "b", (), 60.0)
         assert a2 != a
@@ -123,9 +124,11 @@ async def test_touches_are_coalesced_and_flushed_within_a_second() -> None:
 
 @sync
 async def test_stop_flushes_queued_touches_and_refuses_writes_after() -> None:
-    pool = LocalPool(["100.64.1.0/29"], clock=Clock(), touch_flush_interval=3600)
+    clock = Clock()
+    pool = LocalPool(["100.64.1.0/29"], clock=clock, touch_flush_interval=3600)
     await pool.start()
     a = await pool.checkout("n", "a", (), 60.0)
+    clock.now = T0 + 30
     pool.touch("n", a, "a", T0 + 30)
     await pool.stop()
     assert pool.lookup("n", "a") == (a, T0 + 30)

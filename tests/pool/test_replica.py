@@ -96,14 +96,22 @@ def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) 
         assert r.targets("d5.example") == (0x01010101,)
         before = r.lookup("n0", "d0.example")
         assert before is not None
-        r.touch("n0", got[0], "d0.example", before[1] + 100.0)
+        for _ in range(300):  # the leader ticks the pool clock every second
+            if r.stats()["clock"] > before[1]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the pool clock never ticked")
+        at = r.now()
+        r.touch("n0", got[0], "d0.example", at + 3600.0)  # a mark ahead of the pool clock is clamped to it
         for _ in range(200):  # flushed within a second
             found = r.lookup("n0", "d0.example")
-            if found and found[1] == before[1] + 100.0:
+            if found and found[1] > before[1]:
                 break
             await asyncio.sleep(0.01)
         else:
             raise AssertionError("the touch never reached the state")
+        assert found[1] <= r.stats()["clock"] < at + 3600.0
         await r.set_targets("d1.example", (0x02020202,), 30.0)
         assert r.targets("d1.example") == (0x02020202,)
         await r.stop()

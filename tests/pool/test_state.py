@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import pickle
@@ -25,6 +26,8 @@ def ip(text: str) -> int:
 
 def checkout(state: PoolState, node: str, domain: str, now: float = T0, deadline: float = 0.0,
              targets: tuple[int, ...] = ()) -> int | PoolExhausted:
+    """A checkout proposed at pool time ``now``, the leader having ticked the clock to it."""
+    state.tick(now)
     results, _ = state.checkout_batch([(node, domain, targets, 60.0)], now, deadline)
     result = results[0]
     assert isinstance(result, int | PoolExhausted)
@@ -112,7 +115,8 @@ def test_touch_moves_last_used_forward_and_keeps_the_domain() -> None:
     state = PoolState(["100.64.0.0/31"])
     a = checkout(state, "n", "example.com", now=T0)
     assert state.lookup("n", "example.com") == (a, T0)
-    later = T0 + 240.0  # upstream moves an hour; ours clamps jumps over 5 min (clock-skew rule, tested below)
+    later = T0 + HOUR
+    state.tick(later)
     state.touch_batch([("n", a, "example.com", later)])
     assert state.lookup("n", "example.com") == (a, later)
     assert state.domain_for("n", a) == "example.com"
@@ -159,8 +163,10 @@ def test_reuse_takes_the_least_recently_used_then_the_lowest() -> None:
     checkout(state, "n", "a", now=T0)
     checkout(state, "n", "b", now=T0 + 1)
     checkout(state, "n", "c", now=T0 + 1)
+    state.tick(T0 + 2)
     state.touch_batch([("n", ip("100.64.1.1"), "a", T0 + 2)])
     # b (.2) and c (.3) tie on last use: the lowest address goes first; then c, then a
+    state.tick(T0 + 3)
     r1, c1 = state.checkout_batch([("n", "d", (), 0.0)], T0 + 3, T0 + 10)
     assert r1 == [ip("100.64.1.2")]
     assert c1.removed == [("n", ip("100.64.1.2"), "b")] and c1.added == [("n", ip("100.64.1.2"), "d")]
@@ -203,22 +209,27 @@ def test_touch_rules() -> None:
     state = PoolState(["100.64.1.0/29"])
     a = checkout(state, "n", "a", now=T0)
     assert isinstance(a, int)
-    state.touch_batch([("n", a, "a", T0 - 10)])  # older than stored: no-op
-    assert state.lookup("n", "a") == (a, T0)
     state.touch_batch([("n", a, "other", T0 + 10)])  # domain differs: no-op
     state.touch_batch([("m", a, "a", T0 + 10)])  # unknown node
     state.touch_batch([("n", a + 1, "a", T0 + 10)])  # unknown address
     state.touch_batch([("n", ip("10.0.0.1"), "a", T0 + 10)])  # outside the pool
+    state.tick(T0 + 10)
     assert state.lookup("n", "a") == (a, T0)
     assert state.stats()["mappings"] == 1 and state.domain_for("n", a + 1) is None
-    state.touch_batch([("n", a, "a", T0 + 10), ("n", a, "a", T0 + 5)])  # newest wins whatever the order
+    # a touch is a use now on the pool clock, whatever time its proposer read (a member catching up
+    # reads the clock late: its mark must not make a live mapping look idle)
+    state.touch_batch([("n", a, "a", T0 - 10)])
     assert state.lookup("n", "a") == (a, T0 + 10)
+    state.tick(T0 + 20)
+    state.touch_batch([("n", a, "a", T0 + 500)])  # and never later than the clock
+    assert state.lookup("n", "a") == (a, T0 + 20)
 
 
 def test_touch_of_a_reassigned_address_does_not_refresh_the_new_domain() -> None:
     state = PoolState(["100.64.1.0/31"])
     a = checkout(state, "n", "old", now=T0)
     assert checkout(state, "n", "new", now=T0 + 200, deadline=T0 + 100) == a
+    state.tick(T0 + 250)
     state.touch_batch([("n", a, "old", T0 + 250)])  # a late mark for the old domain
     assert state.lookup("n", "new") == (a, T0 + 200)
 
@@ -226,6 +237,7 @@ def test_touch_of_a_reassigned_address_does_not_refresh_the_new_domain() -> None
 def test_touched_address_is_not_reused_before_its_deadline() -> None:
     state = PoolState(["100.64.1.0/31"])
     a = checkout(state, "n", "a", now=T0)
+    state.tick(T0 + 200)
     state.touch_batch([("n", a, "a", T0 + 200)])
     assert isinstance(checkout(state, "n", "b", now=T0 + 200, deadline=T0 + 100), PoolExhausted)
     assert checkout(state, "n", "b", now=T0 + 400, deadline=T0 + 201) == a
@@ -250,6 +262,7 @@ def test_targets_recorded_at_checkout_only_when_the_domain_has_none() -> None:
 def test_set_targets_replaces_and_reports_only_real_changes() -> None:
     state = PoolState(["100.64.1.0/29"])
     checkout(state, "n", "a", targets=(ip("192.0.2.1"),))
+    state.tick(T0 + 50)
     c = state.set_targets("a", (ip("192.0.2.9"),), 30.0, T0 + 5)
     assert state.targets("a") == (ip("192.0.2.9"),) and c.targets == {"a": (ip("192.0.2.9"),)}
     c = state.set_targets("a", (ip("192.0.2.9"),), 30.0, T0 + 50)  # same addresses: refresh time only
@@ -323,37 +336,91 @@ def test_excluding_everything_exhausts() -> None:
 # ---- time ----------------------------------------------------------------------------------------------
 
 
-def test_high_water_mark_and_slow_proposers() -> None:
+def test_slow_proposers_stamp_the_pool_clock() -> None:
     state = PoolState(["100.64.1.0/29"])
     checkout(state, "n", "a", now=T0 + 100)
-    checkout(state, "n", "b", now=T0)  # a proposer whose clock is behind
-    assert state.high_water == T0 + 100
-    assert state.lookup("n", "b") == (ip("100.64.1.2"), T0 + 100)
+    state.checkout_batch([("n", "b", (), 60.0)], T0, 0.0)  # a proposer whose reading is behind
+    assert state.clock == T0 + 100
+    assert state.lookup("n", "b") == (ip("100.64.1.2"), T0 + 100), "a checkout is a use now"
+
+
+def test_only_ticks_move_the_pool_clock() -> None:
+    """Issue 9 item 5: commands from a member days fast, however many, leave the clock where it is."""
+    state = PoolState(["100.64.1.0/28"])
+    state.tick(T0)
+    fast = T0 + 3 * 86400
+    for i in range(40):
+        state.checkout_batch([("n", f"d{i}", (), 60.0)], fast, fast - HOUR)
+        state.touch_batch([("n", ip("100.64.1.1"), "d0", fast)])
+        state.set_targets(f"d{i}", (ip("192.0.2.1"),), 60.0, fast)
+        state.forget(["gone"], fast)
+        state.set_excluded([], fast)
+        state.exclude([], [], fast)
+    assert state.clock == T0
+    assert state.stats()["mappings"] == 15, "nothing was reclaimed: the pool ran out instead"
+    assert {m.last_used for m in state.mappings()} == {T0}, "stamps clamped to the pool clock"
+    assert state.target_info("d1") == ((ip("192.0.2.1"),), 60.0, T0)
+    state.tick(T0 - 50)  # a tick never moves it back
+    assert state.clock == T0
+    state.tick(T0 + HOUR + 1)
+    assert state.checkout_batch([("n", "late", (), 60.0)], T0 + HOUR + 1, T0 + 1)[0] == [ip("100.64.1.1")]
 
 
 def test_a_fast_clock_cannot_reclaim_addresses_early() -> None:
     state = PoolState(["100.64.1.0/31"])
     skew_before = metrics.POOL_CLOCK_SKEW._value.get()
     a = checkout(state, "n", "a", now=T0)
-    # a proposer 10 hours fast asks to reuse anything older than 1 hour before its "now"
-    result = checkout(state, "n", "b", now=T0 + 10 * HOUR, deadline=T0 + 9 * HOUR)
+    # a proposer 10 hours fast asks to reuse anything older than 1 hour before its "now": measured from
+    # the pool clock that is one hour before it, which nothing is older than
+    result = state.checkout_batch([("n", "b", (), 60.0)], T0 + 10 * HOUR, T0 + 9 * HOUR)[0][0]
     assert isinstance(result, PoolExhausted)
     assert state.lookup("n", "a") == (a, T0)
-    assert state.high_water == T0 + SKEW_LIMIT
+    assert state.clock == T0
     assert metrics.POOL_CLOCK_SKEW._value.get() == skew_before + 1
-    # a touch far in the future is clamped the same way
+    # a touch far in the future is clamped to the clock
     state.touch_batch([("n", a, "a", T0 + 100 * HOUR)])
-    assert state.lookup("n", "a") == (a, T0 + 2 * SKEW_LIMIT)
+    assert state.lookup("n", "a") == (a, T0)
+    # an hour later on the pool clock, the same window does reclaim it
+    state.tick(T0 + HOUR + 1)
+    assert state.checkout_batch([("n", "b", (), 60.0)], T0 + 10 * HOUR, T0 + 9 * HOUR)[0] == [a]
 
 
-def test_time_catches_up_after_a_quiet_spell() -> None:
+def test_a_fresh_state_starts_its_clock_at_the_first_time_it_sees() -> None:
+    state = PoolState(["100.64.1.0/29"])
+    assert state.clock == 0.0
+    state.checkout_batch([("n", "a", (), 60.0)], T0, 0.0)
+    assert state.clock == T0 and state.lookup("n", "a") == (ip("100.64.1.1"), T0)
+    state.checkout_batch([("n", "b", (), 60.0)], T0 + HOUR, 0.0)
+    assert state.clock == T0, "after the first, only ticks move it"
+
+
+def test_a_version_1_snapshot_keeps_the_high_water_rule_until_the_first_tick() -> None:
     state = PoolState(["100.64.1.0/29"])
     checkout(state, "n", "a", now=T0)
-    for _ in range(12):  # an idle hour: each command may advance the clock by five minutes
-        checkout(state, "n", "a", now=T0 + HOUR)
-    assert state.high_water == T0 + HOUR
-    checkout(state, "n", "b", now=T0 + HOUR + 1)
-    assert state.lookup("n", "b") == (ip("100.64.1.2"), T0 + HOUR + 1)
+    old = _as_version_1(state.to_bytes())
+    restored = PoolState.from_bytes(old, ["100.64.1.0/29"])
+    assert restored.clock == T0 and restored.legacy_clock
+    assert restored.lookup("n", "a") == (ip("100.64.1.1"), T0)
+    # journal entries written before the pool clock replay as they were first applied
+    restored.checkout_batch([("n", "b", (), 60.0)], T0 + 100, 0.0)
+    assert restored.clock == T0 + 100 and restored.lookup("n", "b") == (ip("100.64.1.2"), T0 + 100)
+    restored.checkout_batch([("n", "c", (), 60.0)], T0 + HOUR, 0.0)
+    assert restored.clock == T0 + 100 + SKEW_LIMIT, "the old rule: at most five minutes per command"
+    restored.tick(T0 + 50)
+    assert not restored.legacy_clock and restored.clock == T0 + 100 + SKEW_LIMIT
+    restored.checkout_batch([("n", "d", (), 60.0)], T0 + HOUR, 0.0)
+    assert restored.clock == T0 + 100 + SKEW_LIMIT, "ticked: commands no longer move it"
+    again = PoolState.from_bytes(restored.to_bytes(), ["100.64.1.0/29"])
+    assert not again.legacy_clock and again.to_bytes() == restored.to_bytes()
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """A version-2 snapshot as the version-1 code wrote it: no flags byte (and its own checksum)."""
+    body = bytearray(data[:-32])
+    assert body[6:8] == (2).to_bytes(2, "little") and body[20] == 0
+    body[6:8] = (1).to_bytes(2, "little")
+    del body[20]  # the header is 20 bytes (magic, version, clock, prefixes); the flags byte follows it
+    return bytes(body) + hashlib.sha256(bytes(body)).digest()
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
@@ -415,7 +482,9 @@ def populated() -> PoolState:
         for j in range(6 + i):
             checkout(state, node, f"d{j}.example", now=T0 + j, targets=(ip("192.0.2.1") + j,))
     state.set_excluded([ip("100.64.1.5")], T0 + 10)
+    state.tick(T0 + 30)
     state.touch_batch([("n1", ip("100.64.1.2"), "d1.example", T0 + 30)])
+    state.tick(T0 + 31)
     state.set_targets("d2.example", (ip("198.51.100.7"),), 99.0, T0 + 31)
     return state
 
@@ -427,7 +496,7 @@ def test_snapshot_restores_exactly_and_is_deterministic() -> None:
     restored = PoolState.from_bytes(data, ["100.64.3.0/30", "100.64.1.0/28"])  # same pool, other order
     assert restored.to_bytes() == data and restored.digest() == state.digest()
     assert sorted(restored.mappings(), key=repr) == sorted(state.mappings(), key=repr)
-    assert restored.excluded() == state.excluded() and restored.high_water == state.high_water
+    assert restored.excluded() == state.excluded() and restored.clock == state.clock
     assert restored.target_info("d2.example") == state.target_info("d2.example")
     # both continue identically
     for s in (state, restored):
@@ -480,7 +549,7 @@ def test_stats() -> None:
     s = state.stats()
     assert s["nodes"] == 3 and s["pool_size"] == 19 and s["excluded"] == 1
     assert s["mappings"] == 6 + 7 + 8 - 3  # the exclusion dropped one mapping per node
-    assert s["max_node_use"] == 7 and s["high_water"] == T0 + 31
+    assert s["max_node_use"] == 7 and s["clock"] == T0 + 31
 
 
 REPLAY_SCRIPT = """
@@ -523,3 +592,11 @@ def test_replicas_with_different_hash_seeds_reach_the_same_bytes() -> None:
     assert len(outputs) == 1, outputs
     digest, mappings = outputs.pop().split()
     assert len(digest) == 64 and int(mappings) > 50
+
+
+def test_the_digest_leaves_out_the_pool_clock_and_only_it() -> None:
+    a, b = populated(), populated()
+    b.tick(T0 + HOUR)
+    assert a.digest() == b.digest() and a.to_bytes() != b.to_bytes()
+    b.touch_batch([("n1", ip("100.64.1.2"), "d1.example", T0 + HOUR)])
+    assert a.digest() != b.digest(), "a stamp of the later clock is in it"

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from appconnector.pool.addresses import AddressSpace
 from appconnector.pool.api import PoolExhausted
-from appconnector.pool.state import SKEW_LIMIT, PoolState
+from appconnector.pool.state import PoolState
 
 LONG = os.environ.get("APPCONNECTOR_LONG") == "1"
 SETTINGS = settings(
@@ -39,22 +39,32 @@ TARGETS = st.lists(st.integers(0, 5).map(lambda i: 0xC0000200 + i), max_size=3).
 
 
 class Reference:
-    """docs/design.md §3 written the obvious way: dicts and full scans, no cleverness."""
+    """docs/design.md §3 written the obvious way: dicts and full scans, no cleverness.
+
+    Time follows the invariant of issue 9 item 5, not the code's arithmetic: there is one pool clock;
+    only ticks move it (never back; a fresh pool starts at the first time it sees); every last-used is
+    a pool-clock reading; and an address is reusable only when its last use is older than the reuse
+    window the proposer asked for (now - deadline) *measured back from the pool clock*, and older than
+    the proposer's own deadline too. Proposer times, however far ahead, move nothing.
+    """
 
     def __init__(self, prefixes: list[str]) -> None:
         self.space = AddressSpace(prefixes)
         self.maps: dict[str, dict[int, list[Any]]] = {}  # node → offset → [domain, last_used]
         self.excluded: set[int] = set()
         self.targets: dict[str, tuple[int, ...]] = {}
-        self.hw = 0.0
+        self.clock = 0.0
 
-    def admit(self, t: float) -> tuple[float, float]:
-        shift = 0.0
-        if self.hw and t > self.hw + SKEW_LIMIT:
-            shift = t - (self.hw + SKEW_LIMIT)
-            t = self.hw + SKEW_LIMIT
-        self.hw = max(self.hw, t)
-        return t, shift
+    def saw(self, t: float) -> None:
+        if self.clock == 0.0:
+            self.clock = t
+
+    def tick(self, value: float) -> None:
+        self.clock = max(self.clock, value)
+
+    def reusable_before(self, now: float, deadline: float) -> float:
+        """Last uses strictly before this may be reused: idle for the window on the pool clock."""
+        return min(deadline, self.clock - (now - deadline))
 
     def mapped_domains(self) -> set[str]:
         return {dom for m in self.maps.values() for dom, _ in m.values()}
@@ -65,9 +75,9 @@ class Reference:
 
     def checkout(self, requests: list[tuple[str, str, tuple[int, ...]]], now: float, deadline: float
                  ) -> list[object]:
-        t, shift = self.admit(now)
-        t = max(t, self.hw)
-        deadline -= shift
+        self.saw(now)
+        t = self.clock  # a checkout is a use now, on the pool clock
+        deadline = self.reusable_before(now, deadline)
         results: list[object] = []
         for node, domain, targets in requests:
             m = self.maps.setdefault(node, {})
@@ -95,14 +105,15 @@ class Reference:
 
     def touch(self, entries: list[tuple[str, int, str, float]]) -> None:
         for node, address, domain, at in entries:
-            t, _ = self.admit(at)
+            self.saw(at)
+            t = self.clock  # a mark is a use now, on the pool clock (the proposer's time is not trusted)
             offset = self.space.offset(address)
             entry = self.maps.get(node, {}).get(offset) if offset is not None else None
             if entry is not None and entry[0] == domain and t > entry[1]:
                 entry[1] = t
 
     def set_targets(self, domain: str, targets: tuple[int, ...], now: float) -> None:
-        self.admit(now)
+        self.saw(now)
         if domain in self.mapped_domains():
             if targets:
                 self.targets[domain] = tuple(sorted(set(targets)))
@@ -110,14 +121,18 @@ class Reference:
                 self.targets.pop(domain, None)
 
     def forget(self, nodes: list[str], now: float) -> None:
-        self.admit(now)
+        self.saw(now)
         for node in nodes:
             self.maps.pop(node, None)
         self.drop_orphan_targets()
 
     def set_excluded(self, addresses: list[int], now: float) -> None:
-        self.admit(now)
-        self.excluded = {o for o in map(self.space.offset, addresses) if o}
+        self.exclude(addresses, sorted(self.space.address(o) for o in self.excluded), now)
+
+    def exclude(self, added: list[int], lifted: list[int], now: float) -> None:
+        self.saw(now)
+        add = {o for o in map(self.space.offset, added) if o}
+        self.excluded = (self.excluded - {o for o in map(self.space.offset, lifted) if o}) | add
         for m in self.maps.values():
             for o in list(m):
                 if o in self.excluded:
@@ -175,34 +190,39 @@ class PoolMachine(RuleBasedStateMachine):
         now = self.advance(step)
         deadline = now - reuse
         before = {(m.node, m.address): (m.domain, m.last_used) for m in self.state.mappings()}
-        skewed = self.state.clock_skew_events
+        clock = self.state.clock
         result = self.run(("checkout_batch", tuple((n, d, t, 60.0) for n, d, t in requests), now, deadline))
         assert isinstance(result, list)
         assert same_results(result, self.ref.checkout(requests, now, deadline)), (result, requests)
-        # an address changes domain only when its last use was before the deadline passed in
+        # an address changes domain only when its last use was before the deadline passed in, and it had
+        # been idle for the whole window on the pool clock, which the command did not move
+        assert self.state.clock == clock or clock == 0.0
         for m in self.state.mappings():
             old = before.get((m.node, m.address))
             if old is not None and old[0] != m.domain:
-                assert old[1] < deadline, (m, old, deadline)
-        clamped = self.state.clock_skew_events != skewed
-        self.last_checkout = (requests, now, deadline, result, len(self.log), clamped)
+                assert old[1] < deadline and old[1] < clock - (now - deadline), (m, old, deadline, clock)
+        self.last_checkout = (requests, now, deadline, result, len(self.log))
 
     @precondition(lambda self: self.last_checkout is not None and self.last_checkout[4] == len(self.log))
     @rule()
     def retry_last_checkout(self) -> None:
         # pysyncobj may report an applied write as failed; the proposer's retry right after it
-        # must give the same answers (idempotent) and, without clock skew, leave the state as it was
-        # (a clamped time may move on by another five minutes on the retry).
-        requests, now, deadline, first, _, clamped = self.last_checkout
+        # must give the same answers (idempotent) and leave the state as it was, skewed or not
+        requests, now, deadline, first, _ = self.last_checkout
         before = self.state.to_bytes()
-        skewed = self.state.clock_skew_events
         result = self.run(("checkout_batch", tuple((n, d, t, 60.0) for n, d, t in requests), now, deadline))
         assert isinstance(result, list)
         assert same_results(result, first)
         assert same_results(result, self.ref.checkout(requests, now, deadline))
-        if not clamped and self.state.clock_skew_events == skewed:
-            assert self.state.to_bytes() == before
-        self.last_checkout = (requests, now, deadline, first, len(self.log), clamped)
+        assert self.state.to_bytes() == before
+        self.last_checkout = (requests, now, deadline, first, len(self.log))
+
+    @rule(step=st.sampled_from([0, 1, 5, 30, 120, 1000, -20]))
+    def tick(self, step: int) -> None:
+        # the leader's reading: the pool clock plus time it measured (a stale leader's may be behind)
+        value = max(0.0, self.ref.clock + step)
+        self.run(("tick", value))
+        self.ref.tick(value)
 
     @rule(data=st.data(), step=st.sampled_from([0, 1, 20, -30, 2000]))
     def touch(self, data: st.DataObject, step: int) -> None:
@@ -233,6 +253,13 @@ class PoolMachine(RuleBasedStateMachine):
         self.run(("set_excluded", tuple(addresses), self.now))
         self.ref.set_excluded(addresses, self.now)
 
+    @rule(data=st.data())
+    def exclude(self, data: st.DataObject) -> None:
+        pick = st.lists(st.sampled_from([*self.pool_addresses, 0x0A000001]), max_size=3)
+        added, lifted = data.draw(pick), data.draw(pick)
+        self.run(("exclude", tuple(added), tuple(lifted), self.now))
+        self.ref.exclude(added, lifted, self.now)
+
     @rule()
     def snapshot_round_trip(self) -> None:
         data = self.state.to_bytes()
@@ -243,7 +270,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def matches_reference(self) -> None:
         assert state_view(self.state) == self.ref.view()
-        assert self.state.high_water == self.ref.hw
+        assert self.state.clock == self.ref.clock
         for domain in DOMAINS:
             assert self.state.targets(domain) == self.ref.targets.get(domain, ())
 
@@ -307,16 +334,18 @@ def test_restore_into_another_pool_keeps_what_fits_and_allocates_like_the_refere
     restored = PoolState.from_bytes(state.to_bytes(), new_pool)
     new_space = AddressSpace(new_pool)
     ref = Reference(new_pool)
-    ref.hw = state.high_water
+    ref.clock = state.clock
     ref.excluded = {o for o in map(new_space.offset, state.excluded()) if o}
     for m in state.mappings():
         o = new_space.offset(m.address)
         if o:  # inside the new pool and not its DNS address
             ref.maps.setdefault(m.node, {})[o] = [m.domain, m.last_used]
     assert state_view(restored) == ref.view()
-    now = state.high_water
+    now = state.clock
     for node, domain in more:
         now += 3
+        restored.tick(now)
+        ref.tick(now)
         got, _ = restored.checkout_batch([(node, domain, (), 60.0)], now, now - 4)
         assert same_results(got, ref.checkout([(node, domain, ())], now, now - 4))
     assert state_view(restored) == ref.view()
@@ -348,7 +377,8 @@ JUNK = st.recursive(
     lambda inner: st.tuples(inner, inner) | st.tuples(inner, inner, inner, inner) | st.lists(inner, max_size=3),
     max_leaves=12,
 )
-COMMAND_NAMES = st.sampled_from(["checkout_batch", "touch_batch", "set_targets", "forget", "set_excluded", "x"])
+COMMAND_NAMES = st.sampled_from(["checkout_batch", "touch_batch", "set_targets", "forget", "set_excluded", "exclude",
+                                 "tick", "x"])
 
 
 @settings(max_examples=600 if LONG else 100, deadline=None)
