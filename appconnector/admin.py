@@ -121,7 +121,9 @@ class AdminServer:
             return json_response({"error": "limit must be a whole number, 0 or more"}, 400)
         # a million mappings take about a second to copy: off the event loop, so DNS keeps answering
         total, rows = await asyncio.to_thread(self._pool_rows, node, limit)
-        return json_response({"total": total, "shown": len(rows), "mappings": rows})
+        # last-used marks are pool-clock times: the pool's own now is what their ages are measured from
+        return json_response({"total": total, "shown": len(rows), "mappings": rows,
+                              "pool_time": self.replica.now()})
 
     def _pool_rows(self, node: str | None, limit: int) -> tuple[int, list[dict[str, object]]]:
         rows: list[dict[str, object]] = []

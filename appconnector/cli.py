@@ -325,7 +325,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def last_used_text(last_used: float, now: float) -> str:
     """A last-used time for people: UTC ISO time and age, e.g. ``2026-12-01T11:20:03Z (7m12s ago)``."""
     stamp = datetime.datetime.fromtimestamp(last_used, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    age = max(0, int(now - last_used))  # the pool's clock may run ahead of this host's a little
+    age = max(0, int(now - last_used))
     days, rest = divmod(age, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
@@ -362,7 +362,8 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
     if args.json:
         _print(doc)
         return EXIT_OK
-    now = time.time()
+    pool_time = doc.get("pool_time")
+    now = float(pool_time) if isinstance(pool_time, int | float) else time.time()
     for m in doc.get("mappings", []):
         print(f"{m['node']}\t{m['domain']}\t{m['address']}\t{last_used_text(m['last_used'], now)}")
     print(f"# {doc.get('shown')} of {doc.get('total')} mapping(s)", file=sys.stderr)

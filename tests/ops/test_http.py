@@ -149,6 +149,8 @@ def test_admin_listener_needs_the_token_and_the_cli_sends_it(tmp_path: Path) -> 
             assert doc["mappings"][0] == {"node": "100.101.0.10", "domain": "github.com",
                                           "address": str(ipaddress.IPv4Address(addr)),
                                           "last_used": doc["mappings"][0]["last_used"]}
+            # ages are measured on the pool's clock, which the answer carries (the CLI prints ages from it)
+            assert 0 <= doc["pool_time"] - doc["mappings"][0]["last_used"] < 60
             code, text = await asyncio.to_thread(http, base + "/pool/lookup?node=100.101.0.10&domain=GitHub.com.",
                                                  None, auth)
             assert code == 200 and json.loads(text)["address"] == str(ipaddress.IPv4Address(addr))
