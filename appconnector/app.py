@@ -4,9 +4,10 @@
     → status HTTP (read-only) → admin HTTP → leader duties → cluster membership (tailscale mode
     with cluster.tag)
 
-Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the admin and
-status HTTP close, DNS drains (so no answer is given that cannot be steered), NAT removes its table
-and the DNS address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
+Stop (SIGTERM/SIGINT, or a fatal error) first withdraws the pool routes this connector added, then
+runs that list backwards: membership and leader duties end, the admin and status HTTP close, DNS
+drains (so no answer is given that cannot be steered), NAT removes its table and the DNS address, the
+replica flushes queued touches and hands leadership away, then the tailnet watch ends.
 ``serve`` returns the process exit code (docs/design.md §7, :mod:`appconnector.fatal`): 0 after a signal, 1 for
 a runtime failure, 3 when this member's state can no longer be trusted. Parts report fatal errors to
 ``connector.fatal`` (any thread); ``serve`` logs the reason once (``fatal: …``), stops and exits with it.
@@ -264,6 +265,13 @@ class Connector:
         return True, f"{st.get('steer_elements')} steer element(s)"
 
     async def stop(self) -> None:
+        if self.tailnet is not None and self.tailnet in self._started:
+            # first, while DNS and NAT still serve: the control plane moves the pool routes to another
+            # connector (or clients get "no route") instead of routing to a connector with no DNS
+            try:
+                await self.tailnet.withdraw_routes()
+            except Exception as e:
+                log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
         while self._started:
             part = self._started.pop()
             try:

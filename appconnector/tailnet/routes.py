@@ -6,6 +6,12 @@ program) advertised. We read the prefs first and send the union; withdrawing rem
 tailscaled has no compare-and-swap, so a concurrent editor can still race us between GET and
 PATCH: we read back after writing and retry a few times if our routes are missing.
 
+Withdrawing removes only the routes this product added: each route we add is first recorded in
+``<cluster.state_dir>/advertised-routes.json`` (before the PATCH, so a crash in between cannot leave an
+unrecorded route), a route that was already advertised when we came is never recorded, and withdrawal
+removes exactly the recorded ones. The record outlives a crash, so ``appconnector routes withdraw``
+(the systemd unit's ``ExecStopPost``) can take the routes back after a kill -9 while tailscaled stays up.
+
 Routes need approval in the admin console. With an API key or OAuth client configured
 (``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` + ``tailnet.oauth_secret_file``) we enable our
 routes for this device through the control API (``tailscale`` package), again as a union with the
@@ -14,9 +20,12 @@ routes already enabled; otherwise we log once how to set ``autoApprovers``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
+import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,40 +67,122 @@ def auto_approvers_hint(tag: str, prefixes: Sequence[str]) -> str:
             "(or tailnet.oauth_client_id + tailnet.oauth_secret_file) to approve them automatically")
 
 
-class RouteAdvertiser:
-    """Adds/removes ``prefixes`` in tailscaled's ``AdvertiseRoutes``, leaving other routes alone."""
+RECORD_FILE = "advertised-routes.json"
 
-    def __init__(self, client: LocalAPIClient, prefixes: Sequence[str], attempts: int = 3) -> None:
+
+def record_path(cfg: Config) -> Path:
+    """Where the routes we added are recorded (one tailscaled per host, one record per state directory)."""
+    return Path(cfg.cluster.state_dir) / RECORD_FILE
+
+
+class RouteRecord:
+    """The routes this product added to tailscaled's prefs, kept in a small JSON file (atomic writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[str]:
+        """The recorded routes; an unreadable or malformed record is logged and read as empty."""
+        try:
+            doc = json.loads(self.path.read_text())
+            routes = doc.get("routes") if isinstance(doc, dict) else None
+            if not isinstance(routes, list):
+                raise ValueError("no routes list")
+            return _norm(str(r) for r in routes)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the route record %s: %s", self.path, e)
+            return []
+
+    def save(self, routes: Sequence[str]) -> None:
+        routes = _norm(routes)
+        if not routes:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"routes": routes}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class RouteAdvertiser:
+    """Adds/removes ``prefixes`` in tailscaled's ``AdvertiseRoutes``, leaving other routes alone.
+    ``record`` holds the ones we added: only those are ever withdrawn."""
+
+    def __init__(self, client: LocalAPIClient, prefixes: Sequence[str], record: RouteRecord,
+                 attempts: int = 3) -> None:
         self.client = client
         self.prefixes = _norm(prefixes)
+        self.record = record
         self.attempts = attempts
 
     async def advertise(self) -> list[str]:
-        """Make sure our prefixes are advertised; returns the advertised list."""
+        """Make sure our prefixes are advertised; returns the advertised list. Routes recorded by an
+        earlier run that are no longer in the pool (a changed ``pool.prefixes``) are withdrawn."""
         for _ in range(self.attempts):
             prefs = await self.client.get_prefs()
-            current = prefs.get("AdvertiseRoutes")
-            want = union_routes(current, self.prefixes)
-            if want == _norm(current or ()):
+            current = _norm(prefs.get("AdvertiseRoutes") or ())
+            recorded = self.record.load()
+            stale = [p for p in recorded if p not in self.prefixes]
+            # ours: what we add now, and what an earlier run added and is still there
+            ours = [p for p in self.prefixes if p not in current or p in recorded]
+            want = union_routes(without_routes(current, stale), self.prefixes)
+            if want == current:
+                if ours != recorded:
+                    self.record.save(ours)
                 return want
+            self.record.save(union_routes(ours, stale))  # before the PATCH: a crash must not lose one
             out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
             got = _norm(out.get("AdvertiseRoutes") or ())
             if all(p in got for p in self.prefixes):
-                log.info("advertising routes %s (with %d other route(s) kept)", ", ".join(self.prefixes),
-                         len(got) - len(self.prefixes))
+                self.record.save([p for p in ours if p in got])
+                if stale:
+                    log.info("withdrew routes %s (no longer in pool.prefixes)", ", ".join(stale))
+                log.info("advertising routes %s (%d added by us, %d other route(s) kept)",
+                         ", ".join(self.prefixes), len(ours), len(got) - len(self.prefixes))
                 return got
         raise RuntimeError("could not advertise the pool routes: tailscaled prefs keep changing under us")
 
     async def withdraw(self) -> list[str]:
-        """Stop advertising our prefixes; others' routes stay. Returns what remains advertised."""
+        """Stop advertising the routes we added (the record); others' routes stay, and so does a pool
+        route that was advertised before we came. Returns the routes withdrawn. No record: no LocalAPI call."""
+        recorded = self.record.load()
+        if not recorded:
+            return []
         prefs = await self.client.get_prefs()
-        current = prefs.get("AdvertiseRoutes")
-        want = without_routes(current, self.prefixes)
-        if want == _norm(current or ()):
-            return want
-        out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
-        log.info("withdrew routes %s", ", ".join(self.prefixes))
-        return _norm(out.get("AdvertiseRoutes") or ())
+        current = _norm(prefs.get("AdvertiseRoutes") or ())
+        want = without_routes(current, recorded)
+        gone = [p for p in recorded if p in current]
+        if want != current:
+            out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
+            left = _norm(out.get("AdvertiseRoutes") or ())
+            if any(p in left for p in recorded):
+                raise RuntimeError("tailscaled still advertises " + ", ".join(p for p in recorded if p in left))
+            log.info("withdrew routes %s (%d other route(s) kept)", ", ".join(gone), len(left))
+        self.record.save([])
+        return gone
+
+
+async def withdraw_recorded(cfg: Config) -> str:
+    """``appconnector routes withdraw``: take back the routes a connector recorded as added, e.g. after a
+    crash (the systemd unit runs it in ``ExecStopPost``). Never touches routes when
+    ``tailnet.advertise_routes = false``. Returns what was done; raises ``TailnetUnavailable`` or
+    ``LocalAPIError`` when tailscaled cannot be asked (the record stays)."""
+    if cfg.standalone:
+        return "standalone mode: no routes are advertised; nothing withdrawn"
+    if not cfg.tailnet.advertise_routes:
+        return "tailnet.advertise_routes = false: the routes are not ours to manage; nothing withdrawn"
+    record = RouteRecord(record_path(cfg))
+    if not record.load():
+        return f"no routes recorded in {record.path}: nothing to withdraw"
+    gone = await RouteAdvertiser(LocalAPIClient(cfg.tailnet.localapi_socket), cfg.pool.prefixes, record).withdraw()
+    return f"withdrew {', '.join(gone)}" if gone else "the recorded routes were no longer advertised"
 
 
 def control_credentials(cfg: Config) -> dict[str, str] | None:

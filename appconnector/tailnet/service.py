@@ -6,7 +6,8 @@
     tailnet.identity, tailnet.directory      # NodeIdentity / NodeDirectory for DNS and NAT
     tailnet.raft_address()                   # this member's "tailnet-IPv4:raft_port"
     tailnet.checks()                         # readiness checks for the status server
-    await tailnet.stop()                     # watch ends, Raft filter removed (routes stay advertised)
+    await tailnet.withdraw_routes()          # the routes we added are withdrawn (stop does it too)
+    await tailnet.stop()                     # watch ends, Raft filter removed
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter,
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.identity import TailnetIdentity
 from appconnector.tailnet.localapi import LocalAPIClient
-from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover, union_routes
+from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover, RouteRecord, record_path, union_routes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class TailnetService:
         self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
         self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
         self.identity = TailnetIdentity(self.client, self.directory)
-        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes)
+        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes, RouteRecord(record_path(cfg)))
         self.approver = RouteApprover(cfg, cfg.pool.prefixes)
         want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
         self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
@@ -117,16 +118,25 @@ class TailnetService:
         return {"tailscaled": tailscaled, "routes": routes}
 
     async def withdraw_routes(self) -> None:
+        """Withdraw the routes we added (none when ``tailnet.advertise_routes = false``); no re-advertising
+        after this. Raises when tailscaled cannot be asked (the record stays for the next try)."""
         self.routes_advertised = False
-        metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (removed member): nothing to alert on
+        metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (stop, removed member): nothing to alert on
         metrics.TAILNET_ROUTES_ADVERTISED.set(0)
-        await self.advertiser.withdraw()
-
-    async def stop(self) -> None:
-        if self._readvertise is not None:
+        if self._readvertise is not None and not self._readvertise.done():
             self._readvertise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readvertise
+        if self.cfg.tailnet.advertise_routes:
+            await self.advertiser.withdraw()
+
+    async def stop(self) -> None:
+        """Withdraw our routes (a connector that stops must not keep pool routes with no DNS behind them;
+        the app withdraws them earlier, before DNS drains, so this is a no-op then), end the watch."""
+        try:
+            await self.withdraw_routes()
+        except Exception as e:
+            log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
         await self.directory.stop()
         if self.raft_filter is not None:
             try:
