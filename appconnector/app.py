@@ -17,6 +17,9 @@ snapshot from the leader that would not install) it writes the marker (pool/stat
 EXIT_UNTRUSTED; DNS then answers REFUSED, the routes are withdrawn and the process stops. A member that
 finds the marker at start serves nothing (REFUSED, unready, no routes, no NAT, no Raft) until
 ``appconnector state reset``.
+
+Under systemd it notifies READY=1 once serving, pings the watchdog while the event loop and the
+Raft tick run, and STOPPING=1 when it begins to stop (``sdnotify``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
+from appconnector.sdnotify import Notifier, Watchdog
 from appconnector.secrets_file import ensure_secret_file, prepare_state_dir
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
@@ -197,11 +201,12 @@ class Connector:
         await self._withdraw_routes()
 
     async def _withdraw_routes(self) -> None:
-        if self.tailnet is not None and self.tailnet.routes_advertised:
+        """Withdraw the routes this connector recorded as added (also those of a crashed earlier run)."""
+        if self.tailnet is not None:
             try:
                 await self.tailnet.withdraw_routes()
             except Exception as e:
-                log.warning("could not withdraw the pool routes: %s", e)
+                log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
 
     async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str], MembershipRecord | None]:
         """This member's Raft address, its partners and its membership record, after the split-brain-safe
@@ -268,10 +273,7 @@ class Connector:
         if self.tailnet is not None and self.tailnet in self._started:
             # first, while DNS and NAT still serve: the control plane moves the pool routes to another
             # connector (or clients get "no route") instead of routing to a connector with no DNS
-            try:
-                await self.tailnet.withdraw_routes()
-            except Exception as e:
-                log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
+            await self._withdraw_routes()
         while self._started:
             part = self._started.pop()
             try:
@@ -302,6 +304,9 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     prepare_state_dir(cfg.cluster.state_dir)  # 0700: it holds the Raft secret and every node's pool data
     connector = Connector(cfg)
+    systemd = Notifier.from_env()
+    watchdog = Watchdog(systemd)  # extends systemd's start timeout while starting, pings once serving
+    watchdog.start()
     fatal = loop.create_task(connector.fatal.wait())
     waiter = loop.create_task(stop.wait())
     try:
@@ -316,6 +321,8 @@ async def serve(cfg: Config) -> int:
             log.info("stopped during start-up")
             return EXIT_OK
         start.result()
+        watchdog.serving(connector.replica.tick_alive if isinstance(connector.replica, RaftReplica) else None)
+        systemd.send("READY=1", "STATUS=serving")
         done, _ = await asyncio.wait({waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
         if fatal in done:
             return await _fatal(connector, fatal.result())
@@ -330,6 +337,9 @@ async def serve(cfg: Config) -> int:
         log.error("cannot start: %s", e)
         return EXIT_FAILURE
     finally:
+        systemd.send("STOPPING=1", "STATUS=stopping")
+        await watchdog.stop()
         for task in (fatal, waiter):
             task.cancel()
         await connector.stop()
+        systemd.close()
