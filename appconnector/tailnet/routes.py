@@ -12,26 +12,34 @@ unrecorded route), a route that was already advertised when we came is never rec
 removes exactly the recorded ones. The record outlives a crash, so ``appconnector routes withdraw``
 (the systemd unit's ``ExecStopPost``) can take the routes back after a kill -9 while tailscaled stays up.
 
-Routes need approval in the admin console. With an API key or OAuth client configured
-(``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` + ``tailnet.oauth_secret_file``) we enable our
-routes for this device through the control API (``tailscale`` package), again as a union with the
-routes already enabled; otherwise we log once how to set ``autoApprovers``.
+Routes need approval (admin console, ``autoApprovers`` in the policy file, or the control API). With
+an API key or OAuth client configured (``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` +
+``tailnet.oauth_secret_file``) we enable our routes for this device through the control API
+(``tailscale`` package), again as a union with the routes already enabled. Whether they are served is
+read from what tailscaled reports (``RouteServing``): a pool route in this node's ``PrimaryRoutes`` or
+``AllowedIPs``, or in a tagged connector's ``PrimaryRoutes`` (a standby here), is served. Only a route
+still not served after ``tailnet.route_approval_grace`` gets a warning saying how to approve it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from appconnector.config import Config, ConfigError
+from appconnector.metrics import TAILNET_ROUTES_SERVED
 from appconnector.secrets_file import read_secret_file
+from appconnector.tailnet.api import NodeInfo
+from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient
 
 log = logging.getLogger(__name__)
@@ -208,20 +216,18 @@ def control_credentials(cfg: Config) -> dict[str, str] | None:
 
 
 class RouteApprover:
-    """Enables our routes for this device through the control API, or says once how to."""
+    """Enables our routes for this device through the control API when credentials are configured
+    (without them, approval is the policy's or an admin's; ``RouteServing`` warns if none comes)."""
 
     def __init__(self, cfg: Config, prefixes: Sequence[str]) -> None:
         self.cfg = cfg
         self.prefixes = _norm(prefixes)
-        self._hinted = False
 
     async def approve(self, device_id: str) -> bool:
-        """``device_id`` is this node's StableID. True when the routes are enabled (or were)."""
+        """``device_id`` is this node's StableID. True when the routes are enabled (or were); False
+        without credentials."""
         creds = control_credentials(self.cfg)
         if creds is None:
-            if not self._hinted:
-                log.warning(auto_approvers_hint(self.cfg.cluster.tag, self.prefixes))
-                self._hinted = True
             return False
         from tailscale import Tailscale, TailscaleError  # imported here: only needed with credentials
 
@@ -239,3 +245,95 @@ class RouteApprover:
             return False
         log.info("enabled routes %s for this device through the control API", ", ".join(self.prefixes))
         return True
+
+
+# ---- are the routes served? ----------------------------------------------------------------------------
+
+
+def route_service(prefixes: Sequence[str], me: NodeInfo | None, nodes: Iterable[NodeInfo], tag: str) -> dict[str, str]:
+    """Where each of ``prefixes`` is served, from tailscaled's view: "primary here", "approved here"
+    (in this node's AllowedIPs: a standby under Tailscale's control), "primary on NAME" (a node carrying
+    ``tag``; this one is a standby), or "" when nothing serves it. headscale lists a route in
+    AllowedIPs and PrimaryRoutes of its primary router only, so a standby learns it from the primary."""
+    out: dict[str, str] = {}
+    others = [n for n in nodes if tag and tag in n.tags and (me is None or n.node != me.node)]
+    for p in _norm(prefixes):
+        if me is not None and p in me.primary_routes:
+            out[p] = "primary here"
+        elif me is not None and p in me.routes:
+            out[p] = "approved here"
+        elif primary := next((n for n in sorted(others, key=lambda n: n.node) if p in n.primary_routes), None):
+            out[p] = f"primary on {primary.name or primary.node}"
+        else:
+            out[p] = ""
+    return out
+
+
+class RouteServing:
+    """Follows whether the pool routes are served (``route_service`` on every netmap change); warns once
+    when they are not after ``grace`` seconds (and again if they stop being served later), logs when
+    they are served again, and keeps ``appconnector_tailnet_routes_served`` current."""
+
+    def __init__(self, directory: TailnetDirectory, prefixes: Sequence[str], tag: str, grace: float) -> None:
+        self.directory = directory
+        self.prefixes = _norm(prefixes)
+        self.tag = tag
+        self.grace = grace
+        self.where: dict[str, str] = {}
+        self.warned = False
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._running = False
+
+    def start(self) -> None:
+        if not self._running:
+            self._running = True
+            self.directory.subscribe(self._update)
+            self._update()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def served(self) -> bool:
+        return bool(self.where) and all(self.where.values())
+
+    def _update(self) -> None:
+        if not self._running:
+            return
+        self.where = route_service(self.prefixes, self.directory.self_node(), self.directory.nodes().values(),
+                                   self.tag)
+        TAILNET_ROUTES_SERVED.set(1 if self.served() else 0)
+        loop = asyncio.get_running_loop()
+        if self.served():
+            if self.warned:
+                log.info("the pool routes are served now: %s", self._describe())
+            self.warned, self._since = False, None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif self._since is None:
+            self._since = time.monotonic()
+            self._timer = loop.call_later(self.grace, self._overdue)
+
+    def _overdue(self) -> None:
+        self._timer = None
+        if self._running and not self.served() and not self.warned:
+            self.warned = True
+            missing = [p for p, w in self.where.items() if not w]
+            log.warning("the pool routes %s are advertised but not served after %.0fs (tailscaled reports them in "
+                        "no PrimaryRoutes/AllowedIPs); %s", ", ".join(missing), self.grace,
+                        auto_approvers_hint(self.tag, missing))
+
+    def _describe(self) -> str:
+        return "; ".join(f"{p} {w or 'not served'}" for p, w in self.where.items())
+
+    def detail(self) -> str:
+        """For the readiness check: where each route is served, or for how long it has not been."""
+        if self.served():
+            return "served: " + self._describe()
+        since = self._since
+        age = f" for {time.monotonic() - since:.0f}s" if since is not None else ""
+        return f"not served{age}: {self._describe()}" + (" (see the log: approval needed)" if self.warned else "")

@@ -25,7 +25,14 @@ from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter,
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.identity import TailnetIdentity
 from appconnector.tailnet.localapi import LocalAPIClient
-from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover, RouteRecord, record_path, union_routes
+from appconnector.tailnet.routes import (
+    RouteAdvertiser,
+    RouteApprover,
+    RouteRecord,
+    RouteServing,
+    record_path,
+    union_routes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ class TailnetService:
         self.identity = TailnetIdentity(self.client, self.directory)
         self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes, RouteRecord(record_path(cfg)))
         self.approver = RouteApprover(cfg, cfg.pool.prefixes)
+        self.serving = RouteServing(self.directory, cfg.pool.prefixes, cfg.cluster.tag,
+                                    cfg.tailnet.route_approval_grace)
         want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
         self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
         self.routes_advertised = False
@@ -67,6 +76,7 @@ class TailnetService:
             metrics.TAILNET_ROUTES_ADVERTISED.set(len(self.advertiser.prefixes))
             self.directory.subscribe_prefs(self._on_prefs)
             await self.approver.approve(me.node)
+            self.serving.start()
 
     def _on_prefs(self, prefs: dict[str, Any]) -> None:
         """Someone changed tailscaled's prefs: if our routes went missing (``tailscale set
@@ -113,8 +123,9 @@ class TailnetService:
         def routes() -> tuple[bool, str]:
             if not self.cfg.tailnet.advertise_routes:
                 return True, "not managed (tailnet.advertise_routes = false)"
-            return self.routes_advertised, ("advertised: " + ", ".join(self.advertiser.prefixes)
-                                            if self.routes_advertised else "not advertised yet")
+            if not self.routes_advertised:
+                return False, "not advertised"
+            return True, f"advertised: {', '.join(self.advertiser.prefixes)}; {self.serving.detail()}"
         return {"tailscaled": tailscaled, "routes": routes}
 
     async def withdraw_routes(self) -> None:
@@ -123,6 +134,7 @@ class TailnetService:
         self.routes_advertised = False
         metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (stop, removed member): nothing to alert on
         metrics.TAILNET_ROUTES_ADVERTISED.set(0)
+        self.serving.stop()  # withdrawn on purpose: no warnings about them
         if self._readvertise is not None and not self._readvertise.done():
             self._readvertise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
