@@ -17,7 +17,9 @@ an API key or OAuth client configured (``tailnet.api_key_file`` / ``tailnet.oaut
 ``tailnet.oauth_secret_file``) we enable our routes for this device through the control API
 (``tailscale`` package), again as a union with the routes already enabled. Whether they are served is
 read from what tailscaled reports (``RouteServing``): a pool route in this node's ``PrimaryRoutes`` or
-``AllowedIPs``, or in a tagged connector's ``PrimaryRoutes`` (a standby here), is served. Only a route
+``AllowedIPs``, or in a tagged connector's ``PrimaryRoutes`` (a standby here), is served; so it is once a
+tailnet client's DNS query reached our pool DNS address (headscale 0.29 never updates a node's own
+``PrimaryRoutes`` for routes it advertised while connected, checked on a real tailnet). Only a route
 still not served after ``tailnet.route_approval_grace`` gets a warning saying how to approve it.
 """
 
@@ -280,6 +282,7 @@ class RouteServing:
         self.tag = tag
         self.grace = grace
         self.where: dict[str, str] = {}
+        self.client: str | None = None  # a tailnet node whose DNS query reached us through the routes
         self.warned = False
         self._since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -288,7 +291,17 @@ class RouteServing:
     def start(self) -> None:
         if not self._running:
             self._running = True
+            self.client = None
             self.directory.subscribe(self._update)
+            self._update()
+
+    def saw_client(self, node: NodeInfo) -> None:
+        """A DNS query from ``node`` reached a pool address: the routes are served to it (headscale never
+        tells a node its own PrimaryRoutes for routes advertised while connected; this is how its
+        primary knows)."""
+        me = self.directory.self_node()
+        if self._running and self.client is None and (me is None or node.node != me.node):
+            self.client = node.name or node.node
             self._update()
 
     def stop(self) -> None:
@@ -305,6 +318,8 @@ class RouteServing:
             return
         self.where = route_service(self.prefixes, self.directory.self_node(), self.directory.nodes().values(),
                                    self.tag)
+        if self.client is not None:
+            self.where = {p: w or f"reached by {self.client}" for p, w in self.where.items()}
         TAILNET_ROUTES_SERVED.set(1 if self.served() else 0)
         loop = asyncio.get_running_loop()
         if self.served():
@@ -323,9 +338,11 @@ class RouteServing:
         if self._running and not self.served() and not self.warned:
             self.warned = True
             missing = [p for p, w in self.where.items() if not w]
-            log.warning("the pool routes %s are advertised but not served after %.0fs (tailscaled reports them in "
-                        "no PrimaryRoutes/AllowedIPs); %s", ", ".join(missing), self.grace,
-                        auto_approvers_hint(self.tag, missing))
+            log.warning("the pool routes %s are advertised but not served after %.0fs: tailscaled lists them in no "
+                        "PrimaryRoutes/AllowedIPs of this node or a tagged connector, and no tailnet client has "
+                        "reached this connector's DNS through them (headscale does not tell a node about its own "
+                        "routes approved while it was connected: `headscale nodes list-routes` shows them); %s",
+                        ", ".join(missing), self.grace, auto_approvers_hint(self.tag, missing))
 
     def _describe(self) -> str:
         return "; ".join(f"{p} {w or 'not served'}" for p, w in self.where.items())

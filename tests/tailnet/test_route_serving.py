@@ -128,3 +128,53 @@ def test_a_standby_connector_sees_the_route_served_by_the_primary(
     with caplog.at_level(logging.INFO):
         run(body())
     assert _hints(caplog) == []
+
+
+@pytest.mark.parametrize("style", ["netmap", "delta"])
+def test_a_change_before_the_watch_connects_is_not_missed(tmp_path: Path, style: str) -> None:
+    """Found on the real tailnet: headscale approved the route our advertising asked for before the IPN
+    bus watch was connected, tailscaled never sent it again, and the connector warned for minutes."""
+    from appconnector.tailnet.directory import TailnetDirectory
+    from appconnector.tailnet.localapi import LocalAPIClient
+
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state(style))
+        d = TailnetDirectory(LocalAPIClient(sock))
+        try:
+            await d.start()  # status read; the watch task has not connected yet (no await since)
+            assert not s._watchers
+            s.set_routes("nConn1", primary=[POOL])  # no watcher to tell
+            await wait_for(lambda: (me := d.self_node()) is not None and POOL in me.primary_routes,
+                           what="the approval seen after the watch connected")
+        finally:
+            await d.stop()
+            await s.stop()
+    run(body())
+
+
+def test_a_client_query_through_the_routes_counts_as_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """headscale never updates the primary's own PrimaryRoutes for routes it advertised while connected:
+    a tailnet client's DNS query that reached the pool DNS address is the evidence then."""
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state("delta"))
+        svc = TailnetService(_cfg(sock, tmp_path, APPCONNECTOR_TAILNET_ROUTE_APPROVAL_GRACE="2s"),
+                             enable_raft_filter=False)
+        try:
+            await svc.start()
+            assert not svc.serving.served()
+            me = svc.directory.self_node()
+            assert me is not None
+            svc.serving.saw_client(me)  # the connector asking itself proves nothing
+            assert not svc.serving.served()
+            client = svc.directory.nodes()["nClientA"]
+            svc.serving.saw_client(client)
+            assert svc.serving.served() and "reached by client-a" in svc.checks()["routes"]()[1]
+            assert svc.serving._timer is None, "no warning can come"
+        finally:
+            await svc.stop()
+            await s.stop()
+    with caplog.at_level(logging.INFO):
+        run(body())
+    assert _hints(caplog) == []
