@@ -4,8 +4,9 @@
     → status HTTP (read-only) → admin HTTP → leader duties → cluster membership (tailscale mode
     with cluster.tag)
 
-Stop (SIGTERM/SIGINT, or a fatal error) first withdraws the pool routes this connector added, then
-runs that list backwards: membership and leader duties end, the admin and status HTTP close, DNS
+Stop (SIGTERM/SIGINT, or a fatal error) first withdraws the pool routes this connector added (and, in
+a cluster, waits a few seconds at most for another connector to become their primary), then runs
+that list backwards: membership and leader duties end, the admin and status HTTP close, DNS
 drains (so no answer is given that cannot be steered), NAT removes its table and the DNS address, the
 replica flushes queued touches and hands leadership away, then the tailnet watch ends.
 ``serve`` returns the process exit code (docs/design.md §7, :mod:`appconnector.fatal`): 0 after a signal, 1 for
@@ -57,6 +58,7 @@ from appconnector.tailnet.standalone import StandaloneIdentity
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+FAILOVER_WAIT = 3.0  # on stop, DNS and NAT keep serving this long at most until another connector has the routes
 
 
 class _Stoppable(Protocol):
@@ -202,11 +204,11 @@ class Connector:
             self.dns.refuse_all(reason)
         await self._withdraw_routes()
 
-    async def _withdraw_routes(self) -> None:
+    async def _withdraw_routes(self, failover_wait: float = 0.0) -> None:
         """Withdraw the routes this connector recorded as added (also those of a crashed earlier run)."""
         if self.tailnet is not None:
             try:
-                await self.tailnet.withdraw_routes()
+                await self.tailnet.withdraw_routes(failover_wait=failover_wait)
             except Exception as e:
                 log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
 
@@ -275,7 +277,7 @@ class Connector:
         if self.tailnet is not None and self.tailnet in self._started:
             # first, while DNS and NAT still serve: the control plane moves the pool routes to another
             # connector (or clients get "no route") instead of routing to a connector with no DNS
-            await self._withdraw_routes()
+            await self._withdraw_routes(failover_wait=FAILOVER_WAIT)
         while self._started:
             part = self._started.pop()
             try:

@@ -31,6 +31,7 @@ from appconnector.tailnet.routes import (
     RouteRecord,
     RouteServing,
     record_path,
+    route_service,
     union_routes,
 )
 
@@ -128,9 +129,12 @@ class TailnetService:
             return True, f"advertised: {', '.join(self.advertiser.prefixes)}; {self.serving.detail()}"
         return {"tailscaled": tailscaled, "routes": routes}
 
-    async def withdraw_routes(self) -> None:
+    async def withdraw_routes(self, failover_wait: float = 0.0) -> None:
         """Withdraw the routes we added (none when ``tailnet.advertise_routes = false``); no re-advertising
-        after this. Raises when tailscaled cannot be asked (the record stays for the next try)."""
+        after this. With ``failover_wait``, wait up to that long until another online tagged connector is
+        primary for every pool route (the caller keeps DNS and NAT serving meanwhile, so clients never
+        route to a connector that has stopped). Raises when tailscaled cannot be asked (the record stays
+        for the next try)."""
         self.routes_advertised = False
         metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (stop, removed member): nothing to alert on
         metrics.TAILNET_ROUTES_ADVERTISED.set(0)
@@ -139,8 +143,29 @@ class TailnetService:
             self._readvertise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readvertise
-        if self.cfg.tailnet.advertise_routes:
-            await self.advertiser.withdraw()
+        if self.cfg.tailnet.advertise_routes and await self.advertiser.withdraw() and failover_wait > 0:
+            await self._await_failover(failover_wait)
+
+    async def _await_failover(self, timeout: float) -> None:
+        tag = self.cfg.cluster.tag
+        me = self.directory.self_node()
+        if not tag or not any(n.online and (me is None or n.node != me.node) for n in self.directory.tagged(tag)):
+            return  # no other connector to take the routes
+
+        def moved() -> bool:
+            where = route_service(self.advertiser.prefixes, self.directory.self_node(),
+                                  self.directory.nodes().values(), tag)
+            return all(w.startswith("primary on ") for w in where.values())
+
+        done = asyncio.Event()
+        self.directory.subscribe(lambda: done.set() if moved() else None)
+        if moved():
+            return
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+            log.info("the pool routes moved to another connector")
+        except TimeoutError:
+            log.warning("no other connector took the pool routes within %.0fs; stopping anyway", timeout)
 
     async def stop(self) -> None:
         """Withdraw our routes (a connector that stops must not keep pool routes with no DNS behind them;

@@ -7,7 +7,8 @@ headscale never updates for a route advertised while connected, sees a client's 
 it) and none warns that it needs approval. A kill -9 of the primary's `appconnector run` leaves its
 tailscaled up and the pool route advertised; `appconnector routes withdraw` (the unit's ExecStopPost)
 takes it back and headscale moves the primary to another connector, which answers the next new name.
-A SIGTERM does the same from inside the process. The times are printed (docs/operations.md has them).
+A SIGTERM does the same from inside the process, which keeps serving until another connector is the
+primary. The times are printed (docs/operations.md has them).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def test_sigterm_withdraws_in_process_and_another_connector_answers(net: Tailnet
     stopped = time.monotonic()
     assert POOL not in _advertised(victim), "the stopping connector withdrew its route itself"
     assert "withdrew routes 100.64.1.0/24" in victim.connector_log()
+    assert "the pool routes moved to another connector" in victim.connector_log(), "it waited for the failover"
     moved_to = wait_for(lambda: (p := net.primary_route_node()) not in (None, victim.name) and p, 60,
                         "headscale to move the primary away from the stopped connector")
     moved = time.monotonic()

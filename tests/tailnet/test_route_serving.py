@@ -178,3 +178,36 @@ def test_a_client_query_through_the_routes_counts_as_served(tmp_path: Path, capl
     with caplog.at_level(logging.INFO):
         run(body())
     assert _hints(caplog) == []
+
+
+def test_a_stopping_connector_waits_until_another_is_primary(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Planned stop in a cluster: after withdrawing, DNS and NAT keep serving until the control plane made
+    another tagged connector primary for the routes (bounded), so clients never route to a stopped one."""
+    import asyncio
+
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        state = base_state("delta")
+        state["auto_approve"] = [POOL]
+        s = await started(sock, state)
+        svc = TailnetService(_cfg(sock, tmp_path), enable_raft_filter=False)
+        try:
+            await svc.start()
+            await wait_for(svc.serving.served, what="served here")
+            stopping = asyncio.ensure_future(svc.withdraw_routes(failover_wait=30))
+            await wait_for(lambda: POOL not in (s.prefs["AdvertiseRoutes"] or []), what="the route withdrawn")
+            await asyncio.sleep(0.2)  # the withdraw has returned by now; the wait for the new primary has not
+            assert not stopping.done(), "no other connector is primary yet"
+            s.set_routes("nConn2", primary=[POOL])  # headscale moves the route to conn-2
+            await asyncio.wait_for(stopping, 5)
+            # no other online connector: no wait at all
+            s.set_peer("nConn2", online=False)
+            await wait_for(lambda: not svc.directory.nodes()["nConn2"].online, what="conn-2 offline")
+            await svc.advertiser.advertise()
+            await asyncio.wait_for(svc.withdraw_routes(failover_wait=30), 5)
+        finally:
+            await svc.stop()
+            await s.stop()
+    with caplog.at_level(logging.INFO):
+        run(body())
+    assert any("moved to another connector" in r.getMessage() for r in caplog.records)
