@@ -15,12 +15,12 @@ from our environment so child processes (``nft``, forked compaction) never talk 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
+
+from appconnector.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +85,40 @@ class Notifier:
 
 
 class Watchdog:
-    """The pinger task. ``start()`` at once (it extends the start timeout), ``serving(probe)`` when ready
-    (it pings ``WATCHDOG=1`` from then on), ``await stop()`` before stopping. Idle without a watchdog."""
+    """The pinger. ``start()`` at once (it extends the start timeout), ``serving(probe)`` when ready (it
+    pings ``WATCHDOG=1`` from then on), ``await stop()`` before stopping. Idle without a watchdog."""
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
         self._probe: Probe | None = None
         self._serving = False
-        self._task: asyncio.Task[None] | None = None
+        self._periodic: Periodic | None = None
         self.missed = 0  # pings withheld because the Raft tick did not answer
 
     def start(self) -> None:
-        if self.notifier.watchdog is not None and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(self.notifier.watchdog),
-                                                                name="systemd-watchdog")
+        if self.notifier.watchdog is not None and self._periodic is None:
+            # a round takes a few ms when healthy, so the pings come every half interval
+            self._periodic = Periodic("systemd-watchdog", self.notifier.watchdog / 2, self._round)
+            self._periodic.start()
 
     def serving(self, probe: Probe | None) -> None:
         self._probe = probe
         self._serving = True
 
-    async def _run(self, interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        period = interval / 2
-        while True:
-            began = loop.time()
-            if not self._serving:
-                self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(interval * 1e6)}")
-            elif self._probe is None or await self._probe(period / 2):
-                self.notifier.send("WATCHDOG=1")
-            else:
-                self.missed += 1
-                log.warning("the Raft tick did not answer within %.1fs: withholding the systemd watchdog ping "
-                            "(systemd restarts the connector when this lasts %.0fs)", period / 2, interval)
-            await asyncio.sleep(max(0.0, period - (loop.time() - began)))
+    async def _round(self) -> None:
+        interval = self.notifier.watchdog
+        assert interval is not None
+        wait = interval / 8  # how long the Raft tick may take to answer before this ping is withheld
+        if not self._serving:
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(interval * 1e6)}")
+        elif self._probe is None or await self._probe(wait):
+            self.notifier.send("WATCHDOG=1")
+        else:
+            self.missed += 1
+            log.warning("the Raft tick did not answer within %.1fs: withholding the systemd watchdog ping "
+                        "(systemd restarts the connector when this lasts %.0fs)", wait, interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._periodic is not None:
+            await self._periodic.stop()
+            self._periodic = None

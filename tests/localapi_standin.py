@@ -19,7 +19,9 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
   Tailscale's control puts every approved route in ``AllowedIPs``. With state ``"auto_approve":
   [prefixes]`` (headscale's ``autoApprovers``) an advertised route of this node in that list becomes
   approved and primary at once, and leaves both when withdrawn; in the delta style the watchers get a
-  ``SelfChange`` (the self ``tailcfg.Node``), in the netmap style a ``NetMap``;
+  ``SelfChange`` (the self ``tailcfg.Node``), in the netmap style a ``NetMap``. (headscale 0.29.2 itself
+  never updates a node's own routes for a route it advertised while connected: only its peers see
+  them, checked on the real tier; ``set_routes`` on a peer models that view);
 * ``GET /localapi/v0/prefs`` → prefs (``AdvertiseRoutes`` is ``null`` when empty, as Go encodes a nil
   slice); ``PATCH`` takes ``ipn.MaskedPrefs``: a field changes only when its ``<Field>Set`` is true,
   and then it is copied as given (so ``AdvertiseRoutesSet`` with a partial list wipes the rest);

@@ -4,8 +4,11 @@ served after tailnet.route_approval_grace gets the "needs approval" warning."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,7 @@ from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.nodeinfo import from_peer_status, from_tailcfg_node
 from appconnector.tailnet.routes import route_service
 from appconnector.tailnet.service import TailnetService
+from tests.localapi_standin import Standin
 from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 POOL = "100.64.1.0/24"
@@ -54,6 +58,19 @@ def _cfg(sock: str, tmp: Path, **env: str) -> config.Config:
     return config.load(None, env=base)
 
 
+@contextlib.asynccontextmanager
+async def _service(tmp: Path, state: dict[str, Any], **env: str) -> AsyncIterator[tuple[Standin, TailnetService]]:
+    """A stand-in with ``state`` and a TailnetService on it (not started), both stopped afterwards."""
+    sock = str(tmp / "ts.sock")
+    s = await started(sock, state)
+    svc = TailnetService(_cfg(sock, tmp, **env), enable_raft_filter=False)
+    try:
+        yield s, svc
+    finally:
+        await svc.stop()
+        await s.stop()
+
+
 def _hints(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "autoApprovers" in r.getMessage()]  # any approval hint
 
@@ -62,21 +79,15 @@ def _hints(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_routes_approved_by_auto_approvers_give_no_warning(tmp_path: Path, style: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        sock = str(tmp_path / "ts.sock")
         state = base_state(style)
         state["auto_approve"] = [POOL]  # headscale autoApprovers: approved and primary when advertised
-        s = await started(sock, state)
-        svc = TailnetService(_cfg(sock, tmp_path), enable_raft_filter=False)
-        try:
+        async with _service(tmp_path, state) as (_, svc):
             await svc.start()
             await wait_for(svc.serving.served, what="the route seen as served")
             assert TAILNET_ROUTES_SERVED._value.get() == 1
             ok, detail = svc.checks()["routes"]()
             assert ok and "served: 100.64.1.0/24 primary here" in detail, detail
             await wait_for(lambda: svc.serving._timer is None, what="no approval deadline pending")
-        finally:
-            await svc.stop()
-            await s.stop()
     with caplog.at_level(logging.INFO):
         run(body())
     assert _hints(caplog) == []
@@ -85,10 +96,7 @@ def test_routes_approved_by_auto_approvers_give_no_warning(tmp_path: Path, style
 def test_a_route_never_served_warns_once_after_the_grace_then_recovers(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        sock = str(tmp_path / "ts.sock")
-        s = await started(sock, base_state("delta"))
-        svc = TailnetService(_cfg(sock, tmp_path), enable_raft_filter=False)
-        try:
+        async with _service(tmp_path, base_state("delta")) as (s, svc):
             with caplog.at_level(logging.INFO):
                 await svc.start()
                 assert _hints(caplog) == [], "no warning before the grace is over"
@@ -103,28 +111,19 @@ def test_a_route_never_served_warns_once_after_the_grace_then_recovers(
             assert len(_hints(caplog)) == 1, "warned once"
             assert "autoApprovers" in _hints(caplog)[0]
             assert any("the pool routes are served now" in r.getMessage() for r in caplog.records)
-        finally:
-            await svc.stop()
-            await s.stop()
     run(body())
 
 
 def test_a_standby_connector_sees_the_route_served_by_the_primary(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        sock = str(tmp_path / "ts.sock")
         state = base_state("delta")
         state["peers"][1]["primary_routes"] = [POOL]  # conn-2 is the primary router (headscale HA)
-        s = await started(sock, state)
-        svc = TailnetService(_cfg(sock, tmp_path), enable_raft_filter=False)
-        try:
+        async with _service(tmp_path, state) as (_, svc):
             await svc.start()
             assert svc.serving.served()
             assert "primary on conn-2" in svc.checks()["routes"]()[1]
             await wait_for(lambda: svc.serving._timer is None, what="no approval deadline pending")
-        finally:
-            await svc.stop()
-            await s.stop()
     with caplog.at_level(logging.INFO):
         run(body())
     assert _hints(caplog) == []
@@ -157,11 +156,8 @@ def test_a_client_query_through_the_routes_counts_as_served(tmp_path: Path, capl
     """headscale never updates the primary's own PrimaryRoutes for routes it advertised while connected:
     a tailnet client's DNS query that reached the pool DNS address is the evidence then."""
     async def body() -> None:
-        sock = str(tmp_path / "ts.sock")
-        s = await started(sock, base_state("delta"))
-        svc = TailnetService(_cfg(sock, tmp_path, APPCONNECTOR_TAILNET_ROUTE_APPROVAL_GRACE="2s"),
-                             enable_raft_filter=False)
-        try:
+        async with _service(tmp_path, base_state("delta"),
+                                  APPCONNECTOR_TAILNET_ROUTE_APPROVAL_GRACE="2s") as (_, svc):
             await svc.start()
             assert not svc.serving.served()
             me = svc.directory.self_node()
@@ -172,9 +168,6 @@ def test_a_client_query_through_the_routes_counts_as_served(tmp_path: Path, capl
             svc.serving.saw_client(client)
             assert svc.serving.served() and "reached by client-a" in svc.checks()["routes"]()[1]
             assert svc.serving._timer is None, "no warning can come"
-        finally:
-            await svc.stop()
-            await s.stop()
     with caplog.at_level(logging.INFO):
         run(body())
     assert _hints(caplog) == []
@@ -186,12 +179,9 @@ def test_a_stopping_connector_waits_until_another_is_primary(tmp_path: Path, cap
     import asyncio
 
     async def body() -> None:
-        sock = str(tmp_path / "ts.sock")
         state = base_state("delta")
         state["auto_approve"] = [POOL]
-        s = await started(sock, state)
-        svc = TailnetService(_cfg(sock, tmp_path), enable_raft_filter=False)
-        try:
+        async with _service(tmp_path, state) as (s, svc):
             await svc.start()
             await wait_for(svc.serving.served, what="served here")
             stopping = asyncio.ensure_future(svc.withdraw_routes(failover_wait=30))
@@ -205,9 +195,6 @@ def test_a_stopping_connector_waits_until_another_is_primary(tmp_path: Path, cap
             await wait_for(lambda: not svc.directory.nodes()["nConn2"].online, what="conn-2 offline")
             await svc.advertiser.advertise()
             await asyncio.wait_for(svc.withdraw_routes(failover_wait=30), 5)
-        finally:
-            await svc.stop()
-            await s.stop()
     with caplog.at_level(logging.INFO):
         run(body())
     assert any("moved to another connector" in r.getMessage() for r in caplog.records)
