@@ -81,7 +81,7 @@ def _new_name_answered(client: Node, name: str) -> str | None:
 
 
 def _primary(net: Tailnet) -> str:
-    return wait_for(net.primary_route_node, 30, "a primary for the pool route in the client's view")
+    return str(wait_for(net.primary_route_node, 30, "a primary for the pool route in the client's view"))
 
 
 def test_routes_approved_by_autoapprovers_are_seen_as_served_without_a_warning(net: Tailnet) -> None:
@@ -92,8 +92,8 @@ def test_routes_approved_by_autoapprovers_are_seen_as_served_without_a_warning(n
     for c in CONNECTORS:
         node = net.nodes[c]
         want = "reached by cl1" if c == primary else f"primary on {primary}"
-        wait_for(lambda node=node, want=want: want in _routes_check(node), 30,  # type: ignore[misc]
-                 lambda node=node, want=want: f"{node.name}: {want!r} in {_routes_check(node)!r}")  # type: ignore[misc]
+        wait_for(lambda node=node, want=want: want in _routes_check(node), 30,
+                 lambda node=node, want=want: f"{node.name}: {want!r} in {_routes_check(node)!r}")
         assert _metric(node, "appconnector_tailnet_routes_served") == 1.0
     # the absence of a warning needs the grace to pass
     wait_for(lambda: time.monotonic() > READY_AT[0] + 2 * GRACE, 3 * GRACE, "the approval grace to pass")
