@@ -13,6 +13,7 @@ element): the connector passes ``NatService.ready``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
