@@ -250,7 +250,7 @@ class Standin:
         n = self.self_node if stable_id == self.self_node.stable_id else self.peers[stable_id]
         n.primary_routes, n.approved_routes = list(primary), list(approved or [])
         if n is self.self_node:
-            self._notify_self()
+            self._notify_peers([], [], self.self_node)
         else:
             self._notify_peers([n], [])
 
@@ -325,13 +325,6 @@ class Standin:
                 w.queue.put_nowait(self._notify(**fields))
             else:
                 w.queue.put_nowait(self._notify())
-
-    def _notify_self(self) -> None:
-        for w in list(self._watchers):
-            if self.style == "netmap":
-                w.queue.put_nowait(self._notify(NetMap=self.netmap_doc()))
-            else:
-                w.queue.put_nowait(self._notify(SelfChange=self.self_node.tailcfg_node()))
 
     def _notify_prefs(self) -> None:
         for w in list(self._watchers):
@@ -467,7 +460,7 @@ class Standin:
             if changed:
                 self._notify_prefs()
                 if self._auto_approve():
-                    self._notify_self()
+                    self._notify_peers([], [], self.self_node)
         elif method not in ("GET", "HEAD"):
             return self._text(writer, 405, "unsupported method")
         return self._json(writer, 200, self.prefs, indent=True)
