@@ -4,9 +4,11 @@
     → status HTTP (read-only) → admin HTTP → leader duties → cluster membership (tailscale mode
     with cluster.tag)
 
-Stop (SIGTERM/SIGINT) runs that list backwards: membership and leader duties end, the admin and
-status HTTP close, DNS drains (so no answer is given that cannot be steered), NAT removes its table
-and the DNS address, the replica flushes queued touches and hands leadership away, then the tailnet watch ends.
+Stop (SIGTERM/SIGINT, or a fatal error) first withdraws the pool routes this connector added (and, in
+a cluster, waits a few seconds at most for another connector to become their primary), then runs
+that list backwards: membership and leader duties end, the admin and status HTTP close, DNS
+drains (so no answer is given that cannot be steered), NAT removes its table and the DNS address, the
+replica flushes queued touches and hands leadership away, then the tailnet watch ends.
 ``serve`` returns the process exit code (docs/design.md §7, :mod:`appconnector.fatal`): 0 after a signal, 1 for
 a runtime failure, 3 when this member's state can no longer be trusted. Parts report fatal errors to
 ``connector.fatal`` (any thread); ``serve`` logs the reason once (``fatal: …``), stops and exits with it.
@@ -16,6 +18,9 @@ snapshot from the leader that would not install) it writes the marker (pool/stat
 EXIT_UNTRUSTED; DNS then answers REFUSED, the routes are withdrawn and the process stops. A member that
 finds the marker at start serves nothing (REFUSED, unready, no routes, no NAT, no Raft) until
 ``appconnector state reset``.
+
+Under systemd it notifies READY=1 once serving, pings the watchdog while the event loop and the
+Raft tick run, and STOPPING=1 when it begins to stop (``sdnotify``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
+from appconnector.sdnotify import Notifier, Watchdog
 from appconnector.secrets_file import ensure_secret_file, prepare_state_dir
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable
 from appconnector.tailnet.cluster import Action
@@ -52,6 +58,7 @@ from appconnector.tailnet.standalone import StandaloneIdentity
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+FAILOVER_WAIT = 3.0  # on stop, DNS and NAT keep serving this long at most until another connector has the routes
 
 
 class _Stoppable(Protocol):
@@ -118,6 +125,8 @@ class Connector:
         # Built before NAT starts (NAT puts the DNS address on lo first); the leader's target refresh
         # shares its upstream resolver and cache.
         self.dns = DnsService(cfg, self.replica, identity)
+        if self.tailnet is not None:
+            self.dns.on_routed_query = self.tailnet.serving.saw_client
         directory = self.tailnet.directory if self.tailnet is not None else None
         self.nat = NatService(cfg, self.replica, directory,
                               resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None,
@@ -195,12 +204,13 @@ class Connector:
             self.dns.refuse_all(reason)
         await self._withdraw_routes()
 
-    async def _withdraw_routes(self) -> None:
-        if self.tailnet is not None and self.tailnet.routes_advertised:
+    async def _withdraw_routes(self, failover_wait: float = 0.0) -> None:
+        """Withdraw the routes this connector recorded as added (also those of a crashed earlier run)."""
+        if self.tailnet is not None:
             try:
-                await self.tailnet.withdraw_routes()
+                await self.tailnet.withdraw_routes(failover_wait=failover_wait)
             except Exception as e:
-                log.warning("could not withdraw the pool routes: %s", e)
+                log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
 
     async def _tailnet_membership(self, tailnet: TailnetService) -> tuple[str, list[str], MembershipRecord | None]:
         """This member's Raft address, its partners and its membership record, after the split-brain-safe
@@ -264,6 +274,10 @@ class Connector:
         return True, f"{st.get('steer_elements')} steer element(s)"
 
     async def stop(self) -> None:
+        if self.tailnet is not None and self.tailnet in self._started:
+            # first, while DNS and NAT still serve: the control plane moves the pool routes to another
+            # connector (or clients get "no route") instead of routing to a connector with no DNS
+            await self._withdraw_routes(failover_wait=FAILOVER_WAIT)
         while self._started:
             part = self._started.pop()
             try:
@@ -294,6 +308,9 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     prepare_state_dir(cfg.cluster.state_dir)  # 0700: it holds the Raft secret and every node's pool data
     connector = Connector(cfg)
+    systemd = Notifier.from_env()
+    watchdog = Watchdog(systemd)  # extends systemd's start timeout while starting, pings once serving
+    watchdog.start()
     fatal = loop.create_task(connector.fatal.wait())
     waiter = loop.create_task(stop.wait())
     try:
@@ -308,6 +325,8 @@ async def serve(cfg: Config) -> int:
             log.info("stopped during start-up")
             return EXIT_OK
         start.result()
+        watchdog.serving(connector.replica.tick_alive if isinstance(connector.replica, RaftReplica) else None)
+        systemd.send("READY=1", "STATUS=serving")
         done, _ = await asyncio.wait({waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
         if fatal in done:
             return await _fatal(connector, fatal.result())
@@ -322,6 +341,9 @@ async def serve(cfg: Config) -> int:
         log.error("cannot start: %s", e)
         return EXIT_FAILURE
     finally:
+        systemd.send("STOPPING=1", "STATUS=stopping")
+        await watchdog.stop()
         for task in (fatal, waiter):
             task.cancel()
         await connector.stop()
+        systemd.close()

@@ -6,6 +6,7 @@ Exit codes (docs/design.md §7, appconnector/fatal.py), for scripts:
   check-config   0 valid, 2 invalid (the message names the key)
   status         0 healthy (ready), 1 unhealthy or unreachable, 2 bad usage
   pool, cluster  0 done, 1 not found / refused / unreachable, 2 bad usage (or no admin token to read)
+  routes         0 done or nothing to do, 1 tailscaled unreachable/refused, 2 bad config
 """
 
 from __future__ import annotations
@@ -414,6 +415,26 @@ def cmd_cluster_remove(args: argparse.Namespace) -> int:
     return EXIT_USAGE if code == 400 else EXIT_FAIL
 
 
+def cmd_routes_withdraw(args: argparse.Namespace) -> int:
+    from appconnector.tailnet.api import TailnetUnavailable
+    from appconnector.tailnet.localapi import LocalAPIError
+    from appconnector.tailnet.routes import withdraw_recorded
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _config_error(e)
+    # under systemd's ExecStopPost: say after what (a crash, a kill, a clean stop)
+    after = " ".join(f"{k}={os.environ[k]}" for k in ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS") if k in os.environ)
+    try:
+        done = asyncio.run(withdraw_recorded(cfg))
+    except (TailnetUnavailable, LocalAPIError, RuntimeError) as e:
+        print(f"appconnector: routes withdraw: {e} (socket {cfg.tailnet.localapi_socket})", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"routes withdraw: {done}" + (f" (after the service stopped: {after})" if after else ""))
+    return EXIT_OK
+
+
 # ---- argument parsing -----------------------------------------------------------------------------
 
 
@@ -524,6 +545,20 @@ def parser() -> argparse.ArgumentParser:
     with_client(p, admin=True)
     p.add_argument("member", metavar="IP:PORT")
     p.set_defaults(func=cmd_cluster_remove)
+
+    routes = sub.add_parser("routes", help="the pool routes advertised through tailscaled",
+                            description="Manage the subnet routes this product advertises through tailscaled.")
+    routes_sub = routes.add_subparsers(dest="routes_command", required=True, metavar="SUBCOMMAND")
+    p = routes_sub.add_parser("withdraw", help="withdraw the routes a stopped or crashed connector added",
+                              description="Withdraw the pool routes that `run` recorded as added by it (in "
+                                          "cluster.state_dir), leaving every other advertised route, and a pool "
+                                          "route that was advertised before it came, in place. For use after the "
+                                          "connector stopped (the systemd unit runs it in ExecStopPost, after a "
+                                          "crash too): a running connector advertises them again. Does nothing "
+                                          "when tailnet.advertise_routes = false. Exit 0 done or nothing to do, "
+                                          "1 tailscaled unreachable or refused, 2 bad config.")
+    with_config(p)
+    p.set_defaults(func=cmd_routes_withdraw)
     return ap
 
 

@@ -90,6 +90,7 @@ class TailnetConfig:
     api_key_file: str = ""             # control-API key file: approve our routes (else use autoApprovers)
     oauth_client_id: str = ""          # or an OAuth client (scope devices:core) ...
     oauth_secret_file: str = ""        # ... with its secret in this file
+    route_approval_grace: float = 60.0  # advertised pool routes not served this long → a warning
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,8 @@ def check_admin_address(key: str, value: str, standalone: bool) -> None:
 # section → key → converter(dotted key, raw value)
 _CONVERTERS: dict[str, dict[str, Any]] = {
     "tailnet": {"mode": _str, "localapi_socket": _str, "interface": _str, "advertise_routes": _bool,
-                "api_key_file": _str, "oauth_client_id": _str, "oauth_secret_file": _str},
+                "api_key_file": _str, "oauth_client_id": _str, "oauth_secret_file": _str,
+                "route_approval_grace": parse_duration},
     "dns": {
         "listen": _strlist, "upstream": _strlist, "verify_upstream": _bool,
         "ttl": parse_duration, "domains": _strlist,

@@ -119,3 +119,6 @@ TAILNET_ROUTES_WANTED = Gauge("appconnector_tailnet_routes_wanted",
 TAILNET_ROUTES_ADVERTISED = Gauge("appconnector_tailnet_routes_advertised",
                                   "Pool prefixes this member has advertised to tailscaled", registry=REGISTRY)
 TAILNET_PEERS = Gauge("appconnector_tailnet_cluster_peers", "Tagged peers seen in status", registry=REGISTRY)
+TAILNET_ROUTES_SERVED = Gauge("appconnector_tailnet_routes_served",
+                              "1 when every pool route is served (primary or approved here, or primary on a "
+                              "tagged connector), as tailscaled reports it", registry=REGISTRY)

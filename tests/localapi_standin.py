@@ -10,8 +10,18 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
   404 "no match for IP:port" for strangers, 400 for a bad or missing ``addr``;
 * ``GET /localapi/v0/status`` → ``ipnstate.Status`` with ``Self`` and ``Peer`` keyed by node key; each
   ``PeerStatus`` has ``ID`` (StableID), ``NodeID``, ``HostName``, ``DNSName``, ``TailscaleIPs``,
-  ``Tags`` (omitted when empty), ``Online``, ``PrimaryRoutes`` (state key ``primary_routes``; omitted when
-  empty: the routes tailscaled uses this node as the primary subnet router for);
+  ``Tags`` (omitted when empty), ``Online``;
+* subnet routes (tailscale/tailscale ``ipn/ipnstate/ipnstate.go`` ``PeerStatus``, ``tailcfg/tailcfg.go``
+  ``Node``; filled in ``ipn/ipnlocal/local.go`` ``peerStatusFromNode`` for Self and peers alike):
+  ``PrimaryRoutes`` (prefixes this node is the primary subnet router for, as the control plane decided;
+  omitted when empty) and ``AllowedIPs`` (the node's own addresses as /32 and /128 plus the routes
+  routed to it; a ``PeerStatus`` omits it when empty). headscale puts only primary routes in both;
+  Tailscale's control puts every approved route in ``AllowedIPs``. With state ``"auto_approve":
+  [prefixes]`` (headscale's ``autoApprovers``) an advertised route of this node in that list becomes
+  approved and primary at once, and leaves both when withdrawn; in the delta style the watchers get a
+  ``SelfChange`` (the self ``tailcfg.Node``), in the netmap style a ``NetMap``. (headscale 0.29.2 itself
+  never updates a node's own routes for a route it advertised while connected: only its peers see
+  them, checked on the real tier; ``set_routes`` on a peer models that view);
 * ``GET /localapi/v0/prefs`` → prefs (``AdvertiseRoutes`` is ``null`` when empty, as Go encodes a nil
   slice); ``PATCH`` takes ``ipn.MaskedPrefs``: a field changes only when its ``<Field>Set`` is true,
   and then it is copied as given (so ``AdvertiseRoutesSet`` with a partial list wipes the rest);
@@ -31,8 +41,10 @@ Test-only control paths (not tailscaled's) on the same socket, for separate-proc
 State (JSON file or dict)::
 
     {"self":  {"stable_id": "nSELF", "node_id": 1, "name": "conn-1", "addresses": ["100.100.0.1"],
-               "tags": ["tag:appconnector"], "online": true, "login": "tagged-devices"},
+               "tags": ["tag:appconnector"], "online": true, "login": "tagged-devices",
+               "primary_routes": ["100.64.1.0/24"], "approved_routes": ["100.64.1.0/24"]},
      "peers": [ same shape ... ],
+     "auto_approve": ["100.64.1.0/24"],
      "prefs": {"AdvertiseRoutes": ["10.9.0.0/24"]},
      "style": "netmap" | "delta",
      "version": "1.96.0"}
@@ -97,7 +109,8 @@ class Node:
     tags: list[str] = field(default_factory=list)
     online: bool = True
     login: str = ""
-    primary_routes: list[str] = field(default_factory=list)  # routes this node is the primary router for
+    primary_routes: list[str] = field(default_factory=list)
+    approved_routes: list[str] = field(default_factory=list)  # besides the primary ones
 
     @property
     def key(self) -> str:
@@ -112,18 +125,29 @@ class Node:
     def user_id(self) -> int:
         return 1000 + (int(hashlib.sha256(self.login_name().encode()).hexdigest()[:6], 16))
 
+    def prefixes(self) -> list[str]:
+        return [f"{a}/{32 if ipaddress.ip_address(a).version == 4 else 128}" for a in self.addresses]
+
+    def allowed_ips(self) -> list[str]:
+        """``AllowedIPs``: own addresses, then the routes routed to this node."""
+        routes = [*self.primary_routes, *(r for r in self.approved_routes if r not in self.primary_routes)]
+        return [*self.prefixes(), *routes]
+
     def tailcfg_node(self) -> dict[str, Any]:
         """``tailcfg.Node`` as JSON (the fields our code may read, plus a few for realism)."""
-        prefixes = [f"{a}/{32 if ipaddress.ip_address(a).version == 4 else 128}" for a in self.addresses]
-        return {
+        prefixes = self.prefixes()
+        node: dict[str, Any] = {
             "ID": self.node_id, "StableID": self.stable_id, "Name": self.fqdn(), "User": self.user_id(),
             "Key": self.key, "KeyExpiry": "0001-01-01T00:00:00Z", "Machine": "mkey:" + "0" * 64,
-            "DiscoKey": "discokey:" + "0" * 64, "Addresses": prefixes, "AllowedIPs": prefixes,
+            "DiscoKey": "discokey:" + "0" * 64, "Addresses": prefixes, "AllowedIPs": self.allowed_ips(),
             "Endpoints": None, "Hostinfo": {"Hostname": self.name, "OS": "linux"},
             "Created": "2026-01-01T00:00:00Z", "Online": self.online,
             "MachineAuthorized": True, "ComputedName": self.name, "ComputedNameWithHost": self.name,
             **({"Tags": list(self.tags)} if self.tags else {}),  # omitempty, as real tailscaled sends it
         }
+        if self.primary_routes:  # `json:",omitempty"`
+            node["PrimaryRoutes"] = list(self.primary_routes)
+        return node
 
     def peer_status(self) -> dict[str, Any]:
         """``ipnstate.PeerStatus`` as JSON."""
@@ -138,8 +162,9 @@ class Node:
         }
         if self.tags:
             st["Tags"] = list(self.tags)
-        if self.primary_routes:  # omitempty in ipnstate.PeerStatus
+        if self.primary_routes:  # both `json:",omitempty"`
             st["PrimaryRoutes"] = list(self.primary_routes)
+        st["AllowedIPs"] = self.allowed_ips()
         return st
 
 
@@ -147,12 +172,14 @@ def node_from_dict(d: dict[str, Any], node_id: int) -> Node:
     return Node(stable_id=str(d["stable_id"]), node_id=int(d.get("node_id") or node_id),
                 name=str(d.get("name") or d["stable_id"]), addresses=[str(a) for a in d.get("addresses", [])],
                 tags=[str(t) for t in d.get("tags", [])], online=bool(d.get("online", True)),
-                login=str(d.get("login", "")), primary_routes=[str(p) for p in d.get("primary_routes", [])])
+                login=str(d.get("login", "")), primary_routes=[str(r) for r in d.get("primary_routes", [])],
+                approved_routes=[str(r) for r in d.get("approved_routes", [])])
 
 
 def node_to_dict(n: Node) -> dict[str, Any]:
     return {"stable_id": n.stable_id, "node_id": n.node_id, "name": n.name, "addresses": n.addresses,
-            "tags": n.tags, "online": n.online, "login": n.login, "primary_routes": n.primary_routes}
+            "tags": n.tags, "online": n.online, "login": n.login, "primary_routes": n.primary_routes,
+            "approved_routes": n.approved_routes}
 
 
 class _Watcher:
@@ -191,6 +218,8 @@ class Standin:
         prefs.update(state.get("prefs") or {})
         self.prefs: dict[str, Any] = prefs
         self.prefs_write = bool(state.get("prefs_write", True))
+        self.auto_approve: list[str] = [str(p) for p in state.get("auto_approve", [])]
+        self._auto_approve()
         if notify:
             removed = [n.node_id for sid, n in old.items() if sid not in self.peers]
             changed = [n for sid, n in self.peers.items() if old.get(sid) != n]
@@ -198,7 +227,32 @@ class Standin:
 
     def dump_state(self) -> dict[str, Any]:
         return {"self": node_to_dict(self.self_node), "peers": [node_to_dict(n) for n in self.peers.values()],
-                "prefs": self.prefs, "style": self.style, "version": self.version}
+                "prefs": self.prefs, "style": self.style, "version": self.version, "auto_approve": self.auto_approve}
+
+    def _auto_approve(self) -> bool:
+        """headscale's autoApprovers for this node: advertised routes in ``auto_approve`` are approved and
+        primary, withdrawn ones are neither. True when that changed anything."""
+        if not self.auto_approve:
+            return False
+        advertised = self.prefs.get("AdvertiseRoutes") or []
+        me = self.self_node
+        primary = [r for r in advertised if r in self.auto_approve]
+        kept = [r for r in me.primary_routes if r not in self.auto_approve]
+        new = [*kept, *(r for r in primary if r not in kept)]
+        if new == me.primary_routes:
+            return False
+        me.primary_routes = new
+        me.approved_routes = [r for r in me.approved_routes if r not in self.auto_approve or r in advertised]
+        return True
+
+    def set_routes(self, stable_id: str, primary: list[str], approved: list[str] | None = None) -> None:
+        """The control plane made ``stable_id`` the primary router for ``primary`` (and approved ``approved``)."""
+        n = self.self_node if stable_id == self.self_node.stable_id else self.peers[stable_id]
+        n.primary_routes, n.approved_routes = list(primary), list(approved or [])
+        if n is self.self_node:
+            self._notify_peers([], [], self.self_node)
+        else:
+            self._notify_peers([n], [])
 
     def add_peer(self, stable_id: str, addresses: list[str], tags: list[str] | None = None,
                  online: bool = True, name: str = "", node_id: int = 0, login: str = "") -> Node:
@@ -405,6 +459,8 @@ class Standin:
                     changed = True
             if changed:
                 self._notify_prefs()
+                if self._auto_approve():
+                    self._notify_peers([], [], self.self_node)
         elif method not in ("GET", "HEAD"):
             return self._text(writer, 405, "unsupported method")
         return self._json(writer, 200, self.prefs, indent=True)

@@ -13,6 +13,7 @@ element): the connector passes ``NatService.ready``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import socket
@@ -103,6 +104,11 @@ class DnsService:
         self._fast_queries = DNS_QUERIES.labels("fast", "NOERROR")
         self._query_counters: dict[tuple[str, int], Any] = {}
         self.refusing: str | None = None  # why every query gets REFUSED (this member left the cluster)
+        # Called with the node of a query that can only have come through the pool routes (every listener
+        # is a pool address): evidence that they are served (tailnet.routes.RouteServing).
+        self.on_routed_query: Callable[[NodeInfo], None] | None = None
+        self._routed_only = all(any(ipaddress.ip_address(h) in n for n in self._pool_nets)
+                                for h, _ in cfg.dns_listen())
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -216,6 +222,8 @@ class DnsService:
             DNS_UNKNOWN_CLIENTS.inc()
             self._errors.info("stranger", "DNS: REFUSED %s: not a tailnet node", ip)
             return Reply(wire.REFUSED), False
+        if self.on_routed_query is not None and self._routed_only:
+            self.on_routed_query(info)
         if q.qtype in (wire.TYPE_SVCB, wire.TYPE_HTTPS):
             return await self._service_binding(q, domain), False
         if q.qtype not in (wire.TYPE_A, wire.TYPE_AAAA):

@@ -152,6 +152,7 @@ class RaftReplica:
         self._touches = TouchQueue()
         self._touch_task: asyncio.Task[None] | None = None
         self._stopped = True
+        self._tick_probe: asyncio.Future[None] | None = None
         self.applied = 0
         self.started_info: dict[str, object] = {}
 
@@ -763,6 +764,27 @@ class RaftReplica:
 
     def is_leader(self) -> bool:
         return self._engine is not None and self._engine.is_leader()
+
+    async def tick_alive(self, timeout: float) -> bool:
+        """True when a call through the Raft tick thread came back to the event loop within ``timeout``
+        (the systemd watchdog's proof of life). One probe at a time: a hung tick does not pile them up."""
+        engine = self._engine
+        if engine is None or self._stopped:
+            return False
+        if self._tick_probe is None or self._tick_probe.done():
+            loop = asyncio.get_running_loop()
+            probe: asyncio.Future[None] = loop.create_future()
+            self._tick_probe = probe
+
+            def answer() -> None:  # on the tick thread; the loop may be closed by now
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(lambda: None if probe.done() else probe.set_result(None))
+            engine.call_on_tick(answer)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._tick_probe), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def status(self) -> dict[str, object]:
         engine = self._engine

@@ -20,6 +20,8 @@ class NodeInfo:
     ipv4: tuple[str, ...]          # tailnet IPv4 addresses (what the kernel sees as ip saddr)
     tags: tuple[str, ...] = ()
     online: bool = True
+    primary_routes: tuple[str, ...] = ()  # subnet routes the control plane made this node primary for
+    routes: tuple[str, ...] = ()          # subnet routes routed to it (AllowedIPs beyond its own addresses)
 
 
 class NodeIdentity(Protocol):

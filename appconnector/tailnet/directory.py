@@ -8,8 +8,9 @@ Both notification styles are handled (docs/design.md §10):
   delivers every peer change to such a watcher that way (patches promoted to full nodes), so its
   notifications without peer fields (only ``Version``, or ``UserProfiles``; it sends them around every
   change) are skipped, not answered with a full status read.
-A reconnect of the watch always re-reads ``status`` (changes may have been missed), and so does a
-slow periodic resync, so the list converges whatever tailscaled sends.
+Once the watch is connected (its first notification) ``status`` is read again (changes made before it
+connected were never sent, e.g. a route approval right after we advertise), on every reconnect too,
+and a slow periodic resync does the same, so the list converges whatever tailscaled sends.
 """
 
 from __future__ import annotations
@@ -195,15 +196,17 @@ class TailnetDirectory:
                     log.exception("node directory subscriber failed")
 
     async def _watch_loop(self) -> None:
-        first = True
         while True:
             try:
-                if not first:
-                    await self.refresh()  # a reconnect may have missed changes
-                first = False
+                connected = False
                 self._watch_asks_deltas = bool(DIRECTORY_WATCH_MASK & NOTIFY_PEER_CHANGES)
                 async for notify in self.client.watch_ipn_bus(DIRECTORY_WATCH_MASK):
-                    if not self.apply_notify(notify):
+                    exact = self.apply_notify(notify)
+                    if not connected or not exact:
+                        # The first notification (NotifyInitialState) says the watch is up: re-read status,
+                        # since whatever changed before it connected (the route approval that our own
+                        # advertising triggers, seen on a real tailnet; a reconnect's gap) was never sent.
+                        connected = True
                         await self.refresh()
                 log.warning("tailscaled closed the IPN bus watch; reconnecting")
             except (TailnetUnavailable, LocalAPIError) as e:

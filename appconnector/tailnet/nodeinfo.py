@@ -1,10 +1,12 @@
 """LocalAPI JSON → ``NodeInfo``. Two shapes carry a node: ``tailcfg.Node`` (whois, NetMap,
 PeersChanged: ``StableID``, ``Name``, ``Addresses`` as prefixes, ``Online`` may be null) and
 ``ipnstate.PeerStatus`` (status: ``ID`` is the StableID, ``DNSName``, ``TailscaleIPs``, ``Tags``
-omitted when empty)."""
+omitted when empty). Both carry ``PrimaryRoutes`` (omitted when empty) and ``AllowedIPs`` (own addresses
+plus routed subnets; tailscale/tailscale ``ipn/ipnlocal/local.go`` ``peerStatusFromNode``)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -23,6 +25,25 @@ def _ipv4s(values: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _prefixes(values: Any, own: Any = ()) -> tuple[str, ...]:
+    """Normalised IP prefixes of ``values`` (a JSON list, or null), less the node's own addresses."""
+    skip = set()
+    for v in own or ():
+        with contextlib.suppress(ValueError):
+            skip.add(ipaddress.ip_interface(str(v)).ip)
+    out: list[str] = []
+    for v in values or ():
+        try:
+            net = ipaddress.ip_network(str(v), strict=False)
+        except ValueError:
+            continue
+        if net.num_addresses == 1 and net.network_address in skip:
+            continue
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
 def _name(*candidates: Any) -> str:
     for c in candidates:
         if isinstance(c, str) and c:
@@ -38,9 +59,12 @@ def from_tailcfg_node(node: dict[str, Any]) -> NodeInfo | None:
     raw_hostinfo = node.get("Hostinfo")
     hostinfo: dict[str, Any] = raw_hostinfo if isinstance(raw_hostinfo, dict) else {}
     online = node.get("Online")
+    addresses = node.get("Addresses")
     return NodeInfo(node=stable, name=_name(node.get("Name"), node.get("ComputedName"), hostinfo.get("Hostname")),
-                    ipv4=_ipv4s(node.get("Addresses")), tags=tuple(node.get("Tags") or ()),
-                    online=True if online is None else bool(online))
+                    ipv4=_ipv4s(addresses), tags=tuple(node.get("Tags") or ()),
+                    online=True if online is None else bool(online),
+                    primary_routes=_prefixes(node.get("PrimaryRoutes")),
+                    routes=_prefixes(node.get("AllowedIPs"), addresses))  # null AllowedIPs: the addresses only
 
 
 def from_peer_status(peer: dict[str, Any]) -> NodeInfo | None:
@@ -48,9 +72,11 @@ def from_peer_status(peer: dict[str, Any]) -> NodeInfo | None:
     stable = peer.get("ID")
     if not isinstance(stable, str) or not stable:
         return None
+    ips = peer.get("TailscaleIPs")
     return NodeInfo(node=stable, name=_name(peer.get("DNSName"), peer.get("HostName")),
-                    ipv4=_ipv4s(peer.get("TailscaleIPs")), tags=tuple(peer.get("Tags") or ()),
-                    online=bool(peer.get("Online", False)))
+                    ipv4=_ipv4s(ips), tags=tuple(peer.get("Tags") or ()),
+                    online=bool(peer.get("Online", False)),
+                    primary_routes=_prefixes(peer.get("PrimaryRoutes")), routes=_prefixes(peer.get("AllowedIPs"), ips))
 
 
 def numeric_id(node: dict[str, Any], key: str) -> int | None:

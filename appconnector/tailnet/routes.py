@@ -6,23 +6,42 @@ program) advertised. We read the prefs first and send the union; withdrawing rem
 tailscaled has no compare-and-swap, so a concurrent editor can still race us between GET and
 PATCH: we read back after writing and retry a few times if our routes are missing.
 
-Routes need approval in the admin console. With an API key or OAuth client configured
-(``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` + ``tailnet.oauth_secret_file``) we enable our
-routes for this device through the control API (``tailscale`` package), again as a union with the
-routes already enabled; otherwise we log once how to set ``autoApprovers``.
+Withdrawing removes only the routes this product added: each route we add is first recorded in
+``<cluster.state_dir>/advertised-routes.json`` (before the PATCH, so a crash in between cannot leave an
+unrecorded route), a route that was already advertised when we came is never recorded, and withdrawal
+removes exactly the recorded ones. The record outlives a crash, so ``appconnector routes withdraw``
+(the systemd unit's ``ExecStopPost``) can take the routes back after a kill -9 while tailscaled stays up.
+
+Routes need approval (admin console, ``autoApprovers`` in the policy file, or the control API). With
+an API key or OAuth client configured (``tailnet.api_key_file`` / ``tailnet.oauth_client_id`` +
+``tailnet.oauth_secret_file``) we enable our routes for this device through the control API
+(``tailscale`` package), again as a union with the routes already enabled. Whether they are served is
+read from what tailscaled reports (``RouteServing``): a pool route in this node's ``PrimaryRoutes`` or
+``AllowedIPs``, or in a tagged connector's ``PrimaryRoutes`` (a standby here), is served; so it is once a
+tailnet client's DNS query reached our pool DNS address (headscale 0.29 never updates a node's own
+``PrimaryRoutes`` for routes it advertised while connected, checked on a real tailnet). Only a route
+still not served after ``tailnet.route_approval_grace`` gets a warning saying how to approve it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import ipaddress
+import json
 import logging
+import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from appconnector.config import Config, ConfigError
+from appconnector.metrics import TAILNET_ROUTES_SERVED
 from appconnector.secrets_file import read_secret_file
+from appconnector.tailnet.api import NodeInfo
+from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient
 
 log = logging.getLogger(__name__)
@@ -58,40 +77,122 @@ def auto_approvers_hint(tag: str, prefixes: Sequence[str]) -> str:
             "(or tailnet.oauth_client_id + tailnet.oauth_secret_file) to approve them automatically")
 
 
-class RouteAdvertiser:
-    """Adds/removes ``prefixes`` in tailscaled's ``AdvertiseRoutes``, leaving other routes alone."""
+RECORD_FILE = "advertised-routes.json"
 
-    def __init__(self, client: LocalAPIClient, prefixes: Sequence[str], attempts: int = 3) -> None:
+
+def record_path(cfg: Config) -> Path:
+    """Where the routes we added are recorded (one tailscaled per host, one record per state directory)."""
+    return Path(cfg.cluster.state_dir) / RECORD_FILE
+
+
+class RouteRecord:
+    """The routes this product added to tailscaled's prefs, kept in a small JSON file (atomic writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[str]:
+        """The recorded routes; an unreadable or malformed record is logged and read as empty."""
+        try:
+            doc = json.loads(self.path.read_text())
+            routes = doc.get("routes") if isinstance(doc, dict) else None
+            if not isinstance(routes, list):
+                raise ValueError("no routes list")
+            return _norm(str(r) for r in routes)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the route record %s: %s", self.path, e)
+            return []
+
+    def save(self, routes: Sequence[str]) -> None:
+        routes = _norm(routes)
+        if not routes:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"routes": routes}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class RouteAdvertiser:
+    """Adds/removes ``prefixes`` in tailscaled's ``AdvertiseRoutes``, leaving other routes alone.
+    ``record`` holds the ones we added: only those are ever withdrawn."""
+
+    def __init__(self, client: LocalAPIClient, prefixes: Sequence[str], record: RouteRecord,
+                 attempts: int = 3) -> None:
         self.client = client
         self.prefixes = _norm(prefixes)
+        self.record = record
         self.attempts = attempts
 
     async def advertise(self) -> list[str]:
-        """Make sure our prefixes are advertised; returns the advertised list."""
+        """Make sure our prefixes are advertised; returns the advertised list. Routes recorded by an
+        earlier run that are no longer in the pool (a changed ``pool.prefixes``) are withdrawn."""
         for _ in range(self.attempts):
             prefs = await self.client.get_prefs()
-            current = prefs.get("AdvertiseRoutes")
-            want = union_routes(current, self.prefixes)
-            if want == _norm(current or ()):
+            current = _norm(prefs.get("AdvertiseRoutes") or ())
+            recorded = self.record.load()
+            stale = [p for p in recorded if p not in self.prefixes]
+            # ours: what we add now, and what an earlier run added and is still there
+            ours = [p for p in self.prefixes if p not in current or p in recorded]
+            want = union_routes(without_routes(current, stale), self.prefixes)
+            if want == current:
+                if ours != recorded:
+                    self.record.save(ours)
                 return want
+            self.record.save(union_routes(ours, stale))  # before the PATCH: a crash must not lose one
             out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
             got = _norm(out.get("AdvertiseRoutes") or ())
             if all(p in got for p in self.prefixes):
-                log.info("advertising routes %s (with %d other route(s) kept)", ", ".join(self.prefixes),
-                         len(got) - len(self.prefixes))
+                self.record.save([p for p in ours if p in got])
+                if stale:
+                    log.info("withdrew routes %s (no longer in pool.prefixes)", ", ".join(stale))
+                log.info("advertising routes %s (%d added by us, %d other route(s) kept)",
+                         ", ".join(self.prefixes), len(ours), len(got) - len(self.prefixes))
                 return got
         raise RuntimeError("could not advertise the pool routes: tailscaled prefs keep changing under us")
 
     async def withdraw(self) -> list[str]:
-        """Stop advertising our prefixes; others' routes stay. Returns what remains advertised."""
+        """Stop advertising the routes we added (the record); others' routes stay, and so does a pool
+        route that was advertised before we came. Returns the routes withdrawn. No record: no LocalAPI call."""
+        recorded = self.record.load()
+        if not recorded:
+            return []
         prefs = await self.client.get_prefs()
-        current = prefs.get("AdvertiseRoutes")
-        want = without_routes(current, self.prefixes)
-        if want == _norm(current or ()):
-            return want
-        out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
-        log.info("withdrew routes %s", ", ".join(self.prefixes))
-        return _norm(out.get("AdvertiseRoutes") or ())
+        current = _norm(prefs.get("AdvertiseRoutes") or ())
+        want = without_routes(current, recorded)
+        gone = [p for p in recorded if p in current]
+        if want != current:
+            out = await self.client.patch_prefs({"AdvertiseRoutes": want, "AdvertiseRoutesSet": True})
+            left = _norm(out.get("AdvertiseRoutes") or ())
+            if any(p in left for p in recorded):
+                raise RuntimeError("tailscaled still advertises " + ", ".join(p for p in recorded if p in left))
+            log.info("withdrew routes %s (%d other route(s) kept)", ", ".join(gone), len(left))
+        self.record.save([])
+        return gone
+
+
+async def withdraw_recorded(cfg: Config) -> str:
+    """``appconnector routes withdraw``: take back the routes a connector recorded as added, e.g. after a
+    crash (the systemd unit runs it in ``ExecStopPost``). Never touches routes when
+    ``tailnet.advertise_routes = false``. Returns what was done; raises ``TailnetUnavailable`` or
+    ``LocalAPIError`` when tailscaled cannot be asked (the record stays)."""
+    if cfg.standalone:
+        return "standalone mode: no routes are advertised; nothing withdrawn"
+    if not cfg.tailnet.advertise_routes:
+        return "tailnet.advertise_routes = false: the routes are not ours to manage; nothing withdrawn"
+    record = RouteRecord(record_path(cfg))
+    if not record.load():
+        return f"no routes recorded in {record.path}: nothing to withdraw"
+    gone = await RouteAdvertiser(LocalAPIClient(cfg.tailnet.localapi_socket), cfg.pool.prefixes, record).withdraw()
+    return f"withdrew {', '.join(gone)}" if gone else "the recorded routes were no longer advertised"
 
 
 def control_credentials(cfg: Config) -> dict[str, str] | None:
@@ -117,20 +218,18 @@ def control_credentials(cfg: Config) -> dict[str, str] | None:
 
 
 class RouteApprover:
-    """Enables our routes for this device through the control API, or says once how to."""
+    """Enables our routes for this device through the control API when credentials are configured
+    (without them, approval is the policy's or an admin's; ``RouteServing`` warns if none comes)."""
 
     def __init__(self, cfg: Config, prefixes: Sequence[str]) -> None:
         self.cfg = cfg
         self.prefixes = _norm(prefixes)
-        self._hinted = False
 
     async def approve(self, device_id: str) -> bool:
-        """``device_id`` is this node's StableID. True when the routes are enabled (or were)."""
+        """``device_id`` is this node's StableID. True when the routes are enabled (or were); False
+        without credentials."""
         creds = control_credentials(self.cfg)
         if creds is None:
-            if not self._hinted:
-                log.warning(auto_approvers_hint(self.cfg.cluster.tag, self.prefixes))
-                self._hinted = True
             return False
         from tailscale import Tailscale, TailscaleError  # imported here: only needed with credentials
 
@@ -148,3 +247,110 @@ class RouteApprover:
             return False
         log.info("enabled routes %s for this device through the control API", ", ".join(self.prefixes))
         return True
+
+
+# ---- are the routes served? ----------------------------------------------------------------------------
+
+
+def route_service(prefixes: Sequence[str], me: NodeInfo | None, nodes: Iterable[NodeInfo], tag: str) -> dict[str, str]:
+    """Where each of ``prefixes`` is served, from tailscaled's view: "primary here", "approved here"
+    (in this node's AllowedIPs: a standby under Tailscale's control), "primary on NAME" (a node carrying
+    ``tag``; this one is a standby), or "" when nothing serves it. headscale lists a route in
+    AllowedIPs and PrimaryRoutes of its primary router only, so a standby learns it from the primary."""
+    out: dict[str, str] = {}
+    others = [n for n in nodes if tag and tag in n.tags and (me is None or n.node != me.node)]
+    for p in _norm(prefixes):
+        if me is not None and p in me.primary_routes:
+            out[p] = "primary here"
+        elif me is not None and p in me.routes:
+            out[p] = "approved here"
+        elif primary := next((n for n in sorted(others, key=lambda n: n.node) if p in n.primary_routes), None):
+            out[p] = f"primary on {primary.name or primary.node}"
+        else:
+            out[p] = ""
+    return out
+
+
+class RouteServing:
+    """Follows whether the pool routes are served (``route_service`` on every netmap change); warns once
+    when they are not after ``grace`` seconds (and again if they stop being served later), logs when
+    they are served again, and keeps ``appconnector_tailnet_routes_served`` current."""
+
+    def __init__(self, directory: TailnetDirectory, prefixes: Sequence[str], tag: str, grace: float) -> None:
+        self.directory = directory
+        self.prefixes = _norm(prefixes)
+        self.tag = tag
+        self.grace = grace
+        self.where: dict[str, str] = {}
+        self.client: str | None = None  # a tailnet node whose DNS query reached us through the routes
+        self.warned = False
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._running = False
+
+    def start(self) -> None:
+        if not self._running:
+            self._running = True
+            self.client = None
+            self.directory.subscribe(self._update)
+            self._update()
+
+    def saw_client(self, node: NodeInfo) -> None:
+        """A DNS query from ``node`` reached a pool address: the routes are served to it (headscale never
+        tells a node its own PrimaryRoutes for routes advertised while connected; this is how its
+        primary knows)."""
+        me = self.directory.self_node()
+        if self._running and self.client is None and (me is None or node.node != me.node):
+            self.client = node.name or node.node
+            self._update()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def served(self) -> bool:
+        return bool(self.where) and all(self.where.values())
+
+    def _update(self) -> None:
+        if not self._running:
+            return
+        self.where = route_service(self.prefixes, self.directory.self_node(), self.directory.nodes().values(),
+                                   self.tag)
+        if self.client is not None:
+            self.where = {p: w or f"reached by {self.client}" for p, w in self.where.items()}
+        TAILNET_ROUTES_SERVED.set(1 if self.served() else 0)
+        loop = asyncio.get_running_loop()
+        if self.served():
+            if self.warned:
+                log.info("the pool routes are served now: %s", self._describe())
+            self.warned, self._since = False, None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif self._since is None:
+            self._since = time.monotonic()
+            self._timer = loop.call_later(self.grace, self._overdue)
+
+    def _overdue(self) -> None:
+        self._timer = None
+        if self._running and not self.served() and not self.warned:
+            self.warned = True
+            missing = [p for p, w in self.where.items() if not w]
+            log.warning("the pool routes %s are advertised but not served after %.0fs: tailscaled lists them in no "
+                        "PrimaryRoutes/AllowedIPs of this node or a tagged connector, and no tailnet client has "
+                        "reached this connector's DNS through them (headscale does not tell a node about its own "
+                        "routes approved while it was connected: `headscale nodes list-routes` shows them); %s",
+                        ", ".join(missing), self.grace, auto_approvers_hint(self.tag, missing))
+
+    def _describe(self) -> str:
+        return "; ".join(f"{p} {w or 'not served'}" for p, w in self.where.items())
+
+    def detail(self) -> str:
+        """For the readiness check: where each route is served, or for how long it has not been."""
+        if self.served():
+            return "served: " + self._describe()
+        since = self._since
+        age = f" for {time.monotonic() - since:.0f}s" if since is not None else ""
+        return f"not served{age}: {self._describe()}" + (" (see the log: approval needed)" if self.warned else "")

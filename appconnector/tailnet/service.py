@@ -6,7 +6,8 @@
     tailnet.identity, tailnet.directory      # NodeIdentity / NodeDirectory for DNS and NAT
     tailnet.raft_address()                   # this member's "tailnet-IPv4:raft_port"
     tailnet.checks()                         # readiness checks for the status server
-    await tailnet.stop()                     # watch ends, Raft filter removed (routes stay advertised)
+    await tailnet.withdraw_routes()          # the routes we added are withdrawn (stop does it too)
+    await tailnet.stop()                     # watch ends, Raft filter removed
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter,
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.identity import TailnetIdentity
 from appconnector.tailnet.localapi import LocalAPIClient
-from appconnector.tailnet.routes import RouteAdvertiser, RouteApprover, union_routes
+from appconnector.tailnet.routes import (
+    RouteAdvertiser,
+    RouteApprover,
+    RouteRecord,
+    RouteServing,
+    record_path,
+    route_service,
+    union_routes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +48,10 @@ class TailnetService:
         self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
         self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
         self.identity = TailnetIdentity(self.client, self.directory)
-        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes)
+        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes, RouteRecord(record_path(cfg)))
         self.approver = RouteApprover(cfg, cfg.pool.prefixes)
+        self.serving = RouteServing(self.directory, cfg.pool.prefixes, cfg.cluster.tag,
+                                    cfg.tailnet.route_approval_grace)
         want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
         self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
         self.routes_advertised = False
@@ -66,6 +77,7 @@ class TailnetService:
             metrics.TAILNET_ROUTES_ADVERTISED.set(len(self.advertiser.prefixes))
             self.directory.subscribe_prefs(self._on_prefs)
             await self.approver.approve(me.node)
+            self.serving.start()
 
     def _on_prefs(self, prefs: dict[str, Any]) -> None:
         """Someone changed tailscaled's prefs: if our routes went missing (``tailscale set
@@ -112,21 +124,56 @@ class TailnetService:
         def routes() -> tuple[bool, str]:
             if not self.cfg.tailnet.advertise_routes:
                 return True, "not managed (tailnet.advertise_routes = false)"
-            return self.routes_advertised, ("advertised: " + ", ".join(self.advertiser.prefixes)
-                                            if self.routes_advertised else "not advertised yet")
+            if not self.routes_advertised:
+                return False, "not advertised"
+            return True, f"advertised: {', '.join(self.advertiser.prefixes)}; {self.serving.detail()}"
         return {"tailscaled": tailscaled, "routes": routes}
 
-    async def withdraw_routes(self) -> None:
+    async def withdraw_routes(self, failover_wait: float = 0.0) -> None:
+        """Withdraw the routes we added (none when ``tailnet.advertise_routes = false``); no re-advertising
+        after this. With ``failover_wait``, wait up to that long until another online tagged connector is
+        primary for every pool route (the caller keeps DNS and NAT serving meanwhile, so clients never
+        route to a connector that has stopped). Raises when tailscaled cannot be asked (the record stays
+        for the next try)."""
         self.routes_advertised = False
-        metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (removed member): nothing to alert on
+        metrics.TAILNET_ROUTES_WANTED.set(0)  # withdrawn on purpose (stop, removed member): nothing to alert on
         metrics.TAILNET_ROUTES_ADVERTISED.set(0)
-        await self.advertiser.withdraw()
-
-    async def stop(self) -> None:
-        if self._readvertise is not None:
+        self.serving.stop()  # withdrawn on purpose: no warnings about them
+        if self._readvertise is not None and not self._readvertise.done():
             self._readvertise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readvertise
+        if self.cfg.tailnet.advertise_routes and await self.advertiser.withdraw() and failover_wait > 0:
+            await self._await_failover(failover_wait)
+
+    async def _await_failover(self, timeout: float) -> None:
+        tag = self.cfg.cluster.tag
+        me = self.directory.self_node()
+        if not tag or not any(n.online and (me is None or n.node != me.node) for n in self.directory.tagged(tag)):
+            return  # no other connector to take the routes
+
+        def moved() -> bool:
+            where = route_service(self.advertiser.prefixes, self.directory.self_node(),
+                                  self.directory.nodes().values(), tag)
+            return all(w.startswith("primary on ") for w in where.values())
+
+        done = asyncio.Event()
+        self.directory.subscribe(lambda: done.set() if moved() else None)
+        if moved():
+            return
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+            log.info("the pool routes moved to another connector")
+        except TimeoutError:
+            log.warning("no other connector took the pool routes within %.0fs; stopping anyway", timeout)
+
+    async def stop(self) -> None:
+        """Withdraw our routes (a connector that stops must not keep pool routes with no DNS behind them;
+        the app withdraws them earlier, before DNS drains, so this is a no-op then), end the watch."""
+        try:
+            await self.withdraw_routes()
+        except Exception as e:
+            log.warning("could not withdraw the pool routes: %s (`appconnector routes withdraw` retries)", e)
         await self.directory.stop()
         if self.raft_filter is not None:
             try:

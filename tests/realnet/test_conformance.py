@@ -16,8 +16,10 @@ from tests.localapi_standin import Standin
 from tests.realnet.tailnet import Node, Tailnet
 
 # what appconnector/tailnet/ reads (nodeinfo.py, directory.py, identity.py, routes.py, service.py)
-NODE_READS = ("ID", "StableID", "Name", "ComputedName", "Hostinfo.Hostname", "Addresses", "Tags", "Online")
-PEER_STATUS_READS = ("ID", "NodeID", "DNSName", "HostName", "TailscaleIPs", "Tags", "Online")
+NODE_READS = ("ID", "StableID", "Name", "ComputedName", "Hostinfo.Hostname", "Addresses", "Tags", "Online",
+              "PrimaryRoutes", "AllowedIPs")
+PEER_STATUS_READS = ("ID", "NodeID", "DNSName", "HostName", "TailscaleIPs", "Tags", "Online", "PrimaryRoutes",
+                     "AllowedIPs")
 STATUS_READS = ("BackendState", "TailscaleIPs", "Self", "Peer")
 WHOIS_READS = ("Node", "UserProfile.LoginName", "CapMap")
 PREFS_READS = ("AdvertiseRoutes",)
@@ -55,8 +57,11 @@ def whois_shape(w: dict[str, Any] | None) -> dict[str, Any] | None:
 def standin_state(real_status: dict[str, Any], login: dict[str, str]) -> dict[str, Any]:
     """The stand-in state that mirrors a real node's view of the tailnet."""
     def node(p: dict[str, Any]) -> dict[str, Any]:
+        own = {f"{a}/{128 if ':' in a else 32}" for a in p["TailscaleIPs"]}
         return {"stable_id": p["ID"], "node_id": p["NodeID"], "name": p["HostName"], "addresses": p["TailscaleIPs"],
-                "tags": p.get("Tags") or [], "online": bool(p.get("Online")), "login": login.get(p["HostName"], "")}
+                "tags": p.get("Tags") or [], "online": bool(p.get("Online")), "login": login.get(p["HostName"], ""),
+                "primary_routes": p.get("PrimaryRoutes") or [],
+                "approved_routes": [r for r in p.get("AllowedIPs") or [] if r not in own]}
     return {"style": "delta", "version": real_status["Version"], "self": node(real_status["Self"]),
             "peers": [node(p) for p in (real_status.get("Peer") or {}).values()]}
 

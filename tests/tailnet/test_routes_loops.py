@@ -17,6 +17,8 @@ from appconnector.tailnet.loops import check_upstreams, resolv_conf_nameservers
 from appconnector.tailnet.routes import (
     RouteAdvertiser,
     RouteApprover,
+    RouteRecord,
+    auto_approvers_hint,
     control_credentials,
     union_routes,
     without_routes,
@@ -40,7 +42,8 @@ def test_advertise_keeps_other_routes_and_withdraw_removes_only_ours(tmp_path: P
         sock = str(tmp_path / "ts.sock")
         s = await started(sock, state)
         try:
-            adv = RouteAdvertiser(LocalAPIClient(sock), ["100.64.1.0/24", "100.64.2.0/24"])
+            adv = RouteAdvertiser(LocalAPIClient(sock), ["100.64.1.0/24", "100.64.2.0/24"],
+                                  RouteRecord(tmp_path / "record.json"))
             got = await adv.advertise()
             assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "0.0.0.0/0", "::/0",
                                                    "100.64.1.0/24", "100.64.2.0/24"]
@@ -57,15 +60,62 @@ def test_advertise_keeps_other_routes_and_withdraw_removes_only_ours(tmp_path: P
     run(body())
 
 
-def test_approver_without_credentials_hints_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_withdraw_takes_back_only_the_routes_we_added(tmp_path: Path) -> None:
+    """A pool route the operator advertised before we came stays on withdraw; a route recorded by an
+    earlier run (a crash) is still ours; a route recorded but no longer in the pool is withdrawn at the
+    next advertise; with no record, withdraw does not even ask tailscaled."""
+    async def body() -> None:
+        state = base_state()
+        state["prefs"] = {"AdvertiseRoutes": ["192.168.7.0/24", "100.64.1.0/24"]}
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, state)
+        record = RouteRecord(tmp_path / "record.json")
+        try:
+            adv = RouteAdvertiser(LocalAPIClient(sock), ["100.64.1.0/24", "100.64.2.0/24"], record)
+            await adv.advertise()
+            assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "100.64.1.0/24", "100.64.2.0/24"]
+            assert record.load() == ["100.64.2.0/24"], "the operator's pool route is not recorded as ours"
+            # a crash: the next run finds its route still advertised and keeps it recorded
+            again = RouteAdvertiser(LocalAPIClient(sock), ["100.64.1.0/24", "100.64.2.0/24"], record)
+            await again.advertise()
+            assert record.load() == ["100.64.2.0/24"]
+            assert await again.withdraw() == ["100.64.2.0/24"]
+            assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "100.64.1.0/24"]
+            assert record.load() == [] and not record.path.exists()
+            asked = len(s.requests)
+            assert await again.withdraw() == []
+            assert len(s.requests) == asked, "nothing recorded: tailscaled is not asked"
+            # pool.prefixes changed from .2 to .3: the old recorded route is ours and goes
+            await again.advertise()
+            moved = RouteAdvertiser(LocalAPIClient(sock), ["100.64.3.0/24"], record)
+            await moved.advertise()
+            assert s.prefs["AdvertiseRoutes"] == ["192.168.7.0/24", "100.64.1.0/24", "100.64.3.0/24"]
+            assert record.load() == ["100.64.3.0/24"]
+        finally:
+            await s.stop()
+    run(body())
+
+
+def test_route_record_survives_garbage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    record = RouteRecord(tmp_path / "record.json")
+    record.path.write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert record.load() == []
+    assert any("ignoring the route record" in r.getMessage() for r in caplog.records)
+    record.save(["100.64.1.7/24", "100.64.1.0/24"])
+    assert record.load() == ["100.64.1.0/24"]
+    assert record.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_approver_without_credentials_stays_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """Approval may come from autoApprovers: the approver says nothing; RouteServing warns only when the
+    route is really not served (test_route_serving.py)."""
     cfg = config.load(None, env={})
     approver = RouteApprover(cfg, ["100.64.1.0/24"])
     with caplog.at_level(logging.WARNING):
         assert run(approver.approve("nSELF")) is False
-        assert run(approver.approve("nSELF")) is False
-    hints = [r for r in caplog.records if "autoApprovers" in r.getMessage()]
-    assert len(hints) == 1
-    assert '"100.64.1.0/24": ["tag:appconnector"]' in hints[0].getMessage()
+    assert not caplog.records
+    assert '"100.64.1.0/24": ["tag:appconnector"]' in auto_approvers_hint("", ["100.64.1.0/24"])
 
 
 def test_control_credentials_validation(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 def _cfg(sock: str, **env: str) -> config.Config:
     base = {"APPCONNECTOR_TAILNET_LOCALAPI_SOCKET": sock, "APPCONNECTOR_CLUSTER_TAG": TAG,
+            "APPCONNECTOR_CLUSTER_STATE_DIR": str(Path(sock).parent / "state"),
             "APPCONNECTOR_CLUSTER_SECRET_FILE": "/dev/null", "APPCONNECTOR_DNS_UPSTREAM": "192.0.2.53"}
     base.update(env)
     return config.load(None, env=base)
