@@ -24,6 +24,12 @@ def tailscale() -> Path:
     return peers_dir() / f"tailscale-{TAILSCALE_VERSION}" / "tailscale"
 
 
+def natc() -> Path:
+    """Upstream's ``cmd/natc`` (``go install tailscale.com/cmd/natc@<version>``), only for the side-by-side
+    tests and bench (tests/realnet/natc.py); its code never enters the repo."""
+    return peers_dir() / f"tailscale-{TAILSCALE_VERSION}" / "natc"
+
+
 def headscale() -> Path:
     return peers_dir() / f"headscale-{HEADSCALE_VERSION}" / "headscale"
 
