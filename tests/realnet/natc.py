@@ -30,8 +30,19 @@ import dnslib
 from tests.faults.netns import entered
 from tests.faults.upstream import targets_of
 from tests.realnet import peers
-from tests.realnet.tailnet import (HS_URL, ORIGIN_NET, POOL, UNDERLAY, UPLINK, Node, Proc, Tailnet, child_env,
-                                   sh, wait_for)
+from tests.realnet.tailnet import (
+    HS_URL,
+    ORIGIN_NET,
+    POOL,
+    UNDERLAY,
+    UPLINK,
+    Node,
+    Proc,
+    Tailnet,
+    child_env,
+    sh,
+    wait_for,
+)
 
 NATC_POOL = "100.64.2.0/24"
 NATC_DNS = str(ipaddress.ip_network(NATC_POOL).network_address)
