@@ -206,15 +206,17 @@ def measure(c1: Node, natc: Natc, cl1: Node, cl2: Node, conn_names: list[str],
 
     for s in SYSTEMS:
         if budget.left(f"new names ({s})"):
-            lat = timed_queries(cl1.ns, DNS[s], lambda i, s=s: stable_name(f"new-{s}", i), 200)
+            def fresh(i: int, s: str = s) -> str:
+                return stable_name(f"new-{s}", i)
+            lat = timed_queries(cl1.ns, DNS[s], fresh, 200)
             res[s]["new_p50"], res[s]["new_p99"] = pct(lat, 50) * 1000, pct(lat, 99) * 1000
         if budget.left(f"connect ({s})"):
             half = conn_names[:30] if s == "ours" else conn_names[30:]
             times: list[float] = []
             for name in half:
                 rc, addrs = resolve_in(cl1.ns, name, DNS[s], timeout=2)
-                if rc == 0 and addrs and (t := first_byte(cl1, addrs[0])) is not None:
-                    times.append(t)
+                if rc == 0 and addrs and (ft := first_byte(cl1, addrs[0])) is not None:
+                    times.append(ft)
             res[s]["conn_p50"], res[s]["conn_p99"] = pct(times, 50) * 1000, pct(times, 99) * 1000
             res[s]["conn_ok"] = f"{len(times)}/{len(half)}"
         addr = resolve_in(cl1.ns, "web.app.test", DNS[s])[1][0]

@@ -23,8 +23,10 @@ import json
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
+import dns.exception
 import dnslib
 
 from tests.faults.netns import entered
@@ -40,6 +42,7 @@ from tests.realnet.tailnet import (
     Proc,
     Tailnet,
     child_env,
+    resolve_in,
     sh,
     wait_for,
 )
@@ -147,8 +150,10 @@ class CorpusUpstream:
         self.tcp.close()
 
 
-def allow_natc(net: Tailnet) -> None:
-    """The policy with ``tag:natc`` owned and natc's pool auto-approved for it (headscale re-reads it)."""
+def allow_natc(net: Tailnet, poke: int = 0) -> None:
+    """The policy with ``tag:natc`` owned and natc's pool auto-approved for it (headscale re-reads it).
+    ``poke`` adds that many no-op rules: a changed policy makes headscale send every node its full
+    map again, its own node included (see :meth:`Natc.wait_serving`)."""
     doc = net.policy()
     doc["tagOwners"][NATC_TAG] = ["ops@"]
     doc["autoApprovers"]["routes"][NATC_POOL] = [NATC_TAG]
@@ -156,6 +161,7 @@ def allow_natc(net: Tailnet) -> None:
     # lets it reach them; without that natc's netstack never owns its DNS address and every reply
     # fails "network is unreachable" ("*" as a destination covers node addresses, not routes)
     doc["acls"].append({"action": "accept", "src": [NATC_TAG], "dst": [f"{NATC_POOL}:*"]})
+    doc["acls"] += [{"action": "accept", "src": [NATC_TAG], "dst": [f"{NATC_TAG}:{i + 1}"]} for i in range(poke)]
     net.set_policy(doc)
 
 
@@ -189,6 +195,7 @@ class Natc:
         if cluster_tag:
             argv.append(f"--cluster-tag={cluster_tag}")
         self.argv, self.env = argv, env
+        self.pokes = 0
         self.proc = self.start()
 
     def start(self) -> Proc:
@@ -202,17 +209,11 @@ class Natc:
                    for n in self.net.hs_nodes())
 
     def wait_serving(self, client: Node, name: str = "web.app.test", timeout: float = 90) -> None:
-        """Until ``client`` gets an answer from natc's DNS. headscale v0.29.2 does not always send a node
-        its own map again when its route becomes approved or primary, and natc's netstack owns its DNS
+        """Until ``client`` gets an answer from natc's DNS. headscale v0.29.2 does not send a node its
+        own map again when its route becomes approved and primary, and natc's netstack owns its DNS
         address only once its own map lists the route (before that every reply fails "network is
-        unreachable"); natc started again with the route approved gets it in its first map. So: wait
-        for the approval, then restart natc until it answers (each restart logged in natc.log)."""
-        import time
-
-        import dns.exception
-
-        from tests.realnet.tailnet import resolve_in
-
+        unreachable"). A changed policy makes headscale send every node its full map: so wait for the
+        approval, then change the policy (a no-op rule more each time) until natc answers."""
         def answered() -> bool:
             assert self.proc.running(), f"natc exited: {self.proc.log()}"
             with contextlib.suppress(dns.exception.Timeout, OSError):
@@ -222,12 +223,14 @@ class Natc:
         wait_for(self.route_approved, timeout, lambda: f"{self.name}: {NATC_POOL} approved: {self.proc.log()}")
         while True:
             with contextlib.suppress(AssertionError):
-                wait_for(answered, 8, "natc answers")
+                wait_for(answered, 5, "natc answers")
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"natc never answered {name}: {self.proc.log()}")
-            self.proc.stop()
-            self.proc = self.start()
+            self.pokes += 1
+            with self.proc.log_path.open("a") as f:
+                f.write(f"---- no answer yet: policy changed ({self.pokes})\n")
+            allow_natc(self.net, self.pokes)
 
 
 def ours_config(node: Node, upstream: str = f"{CORPUS_DNS}:53") -> Path:
