@@ -135,6 +135,10 @@ class LocalPool:
         self._check_open()
         self._raise_invalid(self.apply(("set_excluded", tuple(addresses), self.tick())))
 
+    async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self._check_open()
+        self._raise_invalid(self.apply(("release_batch", tuple(pairs), self._clock())))
+
     @staticmethod
     def _raise_invalid(result: object) -> None:
         if isinstance(result, PoolError):

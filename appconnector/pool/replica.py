@@ -588,6 +588,22 @@ class RaftReplica:
         fut.add_done_callback(done)
         self._propose(("tick", self._clock.now()), [fut], "tick")
 
+    async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        # split like touches: each entry stays below the batch size whatever the number of pairs
+        budget = self._tuning.batch_bytes // 2
+        chunks: list[list[tuple[str, str]]] = [[]]
+        size = 64
+        for node, domain in pairs:
+            cost = len(node) + len(domain) + 16
+            if chunks[-1] and size + cost > budget:
+                chunks.append([])
+                size = 64
+            chunks[-1].append((node, domain))
+            size += cost
+        for chunk in chunks:
+            if chunk:
+                await self._write(("release_batch", tuple(chunk), time.time()))
+
     # ---- touches ------------------------------------------------------------------------------------
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:

@@ -1,0 +1,100 @@
+"""``AccessGuard``: keeps granted access current and takes back mappings a node may no longer use.
+
+Every ``tailnet.access_recheck`` (and at once on a netmap change) it asks whois again for the cached
+sources (``NodeIdentity.refresh``); when a node's grants changed the DNS fast path is cleared, so the
+next query of that node goes through the access check. The leader then scans the pool and releases,
+through Raft (``release_batch``), every mapping whose node may not use the domain's app any more; NAT
+sees the removals like reassignments: steer elements go and the conntrack entries of those (source,
+pool address) pairs are deleted. A flow of a revoked node so stops within about one recheck interval
+plus a Raft commit (docs/design.md, grants).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+from appconnector.dns.access import AppAccess
+from appconnector.metrics import ACCESS_REVOKED
+from appconnector.pool.api import PoolError, Replica
+from appconnector.ratelimit import RateLimitedLog
+from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, TailnetUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class AccessGuard:
+    """See the module docstring. ``directory`` None: standalone mode (the node is its IP)."""
+
+    def __init__(self, access: AppAccess, replica: Replica, identity: NodeIdentity,
+                 directory: NodeDirectory | None, interval: float, on_change: Callable[[], None]) -> None:
+        self.access = access
+        self.replica = replica
+        self.identity = identity
+        self.directory = directory
+        self.interval = interval
+        self.on_change = on_change
+        self._wake = asyncio.Event()
+        self._errors = RateLimitedLog(log)
+        if directory is not None:
+            directory.subscribe(self._wake.set)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):  # the interval bounds how stale access may get
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                await self.round()
+            except Exception:  # the next round tries again; a crash here would end revocation for good
+                self._errors.exception("guard", "access: re-check failed")
+
+    async def round(self) -> int:
+        """One re-check; returns how many mappings were released (leader only)."""
+        if await self.identity.refresh():
+            self.on_change()
+        if not self.replica.is_leader():
+            return 0
+        pairs = await self.revoked()
+        if not pairs:
+            return 0
+        try:
+            await self.replica.release(pairs)
+        except PoolError as e:
+            self._errors.warning("release", "access: could not release %d mappings: %s", len(pairs), e)
+            return 0
+        ACCESS_REVOKED.inc(len(pairs))
+        log.info("access: released %d mappings of nodes that lost access to their app", len(pairs))
+        return len(pairs)
+
+    async def revoked(self) -> list[tuple[str, str]]:
+        """(node, domain) mappings whose node may not use the domain's app now."""
+        by_node: dict[str, list[str]] = defaultdict(list)
+        for m in await asyncio.to_thread(lambda: list(self.replica.mappings())):
+            by_node[m.node].append(m.domain)
+        nodes = self.directory.nodes() if self.directory is not None else {}
+        pairs: list[tuple[str, str]] = []
+        for node, domains in by_node.items():
+            found = await self._whois(node, nodes)
+            if found is None:
+                continue  # not a node now (or whois failed): the leader forgets departed nodes itself
+            info, ip = found
+            allowed = self.access.allowed_apps(info, ip)
+            pairs.extend((node, d) for d in domains if self.access.refused_app(d, allowed) is not None)
+        return pairs
+
+    async def _whois(self, node: str, nodes: dict[str, NodeInfo]) -> tuple[NodeInfo, str] | None:
+        ip = node if self.directory is None else next(iter(nodes[node].ipv4), None) if node in nodes else None
+        if ip is None:
+            return None
+        try:
+            info = self.identity.cached(ip) or await self.identity.whois(ip)
+        except TailnetUnavailable as e:
+            self._errors.warning("whois", "access: cannot ask tailscaled who %s is: %s", ip, e)
+            return None
+        if info is None or info.node != node:
+            return None
+        return info, ip
