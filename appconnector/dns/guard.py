@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class AccessGuard:
-    """See the module docstring. ``directory`` None: standalone mode (the node is its IP)."""
+    """See the module docstring. ``standalone``: the node is its IP; else the directory says a
+    node's IP (without one nothing is released: there is no way to ask who a node is)."""
 
-    def __init__(self, access: AppAccess, replica: Replica, identity: NodeIdentity,
+    def __init__(self, access: AppAccess, replica: Replica, identity: NodeIdentity, standalone: bool,
                  directory: NodeDirectory | None, interval: float, on_change: Callable[[], None]) -> None:
+        self.standalone = standalone
         self.access = access
         self.replica = replica
         self.identity = identity
@@ -87,7 +89,10 @@ class AccessGuard:
         return pairs
 
     async def _whois(self, node: str, nodes: dict[str, NodeInfo]) -> tuple[NodeInfo, str] | None:
-        ip = node if self.directory is None else next(iter(nodes[node].ipv4), None) if node in nodes else None
+        if self.standalone:
+            ip: str | None = node
+        else:
+            ip = next(iter(nodes[node].ipv4), None) if node in nodes else None
         if ip is None:
             return None
         try:

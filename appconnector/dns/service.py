@@ -114,7 +114,8 @@ class DnsService:
         self._routed_only = all(any(ipaddress.ip_address(h) in n for n in self._pool_nets)
                                 for h, _ in cfg.dns_listen())
         self.access = AppAccess(cfg.apps)
-        self.guard = AccessGuard(self.access, replica, identity, directory, cfg.tailnet.access_recheck,
+        self.guard = AccessGuard(self.access, replica, identity, cfg.standalone, directory,
+                                 cfg.tailnet.access_recheck,
                                  self.fast.clear) if self.access.active else None
         self._guard_task: asyncio.Task[None] | None = None
 
