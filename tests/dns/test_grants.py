@@ -123,3 +123,18 @@ def test_standalone_static_rules_match_source_prefixes(running: Start, unbound: 
     assert r.query("app.test", source="127.0.0.2").rcode() == dns.rcode.NOERROR
     assert r.query("app.test", source="127.0.0.3").rcode() == dns.rcode.REFUSED
     assert r.pool.lookup("127.0.0.3", "app.test") is None
+
+
+def test_a_follower_refuses_hits_of_a_mapping_it_still_holds(tailnet: tuple[Running, Standin]) -> None:
+    """A member that is not the leader does not release: the mapping stays in its pool until the
+    leader's release arrives, yet its answers (fast path and local hits) are REFUSED once the grant
+    is gone."""
+    r, standin = tailnet
+    for _ in range(3):
+        assert r.query("app.test", source="127.0.0.2").rcode() == dns.rcode.NOERROR
+    r.pool.is_leader = lambda: False  # type: ignore[method-assign]
+    r.call(_set_capmap(standin, "nAlice", {}))
+    wait_until(lambda: r.query("app.test", source="127.0.0.2").rcode() == dns.rcode.REFUSED, 2 * RECHECK + 3,
+               "a hit of the revoked node to be refused")
+    assert r.pool.lookup("nAlice", "app.test") is not None  # still mapped: only the leader releases
+    assert r.query("app.test", source="127.0.0.2", tcp=True).rcode() == dns.rcode.REFUSED
