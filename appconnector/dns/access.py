@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from appconnector.config import AppConfig
+from appconnector.dns.policy import DomainAllowList
 from appconnector.tailnet.api import NodeInfo
 
 APPS_FIELD = "apps"
@@ -40,16 +41,8 @@ class AppAccess:
 
     def __init__(self, apps: Sequence[AppConfig]) -> None:
         self.apps = tuple(apps)
-        self._exact: dict[str, list[str]] = {}
-        self._suffixes: list[tuple[str, str]] = []  # (".example.com", app), longest first
-        for app in apps:
-            for pattern in app.domains:
-                p = pattern.lower().rstrip(".")
-                if p.startswith("*."):
-                    self._suffixes.append((p[1:], app.name))
-                else:
-                    self._exact.setdefault(p, []).append(app.name)
-        self._suffixes.sort(key=lambda s: -len(s[0]))
+        # one matcher per app, the one dns.domains uses (every app has at least one pattern)
+        self._domains = [(a.name, DomainAllowList(a.domains)) for a in apps]
         self._users = {a.name: frozenset(a.users) for a in apps}
         self._tags = {a.name: frozenset(a.tags) for a in apps}
         self._sources = {a.name: [ipaddress.ip_network(s, strict=False) for s in a.sources] for a in apps}
@@ -60,12 +53,8 @@ class AppAccess:
         return bool(self.apps)
 
     def apps_for(self, domain: str) -> tuple[str, ...]:
-        """The apps covering ``domain`` (normalised), exact names first, then wildcards longest first."""
-        found = list(self._exact.get(domain, ()))
-        for suffix, name in self._suffixes:
-            if domain.endswith(suffix) and name not in found:
-                found.append(name)
-        return tuple(found)
+        """The apps covering ``domain`` (normalised), in config order."""
+        return tuple(name for name, matcher in self._domains if matcher.allows(domain))
 
     def allowed_apps(self, info: NodeInfo, ip: str) -> frozenset[str]:
         """Apps ``info`` (asking from ``ip``) may use: its grants plus the static rules that match it."""

@@ -25,6 +25,8 @@ from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, Tail
 
 log = logging.getLogger(__name__)
 
+MIN_GAP = 1.0  # seconds between rounds however often the netmap changes (each round asks whois for all)
+
 
 class AccessGuard:
     """See the module docstring. ``standalone``: the node is its IP; else the directory says a
@@ -53,6 +55,7 @@ class AccessGuard:
                 await self.round()
             except Exception:  # the next round tries again; a crash here would end revocation for good
                 self._errors.exception("guard", "access: re-check failed")
+            await asyncio.sleep(MIN_GAP)  # a rate limit, not a poll: a netmap change waiting sets _wake
 
     async def round(self) -> int:
         """One re-check; returns how many mappings were released (leader only)."""

@@ -28,6 +28,8 @@ from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient, LocalAPIError
 from appconnector.tailnet.nodeinfo import from_tailcfg_node
 
+REFRESH_CONCURRENCY = 16  # whois calls of one refresh in flight at once
+
 
 class TailnetIdentity:
     """Implements ``NodeIdentity``. Pass the directory to have the cache follow netmap changes."""
@@ -108,23 +110,30 @@ class TailnetIdentity:
                                    granted=granted_apps(resp.get("CapMap"), self.capability))
 
     async def refresh(self) -> set[str]:
-        """Ask whois again for every cached IP; returns the nodes whose grants or owner changed (a node
-        gone from whois counts as changed: it is then uncached)."""
+        """Ask whois again for every cached IP (REFRESH_CONCURRENCY at a time); returns the nodes whose
+        grants, owner or tags changed (a node gone from whois counts as changed: it is then uncached)."""
         changed: set[str] = set()
-        for ip, old in list(self._known.items()):
-            try:
-                resp = await self.client.whois(ip)
-            except (TailnetUnavailable, LocalAPIError):
-                TAILNET_WHOIS.labels("error").inc()
-                continue  # keep what we knew: the next round asks again
+        gate = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+        async def one(ip: str, old: NodeInfo) -> None:
+            async with gate:
+                try:
+                    resp = await self.client.whois(ip)
+                except (TailnetUnavailable, LocalAPIError):
+                    TAILNET_WHOIS.labels("error").inc()
+                    return  # keep what we knew: the next round asks again
             TAILNET_WHOIS.labels("refresh").inc()
             new = self._parse(resp)
+            if self._known.get(ip) is not old:
+                return  # re-pointed or re-asked meanwhile: that answer is as new as this one
             if new is None or new.node != old.node:
                 self._known.pop(ip, None)
                 changed.add(old.node)
             elif (new.granted, new.login, new.tags) != (old.granted, old.login, old.tags):
                 changed.add(old.node)
                 self._known[ip] = new
+
+        await asyncio.gather(*(one(ip, old) for ip, old in list(self._known.items())))
         return changed
 
     def _on_netmap_change(self) -> None:

@@ -40,9 +40,9 @@ def node(**kw: object) -> NodeInfo:
     return NodeInfo(node="n1", name="n1", ipv4=("100.64.0.5",), **kw)  # type: ignore[arg-type]
 
 
-def test_apps_for_matches_exact_names_and_wildcards_most_specific_first() -> None:
+def test_apps_for_matches_exact_names_and_wildcards() -> None:
     assert ACCESS.apps_for("app.example") == ("web",)
-    assert ACCESS.apps_for("x.deep.app.example") == ("deep", "web")
+    assert ACCESS.apps_for("x.deep.app.example") == ("web", "deep")
     assert ACCESS.apps_for("deep.app.example") == ("web",)   # "*." is below the name, not the name
     assert ACCESS.apps_for("notapp.example") == ()
 
