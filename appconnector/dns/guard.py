@@ -25,6 +25,7 @@ from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, Tail
 
 log = logging.getLogger(__name__)
 
+FULL_SWEEP_EVERY = 30  # rounds between the leader's sweeps of the whole pool (5 min at the default 10 s)
 MIN_GAP = 1.0  # seconds between rounds however often the netmap changes (each round asks whois for all)
 
 
@@ -43,6 +44,8 @@ class AccessGuard:
         self.on_change = on_change
         self._wake = asyncio.Event()
         self._errors = RateLimitedLog(log)
+        self._rounds = 0
+        self._was_leader = False
         if directory is not None:
             directory.subscribe(self._wake.set)
 
@@ -58,12 +61,26 @@ class AccessGuard:
             await asyncio.sleep(MIN_GAP)  # a rate limit, not a poll: a netmap change waiting sets _wake
 
     async def round(self) -> int:
-        """One re-check; returns how many mappings were released (leader only)."""
-        if await self.identity.refresh():
+        """One re-check; returns how many mappings this member asked to release.
+
+        Nodes whose grants changed here are checked at once by this member, leader or not (the node
+        may have been served by it alone; ``release_batch`` is idempotent, so several members asking
+        is harmless). The leader also sweeps the whole pool when it becomes leader and every
+        ``FULL_SWEEP_EVERY`` rounds, for nodes no member has cached (e.g. after restarts)."""
+        self._rounds += 1
+        changed = await self.identity.refresh()
+        if changed:
             self.on_change()
-        if not self.replica.is_leader():
+        leader = self.replica.is_leader()
+        sweep = leader and (not self._was_leader or self._rounds % FULL_SWEEP_EVERY == 0)
+        self._was_leader = leader
+        if sweep:
+            by_node = await asyncio.to_thread(self._by_node)
+        elif changed:
+            by_node = {node: [m.domain for m in self.replica.node_mappings(node)] for node in changed}
+        else:
             return 0
-        pairs = await self.revoked()
+        pairs = await self.revoked(by_node)
         if not pairs:
             return 0
         try:
@@ -75,14 +92,19 @@ class AccessGuard:
         log.info("access: released %d mappings of nodes that lost access to their app", len(pairs))
         return len(pairs)
 
-    async def revoked(self) -> list[tuple[str, str]]:
-        """(node, domain) mappings whose node may not use the domain's app now."""
+    def _by_node(self) -> dict[str, list[str]]:
         by_node: dict[str, list[str]] = defaultdict(list)
-        for m in await asyncio.to_thread(lambda: list(self.replica.mappings())):
+        for m in self.replica.mappings():
             by_node[m.node].append(m.domain)
+        return by_node
+
+    async def revoked(self, by_node: dict[str, list[str]]) -> list[tuple[str, str]]:
+        """(node, domain) mappings of ``by_node`` whose node may not use the domain's app now."""
         nodes = self.directory.nodes() if self.directory is not None else {}
         pairs: list[tuple[str, str]] = []
         for node, domains in by_node.items():
+            if not domains:
+                continue
             found = await self._whois(node, nodes)
             if found is None:
                 continue  # not a node now (or whois failed): the leader forgets departed nodes itself

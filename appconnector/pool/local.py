@@ -171,6 +171,10 @@ class LocalPool:
             copy = list(self._state.mappings())
         return iter(copy)
 
+    def node_mappings(self, node: str) -> list[MappingView]:
+        with self._state_lock:
+            return self._state.node_mappings(node)
+
     def stats(self) -> dict[str, int | float]:
         with self._state_lock:
             return self._state.stats()

@@ -689,6 +689,10 @@ class RaftReplica:
             copy = list(self._pool().mappings())
         return iter(copy)
 
+    def node_mappings(self, node: str) -> list[MappingView]:
+        with self._state_lock():
+            return self._pool().node_mappings(node)
+
     def stats(self) -> dict[str, int | float]:
         with self._state_lock():
             return self._pool().stats()

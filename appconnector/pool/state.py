@@ -602,6 +602,13 @@ class PoolState:
             for domain, key in n.by_domain.items():
                 yield MappingView(node, domain, self.space.address(key & _OFFSET_MASK), _key_time(key))
 
+    def node_mappings(self, node: str) -> list[MappingView]:
+        n = self._nodes.get(node)
+        if n is None:
+            return []
+        return [MappingView(node, d, self.space.address(k & _OFFSET_MASK), _key_time(k))
+                for d, k in n.by_domain.items()]
+
     def excluded(self) -> list[Address]:
         return [self.space.address(o) for o in sorted(self._excluded)]
 

@@ -255,12 +255,14 @@ class Running:
     def __init__(self, cfg: Config, identity: NodeIdentity | None = None, upstream_timeout: float = 0.5,
                  identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity | tuple[NodeIdentity, NodeDirectory]]]
                  | None = None,
-                 use_uvloop: bool = True, replica_kind: str = "local") -> None:
+                 use_uvloop: bool = True, replica_kind: str = "local", pool: Any = None) -> None:
         self.cfg = cfg
         self.replica_kind = replica_kind
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        # ``pool``: a started replica the identity factory fills first (state from before this run)
+        self._given_pool = pool
         self._identity_factory = identity_factory
         self.identity = identity
         self.upstream = UpstreamResolver([_hp(u) for u in cfg.dns.upstream], timeout=upstream_timeout)
@@ -280,7 +282,7 @@ class Running:
             self.identity, self.directory = made if isinstance(made, tuple) else (made, None)
         if self.identity is None:
             self.identity = StandaloneIdentity()
-        self.pool = await start_replica(self.replica_kind, self.cfg)
+        self.pool = self._given_pool or await start_replica(self.replica_kind, self.cfg)
         self.service = DnsService(self.cfg, self.pool, self.identity, upstream=self.upstream,
                                   directory=self.directory)
         await self.service.start()

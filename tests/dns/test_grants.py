@@ -13,6 +13,8 @@ import dns.rcode
 import pytest
 
 from appconnector.config import Config, load
+from appconnector.pool.api import ReplicaUnavailable
+from appconnector.pool.local import LocalPool
 from appconnector.tailnet.api import NodeDirectory, NodeIdentity
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.identity import TailnetIdentity
@@ -125,16 +127,46 @@ def test_standalone_static_rules_match_source_prefixes(running: Start, unbound: 
     assert r.pool.lookup("127.0.0.3", "app.test") is None
 
 
-def test_a_follower_refuses_hits_of_a_mapping_it_still_holds(tailnet: tuple[Running, Standin]) -> None:
-    """A member that is not the leader does not release: the mapping stays in its pool until the
-    leader's release arrives, yet its answers (fast path and local hits) are REFUSED once the grant
-    is gone."""
+def test_hits_are_refused_when_the_release_cannot_commit(tailnet: tuple[Running, Standin]) -> None:
+    """Without a quorum the release cannot commit and the mapping stays in this member's pool, yet its
+    answers (fast path and local hits) are REFUSED once the grant is gone."""
     r, standin = tailnet
     for _ in range(3):
         assert r.query("app.test", source="127.0.0.2").rcode() == dns.rcode.NOERROR
-    r.pool.is_leader = lambda: False  # type: ignore[method-assign]
+
+    async def no_quorum(pairs: object) -> None:
+        raise ReplicaUnavailable("write not committed (no leader?)")
+    r.pool.release = no_quorum  # type: ignore[method-assign,assignment]
     r.call(_set_capmap(standin, "nAlice", {}))
     wait_until(lambda: r.query("app.test", source="127.0.0.2").rcode() == dns.rcode.REFUSED, 2 * RECHECK + 3,
                "a hit of the revoked node to be refused")
-    assert r.pool.lookup("nAlice", "app.test") is not None  # still mapped: only the leader releases
+    assert r.pool.lookup("nAlice", "app.test") is not None  # still mapped: the release did not commit
     assert r.query("app.test", source="127.0.0.2", tcp=True).rcode() == dns.rcode.REFUSED
+
+
+def test_the_leader_sweep_releases_mappings_no_member_has_cached(running: Start, unbound: Unbound,
+                                                                 tmp_path: Path) -> None:
+    """Mappings made before this member ran (another member, an earlier run) of a node without
+    access go at the leader's first sweep, although no query of that node was seen here."""
+    sock = str(tmp_path / "tailscaled.sock")
+    standin = Standin(sock, {"peers": PEERS})
+    cfg = grants_config(tmp_path, unbound, "tailscale")
+    pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after)
+
+    async def identity() -> tuple[NodeIdentity, NodeDirectory]:
+        await standin.start()
+        await pool.start()
+        await pool.checkout("nBob", "app.test", (), 60.0)    # bob has no grant for web
+        await pool.checkout("nAlice", "app.test", (), 60.0)  # alice has
+        directory = TailnetDirectory(LocalAPIClient(sock))
+        await directory.start()
+        return TailnetIdentity(LocalAPIClient(sock), directory), directory
+
+    r = running(cfg, identity_factory=identity, pool=pool)
+    try:
+        wait_until(lambda: r.pool.lookup("nBob", "app.test") is None, 2 * RECHECK + 3, "bob's mapping to go")
+        assert r.pool.lookup("nAlice", "app.test") is not None
+    finally:
+        assert isinstance(r.directory, TailnetDirectory)
+        r.call(r.directory.stop())
+        r.call(standin.stop())
