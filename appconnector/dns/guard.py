@@ -1,12 +1,14 @@
 """``AccessGuard``: keeps granted access current and takes back mappings a node may no longer use.
 
-Every ``tailnet.access_recheck`` (and at once on a netmap change) it asks whois again for the cached
-sources (``NodeIdentity.refresh``); when a node's grants changed the DNS fast path is cleared, so the
-next query of that node goes through the access check. The leader then scans the pool and releases,
-through Raft (``release_batch``), every mapping whose node may not use the domain's app any more; NAT
-sees the removals like reassignments: steer elements go and the conntrack entries of those (source,
-pool address) pairs are deleted. A flow of a revoked node so stops within about one recheck interval
-plus a Raft commit (docs/design.md, grants).
+Every ``tailnet.access_recheck`` (and soon after a netmap change, at most once a second) it asks
+whois again for the cached sources (``NodeIdentity.refresh``). For each node whose grants changed,
+the DNS fast path is cleared (its next query goes through the access check) and this member releases,
+through Raft (``release_batch``), the node's mappings of apps it may no longer use. The leader also
+sweeps the whole pool when it becomes leader (which caches every node that holds mappings, so later
+changes of those nodes are seen by its refresh) and every ``FULL_SWEEP_EVERY`` rounds as a safety
+net. NAT treats the removals like reassignments: steer elements go and the conntrack entries of those
+(node IP, pool address) pairs are deleted. A revoked node's flows so stop within about one recheck
+interval plus a commit (docs/design.md §4, per-app access).
 """
 
 from __future__ import annotations
