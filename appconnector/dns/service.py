@@ -134,7 +134,7 @@ class DnsService:
         except BaseException:
             self._clock_task.cancel()
             raise
-        if self.guard is not None:
+        if self.guard is not None and self.refusing is None:
             self._guard_task = asyncio.get_running_loop().create_task(self.guard.run())
         if not self.upstream.servers and self.cfg.dns.verify_upstream:
             log.warning("DNS: no upstream resolvers (dns.upstream empty, none in /etc/resolv.conf): "
@@ -156,6 +156,8 @@ class DnsService:
         member's pool copy no longer follows the cluster. The fast path's cache goes so nothing skips it."""
         self.refusing = reason
         self.fast.clear()
+        if self._guard_task is not None:  # its pool copy is not the cluster's: nothing to release from it
+            self._guard_task.cancel()
 
     async def _tick(self) -> None:
         """Advance the fast path's coarse clock (pool time) and publish its counters."""
