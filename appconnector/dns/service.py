@@ -23,7 +23,7 @@ from typing import Any
 
 from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks
 from appconnector.dns import svcb, wire
-from appconnector.dns.access import AppAccess
+from appconnector.dns.access import NO_APP, AppAccess
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.guard import AccessGuard
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
@@ -244,8 +244,8 @@ class DnsService:
             app = self.access.refused_app(domain, self.access.allowed_apps(info, ip))
             if app is not None:  # before any lookup: no mapping, so the kernel has nothing to steer
                 DNS_REFUSED_BY_POLICY.labels(app).inc()
-                self._errors.info("policy", "DNS: REFUSED %s for %s: no access to app %s",
-                                  domain, info.name or info.node, app)
+                why = "no [[apps]] entry covers it" if app == NO_APP else f"no access to app {app}"
+                self._errors.info("policy", "DNS: REFUSED %s for %s: %s", domain, info.name or info.node, why)
                 return Reply(wire.REFUSED), False
         if q.qtype in (wire.TYPE_SVCB, wire.TYPE_HTTPS):
             return await self._service_binding(q, domain), False
