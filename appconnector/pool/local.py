@@ -137,7 +137,7 @@ class LocalPool:
 
     async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
         self._check_open()
-        self._raise_invalid(self.apply(("release_batch", tuple(pairs), self._clock())))
+        self._raise_invalid(self.apply(("release_batch", tuple(pairs), self.tick())))
 
     @staticmethod
     def _raise_invalid(result: object) -> None:

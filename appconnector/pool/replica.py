@@ -589,20 +589,10 @@ class RaftReplica:
         self._propose(("tick", self._clock.now()), [fut], "tick")
 
     async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
-        # split like touches: each entry stays below the batch size whatever the number of pairs
-        budget = self._tuning.batch_bytes // 2
-        chunks: list[list[tuple[str, str]]] = [[]]
-        size = 64
-        for node, domain in pairs:
-            cost = len(node) + len(domain) + 16
-            if chunks[-1] and size + cost > budget:
-                chunks.append([])
-                size = 64
-            chunks[-1].append((node, domain))
-            size += cost
-        for chunk in chunks:
-            if chunk:
-                await self._write(("release_batch", tuple(chunk), time.time()))
+        # as forget: each entry pickled below the batch limit whatever the number of pairs
+        pairs_t = tuple((node, domain) for node, domain in pairs)
+        for command, size in self._fitting(lambda part: ("release_batch", part, self._clock.now()), pairs_t):
+            await self._write(command, size)
 
     # ---- touches ------------------------------------------------------------------------------------
 
