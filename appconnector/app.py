@@ -124,10 +124,10 @@ class Connector:
 
         # Built before NAT starts (NAT puts the DNS address on lo first); the leader's target refresh
         # shares its upstream resolver and cache.
-        self.dns = DnsService(cfg, self.replica, identity)
+        directory = self.tailnet.directory if self.tailnet is not None else None
+        self.dns = DnsService(cfg, self.replica, identity, directory=directory)
         if self.tailnet is not None:
             self.dns.on_routed_query = self.tailnet.serving.saw_client
-        directory = self.tailnet.directory if self.tailnet is not None else None
         self.nat = NatService(cfg, self.replica, directory,
                               resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None,
                               on_fatal=self.fatal.report)

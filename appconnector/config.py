@@ -23,6 +23,7 @@ COMMAND_VARIABLES = frozenset({"APPCONNECTOR_CONFIG", "APPCONNECTOR_LOG_LEVEL", 
 DEFAULT_RAFT_PORT = 6270
 STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
 ADMIN_TOKEN_NAME = "admin.token"
+DEFAULT_CAPABILITY = "appconnector.example/cap/apps"
 # Tailscale's address ranges: traffic to them crosses the network inside WireGuard
 TAILNET_NETWORKS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 MIN_REUSE_AFTER = 4.0
@@ -91,6 +92,8 @@ class TailnetConfig:
     oauth_client_id: str = ""          # or an OAuth client (scope devices:core) ...
     oauth_secret_file: str = ""        # ... with its secret in this file
     route_approval_grace: float = 60.0  # advertised pool routes not served this long → a warning
+    capability: str = DEFAULT_CAPABILITY  # grants capability whose values list the apps a source may use
+    access_recheck: float = 10.0       # how often granted access is asked again (whois), with [[apps]]
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,20 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AppConfig:
+    """One ``[[apps]]`` entry: names a source may be granted together (docs/design.md, grants)."""
+
+    name: str
+    domains: tuple[str, ...]
+    users: tuple[str, ...] = ()     # login names allowed without a grant (tailscale mode)
+    tags: tuple[str, ...] = ()      # node tags allowed without a grant (tailscale mode)
+    sources: tuple[str, ...] = ()   # source IP prefixes allowed (standalone mode: no whois there)
+
+
+APP_KEYS = ("name", "domains", "users", "tags", "sources")
+
+
+@dataclass(frozen=True)
 class Config:
     tailnet: TailnetConfig = field(default_factory=TailnetConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -143,6 +160,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     nat: NatConfig = field(default_factory=NatConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    apps: tuple[AppConfig, ...] = ()
     source: str = "<defaults>"
 
     @property
@@ -270,6 +288,55 @@ def _strlist(key: str, v: object) -> tuple[str, ...]:
 _DOMAIN_PATTERN_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]{1,63}$")
 
 
+def _check_domain_patterns(key: str, patterns: tuple[str, ...]) -> None:
+    for d in patterns:
+        if not _DOMAIN_PATTERN_RE.match(d.lower().rstrip(".")):
+            raise ConfigError(key, d, 'domain names, optionally "*." wildcards such as "*.example.com"')
+
+
+_APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _apps(raw: object, standalone: bool) -> tuple[AppConfig, ...]:
+    """``[[apps]]`` tables → AppConfig; names unique, every domain pattern valid, the static rules the
+    mode can apply (standalone has no whois: source prefixes only; tailscale mode: users and tags)."""
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        raise ConfigError("apps", raw, "an array of tables ([[apps]] entries)")
+    out: list[AppConfig] = []
+    for i, table in enumerate(raw):
+        for key in table:
+            if key not in APP_KEYS:
+                raise ConfigError(f"apps[{i}].{key}", table[key], f"a known key of [[apps]]: {', '.join(APP_KEYS)}")
+        name = table.get("name")
+        if not isinstance(name, str) or not _APP_NAME_RE.match(name):
+            raise ConfigError(f"apps[{i}].name", name, "a name of letters, digits, '.', '_' or '-' (up to 63)")
+        if any(a.name == name for a in out):
+            raise ConfigError(f"apps[{i}].name", name, "a name no other [[apps]] entry has")
+        domains = _strlist(f"apps[{i}].domains", table.get("domains", []))
+        if not domains:
+            raise ConfigError(f"apps[{i}].domains", list(domains), "at least one domain name")
+        _check_domain_patterns(f"apps[{i}].domains", domains)
+        users = _strlist(f"apps[{i}].users", table.get("users", []))
+        tags = _strlist(f"apps[{i}].tags", table.get("tags", []))
+        sources = _strlist(f"apps[{i}].sources", table.get("sources", []))
+        for t in tags:
+            if not t.startswith("tag:"):
+                raise ConfigError(f"apps[{i}].tags", t, 'tailscale tags such as "tag:ci"')
+        for p in sources:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ConfigError(f"apps[{i}].sources", p, 'IP prefixes such as "10.1.0.0/16"') from None
+        if standalone and (users or tags):
+            raise ConfigError(f"apps[{i}].{'users' if users else 'tags'}", list(users or tags),
+                              "empty in standalone mode (no whois to learn them): use apps.sources")
+        if not standalone and sources:
+            raise ConfigError(f"apps[{i}].sources", list(sources),
+                              "empty in tailscale mode (a node is known by whois): use users, tags or grants")
+        out.append(AppConfig(name, domains, users, tags, sources))
+    return tuple(out)
+
+
 def _validate(cfg: Config) -> Config:
     if cfg.tailnet.mode not in ("tailscale", "standalone"):
         raise ConfigError("tailnet.mode", cfg.tailnet.mode, '"tailscale" or "standalone"')
@@ -279,9 +346,12 @@ def _validate(cfg: Config) -> Config:
         parse_hostport("dns.upstream", v, default_port=53)
     if not 0 <= cfg.dns.ttl <= 86400:
         raise ConfigError("dns.ttl", cfg.dns.ttl, "a duration from 0s to 24h")
-    for d in cfg.dns.domains:
-        if not _DOMAIN_PATTERN_RE.match(d.lower().rstrip(".")):
-            raise ConfigError("dns.domains", d, 'domain names, optionally "*." wildcards such as "*.example.com"')
+    _check_domain_patterns("dns.domains", cfg.dns.domains)
+    if not cfg.tailnet.capability or any(c.isspace() for c in cfg.tailnet.capability):
+        raise ConfigError("tailnet.capability", cfg.tailnet.capability,
+                          'a capability name without spaces, such as "example.com/cap/apps"')
+    if not 1 <= cfg.tailnet.access_recheck <= 3600:
+        raise ConfigError("tailnet.access_recheck", cfg.tailnet.access_recheck, "a duration from 1s to 1h")
     nets = pool_networks(cfg.pool.prefixes)
     if not nets:
         raise ConfigError("pool.prefixes", list(cfg.pool.prefixes), "at least one IPv4 prefix")
@@ -346,7 +416,7 @@ def check_admin_address(key: str, value: str, standalone: bool) -> None:
 _CONVERTERS: dict[str, dict[str, Any]] = {
     "tailnet": {"mode": _str, "localapi_socket": _str, "interface": _str, "advertise_routes": _bool,
                 "api_key_file": _str, "oauth_client_id": _str, "oauth_secret_file": _str,
-                "route_approval_grace": parse_duration},
+                "route_approval_grace": parse_duration, "capability": _str, "access_recheck": parse_duration},
     "dns": {
         "listen": _strlist, "upstream": _strlist, "verify_upstream": _bool,
         "ttl": parse_duration, "domains": _strlist,
@@ -364,9 +434,12 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
 
 def _build(raw: Mapping[str, Any], source: str) -> Config:
     cfg = Config(source=source)
+    apps = raw.get("apps", [])
     for section, values in raw.items():
+        if section == "apps":
+            continue
         if section not in _CONVERTERS:
-            raise ConfigError(section, values, f"a known section: {', '.join(_CONVERTERS)}")
+            raise ConfigError(section, values, f"a known section: {', '.join(_CONVERTERS)}, apps")
         if not isinstance(values, Mapping):
             raise ConfigError(section, values, "a table ([section])")
         converters = _CONVERTERS[section]
@@ -377,7 +450,8 @@ def _build(raw: Mapping[str, Any], source: str) -> Config:
                 raise ConfigError(dotted, value, f"a known key of [{section}]: {', '.join(converters)}")
             changes[key] = converters[key](dotted, value)
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
-    return _validate(cfg)
+    # after the sections: which static rules an app may have depends on tailnet.mode
+    return _validate(replace(cfg, apps=_apps(apps, cfg.standalone)))
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -434,6 +508,7 @@ def demo(state_dir: str | Path, env: Mapping[str, str] | None = None, *, nat: bo
 
 
 def config_keys() -> dict[str, list[str]]:
-    """Every section and key, for docs and tests that the sample config covers all of them."""
+    """Every section and key, for docs and tests that the sample config covers all of them
+    (``[[apps]]``, empty by default, has its keys in ``APP_KEYS``)."""
     return {f.name: [g.name for g in fields(getattr(Config(), f.name))]
-            for f in fields(Config) if f.name != "source"}
+            for f in fields(Config) if f.name not in ("source", "apps")}

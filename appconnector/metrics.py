@@ -31,6 +31,11 @@ DNS_UDP_SEND_ERRORS = Counter("appconnector_dns_udp_send_errors", "UDP answers t
                               registry=REGISTRY)
 DNS_DROPPED = Counter("appconnector_dns_dropped", "UDP queries dropped and TCP connections closed unanswered: "
                       "too many queries and connections already in flight", ["transport"], registry=REGISTRY)
+DNS_REFUSED_BY_POLICY = Counter("appconnector_dns_refused_by_policy", "Queries refused: the source may not "
+                                "use the app of the name (app \"(none)\": no [[apps]] entry covers it)",
+                                ["app"], registry=REGISTRY)
+ACCESS_REVOKED = Counter("appconnector_access_revoked_mappings", "Mappings released because their node lost "
+                         "access to the app", registry=REGISTRY)
 DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
 DNS_SVCB = Counter("appconnector_dns_svcb_records", "Upstream HTTPS/SVCB records of steered names by outcome "
                    "(passed: sent on without address hints; foreign_target: left out, its target is not a "
@@ -111,7 +116,8 @@ HTTP_ADMIN_REFUSED = Counter("appconnector_http_admin_refused",
                              ["reason"], registry=REGISTRY)
 
 # --- tailnet -----------------------------------------------------------------------------------------
-TAILNET_WHOIS = Counter("appconnector_tailnet_whois", "LocalAPI whois calls by result (hit, miss, stranger, error)",
+TAILNET_WHOIS = Counter("appconnector_tailnet_whois",
+                        "LocalAPI whois calls by result (hit, miss, stranger, error, refresh)",
                         ["result"], registry=REGISTRY)
 TAILNET_ROUTES_WANTED = Gauge("appconnector_tailnet_routes_wanted",
                               "Pool prefixes this member should advertise (0: standalone, unmanaged or removed)",

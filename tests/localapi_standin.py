@@ -5,8 +5,12 @@ tailscaled cannot be installed in CI, so tests talk to this instead. It follows 
 
 * every request must carry ``Host: local-tailscaled.sock`` (or no Host): anything else gets
   403 "invalid localapi request"; unknown paths get 404;
-* ``GET /localapi/v0/whois?addr=IP[:PORT]`` → ``{"Node": tailcfg.Node, "UserProfile": ..., "CapMap": null}``
-  (``Tags`` omitted when empty; tests/realnet/test_conformance.py checks these shapes against tailscaled),
+* ``GET /localapi/v0/whois?addr=IP[:PORT]`` → ``{"Node": tailcfg.Node, "UserProfile": ..., "CapMap": ...}``
+  (``Tags`` omitted when empty; tests/realnet/test_conformance.py checks these shapes against tailscaled).
+  ``CapMap`` is ``apitype.WhoIsResponse.CapMap`` (tailscale/tailscale client/tailscale/apitype/apitype.go),
+  a ``tailcfg.PeerCapMap``: capability name → JSON array of the raw JSON values the grants give the
+  source towards this node (state key ``capmap`` per node); ``null`` when there are none, as tailscaled
+  sends it (tests/realnet/test_grants.py sees a headscale grant value arrive verbatim in that array),
   404 "no match for IP:port" for strangers, 400 for a bad or missing ``addr``;
 * ``GET /localapi/v0/status`` → ``ipnstate.Status`` with ``Self`` and ``Peer`` keyed by node key; each
   ``PeerStatus`` has ``ID`` (StableID), ``NodeID``, ``HostName``, ``DNSName``, ``TailscaleIPs``,
@@ -111,6 +115,7 @@ class Node:
     login: str = ""
     primary_routes: list[str] = field(default_factory=list)
     approved_routes: list[str] = field(default_factory=list)  # besides the primary ones
+    capmap: dict[str, list[Any]] = field(default_factory=dict)  # whois CapMap: capability → raw values
 
     @property
     def key(self) -> str:
@@ -173,13 +178,14 @@ def node_from_dict(d: dict[str, Any], node_id: int) -> Node:
                 name=str(d.get("name") or d["stable_id"]), addresses=[str(a) for a in d.get("addresses", [])],
                 tags=[str(t) for t in d.get("tags", [])], online=bool(d.get("online", True)),
                 login=str(d.get("login", "")), primary_routes=[str(r) for r in d.get("primary_routes", [])],
-                approved_routes=[str(r) for r in d.get("approved_routes", [])])
+                approved_routes=[str(r) for r in d.get("approved_routes", [])],
+                capmap={str(k): list(v) for k, v in (d.get("capmap") or {}).items()})
 
 
 def node_to_dict(n: Node) -> dict[str, Any]:
     return {"stable_id": n.stable_id, "node_id": n.node_id, "name": n.name, "addresses": n.addresses,
             "tags": n.tags, "online": n.online, "login": n.login, "primary_routes": n.primary_routes,
-            "approved_routes": n.approved_routes}
+            "approved_routes": n.approved_routes, "capmap": n.capmap}
 
 
 class _Watcher:
@@ -273,6 +279,11 @@ class Standin:
         if addresses is not None:
             n.addresses = list(addresses)
         self._notify_peers([n], [])
+
+    def set_capmap(self, stable_id: str, capmap: dict[str, list[Any]]) -> None:
+        """Grants changed: the whois CapMap of a peer. Like tailscaled on a packet filter change, no
+        peer notification goes out (the connector must ask whois again on its own)."""
+        self.peers[stable_id].capmap = {k: list(v) for k, v in capmap.items()}
 
     def remove_peer(self, stable_id: str) -> None:
         n = self.peers.pop(stable_id)
@@ -437,7 +448,8 @@ class Standin:
             return self._text(writer, 404, "no match for IP:port")
         profile = {"ID": n.user_id(), "LoginName": n.login_name(), "DisplayName": n.name, "ProfilePicURL": ""}
         # a node without peer capabilities has "CapMap": null, as real tailscaled answers
-        return self._json(writer, 200, {"Node": n.tailcfg_node(), "UserProfile": profile, "CapMap": None})
+        return self._json(writer, 200, {"Node": n.tailcfg_node(), "UserProfile": profile,
+                                        "CapMap": dict(n.capmap) or None})
 
     def _prefs(self, writer: asyncio.StreamWriter, method: str, body: bytes) -> bool:
         if method == "PATCH":

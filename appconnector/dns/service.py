@@ -23,7 +23,9 @@ from typing import Any
 
 from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks
 from appconnector.dns import svcb, wire
+from appconnector.dns.access import NO_APP, AppAccess
 from appconnector.dns.fastpath import FastPath
+from appconnector.dns.guard import AccessGuard
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
 from appconnector.dns.server import DnsServer
 from appconnector.dns.upstream import UpstreamResolver
@@ -33,6 +35,7 @@ from appconnector.metrics import (
     DNS_LOOPS,
     DNS_MALFORMED,
     DNS_QUERIES,
+    DNS_REFUSED_BY_POLICY,
     DNS_SERVFAIL,
     DNS_SVCB,
     DNS_UNKNOWN_CLIENTS,
@@ -48,7 +51,7 @@ from appconnector.pool.api import (
 )
 from appconnector.pool.names import normalise_domain
 from appconnector.ratelimit import RateLimitedLog
-from appconnector.tailnet.api import NodeIdentity, NodeInfo, TailnetUnavailable
+from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, TailnetUnavailable
 from appconnector.tailnet.standalone import StandaloneIdentity
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,8 @@ class DnsService:
     """Answers A/AAAA for app domains with pool addresses (docs/design.md §4). See the module docstring."""
 
     def __init__(self, cfg: Config, replica: Replica, identity: NodeIdentity,
-                 nat_ready: NatReady | None = None, *, upstream: UpstreamResolver | None = None) -> None:
+                 nat_ready: NatReady | None = None, *, upstream: UpstreamResolver | None = None,
+                 directory: NodeDirectory | None = None) -> None:
         self.cfg = cfg
         self.replica = replica
         self.identity = identity
@@ -109,6 +113,11 @@ class DnsService:
         self.on_routed_query: Callable[[NodeInfo], None] | None = None
         self._routed_only = all(any(ipaddress.ip_address(h) in n for n in self._pool_nets)
                                 for h, _ in cfg.dns_listen())
+        self.access = AppAccess(cfg.apps)
+        self.guard = AccessGuard(self.access, replica, identity, cfg.standalone, directory,
+                                 cfg.tailnet.access_recheck,
+                                 self.fast.clear) if self.access.active else None
+        self._guard_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -125,6 +134,8 @@ class DnsService:
         except BaseException:
             self._clock_task.cancel()
             raise
+        if self.guard is not None and self.refusing is None:
+            self._guard_task = asyncio.get_running_loop().create_task(self.guard.run())
         if not self.upstream.servers and self.cfg.dns.verify_upstream:
             log.warning("DNS: no upstream resolvers (dns.upstream empty, none in /etc/resolv.conf): "
                         "every new name gets SERVFAIL")
@@ -132,6 +143,9 @@ class DnsService:
     async def stop(self) -> None:
         await self.server.stop()
         self.upstream.close()
+        if self._guard_task is not None:
+            self._guard_task.cancel()
+            await asyncio.gather(self._guard_task, return_exceptions=True)
         if self._clock_task is not None:
             self._clock_task.cancel()
             await asyncio.gather(self._clock_task, return_exceptions=True)
@@ -142,6 +156,8 @@ class DnsService:
         member's pool copy no longer follows the cluster. The fast path's cache goes so nothing skips it."""
         self.refusing = reason
         self.fast.clear()
+        if self._guard_task is not None:  # its pool copy is not the cluster's: nothing to release from it
+            self._guard_task.cancel()
 
     async def _tick(self) -> None:
         """Advance the fast path's coarse clock (pool time) and publish its counters."""
@@ -224,6 +240,13 @@ class DnsService:
             return Reply(wire.REFUSED), False
         if self.on_routed_query is not None and self._routed_only:
             self.on_routed_query(info)
+        if self.access.active:
+            app = self.access.refused_app(domain, self.access.allowed_apps(info, ip))
+            if app is not None:  # before any lookup: no mapping, so the kernel has nothing to steer
+                DNS_REFUSED_BY_POLICY.labels(app).inc()
+                why = "no [[apps]] entry covers it" if app == NO_APP else f"no access to app {app}"
+                self._errors.info("policy", "DNS: REFUSED %s for %s: %s", domain, info.name or info.node, why)
+                return Reply(wire.REFUSED), False
         if q.qtype in (wire.TYPE_SVCB, wire.TYPE_HTTPS):
             return await self._service_binding(q, domain), False
         if q.qtype not in (wire.TYPE_A, wire.TYPE_AAAA):

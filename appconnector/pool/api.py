@@ -167,6 +167,13 @@ class Replica(PoolReader, Protocol):
         """Addresses the allocator must skip (held by tailnet nodes themselves). Any number: a set too
         large for one command is changed in pieces (``exclude`` commands), each below the batch limit."""
 
+    def node_mappings(self, node: str) -> list[MappingView]:
+        """Every mapping of one node (a copy; no scan of the pool)."""
+
+    async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Drop these (node, domain) mappings (the node lost access to their app); proposed in
+        ``release_batch`` commands each below the Raft batch size."""
+
     def add_observer(self, observer: PoolObserver) -> None:
         """Register a mirror; it gets ``on_reset`` at once with the current state."""
 

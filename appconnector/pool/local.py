@@ -135,6 +135,10 @@ class LocalPool:
         self._check_open()
         self._raise_invalid(self.apply(("set_excluded", tuple(addresses), self.tick())))
 
+    async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self._check_open()
+        self._raise_invalid(self.apply(("release_batch", tuple(pairs), self.tick())))
+
     @staticmethod
     def _raise_invalid(result: object) -> None:
         if isinstance(result, PoolError):
@@ -166,6 +170,10 @@ class LocalPool:
         with self._state_lock:
             copy = list(self._state.mappings())
         return iter(copy)
+
+    def node_mappings(self, node: str) -> list[MappingView]:
+        with self._state_lock:
+            return self._state.node_mappings(node)
 
     def stats(self) -> dict[str, int | float]:
         with self._state_lock:

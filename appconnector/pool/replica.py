@@ -588,6 +588,12 @@ class RaftReplica:
         fut.add_done_callback(done)
         self._propose(("tick", self._clock.now()), [fut], "tick")
 
+    async def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        # as forget: each entry pickled below the batch limit whatever the number of pairs
+        pairs_t = tuple((node, domain) for node, domain in pairs)
+        for command, size in self._fitting(lambda part: ("release_batch", part, self._clock.now()), pairs_t):
+            await self._write(command, size)
+
     # ---- touches ------------------------------------------------------------------------------------
 
     def touch(self, node: str, address: Address, domain: str, at: float) -> None:
@@ -672,6 +678,10 @@ class RaftReplica:
         with self._state_lock():
             copy = list(self._pool().mappings())
         return iter(copy)
+
+    def node_mappings(self, node: str) -> list[MappingView]:
+        with self._state_lock():
+            return self._pool().node_mappings(node)
 
     def stats(self) -> dict[str, int | float]:
         with self._state_lock():

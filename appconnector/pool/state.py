@@ -14,6 +14,8 @@ here reads a clock or randomness: proposers pass times in (docs/design.md §3). 
 * ``("exclude", (address, ...), (address, ...), now)`` → None (add the first, lift the second: how a
   set too large for one command is changed in pieces)
 * ``("tick", value)`` → None: the pool clock becomes max(clock, value)
+* ``("release_batch", ((node, domain), ...), now)`` → None: those mappings go (access revoked);
+  malformed entries are skipped and counted, unknown ones are no-ops
 
 Allocation, per node: the lowest free address (never used, or freed by an exclusion or a prefix
 change), else the least recently used address whose last use is before ``reuse_deadline`` (ties: the
@@ -221,6 +223,9 @@ class PoolState:
             elif name == "tick":
                 _, value = command
                 self._tick(value)
+            elif name == "release_batch":
+                _, pairs, now = command
+                self._release_batch(pairs, now, changes)
             else:
                 raise InvalidCommand(f"unknown pool command {name!r}")
         except InvalidCommand as e:
@@ -262,6 +267,9 @@ class PoolState:
 
     def tick(self, value: float) -> Changes:
         return self._typed(("tick", value))
+
+    def release_batch(self, pairs: Sequence[tuple[str, str]], now: float) -> Changes:
+        return self._typed(("release_batch", tuple(pairs), now))
 
     def _typed(self, command: tuple[Any, ...]) -> Changes:
         result, changes = self.apply(command)
@@ -487,6 +495,33 @@ class PoolState:
                 self._unmap(node, n, offset, changes)
             log.info("pool: forgot node %s (%d mappings)", node, count)
 
+    def _release_batch(self, pairs: object, now: object, changes: Changes) -> None:
+        """Unmap (node, domain) pairs; the offsets go back on the node's free heap (nothing excludes
+        them), so the next checkout of that node may take one again. A node left without mappings is
+        dropped, as ``forget`` drops it (a snapshot holds no empty nodes either)."""
+        if not isinstance(pairs, tuple | list) or self._admit(now, "release_batch") is None:
+            raise InvalidCommand(f"release_batch has bad fields: {_describe((pairs, now))}")
+        bad = 0
+        for entry in pairs:
+            if (not isinstance(entry, tuple | list) or len(entry) != 2
+                    or not isinstance(entry[0], str) or not isinstance(entry[1], str)):
+                bad += 1
+                continue
+            node, domain = entry
+            n = self._nodes.get(node)
+            key = n.by_domain.get(domain) if n is not None else None
+            if n is None or key is None:
+                continue  # released already, reassigned or forgotten: nothing to do
+            offset = key & _OFFSET_MASK
+            self._unmap(node, n, offset, changes)
+            if n.by_domain:
+                heapq.heappush(n.free, offset)
+            else:
+                del self._nodes[node]
+        if bad:
+            metrics.POOL_INVALID_COMMANDS.inc(bad)
+            log.warning("pool: release_batch skipped %d malformed entries", bad)
+
     def _set_excluded(self, addresses: object, now: object, changes: Changes) -> None:
         if not isinstance(addresses, tuple | list | set | frozenset) or self._admit(now, "set_excluded") is None:
             raise InvalidCommand(f"set_excluded has bad fields: {_describe((addresses, now))}")
@@ -566,6 +601,13 @@ class PoolState:
         for node, n in self._nodes.items():
             for domain, key in n.by_domain.items():
                 yield MappingView(node, domain, self.space.address(key & _OFFSET_MASK), _key_time(key))
+
+    def node_mappings(self, node: str) -> list[MappingView]:
+        n = self._nodes.get(node)
+        if n is None:
+            return []
+        return [MappingView(node, d, self.space.address(k & _OFFSET_MASK), _key_time(k))
+                for d, k in n.by_domain.items()]
 
     def excluded(self) -> list[Address]:
         return [self.space.address(o) for o in sorted(self._excluded)]

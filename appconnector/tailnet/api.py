@@ -22,6 +22,8 @@ class NodeInfo:
     online: bool = True
     primary_routes: tuple[str, ...] = ()  # subnet routes the control plane made this node primary for
     routes: tuple[str, ...] = ()          # subnet routes routed to it (AllowedIPs beyond its own addresses)
+    login: str = ""                # the owner's login name (whois UserProfile; "" elsewhere)
+    granted: frozenset[str] = frozenset()  # app names the grants capability gives it (whois CapMap)
 
 
 class NodeIdentity(Protocol):
@@ -33,6 +35,10 @@ class NodeIdentity(Protocol):
     async def whois(self, ip: str) -> NodeInfo | None:
         """The node for ``ip`` (one LocalAPI round trip on a cache miss), or None for a stranger.
         Raises ``TailnetUnavailable`` when tailscaled cannot be asked."""
+
+    async def refresh(self) -> set[str]:
+        """Ask again for every cached source (grants change without a netmap change); returns the
+        nodes whose grants, owner or tags changed. Never raises."""
 
 
 class NodeDirectory(Protocol):

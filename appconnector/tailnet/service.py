@@ -47,7 +47,7 @@ class TailnetService:
         self.cfg = cfg
         self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
         self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
-        self.identity = TailnetIdentity(self.client, self.directory)
+        self.identity = TailnetIdentity(self.client, self.directory, capability=cfg.tailnet.capability)
         self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes, RouteRecord(record_path(cfg)))
         self.approver = RouteApprover(cfg, cfg.pool.prefixes)
         self.serving = RouteServing(self.directory, cfg.pool.prefixes, cfg.cluster.tag,

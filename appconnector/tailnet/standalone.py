@@ -27,3 +27,6 @@ class StandaloneIdentity:
 
     async def whois(self, ip: str) -> NodeInfo | None:
         return self.cached(ip)
+
+    async def refresh(self) -> set[str]:
+        return set()  # static rules only: a source's access changes with the config alone

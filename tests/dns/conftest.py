@@ -26,7 +26,7 @@ import uvloop
 from appconnector.config import Config, load
 from appconnector.dns.service import DnsService
 from appconnector.dns.upstream import UpstreamResolver
-from appconnector.tailnet.api import NodeIdentity
+from appconnector.tailnet.api import NodeDirectory, NodeIdentity
 from appconnector.tailnet.standalone import StandaloneIdentity
 from tests.replicas import start_replica
 
@@ -253,17 +253,21 @@ class Running:
     pool: Any  # LocalPool or RaftReplica: tests use what both offer, LocalPool-only tests say so
 
     def __init__(self, cfg: Config, identity: NodeIdentity | None = None, upstream_timeout: float = 0.5,
-                 identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity]] | None = None,
-                 use_uvloop: bool = True, replica_kind: str = "local") -> None:
+                 identity_factory: Callable[[], Coroutine[Any, Any, NodeIdentity | tuple[NodeIdentity, NodeDirectory]]]
+                 | None = None,
+                 use_uvloop: bool = True, replica_kind: str = "local", pool: Any = None) -> None:
         self.cfg = cfg
         self.replica_kind = replica_kind
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        # ``pool``: a started replica the identity factory fills first (state from before this run)
+        self._given_pool = pool
         self._identity_factory = identity_factory
         self.identity = identity
         self.upstream = UpstreamResolver([_hp(u) for u in cfg.dns.upstream], timeout=upstream_timeout)
         self.service: DnsService | None = None
+        self.directory: NodeDirectory | None = None  # a factory returning (identity, directory) sets it
         try:
             self.call(self._start())
         except BaseException:
@@ -274,11 +278,13 @@ class Running:
 
     async def _start(self) -> None:
         if self._identity_factory is not None:
-            self.identity = await self._identity_factory()
+            made = await self._identity_factory()
+            self.identity, self.directory = made if isinstance(made, tuple) else (made, None)
         if self.identity is None:
             self.identity = StandaloneIdentity()
-        self.pool = await start_replica(self.replica_kind, self.cfg)
-        self.service = DnsService(self.cfg, self.pool, self.identity, upstream=self.upstream)
+        self.pool = self._given_pool or await start_replica(self.replica_kind, self.cfg)
+        self.service = DnsService(self.cfg, self.pool, self.identity, upstream=self.upstream,
+                                  directory=self.directory)
         await self.service.start()
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:

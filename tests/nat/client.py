@@ -179,7 +179,9 @@ def flows(address: str, n: int, batch: int = 100) -> dict[str, object]:
 
 
 def hold(address: str, seconds: float) -> dict[str, object]:
+    """``last_reply``: CLOCK_MONOTONIC (one clock for every namespace) of the last reply, or None."""
     replies = 0
+    last: float | None = None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
         end = time.monotonic() + seconds
@@ -188,10 +190,11 @@ def hold(address: str, seconds: float) -> dict[str, object]:
             try:
                 s.recv(2048)
                 replies += 1
+                last = time.monotonic()
             except OSError:
                 pass
             time.sleep(0.2)
-    return {"replies": replies}
+    return {"replies": replies, "last_reply": last}
 
 
 def main() -> None:

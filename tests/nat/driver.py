@@ -141,6 +141,9 @@ async def main() -> None:
             elif op == "forget":
                 await replica.forget(cmd["nodes"])
                 reply({"ok": True})
+            elif op == "release":
+                await replica.release([(n, d) for n, d in cmd["pairs"]])
+                reply({"ok": True})
             elif op == "lookup":
                 found = replica.lookup(cmd["node"], cmd["domain"])
                 reply({"address": ip_text(found[0]) if found else None, "last_used": found[1] if found else None})

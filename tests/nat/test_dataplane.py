@@ -350,6 +350,38 @@ def test_reassigned_address_drops_old_flows(topo: Topology) -> None:
         d.stop()
 
 
+def test_revoked_mapping_stops_a_flow_mid_way(topo: Topology) -> None:
+    """Access revoked (``release_batch``, as the leader's access guard proposes it) while a UDP flow
+    runs: its conntrack entry goes and no reply comes through the pool address after the release;
+    the node's other mapping keeps working."""
+    d = driver(topo)
+    try:
+        a = d.call("checkout", node=CLI1, domain="revoked.example", targets=[ORIGIN])["address"]
+        kept = d.call("checkout", node=CLI1, domain="kept.example", targets=[ORIGIN_B])["address"]
+        # flows of earlier tests to the same pool address (same node, fresh pool) would pass for ours
+        topo.run_in("conn1", "conntrack", "-D", "-s", CLI1, "-d", a, check=False)
+        holder = topo.spawn("cli1", sys.executable, str(HERE / "client.py"), "hold", a, "6")
+        wait_for(lambda: _ct_replied(topo, a), 5, lambda: f"the flow to be answered: {_ct(topo)}")
+        released_at = time.monotonic()
+        d.call("release", pairs=[[CLI1, "revoked.example"]])
+        wait_for(lambda: _ct_count(topo, a) == 0, 5,
+                 lambda: f"conntrack entries of the released mapping to go: {d.log()} {_ct(topo)}")
+        got = read_json_line(holder, 15)
+        assert got["replies"] >= 1, got  # the flow did work before
+        # the next packet after the release finds no mapping (0.2 s between packets; generous bound)
+        assert got["last_reply"] < released_at + 2.0, got
+        assert d.call("lookup", node=CLI1, domain="revoked.example")["address"] is None
+        assert client(topo, "cli1", "udp", kept, "k")["reply"] == f"echo {ORIGIN_B} k"
+    finally:
+        d.stop()
+
+
+def _ct_replied(topo: Topology, pool_ip: str) -> bool:
+    """cli1 has a flow to ``pool_ip`` that got replies (its conntrack entry is not UNREPLIED)."""
+    out = topo.run_in("conn1", "conntrack", "-L", "-s", CLI1, "-d", pool_ip, check=False)
+    return any(pool_ip in line and "UNREPLIED" not in line for line in out.stdout.splitlines())
+
+
 def _ct_count(topo: Topology, pool_ip: str) -> int:
     """Conntrack entries of cli1's flows to ``pool_ip``."""
     out = topo.run_in("conn1", "conntrack", "-L", "-s", CLI1, "-d", pool_ip, check=False)

@@ -161,3 +161,28 @@ def test_a_busy_raft_port_is_a_clear_error(tmp_path: Path) -> None:
                 await r.start()
 
         asyncio.run(run())
+
+
+def test_release_of_many_long_names_is_split_below_the_batch_size(tmp_path: Path) -> None:
+    """Revocation releases every mapping of a node's lost app in one call; through Raft that is several
+    ``release_batch`` entries, each below ``batch_bytes``, and every named mapping goes."""
+    async def run() -> None:
+        r = RaftReplica(_cfg(tmp_path, "100.64.0.0/20"), f"127.0.0.1:{free_ports(1)[0]}", [], None)
+        await r.start()
+        await _leader(r)
+        names = [f"{'x' * 200}.d{i}.example" for i in range(1500)]
+        await asyncio.gather(*(r.checkout("nodeA", d, (), 60.0) for d in names))
+        await r.checkout("nodeB", names[0], (), 60.0)
+        rec = Recorder()
+        r.add_observer(rec)
+        await r.release([("nodeA", d) for d in names])
+        assert all(r.lookup("nodeA", d) is None for d in names)
+        assert r.lookup("nodeB", names[0]) is not None
+        removed = [c.removed for c in rec.changes if c.removed]
+        assert sum(map(len, removed)) == len(names)
+        assert len(removed) > 1  # 1500 × ~220 bytes does not fit one entry
+        budget = RaftTuning().batch_bytes
+        assert all(sum(len(n) + len(d) + 16 for n, _, d in batch) < budget for batch in removed)
+        await r.stop()
+
+    asyncio.run(run())

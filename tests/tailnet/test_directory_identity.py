@@ -196,3 +196,29 @@ def test_concurrent_whois_share_one_lookup(tmp_path: Path) -> None:
         finally:
             await s.stop()
     run(body())
+
+
+def test_whois_carries_login_and_grants_and_refresh_sees_them_change(tmp_path: Path) -> None:
+    """The whois CapMap under the configured capability becomes ``granted``; a grants change (no
+    netmap notification, as with tailscaled) is found by ``refresh``, which names the node."""
+    cap = "example.com/cap/apps"
+
+    async def body() -> None:
+        sock = str(tmp_path / "ts.sock")
+        s = await started(sock, base_state("delta"))
+        s.peers["nClientA"].login = "alice@example.com"
+        s.set_capmap("nClientA", {cap: [{"apps": ["web"]}], "other/cap": [{"apps": ["x"]}]})
+        ident = TailnetIdentity(LocalAPIClient(sock), capability=cap)
+        try:
+            info = await ident.whois("100.101.0.10")
+            assert info is not None and info.login == "alice@example.com" and info.granted == {"web"}
+            assert await ident.refresh() == set()  # nothing changed
+            s.set_capmap("nClientA", {})
+            assert await ident.refresh() == {"nClientA"}
+            info = ident.cached("100.101.0.10")
+            assert info is not None and info.granted == frozenset()
+            s.remove_peer("nClientA")
+            assert await ident.refresh() == {"nClientA"} and ident.cached("100.101.0.10") is None
+        finally:
+            await s.stop()
+    run(body())
