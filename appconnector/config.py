@@ -112,6 +112,7 @@ class PoolConfig:
     ignore_destinations: tuple[str, ...] = ()
     checkout_timeout: float = 2.0
     max_queued_checkouts: int = 4096
+    prefixes6: tuple[str, ...] = ()  # IPv6 pool, off when empty: offset o of the v4 pool ↔ offset o here
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,44 @@ def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4N
     return sorted(nets)
 
 
+def pool_networks6(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv6Network]:
+    """``pool.prefixes6`` as networks, ordered numerically; empty: no IPv6 pool."""
+    nets = []
+    for p in prefixes:
+        try:
+            net = ipaddress.ip_network(p, strict=True)
+        except ValueError as e:
+            raise ConfigError("pool.prefixes6", p,
+                              f"IPv6 prefixes such as \"fd7a:115c:a1e0:a99c:1::/80\" ({e})") from None
+        if not isinstance(net, ipaddress.IPv6Network):
+            raise ConfigError("pool.prefixes6", p, "IPv6 prefixes only (the IPv4 pool is pool.prefixes)")
+        nets.append(net)
+    return sorted(nets)
+
+
+def _check_pool6(cfg: Config, size4: int) -> None:
+    """The v6 pool mirrors the v4 one offset for offset, so it must hold every v4 offset; its
+    prefixes must not overlap each other, ``pool.ignore_destinations`` nor ::ffff:0:0/96 (v4-mapped)."""
+    nets = pool_networks6(cfg.pool.prefixes6)
+    if not nets:
+        return
+    size6 = sum(n.num_addresses for n in nets)
+    if size6 < size4:
+        raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6),
+                          f"prefixes holding at least as many addresses as pool.prefixes ({size4}; these "
+                          f"hold {size6}): the v6 address of a mapping is the v6 pool at the v4 offset")
+    pool = netaddr.IPSet()
+    for net in nets:
+        if pool & netaddr.IPSet([str(net)]):
+            raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6), f"prefixes that do not overlap ({net})")
+        pool.add(str(net))
+    for p in (*cfg.pool.ignore_destinations, "::ffff:0:0/96", "::/96"):
+        shared = pool & netaddr.IPSet([ipaddress.ip_network(p, strict=False).compressed])
+        if shared:
+            raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6),
+                              f"prefixes outside {p} (they share {_cidrs(shared)})")
+
+
 # ---- parsing -------------------------------------------------------------------------------------
 
 
@@ -371,6 +410,7 @@ def _validate(cfg: Config) -> Config:
         except ValueError:
             raise ConfigError("pool.ignore_destinations", p, 'IP prefixes such as "10.0.0.0/8"') from None
     _check_address_sets(cfg, nets)
+    _check_pool6(cfg, sum(n.num_addresses for n in nets))
     for v in cfg.cluster.peers:
         parse_hostport("cluster.peers", v)
     if cfg.cluster.self:
@@ -422,7 +462,8 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
         "ttl": parse_duration, "domains": _strlist,
     },
     "pool": {"prefixes": _strlist, "reuse_after": parse_duration, "ignore_destinations": _strlist,
-             "checkout_timeout": parse_duration, "max_queued_checkouts": lambda k, v: _int(k, v, 1, 1 << 20)},
+             "checkout_timeout": parse_duration, "max_queued_checkouts": lambda k, v: _int(k, v, 1, 1 << 20),
+             "prefixes6": _strlist},
     "cluster": {
         "state_dir": _str, "raft_port": lambda k, v: _int(k, v, 1, 65535), "tag": _str,
         "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,
