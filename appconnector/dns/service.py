@@ -30,6 +30,7 @@ from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply
 from appconnector.dns.server import DnsServer
 from appconnector.dns.upstream import UpstreamResolver
 from appconnector.metrics import (
+    DNS_AAAA,
     DNS_FAST_PATH,
     DNS_FIRST_ANSWER,
     DNS_LOOPS,
@@ -315,7 +316,9 @@ class DnsService:
                 self.replica.touch(node, address, domain, now)
                 last_used = now
             reply = self.policy.pool_answer(q.qtype, address, self._space.to_v6(address) if v6_query else None)
-            if not v6_query:  # fast-path entries die with mappings, not with a domain's IPv6 targets
+            if v6_query:  # fast-path entries die with mappings, not with a domain's IPv6 targets
+                DNS_AAAA.labels("v6_pool").inc()
+            else:
                 self.fast.store(q, node, domain, address, last_used, reply.rcode, reply.answers,
                                 reply.authority, generation)
             return reply, False
@@ -359,6 +362,8 @@ class DnsService:
                 if v6 is not None and v6[0]:  # an A answer does not wait for a failed AAAA: v4 alone
                     targets, ttl = targets + v6[0], min(ttl, v6[1])
         if q.qtype != wire.TYPE_A and not (v6_query and _has_v6(targets)):
+            if v6_query:
+                DNS_AAAA.labels("nodata").inc()
             return self.policy.nodata(), False  # AAAA without real IPv6 (or no v6 pool): nothing to steer
         try:
             address = await self.replica.checkout(node, domain, targets, ttl)
@@ -384,10 +389,24 @@ class DnsService:
                 self._errors.warning("nat", "DNS: NAT not ready for %s after %.0fs; answering anyway",
                                      domain, NAT_READY_TIMEOUT)
         reply = self.policy.pool_answer(q.qtype, address, self._space.to_v6(address) if v6_query else None)
-        if not v6_query:
+        if v6_query:
+            DNS_AAAA.labels("v6_pool").inc()
+        else:
             self.fast.store(q, node, domain, address, self.replica.now(), reply.rcode, reply.answers,
                             reply.authority, generation)
         return reply, True
+
+    async def refresh_targets(self, domain: str) -> tuple[list[int], float]:
+        """The leader's target refresh (``nat.targets``): the real IPv4 addresses, then (with
+        ``pool.prefixes6``) the real IPv6 ones; a failed AAAA keeps the domain's replicated IPv6
+        targets. Raises LookupError when the A lookup gives no address. Shares the upstream cache."""
+        found, ttl = await self.upstream.ipv4_targets(domain)
+        if not self._v6:
+            return found, ttl
+        v6 = await self._v6_targets(domain)
+        if v6 is None:
+            return found + [a for a in self.replica.targets(domain) if a > V4_MAX], ttl
+        return found + list(v6[0]), (min(ttl, v6[1]) if v6[0] else ttl)
 
     async def _v6_targets(self, domain: str) -> tuple[tuple[Address, ...], float] | None:
         """The name's real IPv6 addresses (as integers) and their TTL; () when it has none; None (after
