@@ -28,18 +28,23 @@ TIMEOUT = 2.0
 FAIL_TIMEOUT = 5.0  # the failure tests' patience: longer than the bound they assert, so a timeout shows
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def http(address: str) -> dict[str, object]:
+    host = f"[{address}]" if ":" in address else address
     try:
-        with urllib.request.urlopen(f"http://{address}:{HTTP_PORT}/", timeout=TIMEOUT) as r:
+        with urllib.request.urlopen(f"http://{host}:{HTTP_PORT}/", timeout=TIMEOUT) as r:
             return {"ok": True, "body": r.read().decode()}
     except OSError as e:
         return {"ok": False, "error": str(e)}
 
 
 def udp(address: str, payload: str, sport: int = 0) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", sport))
+        s.bind(("::" if ":" in address else "0.0.0.0", sport))
         s.settimeout(TIMEOUT)
         s.sendto(payload.encode(), (address, UDP_PORT))
         try:
@@ -57,7 +62,27 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def icmp6(address: str) -> dict[str, object]:
+    """One ICMPv6 echo request (the kernel fills in the checksum on a raw ICMPv6 socket)."""
+    ident = os.getpid() & 0xFFFF
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.settimeout(TIMEOUT)
+        s.sendto(struct.pack("!BBHHH", 128, 0, 0, ident, 1) + b"acnat-ping", (address, 0))
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                data, peer = s.recvfrom(2048)
+            except OSError as e:
+                return {"ok": False, "error": str(e)}
+            kind, _code, _sum, rid, _seq = struct.unpack("!BBHHH", data[:8])
+            if kind == 129 and rid == ident:
+                return {"ok": True, "from": peer[0]}
+    return {"ok": False, "error": "no echo reply"}
+
+
 def icmp(address: str) -> dict[str, object]:
+    if ":" in address:
+        return icmp6(address)
     ident = os.getpid() & 0xFFFF
     header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
     payload = b"acnat-ping"
@@ -87,7 +112,7 @@ def _failure(e: OSError | None, t0: float) -> dict[str, object]:
 
 
 def connect(address: str) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
         s.settimeout(FAIL_TIMEOUT)
         t0 = time.monotonic()
         try:
@@ -99,7 +124,7 @@ def connect(address: str) -> dict[str, object]:
 
 def udperr(address: str) -> dict[str, object]:
     """A connected UDP socket reports the ICMP error its datagram earned on the next recv."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.settimeout(FAIL_TIMEOUT)
         s.connect((address, UDP_PORT))
         t0 = time.monotonic()
@@ -140,7 +165,7 @@ def pingerr(address: str) -> dict[str, object]:
 
 
 def flood(address: str, n: int) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         sent = 0
         for _ in range(n):
             try:
@@ -157,7 +182,7 @@ def flows(address: str, n: int, batch: int = 100) -> dict[str, object]:
     for first in range(0, n, batch):
         socks = []
         for _ in range(min(batch, n - first)):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(_family(address), socket.SOCK_DGRAM)
             s.setblocking(False)
             s.sendto(b"flow", (address, UDP_PORT))
             socks.append(s)
@@ -182,7 +207,7 @@ def hold(address: str, seconds: float) -> dict[str, object]:
     """``last_reply``: CLOCK_MONOTONIC (one clock for every namespace) of the last reply, or None."""
     replies = 0
     last: float | None = None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
