@@ -145,6 +145,9 @@ class NatService:
         await self._wait(lambda: self._rounds > 0)
         if links.has_net_admin():
             await self._add_dns_route(loop)
+        if self.enabled and self.spec.pool6 and not links.forwarding_enabled(6):
+            log.warning("nat: IPv6 forwarding is off (sysctl net.ipv6.conf.all.forwarding=1 turns it on): "
+                        "v6 pool addresses (pool.prefixes6) are not steered")
         if self.enabled:
             self._tasks.append(asyncio.create_task(self._seen_loop(), name="nat-seen"))
         if self._refresher is not None:
