@@ -2,7 +2,7 @@
 
   client.py http ADDRESS          GET http://ADDRESS:8080/ → {"ok", "body"}
   client.py udp ADDRESS PAYLOAD [SPORT]  one datagram to the echo port → {"ok", "reply"}
-  client.py icmp ADDRESS          one echo request → {"ok"}
+  client.py icmp ADDRESS          one echo request (ICMPv6 for an IPv6 address) → {"ok"}
   client.py flows ADDRESS N       N UDP flows (N source ports), one datagram each → {"replies"}
   client.py hold ADDRESS SECONDS  one UDP flow kept alive (a packet every 0.2 s) for SECONDS
   client.py connect ADDRESS       TCP connect to the HTTP port, no retry → {"ok", "errno", "seconds"}
@@ -62,32 +62,17 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def icmp6(address: str) -> dict[str, object]:
-    """One ICMPv6 echo request (the kernel fills in the checksum on a raw ICMPv6 socket)."""
-    ident = os.getpid() & 0xFFFF
-    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
-        s.settimeout(TIMEOUT)
-        s.sendto(struct.pack("!BBHHH", 128, 0, 0, ident, 1) + b"acnat-ping", (address, 0))
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                data, peer = s.recvfrom(2048)
-            except OSError as e:
-                return {"ok": False, "error": str(e)}
-            kind, _code, _sum, rid, _seq = struct.unpack("!BBHHH", data[:8])
-            if kind == 129 and rid == ident:
-                return {"ok": True, "from": peer[0]}
-    return {"ok": False, "error": "no echo reply"}
-
-
 def icmp(address: str) -> dict[str, object]:
-    if ":" in address:
-        return icmp6(address)
+    """One echo request, ICMP or ICMPv6 by the address (the kernel fills in an ICMPv6 checksum and
+    delivers ICMPv6 without the IP header)."""
+    v6 = ":" in address
     ident = os.getpid() & 0xFFFF
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    request, reply = (128, 129) if v6 else (8, 0)
     payload = b"acnat-ping"
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    checksum = 0 if v6 else _checksum(struct.pack("!BBHHH", request, 0, 0, ident, 1) + payload)
+    packet = struct.pack("!BBHHH", request, 0, checksum, ident, 1) + payload
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(_family(address), socket.SOCK_RAW, proto) as s:
         s.settimeout(TIMEOUT)
         s.sendto(packet, (address, 0))
         deadline = time.monotonic() + TIMEOUT
@@ -96,9 +81,9 @@ def icmp(address: str) -> dict[str, object]:
                 data, peer = s.recvfrom(2048)
             except OSError as e:
                 return {"ok": False, "error": str(e)}
-            ihl = (data[0] & 0x0F) * 4
+            ihl = 0 if v6 else (data[0] & 0x0F) * 4
             kind, _code, _sum, rid, _seq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if kind == 0 and rid == ident:
+            if kind == reply and rid == ident:
                 return {"ok": True, "from": peer[0]}
     return {"ok": False, "error": "no echo reply"}
 
