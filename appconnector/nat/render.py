@@ -13,6 +13,7 @@ nearly all of them).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,8 @@ def ip_text(address: int) -> str:
     """Address integer → text (fast path for large element batches); IPv6 above :data:`V4_MAX`."""
     if address <= V4_MAX:
         return socket.inet_ntoa(_PACK.pack(address))
-    return socket.inet_ntop(socket.AF_INET6, address.to_bytes(16, "big"))
+    # not socket.inet_ntop: importing pysyncobj replaces it with a Windows-only stub on every platform
+    return ipaddress.IPv6Address(address).compressed
 
 
 def ip_int(text: str) -> int:

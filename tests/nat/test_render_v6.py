@@ -142,3 +142,12 @@ def test_state_reads_a_version_1_snapshot() -> None:
     restored = PoolState.from_bytes(bytes(body) + hashlib.sha256(body).digest(), [POOL])
     assert restored.targets("d") == (R4,) and restored.lookup("n", "d") == st.lookup("n", "d")
     assert restored.digest() == st.digest()  # written back as version 2, the same state
+
+
+def test_element_text_survives_pysyncobj_import() -> None:
+    """pysyncobj (tcp_connection → win_inet_pton) replaces socket.inet_ntop with a Windows-only stub on
+    every platform; v6 element text must not depend on it (found by the product's v6 e2e test)."""
+    import pysyncobj.tcp_connection  # noqa: F401  (the import is the point)
+
+    cmds = render.element_commands(add={(ip(N6), SPACE.to_v6(P1) or 0): R6})
+    assert cmds[0]["add"]["element"]["elem"] == [[{"concat": [N6, "fd7a:115c:a1e0:a99c:1::1"]}, "2001:db8::10"]]
