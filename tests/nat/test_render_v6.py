@@ -128,20 +128,20 @@ def test_state_refuses_junk_targets_without_raising_from_apply(junk: tuple[objec
     assert isinstance(result, InvalidCommand) and st.digest() == before
 
 
-def test_state_reads_a_version_1_snapshot() -> None:
+def test_state_reads_a_version_2_snapshot() -> None:
     st = PoolState([POOL])
     st.checkout_batch([("n", "d", (R4,), 60.0)], 1000.0, 0.0)
     data = st.to_bytes()[:-32]
-    # version 1 is version 2 without the IPv6 count after each target entry's IPv4 array: here one
+    # version 2 is version 3 without the IPv6 count after each target entry's IPv4 array: here one
     # entry holding one address (count 1, then the address), followed by a zero count to drop
     entry = struct.pack("<I", 1) + struct.pack("<I", R4)
     i = data.index(entry) + len(entry)
     assert data[i:i + 4] == bytes(4)
     body = bytearray(data[:i] + data[i + 4:])
-    body[6:8] = struct.pack("<H", 1)
+    body[6:8] = struct.pack("<H", 2)
     restored = PoolState.from_bytes(bytes(body) + hashlib.sha256(body).digest(), [POOL])
     assert restored.targets("d") == (R4,) and restored.lookup("n", "d") == st.lookup("n", "d")
-    assert restored.digest() == st.digest()  # written back as version 2, the same state
+    assert restored.digest() == st.digest()  # written back as version 3, the same state
 
 
 def test_element_text_survives_pysyncobj_import() -> None:
