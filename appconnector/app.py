@@ -129,7 +129,7 @@ class Connector:
         if self.tailnet is not None:
             self.dns.on_routed_query = self.tailnet.serving.saw_client
         self.nat = NatService(cfg, self.replica, directory,
-                              resolver=self.dns.upstream.ipv4_targets if cfg.dns.verify_upstream else None,
+                              resolver=self.dns.refresh_targets if cfg.dns.verify_upstream else None,
                               on_fatal=self.fatal.report)
         await self.nat.start()
         self._started.append(self.nat)

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import netaddr
 
@@ -112,6 +112,7 @@ class PoolConfig:
     ignore_destinations: tuple[str, ...] = ()
     checkout_timeout: float = 2.0
     max_queued_checkouts: int = 4096
+    prefixes6: tuple[str, ...] = ()  # IPv6 pool, off when empty: offset o of the v4 pool ↔ offset o here
 
 
 @dataclass(frozen=True)
@@ -240,16 +241,57 @@ def pool_in_node_range(prefixes: tuple[str, ...] | list[str]) -> str:
 
 def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network]:
     """The pool prefixes as networks, ordered numerically (docs/design.md §3)."""
-    nets = []
+    nets = _networks("pool.prefixes", prefixes, ipaddress.IPv4Network, "IPv4 prefixes such as \"100.64.1.0/24\"",
+                     "IPv4 prefixes only (IPv6 cannot be NATed to IPv4)")
+    return nets
+
+
+def pool_networks6(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv6Network]:
+    """``pool.prefixes6`` as networks, ordered numerically; empty: no IPv6 pool."""
+    nets = _networks("pool.prefixes6", prefixes, ipaddress.IPv6Network,
+                     "IPv6 prefixes such as \"fd7a:115c:a1e0:a99c:1::/80\"",
+                     "IPv6 prefixes only (the IPv4 pool is pool.prefixes)")
+    return nets
+
+
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _networks(key: str, prefixes: tuple[str, ...] | list[str], kind: type[_Net], example: str,
+              only: str) -> list[_Net]:
+    nets: list[_Net] = []
     for p in prefixes:
         try:
             net = ipaddress.ip_network(p, strict=True)
         except ValueError as e:
-            raise ConfigError("pool.prefixes", p, f"IPv4 prefixes such as \"100.64.1.0/24\" ({e})") from None
-        if not isinstance(net, ipaddress.IPv4Network):
-            raise ConfigError("pool.prefixes", p, "IPv4 prefixes only (IPv6 cannot be NATed to IPv4)")
+            raise ConfigError(key, p, f"{example} ({e})") from None
+        if not isinstance(net, kind):
+            raise ConfigError(key, p, only)
         nets.append(net)
     return sorted(nets)
+
+
+def _check_pool6(cfg: Config, size4: int) -> None:
+    """The v6 pool mirrors the v4 one offset for offset, so it must hold every v4 offset; its
+    prefixes must not overlap each other, ``pool.ignore_destinations`` nor ::ffff:0:0/96 (v4-mapped)."""
+    nets = pool_networks6(cfg.pool.prefixes6)
+    if not nets:
+        return
+    size6 = sum(n.num_addresses for n in nets)
+    if size6 < size4:
+        raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6),
+                          f"prefixes holding at least as many addresses as pool.prefixes ({size4}; these "
+                          f"hold {size6}): the v6 address of a mapping is the v6 pool at the v4 offset")
+    pool = netaddr.IPSet()
+    for net in nets:
+        if pool & netaddr.IPSet([str(net)]):
+            raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6), f"prefixes that do not overlap ({net})")
+        pool.add(str(net))
+    for p in (*cfg.pool.ignore_destinations, "::ffff:0:0/96", "::/96"):
+        shared = pool & netaddr.IPSet([ipaddress.ip_network(p, strict=False).compressed])
+        if shared:
+            raise ConfigError("pool.prefixes6", list(cfg.pool.prefixes6),
+                              f"prefixes outside {p} (they share {_cidrs(shared)})")
 
 
 # ---- parsing -------------------------------------------------------------------------------------
@@ -371,6 +413,7 @@ def _validate(cfg: Config) -> Config:
         except ValueError:
             raise ConfigError("pool.ignore_destinations", p, 'IP prefixes such as "10.0.0.0/8"') from None
     _check_address_sets(cfg, nets)
+    _check_pool6(cfg, sum(n.num_addresses for n in nets))
     for v in cfg.cluster.peers:
         parse_hostport("cluster.peers", v)
     if cfg.cluster.self:
@@ -422,7 +465,8 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
         "ttl": parse_duration, "domains": _strlist,
     },
     "pool": {"prefixes": _strlist, "reuse_after": parse_duration, "ignore_destinations": _strlist,
-             "checkout_timeout": parse_duration, "max_queued_checkouts": lambda k, v: _int(k, v, 1, 1 << 20)},
+             "checkout_timeout": parse_duration, "max_queued_checkouts": lambda k, v: _int(k, v, 1, 1 << 20),
+             "prefixes6": _strlist},
     "cluster": {
         "state_dir": _str, "raft_port": lambda k, v: _int(k, v, 1, 65535), "tag": _str,
         "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,

@@ -36,6 +36,9 @@ DNS_REFUSED_BY_POLICY = Counter("appconnector_dns_refused_by_policy", "Queries r
                                 ["app"], registry=REGISTRY)
 ACCESS_REVOKED = Counter("appconnector_access_revoked_mappings", "Mappings released because their node lost "
                          "access to the app", registry=REGISTRY)
+DNS_AAAA = Counter("appconnector_dns_aaaa_answers", "AAAA answers for steered names with pool.prefixes6 set "
+                   "(v6_pool: the v6 mirror of the node's pool address; nodata: the name has no real IPv6)",
+                   ["result"], registry=REGISTRY)
 DNS_LOOPS = Counter("appconnector_dns_loops", "Upstream answers inside the pool (a DNS loop)", registry=REGISTRY)
 DNS_SVCB = Counter("appconnector_dns_svcb_records", "Upstream HTTPS/SVCB records of steered names by outcome "
                    "(passed: sent on without address hints; foreign_target: left out, its target is not a "
@@ -90,6 +93,10 @@ RAFT_RETRIES = Counter("appconnector_raft_retries", "Writes retried after an err
 
 # --- NAT ---------------------------------------------------------------------------------------------
 NAT_ELEMENTS = Gauge("appconnector_nat_steer_elements", "Elements in the kernel steer map", registry=REGISTRY)
+NAT_ELEMENTS6 = Gauge("appconnector_nat_steer6_elements", "Elements of the kernel steer map that are IPv6 "
+                      "(in steer6: node IPv6 . v6 pool address)", registry=REGISTRY)
+NAT_SEEN_FLOWS6 = Counter("appconnector_nat_seen_flows6", "(node IPv6, v6 pool address) pairs seen in new or "
+                          "long flows", registry=REGISTRY)
 NAT_RECONCILES = Counter("appconnector_nat_reconciles", "nftables transactions by kind (full, delta) and result",
                          ["kind", "result"], registry=REGISTRY)
 NAT_TOUCHES = Counter("appconnector_nat_seen_flows", "(node, address) pairs seen in new or long flows",

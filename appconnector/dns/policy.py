@@ -164,10 +164,13 @@ class AnswerPolicy:
     def _neg(self, negative_ttl: int | None) -> int:
         return self.ttl if negative_ttl is None else min(self.ttl, negative_ttl)
 
-    def pool_answer(self, qtype: int, address: int) -> Reply:
-        """A → the pool address; AAAA → NODATA (netfilter cannot NAT IPv6 to IPv4, docs/design.md §4)."""
+    def pool_answer(self, qtype: int, address: int, address6: int | None = None) -> Reply:
+        """A → the pool address; AAAA → its v6 pool mirror when the caller has one (the domain has real
+        IPv6 addresses and ``pool.prefixes6`` is set), else NODATA (docs/design.md §4)."""
         if qtype == wire.TYPE_A:
             return Reply(wire.NOERROR, (wire.rr_a(address, self.ttl),))
+        if address6 is not None:
+            return Reply(wire.NOERROR, (wire.rr_aaaa(address6, self.ttl),))
         return self.nodata()
 
     def real_records(self, qtype: int, resolution: Resolution) -> Reply:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks
+from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks, pool_networks6
 from appconnector.dns import svcb, wire
 from appconnector.dns.access import NO_APP, AppAccess
 from appconnector.dns.fastpath import FastPath
@@ -30,6 +30,7 @@ from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply
 from appconnector.dns.server import DnsServer
 from appconnector.dns.upstream import UpstreamResolver
 from appconnector.metrics import (
+    DNS_AAAA,
     DNS_FAST_PATH,
     DNS_FIRST_ANSWER,
     DNS_LOOPS,
@@ -40,6 +41,7 @@ from appconnector.metrics import (
     DNS_SVCB,
     DNS_UNKNOWN_CLIENTS,
 )
+from appconnector.pool.addresses import V4_MAX, DualSpace
 from appconnector.pool.api import (
     Address,
     PoolExhausted,
@@ -91,6 +93,9 @@ class DnsService:
         servers = [_hostport(s) for s in cfg.dns.upstream]
         self.upstream = upstream if upstream is not None else UpstreamResolver(servers)
         self._pool_nets = pool_networks(cfg.pool.prefixes)
+        self._pool6_nets = pool_networks6(cfg.pool.prefixes6)
+        self._space = DualSpace(cfg.pool.prefixes, cfg.pool.prefixes6)
+        self._v6 = bool(cfg.pool.prefixes6)  # AAAA of steered names with real IPv6 → the v6 pool mirror
         self._ignore_nets = ignore_networks(cfg.pool.ignore_destinations)
         node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
         self.max_age = local_answer_age(cfg.pool.reuse_after)
@@ -303,14 +308,19 @@ class DnsService:
         generation = self.fast.generation
         known = self.replica.lookup(node, domain)
         now = self.replica.now()
-        if known is not None and now - known[1] < self.max_age and self.replica.caught_up():
+        v6_query = self._v6 and q.qtype == wire.TYPE_AAAA
+        if known is not None and now - known[1] < self.max_age and self.replica.caught_up() and (
+                not v6_query or _has_v6(self.replica.targets(domain))):
             address, last_used = known
             if now - last_used >= self.fast.refresh:
                 self.replica.touch(node, address, domain, now)
                 last_used = now
-            reply = self.policy.pool_answer(q.qtype, address)
-            self.fast.store(q, node, domain, address, last_used, reply.rcode, reply.answers, reply.authority,
-                            generation)
+            reply = self.policy.pool_answer(q.qtype, address, self._space.to_v6(address) if v6_query else None)
+            if v6_query:  # fast-path entries die with mappings, not with a domain's IPv6 targets
+                DNS_AAAA.labels("v6_pool").inc()
+            else:
+                self.fast.store(q, node, domain, address, last_used, reply.rcode, reply.answers,
+                                reply.authority, generation)
             return reply, False
 
         targets: tuple[Address, ...] = ()
@@ -345,10 +355,21 @@ class DnsService:
                 return self.policy.real_records(q.qtype, res6), False
             targets = tuple(sorted(int.from_bytes(socket.inet_aton(a), "big") for a in res.addresses))
             ttl = float(res.ttl)
-        if q.qtype != wire.TYPE_A:
-            return self.policy.nodata(), False  # AAAA of a steerable name: no pool address spent on it
+            if self._v6:  # both families travel together, whichever was asked first
+                v6 = await self._v6_targets(domain)
+                if v6 is None and v6_query:
+                    return Reply(wire.SERVFAIL), False
+                if v6 is not None and v6[0]:  # an A answer does not wait for a failed AAAA: v4 alone
+                    targets, ttl = targets + v6[0], min(ttl, v6[1])
+        if q.qtype != wire.TYPE_A and not (v6_query and _has_v6(targets)):
+            if v6_query:
+                DNS_AAAA.labels("nodata").inc()
+            return self.policy.nodata(), False  # AAAA without real IPv6 (or no v6 pool): nothing to steer
         try:
             address = await self.replica.checkout(node, domain, targets, ttl)
+            if v6_query and not _has_v6(self.replica.targets(domain)):
+                # mapped before its IPv6 was known (or before prefixes6): the kernel needs the v6 targets
+                await self.replica.set_targets(domain, targets, ttl)
         except PoolExhausted as e:
             DNS_SERVFAIL.labels("exhausted").inc()
             self._errors.warning("exhausted", "DNS: SERVFAIL for %s from %s: %s", domain, info.name or node, e)
@@ -367,10 +388,48 @@ class DnsService:
             except TimeoutError:
                 self._errors.warning("nat", "DNS: NAT not ready for %s after %.0fs; answering anyway",
                                      domain, NAT_READY_TIMEOUT)
-        reply = self.policy.pool_answer(q.qtype, address)
-        self.fast.store(q, node, domain, address, self.replica.now(), reply.rcode, reply.answers, reply.authority,
-                        generation)
+        reply = self.policy.pool_answer(q.qtype, address, self._space.to_v6(address) if v6_query else None)
+        if v6_query:
+            DNS_AAAA.labels("v6_pool").inc()
+        else:
+            self.fast.store(q, node, domain, address, self.replica.now(), reply.rcode, reply.answers,
+                            reply.authority, generation)
         return reply, True
+
+    async def refresh_targets(self, domain: str) -> tuple[list[int], float]:
+        """The leader's target refresh (``nat.targets``): the real IPv4 addresses, then (with
+        ``pool.prefixes6``) the real IPv6 ones; a failed AAAA keeps the domain's replicated IPv6
+        targets. Raises LookupError when the A lookup gives no address. Shares the upstream cache."""
+        found, ttl = await self.upstream.ipv4_targets(domain)
+        if not self._v6:
+            return found, ttl
+        v6 = await self._v6_targets(domain)
+        if v6 is None:
+            return found + [a for a in self.replica.targets(domain) if a > V4_MAX], ttl
+        return found + list(v6[0]), (min(ttl, v6[1]) if v6[0] else ttl)
+
+    async def _v6_targets(self, domain: str) -> tuple[tuple[Address, ...], float] | None:
+        """The name's real IPv6 addresses (as integers) and their TTL; () when it has none; None (after
+        counting and logging) when upstream failed or answered inside the v6 pool (a loop)."""
+        res = await self.upstream.resolve(domain, wire.TYPE_AAAA)
+        if res.kind == "failure":
+            DNS_SERVFAIL.labels("upstream").inc()
+            self._errors.warning("upstream", "DNS: SERVFAIL for %s: upstream AAAA failed (%s)", domain, res.detail)
+            return None
+        found = tuple(sorted({int(ipaddress.IPv6Address(a)) for a in res.addresses} if res.kind == "ok" else ()))
+        if classify(res, self._pool6_nets, ()) is Action.LOOP:
+            DNS_LOOPS.inc()
+            DNS_SERVFAIL.labels("loop").inc()
+            self._errors.warning("loop", "DNS loop: upstream answered %s with v6 pool address(es) %s; set "
+                                 "dns.upstream to a resolver that does not forward app domains back to us",
+                                 domain, ", ".join(res.addresses))
+            return None
+        # ::/96 and v4-mapped addresses are no IPv6 destinations (and ::/96 would read as IPv4 here)
+        return tuple(a for a in found if a > V4_MAX and a >> 32 != 0xFFFF), float(res.ttl)
+
+
+def _has_v6(targets: tuple[Address, ...]) -> bool:
+    return bool(targets) and targets[-1] > V4_MAX  # sorted: IPv6 integers come last
 
 
 def _hostport(value: str) -> tuple[str, int]:

@@ -212,7 +212,7 @@ def rr_a(address: int | str, ttl: int) -> bytes:
     return _OWNER_PTR + struct.pack("!HHIH", TYPE_A, CLASS_IN, ttl, 4) + packed
 
 
-def rr_aaaa(address: str, ttl: int) -> bytes:
+def rr_aaaa(address: str | int, ttl: int) -> bytes:
     """An AAAA record owned by the question name."""
     return _OWNER_PTR + struct.pack("!HHIH", TYPE_AAAA, CLASS_IN, ttl, 16) + ipaddress.IPv6Address(address).packed
 

@@ -32,10 +32,11 @@ def has_net_admin() -> bool:
     return False
 
 
-def forwarding_enabled() -> bool:
-    """net.ipv4.ip_forward in this network namespace."""
+def forwarding_enabled(version: int = 4) -> bool:
+    """net.ipv4.ip_forward (or net.ipv6.conf.all.forwarding) in this network namespace."""
+    path = "/proc/sys/net/ipv4/ip_forward" if version == 4 else "/proc/sys/net/ipv6/conf/all/forwarding"
     try:
-        return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+        return Path(path).read_text().strip() == "1"
     except OSError:
         return False
 

@@ -66,10 +66,15 @@ class Reconciler:
 
     def read_seen(self) -> list[Key]:
         """(node IP, pool address) of flows that started within the seen timeout (raw netlink dump:
-        libnftables' listing is far slower for big sets, see nftables.py)."""
+        libnftables' listing is far slower for big sets, see nftables.py); IPv6 pairs (from the v6 seen
+        set, with ``pool.prefixes6``) carry the v6 pool address."""
         keys = dump_set_keys(render.FAMILY, render.TABLE, render.SEEN)
         metrics.NAT_SEEN_READS.inc()
-        return [_PAIR.unpack(k) for k in keys if len(k) == _PAIR.size]
+        pairs = [_PAIR.unpack(k) for k in keys if len(k) == _PAIR.size]
+        if self.spec.pool6:
+            pairs += [(int.from_bytes(k[:16], "big"), int.from_bytes(k[16:], "big"))
+                      for k in dump_set_keys(render.FAMILY, render.TABLE, render.SEEN6) if len(k) == 32]
+        return pairs
 
     def unmapped_counts(self) -> tuple[int, int]:
         """Packets to pool addresses that had no mapping since the table was built: (rejected with a

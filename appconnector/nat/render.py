@@ -13,12 +13,14 @@ nearly all of them).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from appconnector.config import pool_networks
+from appconnector.config import pool_networks, pool_networks6
+from appconnector.pool.addresses import V4_MAX, DualSpace
 from appconnector.pool.api import Address, Changes, MappingView, Targets
 
 FAMILY = "inet"
@@ -26,33 +28,49 @@ TABLE = "appconnector"
 STEER = "steer"
 SEEN = "seen"
 POOL = "pool"
+STEER6, SEEN6, POOL6 = "steer6", "seen6", "pool6"   # the same for IPv6 (pool.prefixes6)
 UNMAPPED = "unmapped"            # counter: unmapped packets dropped (over the reject limit)
 REJECTED = "unmapped_rejected"   # counter: unmapped packets answered with a reset / ICMP error
 REJECT_LIMIT = "reject_rate"     # named limit shared by the reject rules
 
 Key = tuple[int, int]
-"""A steer element's key: (node tailnet IPv4, pool address), both as integers."""
+"""A steer element's key: (node tailnet IP, pool address), both as integers of one family (IPv6 above
+:data:`V4_MAX`: a node's tailnet IPv6 and the mapping's v6 pool address)."""
 
 _PACK = struct.Struct("!I")
 
 
 def ip_text(address: int) -> str:
-    """IPv4 integer → dotted text (fast path for large element batches)."""
-    return socket.inet_ntoa(_PACK.pack(address))
+    """Address integer → text (fast path for large element batches); IPv6 above :data:`V4_MAX`."""
+    if address <= V4_MAX:
+        return socket.inet_ntoa(_PACK.pack(address))
+    # not socket.inet_ntop: importing pysyncobj replaces it with a Windows-only stub on every platform
+    return ipaddress.IPv6Address(address).compressed
 
 
 def ip_int(text: str) -> int:
-    """Dotted IPv4 text → integer (strict: ``inet_pton``; raises OSError on anything else)."""
-    value: int = _PACK.unpack(socket.inet_pton(socket.AF_INET, text))[0]
+    """IPv4 or IPv6 text → integer (strict: ``inet_pton``; raises OSError on anything else)."""
+    if ":" not in text:
+        value: int = _PACK.unpack(socket.inet_pton(socket.AF_INET, text))[0]
+        return value
+    value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    if value <= V4_MAX:
+        raise OSError(f"{text}: ::/96 is not a usable IPv6 address here")
     return value
 
 
 def parse_node_ip(node: str) -> int | None:
-    """A node string that is itself an IPv4 address (standalone mode), else None."""
+    """A node string that is itself an IP address (standalone mode), else None."""
     try:
         return ip_int(node)
     except OSError:
         return None
+
+
+def split_targets(targets: Targets) -> tuple[Targets, Targets]:
+    """(IPv4, IPv6) parts of a sorted target tuple."""
+    i = next((i for i, a in enumerate(targets) if a > V4_MAX), len(targets))
+    return targets[:i], targets[i:]
 
 
 def pick_target(node: str, targets: Targets) -> Address | None:
@@ -64,7 +82,8 @@ def pick_target(node: str, targets: Targets) -> Address | None:
     prefix = node.encode() + b"\0"
 
     def score(target: Address) -> bytes:
-        return hashlib.blake2b(prefix + _PACK.pack(target), digest_size=8).digest()
+        packed = _PACK.pack(target) if target <= V4_MAX else target.to_bytes(16, "big")
+        return hashlib.blake2b(prefix + packed, digest_size=8).digest()
 
     return max(targets, key=score)
 
@@ -81,6 +100,7 @@ class TableSpec:
     # dropped: a stale client fails fast, a flood cannot make us a reflector.
     reject_rate: int = 100
     reject_burst: int = 200
+    pool6: tuple[str, ...] = ()    # pool.prefixes6; empty: no IPv6 sets, map or rules
 
     @property
     def dns_address(self) -> int:
@@ -95,11 +115,10 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
     t = {"family": FAMILY, "table": TABLE}
     iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": spec.interface}}
     daddr: dict[str, object] = {"payload": {"protocol": "ip", "field": "daddr"}}
-    saddr: dict[str, object] = {"payload": {"protocol": "ip", "field": "saddr"}}
     to_pool = {"match": {"op": "==", "left": daddr, "right": f"@{POOL}"}}
-    pair = {"concat": [saddr, daddr]}
     not_dns = {"match": {"op": "!=", "left": daddr, "right": ip_text(spec.dns_address)}}
     nets = pool_networks(spec.pool)
+    families = [_V4, _V6] if spec.pool6 else [_V4]
     pool_elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in nets]
 
     def chain(name: str, kind: str, hook: str, prio: int) -> dict[str, object]:
@@ -120,6 +139,7 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
         # timeout flag makes the kernel pick a backend that supports updates from the packet path.
         {"add": {"set": {**t, "name": SEEN, "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"],
                          "timeout": max(1, round(spec.seen_timeout)), "size": spec.max_mappings}}},
+        *_v6_objects(spec, t),
         {"add": {"counter": {**t, "name": UNMAPPED}}},
         {"add": {"counter": {**t, "name": REJECTED}}},
         {"add": {"limit": {**t, "name": REJECT_LIMIT, "rate": spec.reject_rate, "per": "second",
@@ -127,11 +147,13 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
         # Before DNAT (dstnat is -100) so daddr is still the pool address. Its own chain: when the
         # set is full the update fails and ends only this rule, never the steering (docs/design.md §5).
         chain("seen", "filter", "prerouting", -150),
-        rule("seen", iif, to_pool,
-             {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
-             {"set": {"op": "update", "elem": pair, "set": f"@{SEEN}"}}),
+        *(rule("seen", iif, {"match": {"op": "==", "left": f.daddr, "right": f"@{f.pool}"}},
+               {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+               {"set": {"op": "update", "elem": f.pair, "set": f"@{f.seen}"}}) for f in families),
         chain("steer", "nat", "prerouting", -100),
-        rule("steer", iif, to_pool, {"dnat": {"family": "ip", "addr": {"map": {"key": pair, "data": f"@{STEER}"}}}}),
+        *(rule("steer", iif, {"match": {"op": "==", "left": f.daddr, "right": f"@{f.pool}"}},
+               {"dnat": {"family": f.proto, "addr": {"map": {"key": f.pair, "data": f"@{f.steer}"}}}})
+          for f in families),
         # After DNAT: a packet from the tailnet still addressed to the pool had no mapping. Reject it
         # (TCP reset, else ICMP admin-prohibited) so the client fails at once instead of timing
         # out; past the shared rate limit, drop. Each outcome has its own counter.
@@ -139,12 +161,56 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
         *(rule("unmapped", iif, to_pool, not_dns, *match, {"limit": REJECT_LIMIT}, {"counter": REJECTED},
                {"reject": verdict}) for match, verdict in _rejects()),
         rule("unmapped", iif, to_pool, not_dns, {"counter": UNMAPPED}, {"drop": None}),
+        # The v6 pool has no DNS address to spare (DNS listens on the v4 one).
+        *(r for f in families[1:] for r in (
+            *(rule("unmapped", iif, {"match": {"op": "==", "left": f.daddr, "right": f"@{f.pool}"}}, *match,
+                   {"limit": REJECT_LIMIT}, {"counter": REJECTED}, {"reject": verdict})
+              for match, verdict in _rejects()),
+            rule("unmapped", iif, {"match": {"op": "==", "left": f.daddr, "right": f"@{f.pool}"}},
+                 {"counter": UNMAPPED}, {"drop": None}))),
         # Masquerade only what we steered, never every DNAT on the host.
         chain("masquerade", "nat", "postrouting", 100),
-        rule("masquerade",
-             {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-             {"match": {"op": "==", "left": {"ct": {"key": "ip daddr", "dir": "original"}}, "right": f"@{POOL}"}},
-             {"masquerade": None}),
+        *(rule("masquerade",
+               {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+               {"match": {"op": "==", "left": {"ct": {"key": f"{f.proto} daddr", "dir": "original"}},
+                          "right": f"@{f.pool}"}},
+               {"masquerade": None}) for f in families),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """The names and payload expressions one address family's rules use."""
+
+    proto: str    # "ip" or "ip6"
+    pool: str
+    steer: str
+    seen: str
+
+    @property
+    def daddr(self) -> dict[str, object]:
+        return {"payload": {"protocol": self.proto, "field": "daddr"}}
+
+    @property
+    def pair(self) -> dict[str, object]:
+        return {"concat": [{"payload": {"protocol": self.proto, "field": "saddr"}}, self.daddr]}
+
+
+_V4 = _Family("ip", POOL, STEER, SEEN)
+_V6 = _Family("ip6", POOL6, STEER6, SEEN6)
+
+
+def _v6_objects(spec: TableSpec, t: dict[str, str]) -> list[dict[str, object]]:
+    """The v6 pool set, steer map and seen set (nothing without ``pool.prefixes6``)."""
+    if not spec.pool6:
+        return []
+    elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in pool_networks6(spec.pool6)]
+    return [
+        {"add": {"set": {**t, "name": POOL6, "type": "ipv6_addr", "flags": ["interval"], "elem": elems}}},
+        {"add": {"map": {**t, "name": STEER6, "type": ["ipv6_addr", "ipv6_addr"], "map": "ipv6_addr",
+                         "size": spec.max_mappings}}},
+        {"add": {"set": {**t, "name": SEEN6, "type": ["ipv6_addr", "ipv6_addr"], "flags": ["timeout"],
+                         "timeout": max(1, round(spec.seen_timeout)), "size": spec.max_mappings}}},
     ]
 
 
@@ -171,14 +237,18 @@ def element_commands(add: Mapping[Key, Address] = {}, remove: Iterable[Key] = ()
     """Steer-map deletions, then additions, batched ``chunk`` elements per command (one transaction
     when run together). A changed value is a deletion plus an addition: the kernel refuses to
     overwrite an element's data."""
-    t = {"family": FAMILY, "table": TABLE, "name": STEER}
     out: list[dict[str, object]] = []
-    removals = [_key_json(k) for k in remove]
-    for i in range(0, len(removals), chunk):
-        out.append({"delete": {"element": {**t, "elem": removals[i:i + chunk]}}})
-    additions = [[_key_json(k), ip_text(v)] for k, v in add.items()]
-    for i in range(0, len(additions), chunk):
-        out.append({"add": {"element": {**t, "elem": additions[i:i + chunk]}}})
+    gone, new = list(remove), add.items()
+    for name, v6 in ((STEER, False), (STEER6, True)):  # the family of a key is its pool address's
+        t = {"family": FAMILY, "table": TABLE, "name": name}
+        removals = [_key_json(k) for k in gone if (k[1] > V4_MAX) is v6]
+        for i in range(0, len(removals), chunk):
+            out.append({"delete": {"element": {**t, "elem": removals[i:i + chunk]}}})
+    for name, v6 in ((STEER, False), (STEER6, True)):
+        t = {"family": FAMILY, "table": TABLE, "name": name}
+        additions = [[_key_json(k), ip_text(v)] for k, v in new if (k[1] > V4_MAX) is v6]
+        for i in range(0, len(additions), chunk):
+            out.append({"add": {"element": {**t, "elem": additions[i:i + chunk]}}})
     return out
 
 
@@ -261,11 +331,14 @@ MappingId = tuple[str, Address]
 class SteerModel:
     """The desired steer map, kept in step with the pool's changes. Not thread-safe: callers lock.
 
-    Node IPs come from the node directory; a node it does not list is taken as its own IPv4 when it
-    parses as one (standalone mode), else it has no element until the directory learns it.
+    Node IPs come from the node directory; a node it does not list is taken as its own IP when it
+    parses as one (standalone mode), else it has no element until the directory learns it. With a v6
+    pool (``space``), a node's tailnet IPv6 is steered from the mapping's v6 mirror to the domain's real
+    IPv6 addresses, its IPv4 from the v4 address to the real IPv4 ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, space: DualSpace | None = None) -> None:
+        self._space = space if space is not None and space.v6 is not None else None
         self._node_ips: dict[str, tuple[int, ...]] = {}
         self._ip_node: dict[int, str] = {}                     # node IP → node, for the seen set
         self._clear()
@@ -277,6 +350,7 @@ class SteerModel:
         self._targets: dict[str, Targets] = {}
         self._keys: dict[MappingId, dict[Key, Address]] = {}  # what each mapping installs
         self._owner: dict[Key, MappingId] = {}                 # who holds each kernel key
+        self._n6 = 0                                           # keys of _owner that are IPv6
 
     # -- reads ---------------------------------------------------------------------------------------
     def elements(self) -> dict[Key, Address]:
@@ -291,6 +365,10 @@ class SteerModel:
 
     def __len__(self) -> int:
         return len(self._owner)
+
+    def count6(self) -> int:
+        """Elements that are IPv6."""
+        return self._n6
 
     def installed(self, node: str, address: Address) -> bool:
         return bool(self._keys.get((node, address)))
@@ -330,18 +408,41 @@ class SteerModel:
             node_ips = ips.get(node)
             if node_ips is None:
                 node_ips = ips[node] = self.ips_of(node)
-            target = pick_target(node, self._targets.get(domain, ()))
-            if target is None:
-                continue
             keys: dict[Key, Address] = {}
-            for ip in node_ips:
-                key = (ip, address)
+            for key, target in self._wanted(node, address, node_ips, self._targets.get(domain, ())):
                 if owner.setdefault(key, mid) == mid:
                     keys[key] = target
                     elements[key] = target
+                    self._n6 += key[1] > V4_MAX
             if keys:
                 self._keys[mid] = keys
         return elements
+
+    def _wanted(self, node: str, address: Address, node_ips: tuple[int, ...],
+                targets: Targets) -> Iterable[tuple[Key, Address]]:
+        """The (key, real address) pairs mapping (node, address) asks for, per family."""
+        v4, v6 = split_targets(targets) if self._space is not None else (targets, ())
+        t4 = pick_target(node, v4)
+        t6 = pick_target(node, v6)
+        address6 = self._space.to_v6(address) if t6 is not None and self._space is not None else None
+        for ip in node_ips:
+            if ip <= V4_MAX:
+                if t4 is not None:
+                    yield (ip, address), t4
+            elif address6 is not None and t6 is not None:
+                yield (ip, address6), t6
+
+    def flow_keys(self, node: str, address: Address) -> list[Key]:
+        """Every (node IP, pool address) pair a flow of this mapping can have, both families: what a
+        conntrack purge looks for."""
+        address6 = self._space.to_v6(address) if self._space is not None else None
+        keys: list[Key] = []
+        for ip in self.ips_of(node):
+            if ip <= V4_MAX:
+                keys.append((ip, address))
+            elif address6 is not None:
+                keys.append((ip, address6))
+        return keys
 
     def apply(self, changes: Changes) -> Delta:
         """Mirror one applied pool command."""
@@ -363,7 +464,7 @@ class SteerModel:
         return self._rerender(touched)
 
     def set_node_ips(self, node_ips: Mapping[str, Iterable[str]]) -> Delta:
-        """Replace the directory's node → tailnet IPv4s; re-render the nodes whose IPs changed."""
+        """Replace the directory's node → tailnet IPs (both families); re-render the nodes whose IPs changed."""
         new = {n: tuple(sorted(i for i in map(parse_node_ip, ips) if i is not None)) for n, ips in node_ips.items()}
         return self._replace_ips(new)
 
@@ -405,12 +506,10 @@ class SteerModel:
         domain = self._domain.get(mid)
         keys: dict[Key, Address] = {}
         if domain is not None:
-            target = pick_target(mid[0], self._targets.get(domain, ()))
-            if target is not None:
-                for ip in self.ips_of(mid[0]):
-                    key = (ip, mid[1])
-                    if self._owner.setdefault(key, mid) == mid:  # two nodes claiming one IP: first wins
-                        keys[key] = target
+            for key, target in self._wanted(mid[0], mid[1], self.ips_of(mid[0]), self._targets.get(domain, ())):
+                if self._owner.setdefault(key, mid) == mid:  # two nodes claiming one IP: first wins
+                    keys[key] = target
+                    self._n6 += key[1] > V4_MAX
         if keys:
             self._keys[mid] = keys
         else:
@@ -422,6 +521,7 @@ class SteerModel:
             for k, v in self._keys.pop(mid, {}).items():
                 old[k] = v
                 del self._owner[k]
+                self._n6 -= k[1] > V4_MAX
         new: dict[Key, Address] = {}
         for mid in touched:
             self._render(mid)

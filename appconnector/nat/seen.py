@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import bisect
 import socket
-import struct
 from collections.abc import Callable, Iterable
 
 from appconnector import metrics
-from appconnector.config import pool_networks
+from appconnector.config import pool_networks, pool_networks6
 from appconnector.nat import netlink
 from appconnector.nat.render import Key
+from appconnector.pool.addresses import V4_MAX
 from appconnector.pool.api import Address, Replica
 
 
 class PoolRanges:
     """Membership test for pool addresses (sorted ranges, binary search)."""
 
-    def __init__(self, prefixes: Iterable[str]) -> None:
-        nets = pool_networks(tuple(prefixes))
+    def __init__(self, prefixes: Iterable[str], *, version: int = 4) -> None:
+        nets = (pool_networks if version == 4 else pool_networks6)(tuple(prefixes))
         self._firsts = [int(n.network_address) for n in nets]
         self._lasts = [int(n.broadcast_address) for n in nets]
 
@@ -46,46 +46,58 @@ _CT_GET = (1 << 8) | 1            # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET
 _CT_DELETE = (1 << 8) | 2         # IPCTNL_MSG_CT_DELETE
 _CTA_TUPLE_ORIG, _CTA_TUPLE_IP = 1, 1
 _CTA_IP_V4_SRC, _CTA_IP_V4_DST = 1, 2
-_U32 = struct.Struct("!I")
+_CTA_IP_V6_SRC, _CTA_IP_V6_DST = 3, 4
 
 
-def _pool_bound(buf: bytes, start: int, end: int) -> tuple[int, int, tuple[int, int]] | None:
+def _pool_bound(buf: bytes, start: int, end: int, family: int = socket.AF_INET
+                ) -> tuple[int, int, tuple[int, int]] | None:
     """(source, destination, bounds of the CTA_TUPLE_ORIG payload) of one conntrack dump message."""
     find = netlink.find
     orig = find(buf, start, end, _CTA_TUPLE_ORIG)
     ips = orig and find(buf, orig[0], orig[1], _CTA_TUPLE_IP)
     if not orig or not ips:
         return None
-    src = find(buf, ips[0], ips[1], _CTA_IP_V4_SRC)
-    dst = find(buf, ips[0], ips[1], _CTA_IP_V4_DST)
-    if src is None or dst is None or dst[1] - dst[0] != 4 or src[1] - src[0] != 4:
+    v6 = family == socket.AF_INET6
+    size = 16 if v6 else 4
+    src = find(buf, ips[0], ips[1], _CTA_IP_V6_SRC if v6 else _CTA_IP_V4_SRC)
+    dst = find(buf, ips[0], ips[1], _CTA_IP_V6_DST if v6 else _CTA_IP_V4_DST)
+    if src is None or dst is None or dst[1] - dst[0] != size or src[1] - src[0] != size:
         return None
-    return _U32.unpack_from(buf, src[0])[0], _U32.unpack_from(buf, dst[0])[0], orig
+    return int.from_bytes(buf[src[0]:src[1]], "big"), int.from_bytes(buf[dst[0]:dst[1]], "big"), orig
 
 
-def conntrack_pairs(pool: PoolRanges) -> set[Key]:
-    """(node IP, pool address) of every IPv4 conntrack entry whose original destination is in the pool.
-    A raw netlink dump (see netlink.py: pyroute2's decoder costs ~1 ms per entry)."""
+def conntrack_pairs(pool: PoolRanges, pool6: PoolRanges | None = None) -> set[Key]:
+    """(node IP, pool address) of every conntrack entry whose original destination is in the pool
+    (IPv6 entries too when ``pool6`` is given). A raw netlink dump (see netlink.py: pyroute2's
+    decoder costs ~1 ms per entry)."""
     pairs: set[Key] = set()
-    for buf, start, end in netlink.dump(_CT_GET, socket.AF_INET):
-        entry = _pool_bound(buf, start, end)
-        if entry is not None and entry[1] in pool:
-            pairs.add((entry[0], entry[1]))
+    for family, ranges in ((socket.AF_INET, pool), (socket.AF_INET6, pool6)):
+        if ranges is None:
+            continue
+        for buf, start, end in netlink.dump(_CT_GET, family):
+            entry = _pool_bound(buf, start, end, family)
+            if entry is not None and entry[1] in ranges:
+                pairs.add((entry[0], entry[1]))
     return pairs
 
 
 def conntrack_purge(pairs: Iterable[Key]) -> int:
     """Delete conntrack entries whose original tuple goes from node IP to pool address, for each
-    (node IP, pool address) in ``pairs``; returns how many were deleted."""
+    (node IP, pool address) in ``pairs`` (either family); returns how many were deleted."""
     wanted = set(pairs)
-    tuples: list[bytes] = []
-    for buf, start, end in netlink.dump(_CT_GET, socket.AF_INET):
-        entry = _pool_bound(buf, start, end)
-        if entry is not None and (entry[0], entry[1]) in wanted:
-            a, b = entry[2]
-            tuples.append(netlink.attr(_CTA_TUPLE_ORIG | netlink.NLA_F_NESTED, buf[a:b]))
-    errors = netlink.request_all(_CT_DELETE, socket.AF_INET, tuples)
-    return sum(1 for e in errors if e == 0)  # ENOENT: gone meanwhile
+    deleted = 0
+    for family, v6 in ((socket.AF_INET, False), (socket.AF_INET6, True)):
+        if not any((a > V4_MAX) is v6 for _, a in wanted):
+            continue
+        tuples: list[bytes] = []
+        for buf, start, end in netlink.dump(_CT_GET, family):
+            entry = _pool_bound(buf, start, end, family)
+            if entry is not None and (entry[0], entry[1]) in wanted:
+                a, b = entry[2]
+                tuples.append(netlink.attr(_CTA_TUPLE_ORIG | netlink.NLA_F_NESTED, buf[a:b]))
+        errors = netlink.request_all(_CT_DELETE, family, tuples)
+        deleted += sum(1 for e in errors if e == 0)  # ENOENT: gone meanwhile
+    return deleted
 
 
 def touches(pairs: Iterable[Key], node_for_ip: Callable[[int], str | None], replica: Replica,

@@ -36,6 +36,7 @@ from appconnector.nat.nftables import Nftables, NftError
 from appconnector.nat.reconcile import Reconciler
 from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
 from appconnector.nat.targets import Resolver, TargetRefresher
+from appconnector.pool.addresses import V4_MAX, DualSpace
 from appconnector.pool.api import Address, Changes, PoolReader, Replica
 from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
@@ -76,12 +77,15 @@ class NatService:
                               if touch_refresh is None else touch_refresh)
         self.clock = clock
         self.spec = TableSpec(interface=cfg.tailnet.interface, pool=cfg.pool.prefixes,
-                              max_mappings=cfg.nat.max_mappings, seen_timeout=max(3.0, 3 * seen_interval))
+                              max_mappings=cfg.nat.max_mappings, seen_timeout=max(3.0, 3 * seen_interval),
+                              pool6=cfg.pool.prefixes6)
         self.enabled = False
         self.reason = "not started"
         self.touches_queued = 0
         self._pool = seen.PoolRanges(cfg.pool.prefixes)
-        self._model = SteerModel()
+        self._pool6 = seen.PoolRanges(cfg.pool.prefixes6, version=6) if cfg.pool.prefixes6 else None
+        self._space = DualSpace(cfg.pool.prefixes, cfg.pool.prefixes6)
+        self._model = SteerModel(self._space)
         # The model and what is pending for the kernel: taken by the apply thread, the event loop and
         # the worker, always briefly (never across an nftables call).
         self._lock = threading.RLock()
@@ -136,11 +140,14 @@ class NatService:
         self._worker.start()
         if self.directory is not None:
             self.directory.subscribe(self._on_nodes)
-            self._model.set_node_ips({n: i.ipv4 for n, i in self.directory.nodes().items()})
+            self._model.set_node_ips({n: i.ipv4 + i.ipv6 for n, i in self.directory.nodes().items()})
         self.replica.add_observer(self)  # on_reset at once: the worker builds the table from the pool
         await self._wait(lambda: self._rounds > 0)
         if links.has_net_admin():
             await self._add_dns_route(loop)
+        if self.enabled and self.spec.pool6 and not links.forwarding_enabled(6):
+            log.warning("nat: IPv6 forwarding is off (sysctl net.ipv6.conf.all.forwarding=1 turns it on): "
+                        "v6 pool addresses (pool.prefixes6) are not steered")
         if self.enabled:
             self._tasks.append(asyncio.create_task(self._seen_loop(), name="nat-seen"))
         if self._refresher is not None:
@@ -225,13 +232,13 @@ class NatService:
                 self._record()
             else:
                 self._pending_delta(self._model.apply(changes))
-            purge = [(ip, address) for node, address, _ in changes.removed for ip in self._model.ips_of(node)]
+            purge = [key for node, address, _ in changes.removed for key in self._model.flow_keys(node, address)]
         if purge and self.enabled:
             self._netlink.submit(self._purge, purge)
 
     def _on_nodes(self) -> None:
         assert self.directory is not None
-        node_ips = {n: info.ipv4 for n, info in self.directory.nodes().items()}
+        node_ips = {n: info.ipv4 + info.ipv6 for n, info in self.directory.nodes().items()}
         with self._lock:
             self._pending_delta(self._model.set_node_ips(node_ips))
 
@@ -290,7 +297,7 @@ class NatService:
         or more changes arrived than ``_raw`` keeps)."""
         with self._lock:
             generation = self._resets
-            model = SteerModel()
+            model = SteerModel(self._space)
             model.adopt_node_ips(self._model)
         mappings = list(reader.mappings())
         targets = {d: reader.targets(d) for d in {m.domain for m in mappings}}
@@ -333,6 +340,7 @@ class NatService:
             else:
                 self._fail_round()
             metrics.NAT_ELEMENTS.set(len(self._model))
+            metrics.NAT_ELEMENTS6.set(self._model.count6())
         self._wake_waiters()
 
     def _fail_round(self) -> None:
@@ -453,7 +461,7 @@ class NatService:
             return 0
         pairs: set[Key] = set(await asyncio.to_thread(reconciler.read_seen))
         if conntrack:  # the slow cadence: listing costs grow with the seen set, so the counter waits too
-            pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool)
+            pairs |= await loop.run_in_executor(self._netlink, seen.conntrack_pairs, self._pool, self._pool6)
             rejected, dropped = await asyncio.to_thread(reconciler.unmapped_counts)
             metrics.NAT_UNMAPPED_REJECTS.set(rejected)
             metrics.NAT_UNMAPPED_DROPS.set(dropped)
@@ -462,6 +470,9 @@ class NatService:
             with self._lock:
                 return self._model.node_for_ip(ip)
 
+        # a v6 pair names the mapping by its v4 address (the one the pool knows)
+        pairs = {(ip, a if a <= V4_MAX else (self._space.to_v4(a) or 0)) for ip, a in pairs}
+        metrics.NAT_SEEN_FLOWS6.inc(sum(1 for ip, _ in pairs if ip > V4_MAX))
         queued = seen.touches(pairs, node_for_ip, self.replica, self.replica.now(), self.touch_refresh)
         self.touches_queued += queued
         return queued

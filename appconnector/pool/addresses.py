@@ -14,7 +14,7 @@ import ipaddress
 import itertools
 from collections.abc import Sequence
 
-from appconnector.config import pool_networks
+from appconnector.config import pool_networks, pool_networks6
 
 DNS_OFFSET = 0
 """The reserved offset: the pool's lowest address, where DNS listens."""
@@ -25,10 +25,11 @@ class AddressSpace:
 
     __slots__ = ("_firsts", "_lasts", "_starts", "prefixes", "size")
 
-    def __init__(self, prefixes: Sequence[str]) -> None:
+    def __init__(self, prefixes: Sequence[str], *, version: int = 4) -> None:
         if isinstance(prefixes, str):
             prefixes = [prefixes]
-        nets = pool_networks(list(prefixes))
+        nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
+            pool_networks(list(prefixes)) if version == 4 else pool_networks6(list(prefixes)))
         if not nets:
             raise ValueError("pool.prefixes: at least one IPv4 prefix is needed")
         for a, b in itertools.pairwise(nets):
@@ -87,5 +88,34 @@ class AddressSpace:
 
 
 def format_address(address: int) -> str:
-    """Dotted-quad text of an IPv4 integer (for logs and errors)."""
-    return str(ipaddress.IPv4Address(address))
+    """Text of an address integer (for logs and errors): IPv4 below 2**32, else IPv6."""
+    return str(ipaddress.IPv4Address(address) if address <= V4_MAX else ipaddress.IPv6Address(address))
+
+
+V4_MAX = 0xFFFF_FFFF
+"""Address integers up to this are IPv4; above it IPv6 (targets, NAT keys). ::/96 is never a target."""
+
+
+class DualSpace:
+    """The v6 pool as a mirror of the v4 one: the v6 address of a mapping is the v6 pool's address at
+    the mapping's v4 offset. One allocation, two families: the mapping is a pure function of the v4
+    state, so no second allocator has to agree with the first. ``pool.prefixes6`` must hold every v4
+    offset (config validation)."""
+
+    __slots__ = ("v4", "v6")
+
+    def __init__(self, prefixes: Sequence[str], prefixes6: Sequence[str]) -> None:
+        self.v4 = AddressSpace(prefixes)
+        self.v6 = AddressSpace(prefixes6, version=6) if prefixes6 else None
+        if self.v6 is not None and self.v6.size < self.v4.size:
+            raise ValueError(f"pool.prefixes6 {list(self.v6.prefixes)} hold fewer addresses than pool.prefixes")
+
+    def to_v6(self, address: int) -> int | None:
+        """The v6 pool address of v4 pool address ``address`` (None: no v6 pool, or outside the pool)."""
+        o = self.v4.offset(address) if self.v6 is not None else None
+        return None if o is None or self.v6 is None else self.v6.address(o)
+
+    def to_v4(self, address6: int) -> int | None:
+        """The v4 pool address whose v6 mirror is ``address6`` (None: not a mirrored v6 pool address)."""
+        o = self.v6.offset(address6) if self.v6 is not None else None
+        return None if o is None or o >= self.v4.size else self.v4.address(o)

@@ -23,7 +23,8 @@ Address = int
 """An IPv4 address as an integer."""
 
 Targets = tuple[Address, ...]
-"""The real IPv4 addresses of a domain, as resolved upstream, sorted ascending."""
+"""The real addresses of a domain, as resolved upstream, sorted ascending: IPv4 integers, then IPv6 ones
+(above 2**32; ``addresses.V4_MAX``)."""
 
 
 def touch_refresh(reuse_after: float) -> float:

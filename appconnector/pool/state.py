@@ -56,7 +56,7 @@ from typing import Any
 from sortedcontainers import SortedList
 
 from appconnector import metrics
-from appconnector.pool.addresses import AddressSpace, format_address
+from appconnector.pool.addresses import V4_MAX, AddressSpace, format_address
 from appconnector.pool.api import Address, Changes, MappingView, PoolError, PoolExhausted, PoolReader, Targets
 
 log = logging.getLogger("appconnector.pool.state")
@@ -66,8 +66,9 @@ SKEW_LIMIT = 300.0
 legacy state, how far one command may move the high-water mark)."""
 
 SNAPSHOT_MAGIC = b"ACPOOL"
-SNAPSHOT_VERSION = 2
-"""1: no pool clock (the high-water rule); 2: adds a flags byte after the header (bit 0: legacy)."""
+SNAPSHOT_VERSION = 3
+"""1: no pool clock (the high-water rule); 2: adds a flags byte after the header (bit 0: legacy);
+3: targets carry IPv6 addresses too (a count and 16 bytes each, after the IPv4 ones)."""
 _LEGACY = 1
 
 _OFFSET_BITS = 32
@@ -76,7 +77,8 @@ _DOUBLE = struct.Struct("<d")
 _HEADER = struct.Struct("<6sHdI")  # magic, version, clock (v1: high-water), number of prefixes
 _FLAGS = struct.Struct("<B")  # version 2 on: right after the header
 _U32 = struct.Struct("<I")
-_TARGET_HEAD = struct.Struct("<IddI")  # domain index, ttl, updated, number of addresses
+_TARGET_HEAD = struct.Struct("<IddI")  # domain index, ttl, updated, number of IPv4 addresses
+_V6_MAX = (1 << 128) - 1
 _NODE_HEAD = struct.Struct("<II")  # name length, number of mappings
 _DIGEST_SIZE = 32
 
@@ -139,14 +141,15 @@ def _finite_time(value: object) -> float | None:
 
 
 def _clean_targets(targets: object) -> Targets | None:
-    """Sorted, de-duplicated IPv4 integers, or None if ``targets`` is not a sequence of them."""
+    """Sorted, de-duplicated address integers (IPv4 up to 2**32-1, IPv6 above: :data:`V4_MAX`), or
+    None if ``targets`` is not a sequence of them."""
     if targets == ():
         return ()
     if not isinstance(targets, tuple | list):
         return None
     out = set()
     for a in targets:
-        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= 0xFFFFFFFF:
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= _V6_MAX:
             return None
         out.add(a)
     return tuple(sorted(out))
@@ -669,8 +672,11 @@ class PoolState:
         out += _U32.pack(len(self._targets))
         for d in sorted(self._targets):
             addrs, ttl, updated = self._targets[d]
-            out += _TARGET_HEAD.pack(index[d], ttl, updated, len(addrs))
-            out += _le(array("I", addrs)).tobytes()
+            v6 = [a for a in addrs if a > V4_MAX]  # sorted: the v4 ones come first
+            out += _TARGET_HEAD.pack(index[d], ttl, updated, len(addrs) - len(v6))
+            out += _le(array("I", addrs[:len(addrs) - len(v6)])).tobytes()
+            out += _U32.pack(len(v6))
+            out += b"".join(a.to_bytes(16, "big") for a in v6)
         out += _U32.pack(len(self._nodes))
         for node in sorted(self._nodes):
             n = self._nodes[node]
@@ -768,7 +774,7 @@ class _Reader:
             raise ValueError("not a pool snapshot (bad magic or too short)")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
         _, version, _, _ = _HEADER.unpack_from(body, 0)
-        if version not in (1, SNAPSHOT_VERSION):
+        if not 1 <= version <= SNAPSHOT_VERSION:
             raise ValueError(f"pool snapshot version {version} is not supported (this build reads "
                              f"versions 1 to {SNAPSHOT_VERSION})")
         self.version: int = version
@@ -837,6 +843,12 @@ class _Reader:
         for _ in range(self.u32()):
             di, ttl, updated, count = _TARGET_HEAD.unpack(self.take(_TARGET_HEAD.size))
             addrs = tuple(self.array("I", count))
+            if self.version >= 3:
+                raw = self.take(16 * self.u32())
+                v6 = tuple(int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16))
+                if any(a <= V4_MAX for a in v6) or list(v6) != sorted(set(v6)):
+                    raise ValueError("pool snapshot has a bad IPv6 target")
+                addrs += v6
             if di >= len(domains) or _finite_time(ttl) is None or _finite_time(updated) is None:
                 raise ValueError("pool snapshot has a bad targets entry")
             targets[domains[di]] = (addrs, ttl, updated)

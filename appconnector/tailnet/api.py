@@ -24,6 +24,7 @@ class NodeInfo:
     routes: tuple[str, ...] = ()          # subnet routes routed to it (AllowedIPs beyond its own addresses)
     login: str = ""                # the owner's login name (whois UserProfile; "" elsewhere)
     granted: frozenset[str] = frozenset()  # app names the grants capability gives it (whois CapMap)
+    ipv6: tuple[str, ...] = ()     # tailnet IPv6 addresses (fd7a:115c:a1e0::/48; ip6 saddr, v6 steering)
 
 
 class NodeIdentity(Protocol):

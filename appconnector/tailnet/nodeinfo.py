@@ -13,14 +13,14 @@ from typing import Any
 from appconnector.tailnet.api import NodeInfo
 
 
-def _ipv4s(values: Any) -> tuple[str, ...]:
+def _ipv4s(values: Any, version: int = 4) -> tuple[str, ...]:
     out = []
     for v in values or ():
         try:
             iface = ipaddress.ip_interface(str(v))
         except ValueError:
             continue
-        if iface.version == 4:
+        if iface.version == version:
             out.append(str(iface.ip))
     return tuple(out)
 
@@ -64,7 +64,8 @@ def from_tailcfg_node(node: dict[str, Any]) -> NodeInfo | None:
                     ipv4=_ipv4s(addresses), tags=tuple(node.get("Tags") or ()),
                     online=True if online is None else bool(online),
                     primary_routes=_prefixes(node.get("PrimaryRoutes")),
-                    routes=_prefixes(node.get("AllowedIPs"), addresses))  # null AllowedIPs: the addresses only
+                    routes=_prefixes(node.get("AllowedIPs"), addresses),  # null AllowedIPs: the addresses only
+                    ipv6=_ipv4s(addresses, 6))
 
 
 def from_peer_status(peer: dict[str, Any]) -> NodeInfo | None:
@@ -76,7 +77,8 @@ def from_peer_status(peer: dict[str, Any]) -> NodeInfo | None:
     return NodeInfo(node=stable, name=_name(peer.get("DNSName"), peer.get("HostName")),
                     ipv4=_ipv4s(ips), tags=tuple(peer.get("Tags") or ()),
                     online=bool(peer.get("Online", False)),
-                    primary_routes=_prefixes(peer.get("PrimaryRoutes")), routes=_prefixes(peer.get("AllowedIPs"), ips))
+                    primary_routes=_prefixes(peer.get("PrimaryRoutes")), routes=_prefixes(peer.get("AllowedIPs"), ips),
+                    ipv6=_ipv4s(ips, 6))
 
 
 def numeric_id(node: dict[str, Any], key: str) -> int | None:

@@ -48,8 +48,9 @@ class TailnetService:
         self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
         self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
         self.identity = TailnetIdentity(self.client, self.directory, capability=cfg.tailnet.capability)
-        self.advertiser = RouteAdvertiser(self.client, cfg.pool.prefixes, RouteRecord(record_path(cfg)))
-        self.approver = RouteApprover(cfg, cfg.pool.prefixes)
+        routes = cfg.pool.prefixes + cfg.pool.prefixes6  # the v6 pool beside the v4 one
+        self.advertiser = RouteAdvertiser(self.client, routes, RouteRecord(record_path(cfg)))
+        self.approver = RouteApprover(cfg, routes)
         self.serving = RouteServing(self.directory, cfg.pool.prefixes, cfg.cluster.tag,
                                     cfg.tailnet.route_approval_grace)
         want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter

@@ -63,6 +63,14 @@ ZONE = [
     "alias2.test. 300 IN A 192.0.2.51",
     "alias2.test. 300 IN HTTPS 0 svc.test.",
     "ignored.test. 300 IN HTTPS 1 . ipv4hint=198.51.100.7",
+    # dual stack (tests/dns/test_aaaa.py): AAAA is answered from the v6 pool only for names with real AAAA
+    "dual.test. 300 IN A 192.0.2.60",
+    "dual.test. 300 IN AAAA 2001:db8::60",
+    "dual.test. 300 IN AAAA 2001:db8::61",
+    "dual2.test. 300 IN A 192.0.2.61",
+    "dual2.test. 300 IN AAAA 2001:db8::62",
+    "loop6.test. 300 IN A 192.0.2.62",
+    "loop6.test. 300 IN AAAA fd7a:115c:a1e0:a99c:1::5",
 ]
 
 

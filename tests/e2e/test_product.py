@@ -22,11 +22,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.nat.netns import CONNECTORS, HERE, ORIGIN, ORIGIN_B, REPO, TAILNET_IF, Topology, sh
+from tests.nat.netns import (
+    CONNECTORS,
+    CONNECTORS6,
+    HERE,
+    ORIGIN,
+    ORIGIN6,
+    ORIGIN_B,
+    POOL6,
+    REPO,
+    TAILNET_IF,
+    Topology,
+    sh,
+)
 
 pytestmark = pytest.mark.root
 
 DNS = "100.64.1.0"  # the pool's reserved first address
+DNS6 = CONNECTORS6["conn1"][0]  # with v6: the connector's own tailnet IPv6 (standalone: the node is the asking IP)
 
 
 def _require() -> None:
@@ -49,14 +62,16 @@ def _wait(cond: object, timeout: float, what: str) -> object:
 
 
 class Product:
-    def __init__(self, topo: Topology, workdir: Path) -> None:
+    def __init__(self, topo: Topology, workdir: Path, v6: bool = False) -> None:
         self.topo = topo
         self.workdir = workdir
+        self.v6 = v6  # pool.prefixes6, DNS also on the connector's tailnet IPv6, a dual-stack origin
         self.log = open(workdir / "conn1.log", "w+")  # noqa: SIM115 - read back on failure
         self.proc: subprocess.Popen[str] | None = None
 
     def start_origin(self) -> None:
-        origin = self.topo.spawn("origin", sys.executable, str(HERE / "origin.py"), ORIGIN, ORIGIN_B)
+        extra = (ORIGIN6,) if self.v6 else ()
+        origin = self.topo.spawn("origin", sys.executable, str(HERE / "origin.py"), ORIGIN, ORIGIN_B, *extra)
         assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
         conf = self.workdir / "unbound.conf"
         conf.write_text(f"""server:
@@ -76,6 +91,8 @@ class Product:
     local-data: "app.test. 300 IN A {ORIGIN}"
     local-data: "other.test. 300 IN A {ORIGIN_B}"
     local-data: "nodata.test. 300 IN TXT hello"
+    local-data: "dual.test. 300 IN A {ORIGIN}"
+    local-data: "dual.test. 300 IN AAAA {ORIGIN6}"
 """)
         self.topo.spawn("origin", "unbound", "-d", "-c", str(conf))
         _wait(lambda: "NOERROR" in self.dig("conn1", "app.test", server=ORIGIN), 15, "Unbound in the origin")
@@ -87,11 +104,12 @@ class Product:
 mode = "standalone"
 interface = "{TAILNET_IF}"
 [dns]
-listen = ["{DNS}:53"]
+listen = ["{DNS}:53"{f', "[{DNS6}]:53"' if self.v6 else ""}]
 upstream = ["{ORIGIN}:53"]
 ttl = "60s"
 [pool]
 prefixes = ["100.64.1.0/24"]
+prefixes6 = [{f'"{POOL6}"' if self.v6 else ""}]
 [cluster]
 state_dir = "{self.workdir / 'state'}"
 [http]
@@ -115,10 +133,11 @@ listen = "127.0.0.1:8893"
             args.append("+tcp")
         return self.topo.run_in(client, *args, check=False).stdout
 
-    def answer(self, client: str, name: str) -> str:
-        out = self.topo.run_in(client, "kdig", f"@{DNS}", name, "A", "+short", "+timeout=2", check=False).stdout
+    def answer(self, client: str, name: str, qtype: str = "A", server: str = DNS) -> str:
+        out = self.topo.run_in(client, "kdig", f"@{server}", name, qtype, "+short", "+timeout=2",
+                               check=False).stdout
         lines = [line for line in out.splitlines() if line and not line.startswith(";")]
-        assert len(lines) == 1, f"one A record for {name}, got {out!r}; log: {self.logs()[-3000:]}"
+        assert len(lines) == 1, f"one {qtype} record for {name}, got {out!r}; log: {self.logs()[-3000:]}"
         return lines[0]
 
     def client(self, client: str, *args: str) -> dict[str, object]:
@@ -134,11 +153,11 @@ listen = "127.0.0.1:8893"
         return self.proc.wait(30)
 
 
-@pytest.fixture
-def product(tmp_path: Path) -> Iterator[Product]:
+@pytest.fixture(params=[False])
+def product(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Product]:
     _require()
     topo = Topology(f"e2e{os.getpid() % 100000}").create()
-    p = Product(topo, tmp_path)
+    p = Product(topo, tmp_path, v6=request.param)
     try:
         p.start_origin()
         p.start_connector()
@@ -200,3 +219,22 @@ def test_unmapped_pool_traffic_is_refused_and_stop_removes_only_our_table(produc
     assert "inet appconnector" not in tables and "inet bystander" in tables
     routes = sh("ip", "-n", product.topo.ns("conn1"), "route", "show", "table", "local").stdout
     assert DNS not in routes, "the DNS address is taken off lo again"
+
+
+@pytest.mark.parametrize("product", [True], indirect=True)
+def test_v6_pool_steers_a_dual_stack_service_and_keeps_nodata_for_a_v4_only_one(product: Product) -> None:
+    """pool.prefixes6 in the shipped product: a client asking over IPv6 gets the v6 pool address of a
+    service with real AAAA and reaches it over IPv6 (TCP, UDP, ICMPv6); a v4-only service's AAAA is
+    NODATA. (Standalone mode: the node is the asking IP; tailscale mode links a node's addresses.)"""
+    v6 = product.answer("cli1", "dual.test", "AAAA", server=DNS6)
+    assert v6.startswith("fd7a:115c:a1e0:a99c:1::"), v6
+    body = product.client("cli1", "http", v6)
+    assert body["ok"] and f"origin {ORIGIN6} from {CONNECTORS6['conn1'][1]}" in str(body["body"]), (
+        body, product.logs()[-3000:])
+    udp = product.client("cli1", "udp", v6, "ping")
+    assert udp["ok"] and f"echo {ORIGIN6}" in str(udp["reply"]), udp
+    assert product.client("cli1", "icmp", v6)["ok"]
+    aaaa = product.dig("cli1", "app.test", "AAAA", server=DNS6)
+    assert "NOERROR" in aaaa and "ANSWER: 0" in aaaa and "SOA" in aaaa, "v4-only: NODATA with SOA"
+    metrics = product.topo.run_in("conn1", "curl", "-s", "http://127.0.0.1:8893/metrics", check=False).stdout
+    assert 'appconnector_dns_aaaa_answers_total{result="v6_pool"} 1.0' in metrics, metrics[-2000:]

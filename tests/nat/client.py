@@ -2,7 +2,7 @@
 
   client.py http ADDRESS          GET http://ADDRESS:8080/ → {"ok", "body"}
   client.py udp ADDRESS PAYLOAD [SPORT]  one datagram to the echo port → {"ok", "reply"}
-  client.py icmp ADDRESS          one echo request → {"ok"}
+  client.py icmp ADDRESS          one echo request (ICMPv6 for an IPv6 address) → {"ok"}
   client.py flows ADDRESS N       N UDP flows (N source ports), one datagram each → {"replies"}
   client.py hold ADDRESS SECONDS  one UDP flow kept alive (a packet every 0.2 s) for SECONDS
   client.py connect ADDRESS       TCP connect to the HTTP port, no retry → {"ok", "errno", "seconds"}
@@ -28,18 +28,23 @@ TIMEOUT = 2.0
 FAIL_TIMEOUT = 5.0  # the failure tests' patience: longer than the bound they assert, so a timeout shows
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def http(address: str) -> dict[str, object]:
+    host = f"[{address}]" if ":" in address else address
     try:
-        with urllib.request.urlopen(f"http://{address}:{HTTP_PORT}/", timeout=TIMEOUT) as r:
+        with urllib.request.urlopen(f"http://{host}:{HTTP_PORT}/", timeout=TIMEOUT) as r:
             return {"ok": True, "body": r.read().decode()}
     except OSError as e:
         return {"ok": False, "error": str(e)}
 
 
 def udp(address: str, payload: str, sport: int = 0) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", sport))
+        s.bind(("::" if ":" in address else "0.0.0.0", sport))
         s.settimeout(TIMEOUT)
         s.sendto(payload.encode(), (address, UDP_PORT))
         try:
@@ -58,11 +63,16 @@ def _checksum(data: bytes) -> int:
 
 
 def icmp(address: str) -> dict[str, object]:
+    """One echo request, ICMP or ICMPv6 by the address (the kernel fills in an ICMPv6 checksum and
+    delivers ICMPv6 without the IP header)."""
+    v6 = ":" in address
     ident = os.getpid() & 0xFFFF
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    request, reply = (128, 129) if v6 else (8, 0)
     payload = b"acnat-ping"
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    checksum = 0 if v6 else _checksum(struct.pack("!BBHHH", request, 0, 0, ident, 1) + payload)
+    packet = struct.pack("!BBHHH", request, 0, checksum, ident, 1) + payload
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(_family(address), socket.SOCK_RAW, proto) as s:
         s.settimeout(TIMEOUT)
         s.sendto(packet, (address, 0))
         deadline = time.monotonic() + TIMEOUT
@@ -71,9 +81,9 @@ def icmp(address: str) -> dict[str, object]:
                 data, peer = s.recvfrom(2048)
             except OSError as e:
                 return {"ok": False, "error": str(e)}
-            ihl = (data[0] & 0x0F) * 4
+            ihl = 0 if v6 else (data[0] & 0x0F) * 4
             kind, _code, _sum, rid, _seq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if kind == 0 and rid == ident:
+            if kind == reply and rid == ident:
                 return {"ok": True, "from": peer[0]}
     return {"ok": False, "error": "no echo reply"}
 
@@ -87,7 +97,7 @@ def _failure(e: OSError | None, t0: float) -> dict[str, object]:
 
 
 def connect(address: str) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
         s.settimeout(FAIL_TIMEOUT)
         t0 = time.monotonic()
         try:
@@ -99,7 +109,7 @@ def connect(address: str) -> dict[str, object]:
 
 def udperr(address: str) -> dict[str, object]:
     """A connected UDP socket reports the ICMP error its datagram earned on the next recv."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.settimeout(FAIL_TIMEOUT)
         s.connect((address, UDP_PORT))
         t0 = time.monotonic()
@@ -140,7 +150,7 @@ def pingerr(address: str) -> dict[str, object]:
 
 
 def flood(address: str, n: int) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         sent = 0
         for _ in range(n):
             try:
@@ -157,7 +167,7 @@ def flows(address: str, n: int, batch: int = 100) -> dict[str, object]:
     for first in range(0, n, batch):
         socks = []
         for _ in range(min(batch, n - first)):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(_family(address), socket.SOCK_DGRAM)
             s.setblocking(False)
             s.sendto(b"flow", (address, UDP_PORT))
             socks.append(s)
@@ -182,7 +192,7 @@ def hold(address: str, seconds: float) -> dict[str, object]:
     """``last_reply``: CLOCK_MONOTONIC (one clock for every namespace) of the last reply, or None."""
     replies = 0
     last: float | None = None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
         end = time.monotonic() + seconds
         while time.monotonic() < end:

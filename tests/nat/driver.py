@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,30 @@ from appconnector.config import load
 from appconnector.nat.service import NatService
 from appconnector.pool.local import LocalPool
 from appconnector.pool.state import PoolState
+from appconnector.tailnet.api import NodeInfo
 
 
 def ip_text(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
+    return str(ipaddress.IPv4Address(a) if a <= 0xFFFFFFFF else ipaddress.IPv6Address(a))
 
 
 def ip_int(t: str) -> int:
-    return int(ipaddress.IPv4Address(t))
+    return int(ipaddress.ip_address(t))
+
+
+class StaticDirectory:
+    """A fixed node list (option ``nodes``: node → its tailnet IPs, both families), as the tailnet
+    directory would give it: one node, one mapping, reachable from its IPv4 and its IPv6."""
+
+    def __init__(self, nodes: dict[str, list[str]]) -> None:
+        self._nodes = {n: NodeInfo(node=n, name=n, ipv4=tuple(i for i in ips if ":" not in i),
+                                   ipv6=tuple(i for i in ips if ":" in i)) for n, ips in nodes.items()}
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        return dict(self._nodes)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        pass  # the list never changes
 
 
 def counter_value(counter: Any) -> float:
@@ -69,7 +86,8 @@ async def main() -> None:
     cfg = load(opts.get("config"), env=env)
     replica = await make_replica(opts, cfg)
     fatal: list[str] = []
-    nat = NatService(cfg, replica, None, seen_interval=opts.get("seen_interval", 1.0),
+    directory = StaticDirectory(opts["nodes"]) if "nodes" in opts else None
+    nat = NatService(cfg, replica, directory, seen_interval=opts.get("seen_interval", 1.0),
                      conntrack_interval=opts.get("conntrack_interval", 30.0),
                      touch_refresh=opts.get("touch_refresh"), on_fatal=fatal.append)
     await nat.start()

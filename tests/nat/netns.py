@@ -3,6 +3,8 @@
 Only addresses inside these namespaces are used:
   tailnet 100.101.0.0/24: clients .2 and .3, connectors .11 and .12 (interface ``tsnet0``)
   uplink 198.51.100.0/24: connectors .11 and .12, origin .10 with real service addresses .10 and .20
+  and IPv6 on every link: tailnet fd7a:115c:a1e0::/64 (Tailscale's node range; clients ::2, ::3,
+  connectors ::11, ::12), uplink 2001:db8:100::/64 (connectors ::11, ::12; origin ::10 and ::20)
 The clients route the pool prefix via connector 1; :meth:`Topology.route_via` moves it.
 Every name starts with ``acnat-`` and carries the pid, so parallel runs do not collide.
 """
@@ -27,6 +29,11 @@ CLIENTS = {"cli1": "100.101.0.2", "cli2": "100.101.0.3"}
 CONNECTORS = {"conn1": ("100.101.0.11", "198.51.100.11"), "conn2": ("100.101.0.12", "198.51.100.12")}
 ORIGIN = "198.51.100.10"
 ORIGIN_B = "198.51.100.20"
+POOL6 = "fd7a:115c:a1e0:a99c:1::/80"
+CLIENTS6 = {"cli1": "fd7a:115c:a1e0::2", "cli2": "fd7a:115c:a1e0::3"}
+CONNECTORS6 = {"conn1": ("fd7a:115c:a1e0::11", "2001:db8:100::11"), "conn2": ("fd7a:115c:a1e0::12", "2001:db8:100::12")}
+ORIGIN6 = "2001:db8:100::10"
+ORIGIN6_B = "2001:db8:100::20"
 HTTP_PORT = 8080
 UDP_PORT = 7007
 
@@ -72,15 +79,21 @@ class Topology:
         for i, (c, addr) in enumerate(CLIENTS.items()):
             self._veth(c, "eth0", "tn", f"c{i}")
             self.ip(c, "addr", "add", f"{addr}/24", "dev", "eth0")
+            self.ip(c, "addr", "add", f"{CLIENTS6[c]}/64", "dev", "eth0", "nodad")
         for i, (c, (tn_addr, up_addr)) in enumerate(CONNECTORS.items()):
             self._veth(c, TAILNET_IF, "tn", f"k{i}")
             self._veth(c, "up0", "up", f"k{i}")
             self.ip(c, "addr", "add", f"{tn_addr}/24", "dev", TAILNET_IF)
             self.ip(c, "addr", "add", f"{up_addr}/24", "dev", "up0")
+            self.ip(c, "addr", "add", f"{CONNECTORS6[c][0]}/64", "dev", TAILNET_IF, "nodad")
+            self.ip(c, "addr", "add", f"{CONNECTORS6[c][1]}/64", "dev", "up0", "nodad")
             self.run_in(c, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            self.run_in(c, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         self._veth("origin", "eth0", "up", "o0")
         self.ip("origin", "addr", "add", f"{ORIGIN}/24", "dev", "eth0")
         self.ip("origin", "addr", "add", f"{ORIGIN_B}/24", "dev", "eth0")
+        for a in (ORIGIN6, ORIGIN6_B):
+            self.ip("origin", "addr", "add", f"{a}/64", "dev", "eth0", "nodad")
         self.route_via("conn1")
         return self
 
@@ -88,6 +101,7 @@ class Topology:
         """Send the clients' pool traffic to ``connector`` (a subnet router change)."""
         for c in CLIENTS:
             self.ip(c, "route", "replace", POOL, "via", CONNECTORS[connector][0])
+            self.ip(c, "-6", "route", "replace", POOL6, "via", CONNECTORS6[connector][0])
 
     def spawn(self, role: str, *args: str, stderr: IO[str] | None = None) -> subprocess.Popen[str]:
         """Start a process in ``role``'s namespace (stderr to ``stderr``, default discarded: an unread

@@ -26,8 +26,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def udp_echo(address: str) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((address, UDP_PORT))
     while True:
         data, peer = s.recvfrom(2048)
@@ -36,7 +40,8 @@ def udp_echo(address: str) -> None:
 
 def main() -> None:
     for address in sys.argv[1:]:
-        server = http.server.ThreadingHTTPServer((address, HTTP_PORT), Handler)
+        kind = Server6 if ":" in address else http.server.ThreadingHTTPServer
+        server = kind((address, HTTP_PORT), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         threading.Thread(target=udp_echo, args=(address,), daemon=True).start()
     print("ready", flush=True)

@@ -415,9 +415,10 @@ def test_a_version_1_snapshot_keeps_the_high_water_rule_until_the_first_tick() -
 
 
 def _as_version_1(data: bytes) -> bytes:
-    """A version-2 snapshot as the version-1 code wrote it: no flags byte (and its own checksum)."""
+    """A snapshot without targets (version 3 then equals version 2) as the version-1 code wrote it: no
+    flags byte (and its own checksum)."""
     body = bytearray(data[:-32])
-    assert body[6:8] == (2).to_bytes(2, "little") and body[20] == 0
+    assert body[6:8] == (3).to_bytes(2, "little") and body[20] == 0
     body[6:8] = (1).to_bytes(2, "little")
     del body[20]  # the header is 20 bytes (magic, version, clock, prefixes); the flags byte follows it
     return bytes(body) + hashlib.sha256(bytes(body)).digest()
