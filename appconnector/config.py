@@ -20,6 +20,10 @@ import netaddr
 ENV_PREFIX = "APPCONNECTOR_"
 # Variables the ``appconnector`` command reads itself (--config, --log-level, --log-format): not config keys.
 COMMAND_VARIABLES = frozenset({"APPCONNECTOR_CONFIG", "APPCONNECTOR_LOG_LEVEL", "APPCONNECTOR_LOG_FORMAT"})
+# Variables of this repository's own tools (./dev, the tests): set in a developer's or CI's shell, they reach
+# every `appconnector run` a test starts, and are no config keys either.
+TOOL_VARIABLES = frozenset({"APPCONNECTOR_LONG", "APPCONNECTOR_VENV", "APPCONNECTOR_PEERS_DIR",
+                            "APPCONNECTOR_ARTIFACTS"})
 DEFAULT_RAFT_PORT = 6270
 STANDALONE_DNS_LISTEN = "127.0.0.1:5353"
 ADMIN_TOKEN_NAME = "admin.token"
@@ -501,7 +505,7 @@ def _build(raw: Mapping[str, Any], source: str) -> Config:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in COMMAND_VARIABLES:
+        if not name.startswith(ENV_PREFIX) or name in COMMAND_VARIABLES or name in TOOL_VARIABLES:
             continue
         rest = name[len(ENV_PREFIX):].lower()
         section, _, key = rest.partition("_")

@@ -98,6 +98,14 @@ def test_command_variables_are_not_config_keys() -> None:
     assert cfg.dns.ttl == 30.0
 
 
+def test_the_repositorys_tool_variables_are_not_config_keys() -> None:
+    # `APPCONNECTOR_LONG=1 ./dev test` must not make every `appconnector run` the tests start refuse its config
+    env = {name: "1" for name in config.TOOL_VARIABLES} | {"APPCONNECTOR_DNS_TTL": "30s"}
+    assert config.load(None, env=env).dns.ttl == 30.0
+    with pytest.raises(config.ConfigError):  # a typo is still named
+        config.load(None, env={"APPCONNECTOR_LONGG": "1"})
+
+
 def test_demo_is_standalone_offline(tmp_path: Path) -> None:
     cfg = config.demo(tmp_path, env={})
     assert cfg.standalone and not cfg.dns.verify_upstream
