@@ -264,6 +264,10 @@ def test_tcp_connections_count_against_the_in_flight_limit(running: Start, stub:
         for i, conn in enumerate(busy):
             send(conn, f"slow{i}.example")
         wait_until(lambda: stub.queries >= 1, 5, "the first slow query to reach the upstream")
+        # and both connections past reading their query: one still waiting for it is idle, and would
+        # rightly give its place up to the extra connection
+        server = r.service.server
+        wait_until(lambda: len(server._tasks) >= 2 and not server._idle, 5, "both slow queries in flight")
         with socket.create_connection((r.host, r.port), timeout=5) as extra:
             send(extra, "extra.example")
             assert extra.recv(2) == b"", "a connection beyond the limit is closed unanswered"
