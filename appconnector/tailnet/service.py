@@ -160,10 +160,9 @@ class TailnetService:
 
         done = asyncio.Event()
         self.directory.subscribe(lambda: done.set() if moved() else None)
-        if moved():
-            return
         try:
-            await asyncio.wait_for(done.wait(), timeout)
+            if not moved():  # the netmap may already show another primary: the same outcome, said the same way
+                await asyncio.wait_for(done.wait(), timeout)
             log.info("the pool routes moved to another connector")
         except TimeoutError:
             log.warning("no other connector took the pool routes within %.0fs; stopping anyway", timeout)

@@ -149,7 +149,11 @@ def test_sigterm_withdraws_in_process_and_another_connector_answers(net: Tailnet
     stopped = time.monotonic()
     assert POOL not in _advertised(victim), "the stopping connector withdrew its route itself"
     assert "withdrew routes 100.64.1.0/24" in victim.connector_log()
-    assert "the pool routes moved to another connector" in victim.connector_log(), "it waited for the failover"
+    # it kept serving while it waited for another primary: seen, or given up after its 3 s wait (headscale
+    # sometimes takes longer to move the primary; the wait below bounds that)
+    log_text = victim.connector_log()
+    assert ("the pool routes moved to another connector" in log_text
+            or "no other connector took the pool routes within 3s" in log_text), "it waited for the failover"
     moved_to = wait_for(lambda: (p := net.primary_route_node()) not in (None, victim.name) and p, 60,
                         "headscale to move the primary away from the stopped connector")
     moved = time.monotonic()
