@@ -23,27 +23,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.localapi_standin import get_state, set_state
-from tests.ops.helpers import REPO
+from tests.ops.helpers import REPO, wait_until
 
 TAG = "tag:appconnector"
 NS = f"actn-e2e-{os.getpid() % 100000}"
 CONN = {"nConnA": "127.0.0.1", "nConnB": "127.0.0.2"}
 CLIENT_IP = "127.0.0.3"
 
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _in_ns(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -200,7 +192,7 @@ def test_two_fresh_connectors_form_one_cluster(netns: str, tmp_path: Path) -> No
         time.sleep(0.5)  # give B a head start; A is started while B is waiting
         fleet.start("nConnA")
         for sid in CONN:
-            _wait(lambda sid=sid: fleet.ready(sid), 90, f"{sid} ready")
+            wait_until(lambda sid=sid: fleet.ready(sid), 90, f"{sid} ready")
 
         members = fleet.members("nConnB")
         assert members["members"] == ["127.0.0.1:6270", "127.0.0.2:6270"]
@@ -250,7 +242,7 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
         for sid in CONN:
             fleet.start(sid)
         for sid in CONN:
-            _wait(lambda sid=sid: fleet.ready(sid), 60, f"{sid} ready")
+            wait_until(lambda sid=sid: fleet.ready(sid), 60, f"{sid} ready")
         a = _query("127.0.0.1", 5353)
         assert _query("127.0.0.2", 5353) == a
 
@@ -259,10 +251,10 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
             set_state(fleet.socks[sid], {**get_state(fleet.socks[sid]), "peers": _state(sid, CONN3)["peers"]})
         fleet.standin("nConnC", CONN3["nConnC"], CONN3)
         fleet.start("nConnC")
-        _wait(lambda: fleet.ready("nConnC"), 60, "the tagged-later connector C ready (added by the leader)")
+        wait_until(lambda: fleet.ready("nConnC"), 60, "the tagged-later connector C ready (added by the leader)")
         everyone = ["127.0.0.1:6270", "127.0.0.2:6270", "127.0.0.4:6270"]
         for sid in CONN3:
-            _wait(lambda sid=sid: fleet.members(sid)["members"] == everyone, 20, f"{sid} lists three members")
+            wait_until(lambda sid=sid: fleet.members(sid)["members"] == everyone, 20, f"{sid} lists three members")
         assert _query("127.0.0.4", 5353) == a, "C's replica converged: the same answer as A and B"
         leader = fleet.members("nConnC")["leader"]
         leader_sid = next(sid for sid, ip in CONN3.items() if f"{ip}:6270" == leader)
@@ -278,15 +270,15 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
         rest = sorted(f"{CONN3[sid]}:6270" for sid in CONN3 if sid != target)
         for sid in CONN3:
             if sid != target:
-                _wait(lambda sid=sid: fleet.members(sid)["members"] == rest, 20, f"{sid} lists two members")
-        _wait(lambda: "stopping DNS answers" in fleet.log(target), 20, "the removed member to say why")
+                wait_until(lambda sid=sid: fleet.members(sid)["members"] == rest, 20, f"{sid} lists two members")
+        wait_until(lambda: "stopping DNS answers" in fleet.log(target), 20, "the removed member to say why")
         said = next(line for line in fleet.log(target).splitlines() if "stopping DNS answers" in line)
         assert f"removed from the cluster by the leader {leader}" in said, said
         assert _ask(CONN3[target], 5353)[0] == 5, "the removed member answers REFUSED (rcode 5)"
         assert not fleet.ready(target), "the removed member reports unready"
         own = _cli("cluster", "members", "--http", f"{CONN3[target]}:8893").stdout
         assert f"{addr}  (self, removed)" in own, own
-        _wait(lambda: "100.64.1.0/24" not in (get_state(fleet.socks[target])["prefs"]["AdvertiseRoutes"] or []),
+        wait_until(lambda: "100.64.1.0/24" not in (get_state(fleet.socks[target])["prefs"]["AdvertiseRoutes"] or []),
               10, "the removed member to withdraw the pool route")
         assert get_state(fleet.socks[target])["prefs"]["AdvertiseRoutes"] == ["192.168.50.0/24"]
         for sid in CONN3:  # the others keep serving the same mapping
@@ -299,22 +291,23 @@ def test_a_connector_tagged_later_joins_and_cluster_remove_stops_a_member(netns:
         def skipped_as_removed() -> bool:
             return any(skipped in ln and "it was removed with `cluster remove`" in ln
                        for sid in CONN3 if sid != target for ln in fleet.log(sid).splitlines())
-        _wait(skipped_as_removed, 20, "the leader to skip the removed member, saying why")
+        wait_until(skipped_as_removed, 20, "the leader to skip the removed member, saying why")
         assert all(fleet.members(sid)["members"] == rest for sid in CONN3 if sid != target)
 
         # a restart with its state keeps it out (membership.json says removed) ...
         assert fleet.stop_one(target) == 0
         fleet.start(target)
-        _wait(lambda: "stopping DNS answers" in fleet.log(target), 30, "the restarted removed member to say why")
+        wait_until(lambda: "stopping DNS answers" in fleet.log(target), 30, "the restarted removed member to say why")
         assert "membership.json" in fleet.log(target)
         assert _ask(CONN3[target], 5353)[0] == 5 and not fleet.ready(target)
         # ... and with its state directory emptied it joins again as a new member
         assert fleet.stop_one(target) == 0
         shutil.rmtree(tmp_path / target)
         fleet.start(target)
-        _wait(lambda: fleet.ready(target), 60, "the emptied member to join again")
+        wait_until(lambda: fleet.ready(target), 60, "the emptied member to join again")
         for sid in CONN3:
-            _wait(lambda sid=sid: fleet.members(sid)["members"] == everyone, 20, f"{sid} lists three members again")
+            wait_until(lambda sid=sid: fleet.members(sid)["members"] == everyone, 20,
+                       f"{sid} lists three members again")
         assert _query(CONN3[target], 5353) == a
     finally:
         codes = fleet.stop()
@@ -331,7 +324,7 @@ def test_a_connector_without_cluster_tag_does_not_run_a_pickle_sent_to_its_raft_
     try:
         fleet.standin("nConnA", "127.0.0.1", {"nConnA": "127.0.0.1"})
         fleet.start("nConnA", clustered=False)
-        _wait(lambda: fleet.ready("nConnA"), 90, "the connector to be ready")
+        wait_until(lambda: fleet.ready("nConnA"), 90, "the connector to be ready")
         res = _in_ns(sys.executable, "-m", "tests.ops.raft_probe", "attack", "127.0.0.1:6270", str(marker))
         assert res.stdout.strip() == "closed", res.stdout + res.stderr
         assert not marker.exists(), "the pickle sent to the Raft port ran a shell command"

@@ -15,26 +15,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.localapi_standin import get_state
-from tests.ops.helpers import REPO, cli, free_port
+from tests.ops.helpers import REPO, cli, free_port, wait_until
 
 OTHER = "192.168.50.0/24"  # advertised by the operator before the connector came
 POOL = "100.64.1.0/24"
 
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _env() -> dict[str, str]:
@@ -120,7 +111,7 @@ def host_factory(tmp_path: Path) -> Iterator[Callable[..., Host]]:
 def test_sigterm_withdraws_only_the_routes_the_connector_added(host_factory: Callable[..., Host]) -> None:
     h = host_factory([OTHER])
     proc = h.run()
-    _wait(h.ready, 60, "the connector to be ready")
+    wait_until(h.ready, 60, "the connector to be ready")
     assert h.routes() == [OTHER, POOL]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -132,7 +123,7 @@ def test_withdraw_command_after_kill9_takes_back_the_crashed_connectors_routes(
         host_factory: Callable[..., Host]) -> None:
     h = host_factory([OTHER])
     proc = h.run()
-    _wait(h.ready, 60, "the connector to be ready")
+    wait_until(h.ready, 60, "the connector to be ready")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert h.routes() == [OTHER, POOL], "a crashed connector cannot withdraw: tailscaled keeps the route"
@@ -149,7 +140,7 @@ def test_withdraw_command_after_kill9_takes_back_the_crashed_connectors_routes(
 def test_a_pool_route_advertised_before_the_connector_stays(host_factory: Callable[..., Host]) -> None:
     h = host_factory([POOL, OTHER])
     proc = h.run()
-    _wait(h.ready, 60, "the connector to be ready")
+    wait_until(h.ready, 60, "the connector to be ready")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     res = cli("routes", "withdraw", "--config", str(h.config))
@@ -163,7 +154,7 @@ def test_withdraw_never_touches_routes_when_advertise_routes_is_off(host_factory
     (h.tmp / "state").mkdir()
     (h.tmp / "state" / "advertised-routes.json").write_text(json.dumps({"routes": [POOL]}))
     proc = h.run()
-    _wait(h.ready, 60, "the connector to be ready")
+    wait_until(h.ready, 60, "the connector to be ready")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert h.routes() == [OTHER, POOL]
@@ -186,7 +177,7 @@ def test_a_fatal_start_up_error_after_advertising_withdraws(host_factory: Callab
 def test_withdraw_command_reports_an_unreachable_tailscaled(host_factory: Callable[..., Host]) -> None:
     h = host_factory([OTHER])
     proc = h.run()
-    _wait(h.ready, 60, "the connector to be ready")
+    wait_until(h.ready, 60, "the connector to be ready")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     os.killpg(h.standin.pid, signal.SIGKILL)
