@@ -16,7 +16,8 @@ import pytest
 from appconnector.pool.engine import StatePaths
 from appconnector.pool.statedir import mark_untrusted
 from tests.localapi_standin import get_state
-from tests.tailnet.test_tailscale_mode import _ask, _cli, _Fleet, _query, _wait, netns  # noqa: F401 (fixture)
+from tests.ops.helpers import wait_until
+from tests.tailnet.test_tailscale_mode import _ask, _cli, _Fleet, _query, netns  # noqa: F401 (fixture)
 
 ONE = {"nConnA": "127.0.0.1"}
 
@@ -30,7 +31,7 @@ def test_a_member_marked_untrusted_withdraws_its_route_refuses_and_is_unready(tm
     try:
         fleet.standin(sid, ip, ONE)
         fleet.start(sid)
-        _wait(lambda: fleet.ready(sid), 60, "the connector ready")
+        wait_until(lambda: fleet.ready(sid), 60, "the connector ready")
         assert _query(ip, 5353)
         # a crash (a clean stop withdraws the route itself): the pool route stays advertised
         fleet.procs[sid].kill()
@@ -40,8 +41,8 @@ def test_a_member_marked_untrusted_withdraws_its_route_refuses_and_is_unready(tm
 
         mark_untrusted(StatePaths.for_member(tmp_path / sid, f"{ip}:6270").dir, "journal conflict (test)")
         fleet.start(sid)
-        _wait(lambda: "untrusted state" in fleet.log(sid), 30, "the connector to say why it serves nothing")
-        _wait(lambda: get_state(fleet.socks[sid])["prefs"]["AdvertiseRoutes"] == ["192.168.50.0/24"], 20,
+        wait_until(lambda: "untrusted state" in fleet.log(sid), 30, "the connector to say why it serves nothing")
+        wait_until(lambda: get_state(fleet.socks[sid])["prefs"]["AdvertiseRoutes"] == ["192.168.50.0/24"], 20,
               "the pool route withdrawn, the operator's kept")
         assert _ask(ip, 5353)[0] == 5, "REFUSED"
         res = _cli("status", "--http", f"{ip}:8893")
