@@ -16,6 +16,7 @@ import struct
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from appconnector.dns import mmsg
 from appconnector.metrics import DNS_DROPPED, DNS_UDP_SEND_ERRORS
 from appconnector.ratelimit import RateLimitedLog
 
@@ -42,14 +43,41 @@ class QueryHandler(Protocol):
 
 class _UdpListener:
     """One UDP socket, read with ``add_reader`` and drained in batches: measured ~20 % more queries
-    per second than a DatagramProtocol (one Python callback per datagram) on uvloop here."""
+    per second than a DatagramProtocol (one Python callback per datagram) on uvloop here. On Linux an
+    IPv4 socket is drained with one ``recvmmsg`` and answered with one ``sendmmsg`` per wake-up
+    (``mmsg.py``); elsewhere one ``recvfrom``/``sendto`` per datagram."""
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self._server = server
         self.sock = sock
         self._fast = server.handler.fast_answer
+        self._batch = mmsg.BatchSocket(sock, UDP_BATCH) if mmsg.available(sock) else None
+        self.ready = self._ready_batched if self._batch is not None else self._ready_single
 
-    def ready(self) -> None:
+    def close(self) -> None:
+        self.sock.close()
+        if self._batch is not None:
+            self._batch.close()
+
+    def _ready_batched(self) -> None:
+        assert self._batch is not None
+        try:
+            self._batch.serve(self._fast, self._slow, self._failed)
+        except OSError as e:
+            _errors.warning("udp-recv", "DNS UDP receive failed: %s", e)
+
+    def _slow(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._server.spawn(self._general(data, addr))
+
+    @staticmethod
+    def _failed(what: str, error: BaseException, size: int) -> None:
+        if what == "fast":  # called inside the except clause: the line carries the traceback
+            _errors.exception("fast-path", "DNS fast path failed on a %d-byte query", size)
+        else:  # a full send buffer drops the answer, as the network could; the client retries
+            DNS_UDP_SEND_ERRORS.inc()
+            _errors.warning("udp-send", "DNS UDP send failed: %s", error)
+
+    def _ready_single(self) -> None:
         recv = self.sock.recvfrom
         send = self.sock.sendto
         fast = self._fast
@@ -63,17 +91,16 @@ class _UdpListener:
                 return
             try:
                 reply = fast(data, addr[0])
-            except Exception:  # the fast path must never take the listener down
-                _errors.exception("fast-path", "DNS fast path failed on a %d-byte query", len(data))
+            except Exception as e:  # the fast path must never take the listener down
+                self._failed("fast", e, len(data))
                 reply = None
             if reply is None:
                 self._server.spawn(self._general(data, addr))
                 continue
             try:
                 send(reply, addr)
-            except OSError as e:  # a full send buffer drops the answer, as the network could; the client retries
-                DNS_UDP_SEND_ERRORS.inc()
-                _errors.warning("udp-send", "DNS UDP send failed: %s", e)
+            except OSError as e:
+                self._failed("send", e, len(reply))
 
     async def _general(self, data: bytes, addr: tuple[Any, ...]) -> None:
         reply = await self._server.handler.answer(data, addr[0], "udp")
@@ -181,7 +208,7 @@ class DnsServer:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=1.0)
         for listener in self._udp:
-            listener.sock.close()
+            listener.close()
         for tcp in self._tcp:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(tcp.wait_closed(), 1.0)
