@@ -1,7 +1,7 @@
 """DNS benchmark: the shipped connector (`appconnector run`) against Unbound (one thread), same run.
 
     ./dev bench bench_dns [--seconds 2] [--rounds 5] [--names 2000] [--sources 4] [--new-names 3000]
-                          [--no-cluster] [--no-uvloop] [--no-in-process]
+                          [--no-cluster] [--no-uvloop] [--no-in-process] [--before DIR]
 
 Everything on loopback; the servers (each connector process and Unbound, one thread) are pinned to
 core 1, every client to core 0 (``bench/shipped.py``). Headline rows are ``appconnector run --config``
@@ -17,7 +17,9 @@ where the client IP is the node), driven from outside:
 3. The same through a 3-member standalone cluster (static peers, shared secret): through the leader and
    through a follower.
 
-Extra rows, labelled: the same `run` started with uvloop (the event-loop decision), and the old
+Extra rows, labelled: the same `run` started with uvloop (the event-loop decision); with ``--before
+DIR`` (a source tree of another version, e.g. ``git worktree add /tmp/before main``) that version's
+`run` in the same alternating rounds (a before/after ratio from one run); and the old
 in-process measurement (DnsService + LocalPool on uvloop inside this process, plus a UDP echo there).
 Prints a markdown table (paste into bench/README.md). Stops by itself: every client call has a timeout.
 """
@@ -66,20 +68,31 @@ def config(upstream_port: int, dns_port: int) -> Config:
 
 
 def start_echo(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, int]:
-    """The ceiling of this process's UDP loop: the same add_reader drain as the DNS listener, but the
-    'answer' is the query with QR set (no parsing, no lookup)."""
+    """The ceiling of this process's UDP loop: the same drain as the DNS listener (recvmmsg/sendmmsg
+    batches where available), but the 'answer' is the query with QR set (no parsing, no lookup)."""
+    from appconnector.dns import mmsg
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
-    recv, send = sock.recvfrom, sock.sendto
 
-    def ready() -> None:
-        for _ in range(64):
-            try:
-                data, addr = recv(65535)
-            except BlockingIOError:
-                return
-            send(data[:2] + b"\x81\x80" + data[4:], addr)
+    def echo(data: bytes, ip: str) -> bytes:
+        return data[:2] + b"\x81\x80" + data[4:]
+
+    if mmsg.available(sock):
+        batch = mmsg.BatchSocket(sock, 64)
+
+        def ready() -> None:
+            batch.serve(echo, lambda data, addr: None, lambda what, error, size: None)
+    else:
+        recv, send = sock.recvfrom, sock.sendto
+
+        def ready() -> None:
+            for _ in range(64):
+                try:
+                    data, addr = recv(65535)
+                except BlockingIOError:
+                    return
+                send(echo(data, addr[0]), addr)
     loop.add_reader(sock.fileno(), ready)
     return sock, int(sock.getsockname()[1])
 
@@ -148,6 +161,7 @@ def main() -> int:
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--no-uvloop", action="store_true", help="skip the `run` with uvloop comparison")
     ap.add_argument("--no-in-process", action="store_true", help="skip the old in-process rows")
+    ap.add_argument("--before", type=Path, help="source tree of another version: its `run` in the same rounds")
     args = ap.parse_args()
     for tool in ("dnsperf", "unbound", "taskset"):
         if shutil.which(tool) is None:
@@ -171,6 +185,9 @@ def main() -> int:
             if not args.no_uvloop:
                 targets["uvloop"] = Connector(work, "single-uvloop", ub_port, uvloop=True).start()
                 started.append(targets["uvloop"])
+            if args.before is not None:
+                targets["before"] = Connector(work, "single-before", ub_port, code=args.before.resolve()).start()
+                started.append(targets["before"])
             for c in targets.values():
                 c.wait_ready()
                 dnsperf_many(c.dns_port, known, None, srcs, once=True)  # every node checks out every name
@@ -182,6 +199,8 @@ def main() -> int:
                                   runs["connector"], ub, "≥ 0.8"))
             if "uvloop" in runs:
                 rows.append(ratio_row("extra: the same `run` started with uvloop (not shipped)", runs["uvloop"], ub))
+            if "before" in runs:
+                rows.append(ratio_row(f"extra: `run` of {args.before} (before)", runs["before"], ub))
             rows += new_name_rows("`run`, single node", single.dns_port, work, "s", args, args.latency_samples)
             for c in started:
                 c.stop()

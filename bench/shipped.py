@@ -182,8 +182,10 @@ class Connector:
     """One ``appconnector run --config FILE`` process, pinned to the server core."""
 
     def __init__(self, base: Path, name: str, upstream_port: int, *, raft_port: int | None = None,
-                 peers: Sequence[str] = (), secret: Path | None = None, uvloop: bool = False) -> None:
+                 peers: Sequence[str] = (), secret: Path | None = None, uvloop: bool = False,
+                 code: Path = REPO) -> None:
         self.name = name
+        self.code = code  # the source tree whose `appconnector` runs (another version: a before/after row)
         self.dns_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
         self.raft_port = raft_port or free_port()
         self.state_dir = base / f"{name}-state"
@@ -211,7 +213,7 @@ class Connector:
     def start(self) -> Connector:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPCONNECTOR_")}
-        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        env["PYTHONPATH"] = f"{self.code}{os.pathsep}{env.get('PYTHONPATH', '')}"
         exe = Path(sys.executable).parent / "appconnector"
         if self.uvloop:
             argv = [sys.executable, "-c", UVLOOP_RUN]
@@ -219,7 +221,7 @@ class Connector:
             argv = [str(exe)] if exe.exists() else [sys.executable, "-c", RUN]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(pinned(SERVER_CPU, [*argv, "run", "--config", str(self.config_path)]),
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.code,
                                          start_new_session=True)
         return self
 
