@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 MAX_DATAGRAM = 65535
@@ -115,18 +116,19 @@ class BatchSocket:
         self._u32 = memoryview(self._mem).cast("I")
         self._ptr = memoryview(self._mem).cast("P")
         self._size_t = memoryview(self._mem).cast("L")  # size_t is unsigned long on Linux
-        # per-slot word indexes, computed once
+        # per-slot offsets and word indexes, computed once (the loop in serve() only unpacks them)
         msg_len = _MMsgHdr.msg_len.offset
         name_ptr = _MsgHdr.msg_name.offset
         iov_len = _IoVec.iov_len.offset
-        self._len_at = [(self._recv_hdrs + i * hdr + msg_len) // 4 for i in range(batch)]
-        self._name = [names + i * _NAME_SLOT for i in range(batch)]
-        self._name_addr = [base + n for n in self._name]
-        self._send_name_at = [(self._send_hdrs + i * hdr + name_ptr) // ctypes.sizeof(ctypes.c_void_p)
-                              for i in range(batch)]
-        self._send_len_at = [(send_iovs + i * iov + iov_len) // ctypes.sizeof(ctypes.c_size_t)
-                             for i in range(batch)]
-        self._ips: dict[bytes, str] = {}
+        word, size_word = ctypes.sizeof(ctypes.c_void_p), ctypes.sizeof(ctypes.c_size_t)
+        names_at = [names + i * _NAME_SLOT for i in range(batch)]
+        # receive slot i: (data offset, msg_len index, s_addr index, sockaddr offset, sockaddr address)
+        self._slots = [(self._data + i * MAX_DATAGRAM, (self._recv_hdrs + i * hdr + msg_len) // 4,
+                        (names_at[i] + 4) // 4, names_at[i], base + names_at[i]) for i in range(batch)]
+        # send slot j: (data offset, iov_len index, msg_name index)
+        self._outs = [(self._send_data + j * MAX_DATAGRAM, (send_iovs + j * iov + iov_len) // size_word,
+                       (self._send_hdrs + j * hdr + name_ptr) // word) for j in range(batch)]
+        self._ips: dict[int, str] = {}  # s_addr as read from the buffer → the client's IP string
 
     def close(self) -> None:
         """Release the buffers (the socket is the caller's)."""
@@ -150,22 +152,16 @@ class BatchSocket:
             raise OSError(err, os.strerror(err))
         mem = self._mem
         u32, ptr, size_t = self._u32, self._ptr, self._size_t
-        len_at, name, name_addr = self._len_at, self._name, self._name_addr
-        send_name_at, send_len_at = self._send_name_at, self._send_len_at
+        outs = self._outs
         ips = self._ips
-        data_at = self._data
-        send_at = self._send_data
         out = 0
-        for i in range(n):
-            start = data_at + i * MAX_DATAGRAM
-            data = mem[start:start + u32[len_at[i]]]
-            at = name[i]
-            raw = mem[at + 4:at + 8]
-            ip = ips.get(raw)
+        for start, len_at, addr_at, at, sockaddr in islice(self._slots, n):
+            data = mem[start:start + u32[len_at]]
+            ip = ips.get(u32[addr_at])
             if ip is None:
                 if len(ips) >= _IP_CACHE:
                     ips.clear()
-                ip = ips[raw] = socket.inet_ntoa(raw)
+                ip = ips[u32[addr_at]] = socket.inet_ntoa(mem[at + 4:at + 8])
             try:
                 reply = fast(data, ip)
             except Exception as e:  # the fast path must never take the listener down
@@ -178,10 +174,10 @@ class BatchSocket:
             if size > MAX_DATAGRAM:
                 failed("send", OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE)), size)
                 continue
-            begin = send_at + out * MAX_DATAGRAM
+            begin, len_word, name_word = outs[out]
             mem[begin:begin + size] = reply
-            size_t[send_len_at[out]] = size
-            ptr[send_name_at[out]] = name_addr[i]  # to the source of datagram i, nobody else's
+            size_t[len_word] = size
+            ptr[name_word] = sockaddr  # to the source of this datagram, nobody else's
             out += 1
         sent = 0
         while sent < out:
@@ -190,6 +186,6 @@ class BatchSocket:
                 sent += r
                 continue
             err = ctypes.get_errno()
-            failed("send", OSError(err, os.strerror(err)), size_t[send_len_at[sent]])
+            failed("send", OSError(err, os.strerror(err)), size_t[outs[sent][1]])
             sent += 1  # that answer is lost; the rest still go
         return int(n)
