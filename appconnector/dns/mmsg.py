@@ -3,12 +3,14 @@
 Python's socket module has neither call, and on loopback one ``sendto`` per answer was most of the
 listener's time (py-spy, bench/README.md): each call pays the system call's entry and exit, the GIL
 release, a fresh 64 KiB bytes object for ``recvfrom`` and an address tuple parsed back for ``sendto``.
-Here both calls go through ctypes over fixed buffers in one anonymous mapping (pages are touched only
-where datagrams land, so the 2 x batch x 64 KiB of slots cost little memory): a query's bytes are one
-slice, its source address is read once per client (cached by its raw bytes), and each answer is sent to
-the very ``sockaddr`` its query came from (the receive header's own buffer), so an answer cannot go to
-another query's source. IPv4 sockets only; ``available()`` says whether this platform has the calls
-(otherwise, and for IPv6, the listener keeps one ``recvfrom``/``sendto`` per datagram).
+Here both calls go through ctypes over fixed buffers in one anonymous mapping (pages are touched
+only where datagrams land: of the 2 x 64 x 64 KiB of slots, DNS-sized datagrams touch ~0.5 MiB): a
+query's bytes are one slice, its source address is turned into a string once per client (cached by
+address), and each answer is sent to the very ``sockaddr`` its query came from (the receive header's
+own buffer), so an answer cannot go to another query's source. IPv4 sockets only; ``available()``
+says whether this platform has the calls, and the constructor tries both with zero messages (a
+sandbox may refuse them): otherwise, and for IPv6, the listener keeps one ``recvfrom``/``sendto`` per
+datagram.
 
 Only I/O lives here: what to answer is the caller's ``fast`` callable, and a query it does not answer
 goes to ``slow`` with its data and address tuple (the general path).
@@ -129,6 +131,12 @@ class BatchSocket:
         self._outs = [(self._send_data + j * MAX_DATAGRAM, (send_iovs + j * iov + iov_len) // size_word,
                        (self._send_hdrs + j * hdr + name_ptr) // word) for j in range(batch)]
         self._ips: dict[int, str] = {}  # s_addr as read from the buffer → the client's IP string
+        # a sandbox (seccomp) may refuse either call: find out now, with zero messages, not on a query
+        fd = sock.fileno()
+        if self._recvmmsg(fd, base, 0, socket.MSG_DONTWAIT, None) < 0 or self._sendmmsg(fd, base, 0, 0) < 0:
+            err = ctypes.get_errno()
+            self.close()
+            raise OSError(err, f"recvmmsg/sendmmsg refused: {os.strerror(err)}")
 
     def close(self) -> None:
         """Release the buffers (the socket is the caller's)."""

@@ -54,6 +54,10 @@ def test_available_only_for_ipv4_datagram_sockets() -> None:
         assert not mmsg.available(u6) and not mmsg.available(t4)
         with pytest.raises(OSError):
             mmsg.BatchSocket(u6, 8)
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.close()
+    with pytest.raises(OSError, match="refused"):  # the constructor's probe: calls that fail fail here
+        mmsg.BatchSocket(closed, 8)
 
 
 def test_a_burst_is_read_in_batches_and_each_answer_goes_to_its_own_source(server: socket.socket) -> None:
