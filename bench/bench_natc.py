@@ -112,11 +112,11 @@ def timed_queries(ns: str, server: str, names: Callable[[int], str], n: int, unt
     return lat
 
 
-def first_byte(client: Node, address: str) -> float | None:
+def first_byte(client: Node, address: str, timeout: float = 5) -> float | None:
     t = time.perf_counter()
     try:
         with client.sockets():
-            s = socket.create_connection((address, HTTP_PORT), timeout=5)
+            s = socket.create_connection((address, HTTP_PORT), timeout=timeout)
         with s:
             s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             if not s.recv(1):

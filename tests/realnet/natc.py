@@ -171,8 +171,10 @@ class Natc:
     """One natc process as it ships: its own tsnet node in a namespace of its own with an uplink."""
 
     def __init__(self, net: Tailnet, name: str, index: int, *, cluster_tag: str = "", extra: tuple[str, ...] = (),
-                 upstream: str = f"{CORPUS_DNS}:53") -> None:
+                 upstream: str = f"{CORPUS_DNS}:53", pools: tuple[str, ...] = (NATC_POOL,)) -> None:
+        """``pools``: its --v4-pfx (the first holds the DNS address; more for bench_natc_cluster's scale)."""
         self.net = net
+        self.pools = pools
         self.name = name
         self.ns = net._add_ns(name)
         self.dir = net.base / name
@@ -187,7 +189,7 @@ class Natc:
                          "TS_DEBUG_USE_DERP_HTTP": "1", "TS_NO_LOGS_NO_SUPPORT": "1",
                          "TS_LOGS_DIR": str(self.dir / "logs")})
         argv = ["ip", "netns", "exec", self.ns, str(peers.natc()), f"--login-server={HS_URL}",
-                f"--hostname={name}", f"--state-dir={self.dir / 'state'}", f"--v4-pfx={NATC_POOL}",
+                f"--hostname={name}", f"--state-dir={self.dir / 'state'}", f"--v4-pfx={','.join(pools)}",
                 f"--dns-servers={upstream}", f"--ignore-destinations={IGNORED_NET}", *extra]
         if cluster_tag:
             argv.append(f"--cluster-tag={cluster_tag}")
@@ -202,7 +204,7 @@ class Natc:
 
     def route_approved(self) -> bool:
         assert self.proc.running(), f"natc exited: {self.proc.log()}"
-        return any(n.get("given_name") == self.name and NATC_POOL in (n.get("approved_routes") or [])
+        return any(n.get("given_name") == self.name and set(self.pools) <= set(n.get("approved_routes") or [])
                    for n in self.net.hs_nodes())
 
     def prime(self, client: Node) -> None:
