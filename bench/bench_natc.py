@@ -15,7 +15,7 @@ sender timing every query during that load); first answer of a new name p50/p99;
 answer → first byte of an HTTP reply through the pool address, p50/p99; TCP throughput (iperf3); short
 connections/s (connect, GET, close); UDP and ICMP through a pool address; RSS and CPU of each at idle and
 under the DNS load (ours: appconnector + its tailscaled; natc: its one process, which holds its own
-tailnet stack). Not here (left for later): clusters of 3, failover and the 100k-mapping scale rows.
+tailnet stack). Clusters of 3, failover and the 100k-mapping scale rows: bench_natc_cluster.py.
 
 Prints a markdown table (paste into bench/README.md under "natc").
 """
@@ -280,7 +280,7 @@ def print_table(rows: list[Row], budget: Budget, args: argparse.Namespace) -> No
         print(f"\nskipped (budget spent): {', '.join(budget.skipped)}")
     print("\nours = appconnector + its tailscaled (the product runs beside it); natc = its one process"
           " (its tailnet stack inside)")
-    print("\nnot measured here: clusters of 3 (natc --cluster-tag), failover, 100k-mapping scale")
+    print("\nclusters of 3 (natc --cluster-tag), failover, 100k-mapping scale: ./dev bench bench_natc_cluster")
 
 
 if __name__ == "__main__":
