@@ -25,8 +25,11 @@ Stages:
             ``scale / 4`` fresh names (so mappings = nodes × names), 16 queries in flight per client,
             a query answered SERVFAIL or unanswered after 3 s sent again (3 tries in all). Then checkout
             p50/p99 (from the first send to the answer, as the client sees it), checkouts/s, RSS of the
-            three members (ours: with their tailscaled) and their Raft state on disk. Each pool gets a second, larger prefix for it (a /24 holds 253
-            mappings per node): ours 100.96.0.0/16, natc 100.112.0.0/16.
+            three members (ours: with their tailscaled) and their Raft state on disk. Each pool gets a
+            second, larger prefix for it (a /24 holds 253 mappings per node): ours 100.96.0.0/16, natc
+            100.112.0.0/16. ``--systems natc`` runs only natc's scale stage (``--stages scale``).
+  Members whose process exits by itself are reported with their last fatal log line (natc's cluster
+  mode can crash: "fatal error: concurrent map read and map write" in ConsensusIPPool.IPForDomain).
 
 Prints a markdown table (rows for bench/README.md's natc table).
 """
@@ -77,6 +80,19 @@ class Cluster:
 
     def __init__(self, system: str, net: Tailnet, conns: list[Node], natcs: list[Natc], cfgs: dict[str, Path]) -> None:
         self.system, self.net, self.conns, self.natcs, self.cfgs = system, net, conns, natcs, cfgs
+        self.exited: dict[str, str] = {}  # member -> why, for members that exited by themselves
+        self.killed: set[int] = set()     # pids the bench killed
+
+    def check_exits(self) -> dict[str, str]:
+        """Members whose process ended without the bench killing it, each with its last fatal log line."""
+        procs = ({c.name: c.appconnector for c in self.conns} if self.system == "ours"
+                 else {n.name: n.proc for n in self.natcs})
+        for name, p in procs.items():
+            if p is not None and not p.running() and name not in self.exited and p.pid not in self.killed:
+                lines = p.log(200_000).splitlines()
+                fatal = [ln for ln in lines if ln.startswith(("fatal error", "panic:")) or "level=error" in ln]
+                self.exited[name] = (fatal or lines or ["(no log)"])[-1][:160]
+        return self.exited
 
     def names(self) -> list[str]:
         return [c.name for c in self.conns] if self.system == "ours" else [n.name for n in self.natcs]
@@ -137,16 +153,25 @@ class Cluster:
         return 0
 
     def kill_member(self, name: str) -> None:
+        self.check_exits()
         if self.system == "ours":
-            self.net.nodes[name].kill_all()
+            node = self.net.nodes[name]
+            self.killed |= {p.pid for p in (node.appconnector, node.tailscaled) if p is not None}
+            node.kill_all()
         else:
-            next(n for n in self.natcs if n.name == name).proc.kill()
+            self.kill_router(name)
 
     def kill_router(self, name: str) -> None:
+        self.check_exits()
         if self.system == "ours":
-            self.net.nodes[name].kill_tailscaled()
+            node = self.net.nodes[name]
+            assert node.tailscaled is not None
+            self.killed.add(node.tailscaled.pid)
+            node.kill_tailscaled()
         else:
-            next(n for n in self.natcs if n.name == name).proc.kill()
+            p = next(n for n in self.natcs if n.name == name).proc
+            self.killed.add(p.pid)
+            p.kill()
 
     def restart(self, name: str) -> None:
         """Start what was killed again, from its state directory."""
@@ -262,6 +287,7 @@ def main() -> int:
     ap.add_argument("--scale-seconds", type=float, default=900, help="cap per system for the scale stage")
     ap.add_argument("--budget", type=float, default=2700)
     ap.add_argument("--stages", default="dns,failover,scale")
+    ap.add_argument("--systems", default="ours,natc", help="which systems' scale stage runs, in this order")
     args = ap.parse_args()
     if (reason := natc_missing()) is not None:
         print(f"bench_natc_cluster: {reason}", file=sys.stderr)
@@ -314,6 +340,9 @@ def main() -> int:
                 stage_failover(cl, natcs[0], clients[0], conn_names, budget, res)
             if "scale" in stages:
                 stage_scale(cl, natcs[0], clients, args, budget, res)
+            for s in SYSTEMS:
+                exits = cl[s].check_exits()
+                res[s]["exits"] = "; ".join(f"{m}: {why}" for m, why in exits.items()) or "none"
         finally:
             upstream.close()
     print_rows(res, budget, args)
@@ -422,7 +451,7 @@ def stage_scale(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: a
                 res: dict[str, dict[str, float | str]]) -> None:
     per = args.scale // len(clients)
     names = [stable_name("scale", i) for i in range(per)]
-    for s in SYSTEMS:
+    for s in args.systems.split(","):
         if not budget.left(f"scale ({s})"):
             continue
         c = cl[s]
@@ -442,7 +471,8 @@ def stage_scale(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: a
             t.start()
         while any(t.is_alive() for t in ts):
             ts[0].join(60)
-            print(f"scale {s}: {progress[0]:,} after {time.monotonic() - t0:.0f} s", flush=True)
+            print(f"scale {s}: {progress[0]:,} after {time.monotonic() - t0:.0f} s; exited by themselves: "
+                  f"{c.check_exits() or 'none'}", flush=True)
         for t in ts:
             t.join()
         took = time.monotonic() - t0
@@ -490,7 +520,8 @@ def print_rows(res: dict[str, dict[str, float | str]], budget: Budget, args: arg
             ("scale: checkout p99", "scale_p99", " ms", 1, False),
             ("scale: RSS of the 3 members after it", "scale_rss", " MiB", 0, False),
             ("scale: RSS growth of the 3 members during it", "scale_rss_growth", " MiB", 0, False),
-            ("scale: Raft state on disk (largest member)", "scale_disk", " MiB", 1, False)]
+            ("scale: Raft state on disk (largest member)", "scale_disk", " MiB", 1, False),
+            ("members that exited by themselves during the run (last fatal log line)", "exits", "", 0, True)]
     print(f"\nnatc clusters of 3 side by side (real tailnet, v1.102.3; {args.rounds} alternating DNS rounds of "
           f"{args.seconds:g} s, best kept)\n")
     print("| row | ours | natc | ratio |\n|---|---|---|---|")
