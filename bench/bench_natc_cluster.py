@@ -469,8 +469,8 @@ def stage_scale(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: a
         ts = [threading.Thread(target=run, args=(k,)) for k in range(len(clients))]
         for t in ts:
             t.start()
-        while any(t.is_alive() for t in ts):
-            ts[0].join(60)
+        while alive := [t for t in ts if t.is_alive()]:
+            alive[0].join(60)
             print(f"scale {s}: {progress[0]:,} after {time.monotonic() - t0:.0f} s; exited by themselves: "
                   f"{c.check_exits() or 'none'}", flush=True)
         for t in ts:
