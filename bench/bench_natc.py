@@ -164,18 +164,42 @@ def main() -> int:
 
 
 Row = tuple[str, str, str, str]
+Results = dict[str, dict[str, float | str]]   # system -> row key -> figure (or what happened)
+Spec = list[tuple[str, str, str, int, bool]]  # (label, key, unit, digits, higher is better)
+
+
+def keep_best(res: Results, system: str, key: str, value: float, higher: bool = True) -> None:
+    """Keep the best round's figure of ``key``."""
+    old = res[system].get(key)
+    if not isinstance(old, float) or (value > old if higher else value < old):
+        res[system][key] = value
+
+
+def table_rows(res: Results, spec: Spec) -> list[Row]:
+    """(label, ours, natc, ratio) per row of ``spec``; ratio = ours/natc where higher is better,
+    natc/ours where lower is; "—" where either is not a figure."""
+    def fmt(v: float | str | None, unit: str, digits: int) -> str:
+        if v is None:
+            return "not measured"
+        return v if isinstance(v, str) else f"{v:,.{digits}f}{unit}"
+
+    def ratio(key: str, higher: bool) -> str:
+        o, n = res["ours"].get(key), res["natc"].get(key)
+        if not isinstance(o, float) or not isinstance(n, float) or not o or not n:
+            return "—"
+        return f"{(o / n if higher else n / o):.2f}×"
+    return [(label, fmt(res["ours"].get(key), unit, d), fmt(res["natc"].get(key), unit, d), ratio(key, higher))
+            for label, key, unit, d, higher in spec]
 
 
 def measure(c1: Node, natc: Natc, cl1: Node, cl2: Node, conn_names: list[str],
             args: argparse.Namespace, budget: Budget) -> list[Row]:
     assert c1.appconnector is not None and c1.tailscaled is not None
     pids = {"ours": [c1.appconnector.pid, c1.tailscaled.pid], "natc": [natc.proc.pid]}
-    res: dict[str, dict[str, float | str]] = {s: {} for s in SYSTEMS}
+    res: Results = {s: {} for s in SYSTEMS}
 
     def best(system: str, key: str, value: float, higher: bool = True) -> None:
-        old = res[system].get(key)
-        if not isinstance(old, float) or (value > old if higher else value < old):
-            res[system][key] = value
+        keep_best(res, system, key, value, higher)
 
     # idle resource use first (nothing asked yet beyond the readiness probes)
     for s in SYSTEMS:
@@ -239,17 +263,6 @@ def measure(c1: Node, natc: Natc, cl1: Node, cl2: Node, conn_names: list[str],
             res[s]["udp"] = "no (nothing comes back)"
         res[s]["icmp"] = "yes" if cl1.ping(addr, timeout=2) else "no (no echo reply)"
 
-    def fmt(v: float | str | None, unit: str = "", digits: int = 1) -> str:
-        if v is None:
-            return "not measured"
-        return v if isinstance(v, str) else f"{v:,.{digits}f}{unit}"
-
-    def ratio(key: str, higher: bool = True) -> str:
-        o, n = res["ours"].get(key), res["natc"].get(key)
-        if not isinstance(o, float) or not isinstance(n, float) or not o or not n:
-            return "—"
-        return f"{(o / n if higher else n / o):.2f}×"
-
     spec = [("DNS known name, qps (2 clients × 4 dnsperf senders)", "qps", " qps", 0, True),
             ("DNS known name under that load, p99", "p99", " ms", 2, False),
             ("DNS first answer of a new name, p50", "new_p50", " ms", 2, False),
@@ -266,8 +279,7 @@ def measure(c1: Node, natc: Natc, cl1: Node, cl2: Node, conn_names: list[str],
             ("RSS under the DNS load", "load_rss", " MiB", 1, False),
             ("CPU under the DNS load (100 % = one core)", "load_cpu", " %", 0, False),
             ("CPU per 1,000 qps of that load", "cpu_per_kqps", " %", 1, False)]
-    return [(label, fmt(res["ours"].get(key), unit, d), fmt(res["natc"].get(key), unit, d), ratio(key, higher))
-            for label, key, unit, d, higher in spec]
+    return table_rows(res, spec)
 
 
 def print_table(rows: list[Row], budget: Budget, args: argparse.Namespace) -> None:

@@ -53,7 +53,20 @@ import dnslib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_natc import DNS, SYSTEMS, Budget, dnsperf, first_byte, pct, rss_mib, timed_queries
+from bench_natc import (
+    DNS,
+    SYSTEMS,
+    Budget,
+    Results,
+    Spec,
+    dnsperf,
+    first_byte,
+    keep_best,
+    pct,
+    rss_mib,
+    table_rows,
+    timed_queries,
+)
 
 from tests.faults.netns import entered
 from tests.realnet.natc import (
@@ -294,7 +307,7 @@ def main() -> int:
         return 2
     stages = set(args.stages.split(","))
     budget = Budget(args.budget)
-    res: dict[str, dict[str, float | str]] = {s: {} for s in SYSTEMS}
+    res: Results = {s: {} for s in SYSTEMS}
     t_start = time.monotonic()
     with running(Path(tempfile.mkdtemp(prefix="bench-natc-cluster-")), "bc") as net:
         allow_natc(net)
@@ -350,12 +363,7 @@ def main() -> int:
 
 
 def stage_dns(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: argparse.Namespace, budget: Budget,
-              res: dict[str, dict[str, float | str]]) -> None:
-    def best(s: str, key: str, value: float, higher: bool) -> None:
-        old = res[s].get(key)
-        if not isinstance(old, float) or (value > old if higher else value < old):
-            res[s][key] = value
-
+              res: Results) -> None:
     for rnd in range(args.rounds):
         for s in SYSTEMS:
             if not budget.left(f"cluster DNS round {rnd + 1} ({s})"):
@@ -370,8 +378,8 @@ def stage_dns(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: arg
             for t in ts:
                 t.join()
             if qps:
-                best(s, "qps", sum(qps), True)
-                best(s, "p99", pct(lat, 99) * 1000, False)
+                keep_best(res, s, "qps", sum(qps), True)
+                keep_best(res, s, "p99", pct(lat, 99) * 1000, False)
             # new names: every client at once, each asking its own fresh names one after another
             natc.prime(clients[0])
             out: list[list[float]] = [[] for _ in clients]
@@ -385,15 +393,15 @@ def stage_dns(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: arg
                 t.join()
             new = [x for xs in out for x in xs]
             if new:
-                best(s, "new_p50", pct(new, 50) * 1000, False)
-                best(s, "new_p99", pct(new, 99) * 1000, False)
+                keep_best(res, s, "new_p50", pct(new, 50) * 1000, False)
+                keep_best(res, s, "new_p99", pct(new, 99) * 1000, False)
                 res[s]["new_ok"] = f"{len(new)}/{100 * len(clients)}"
             print(f"dns round {rnd + 1} {s}: {sum(qps):.0f} qps, p99 {pct(lat, 99) * 1000:.1f} ms; new names "
                   f"p50 {pct(new, 50) * 1000:.1f} p99 {pct(new, 99) * 1000:.1f} ms ({len(new)} answered)", flush=True)
 
 
 def stage_failover(cl: dict[str, Cluster], natc: Natc, client: Node, conn_names: list[str], budget: Budget,
-                   res: dict[str, dict[str, float | str]]) -> None:
+                   res: Results) -> None:
     for k, s in enumerate(SYSTEMS):
         for fault in ("leader", "router"):
             if budget.left(f"failover {fault} ({s})"):
@@ -448,7 +456,7 @@ def one_failover(c: Cluster, natc: Natc, client: Node, name: str, fault: str) ->
 
 
 def stage_scale(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: argparse.Namespace, budget: Budget,
-                res: dict[str, dict[str, float | str]]) -> None:
+                res: Results) -> None:
     per = args.scale // len(clients)
     names = [stable_name("scale", i) for i in range(per)]
     for s in args.systems.split(","):
@@ -492,42 +500,30 @@ def stage_scale(cl: dict[str, Cluster], natc: Natc, clients: list[Node], args: a
               f"disk {res[s].get('scale_disk', float('nan')):.1f} MiB", flush=True)
 
 
-def print_rows(res: dict[str, dict[str, float | str]], budget: Budget, args: argparse.Namespace) -> None:
-    def fmt(v: float | str | None, unit: str, digits: int) -> str:
-        if v is None:
-            return "not measured"
-        return v if isinstance(v, str) else f"{v:,.{digits}f}{unit}"
-
-    def ratio(key: str, higher: bool) -> str:
-        o, n = res["ours"].get(key), res["natc"].get(key)
-        if not isinstance(o, float) or not isinstance(n, float) or not o or not n:
-            return "—"
-        return f"{(o / n if higher else n / o):.2f}×"
-
+def print_rows(res: Results, budget: Budget, args: argparse.Namespace) -> None:
     n = CLIENTS
-    spec = [(f"cluster of 3: DNS known name, qps ({n} clients × 4 dnsperf senders)", "qps", " qps", 0, True),
-            ("cluster of 3: DNS known name under that load, p99", "p99", " ms", 2, False),
-            (f"cluster of 3: first answer of a new name, p50 ({n} clients at once)", "new_p50", " ms", 2, False),
-            ("cluster of 3: first answer of a new name, p99", "new_p99", " ms", 2, False),
-            ("cluster of 3: new names answered", "new_ok", "", 0, True),
-            ("failover, Raft leader killed: next new name answered", "fo_leader_new", "", 1, False),
-            ("failover, Raft leader killed: existing mapping connects again", "fo_leader_existing", "", 1, False),
-            ("failover, primary router killed: next new name answered", "fo_router_new", "", 1, False),
-            ("failover, primary router killed: existing mapping connects again", "fo_router_existing", "", 1, False),
-            (f"scale: mappings checked out ({n} nodes × {args.scale // n:,} names)", "scale_done", "", 0, True),
-            ("scale: checkouts/s during it", "scale_rate", "/s", 0, True),
-            ("scale: checkout p50 (first send → answer)", "scale_p50", " ms", 1, False),
-            ("scale: checkout p99", "scale_p99", " ms", 1, False),
-            ("scale: RSS of the 3 members after it", "scale_rss", " MiB", 0, False),
-            ("scale: RSS growth of the 3 members during it", "scale_rss_growth", " MiB", 0, False),
-            ("scale: Raft state on disk (largest member)", "scale_disk", " MiB", 1, False),
-            ("members that exited by themselves during the run (last fatal log line)", "exits", "", 0, True)]
+    spec: Spec = [(f"cluster of 3: DNS known name, qps ({n} clients × 4 dnsperf senders)", "qps", " qps", 0, True),
+                  ("cluster of 3: DNS known name under that load, p99", "p99", " ms", 2, False),
+                  (f"cluster of 3: first answer of a new name, p50 ({n} clients at once)", "new_p50", " ms", 2, False),
+                  ("cluster of 3: first answer of a new name, p99", "new_p99", " ms", 2, False),
+                  ("cluster of 3: new names answered", "new_ok", "", 0, True),
+                  ("failover, Raft leader killed: next new name answered", "fo_leader_new", "", 1, False),
+                  ("failover, Raft leader killed: existing mapping connects again", "fo_leader_existing", "", 1, False),
+                  ("failover, primary router killed: next new name answered", "fo_router_new", "", 1, False),
+                  ("failover, primary router killed: existing mapping works again", "fo_router_existing", "", 1, False),
+                  (f"scale: mappings checked out ({n} nodes × {args.scale // n:,} names)", "scale_done", "", 0, True),
+                  ("scale: checkouts/s during it", "scale_rate", "/s", 0, True),
+                  ("scale: checkout p50 (first send → answer)", "scale_p50", " ms", 1, False),
+                  ("scale: checkout p99", "scale_p99", " ms", 1, False),
+                  ("scale: RSS of the 3 members after it", "scale_rss", " MiB", 0, False),
+                  ("scale: RSS growth of the 3 members during it", "scale_rss_growth", " MiB", 0, False),
+                  ("scale: Raft state on disk (largest member)", "scale_disk", " MiB", 1, False),
+                  ("members that exited by themselves during the run (last fatal log line)", "exits", "", 0, True)]
     print(f"\nnatc clusters of 3 side by side (real tailnet, v1.102.3; {args.rounds} alternating DNS rounds of "
           f"{args.seconds:g} s, best kept)\n")
     print("| row | ours | natc | ratio |\n|---|---|---|---|")
-    for label, key, unit, d, higher in spec:
-        print(f"| {label} | {fmt(res['ours'].get(key), unit, d)} | {fmt(res['natc'].get(key), unit, d)} | "
-              f"{ratio(key, higher)} |")
+    for row in table_rows(res, spec):
+        print("| " + " | ".join(row) + " |")
     if budget.skipped:
         print(f"\nskipped (budget spent): {', '.join(budget.skipped)}")
 
