@@ -230,7 +230,8 @@ def checkout_all(client: Node, server: str, names: list[str], until: float, prim
         while (nxt < len(names) or pending or retry) and time.monotonic() < until:
             now = time.monotonic()
             if prime is not None and now - last_prime > 20:
-                prime()
+                with contextlib.suppress(OSError):  # no route while the primary moves: next time
+                    prime()
                 last_prime = now
             while len(pending) < window and (retry or nxt < len(names)):
                 if retry:
@@ -243,8 +244,8 @@ def checkout_all(client: Node, server: str, names: list[str], until: float, prim
                     qid = (qid + 1) & 0xFFFF
                 q = dnslib.DNSRecord.question(names[i])
                 q.header.id = qid
-                with contextlib.suppress(BlockingIOError):
-                    s.send(q.pack())
+                with contextlib.suppress(OSError):  # full buffer, or no route while the primary moves:
+                    s.send(q.pack())                # it times out and is sent again
                 pending[qid] = (i, first, now, n + 1)
             if select.select([s], [], [], 0.05)[0]:
                 while True:
