@@ -251,7 +251,7 @@ def checkout_all(client: Node, server: str, names: list[str], until: float, prim
                 while True:
                     try:
                         data = s.recv(4096)
-                    except (BlockingIOError, ConnectionRefusedError):
+                    except OSError:  # nothing more now, or an ICMP error (refused, unreachable)
                         break
                     if len(data) < 12:
                         continue
