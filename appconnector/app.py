@@ -14,7 +14,7 @@ a runtime failure, 3 when this member's state can no longer be trusted. Parts re
 ``connector.fatal`` (any thread); ``serve`` logs the reason once (``fatal: …``), stops and exits with it.
 
 Fail-stop: when the Raft engine finds the state untrusted (a journal conflict over applied entries, a
-snapshot from the leader that would not install) it writes the marker (pool/statedir.py) and reports
+snapshot from the leader that would not install) it writes the marker (pool/storage.py) and reports
 EXIT_UNTRUSTED; DNS then answers REFUSED, the routes are withdrawn and the process stops. A member that
 finds the marker at start serves nothing (REFUSED, unready, no routes, no NAT, no Raft) until
 ``appconnector state reset``.
@@ -41,11 +41,11 @@ from appconnector.fatal import EXIT_FAILURE, EXIT_OK, EXIT_UNTRUSTED, Fatal, Fat
 from appconnector.http import StatusServer
 from appconnector.leader import LeaderDuties
 from appconnector.nat.service import NatService
-from appconnector.pool.engine import BindError, StateError, StatePaths
+from appconnector.pool.engine import BindError
 from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
-from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState
+from appconnector.pool.storage import RunLock, StateError, StateInUse, StatePaths, UntrustedState
 from appconnector.sdnotify import Notifier, Watchdog
 from appconnector.secrets_file import ensure_secret_file, prepare_state_dir
 from appconnector.tailnet.api import NodeIdentity, TailnetUnavailable

@@ -172,7 +172,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_state_reset(args: argparse.Namespace) -> int:
-    from appconnector.pool.statedir import StateInUse, member_dirs, reset, untrusted_reason
+    from appconnector.pool.storage import StateInUse, member_dirs, reset, untrusted_reason
 
     try:
         cfg = load_config(args.config)

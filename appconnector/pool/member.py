@@ -41,8 +41,9 @@ from typing import IO, Any
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.fatal import FatalReporter
 from appconnector.pool.api import Changes, PoolError, PoolReader
-from appconnector.pool.engine import BindError, RaftTuning, StateError
+from appconnector.pool.engine import BindError, RaftTuning
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.storage import StateError
 
 log = logging.getLogger("appconnector.pool.member")
 

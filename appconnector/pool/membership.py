@@ -1,12 +1,13 @@
 """Cluster membership as one member sees it: another member's answer on the Raft port, this member's
 own record of whether it is in the cluster, and the pure rule that moves between the two.
 
-* ``peer_status(address, secret)`` asks a member's Raft port for pysyncobj's status with the utility
-  protocol (encrypted with the cluster secret, so only members and holders of the secret can ask).
-  Our engine adds ``appconnector_membership`` to that status: ``joining`` (started to join, waiting to be
-  added), ``member`` or ``removed``. A leader adds only peers that say ``joining``; so a member removed with
-  ``cluster remove`` (which says ``removed`` from then on, even after a restart with its state) is never
-  added back until its state directory is emptied.
+* ``fetch_statuses(addresses, secret)`` asks members' Raft ports for their
+  :class:`~appconnector.pool.engine.EngineStatus` (the engine's ``peer_status``: authenticated with the
+  cluster secret, so only members and holders of the secret can ask). Its ``membership`` says what the
+  member says of itself: ``joining`` (started to join, waiting to be added), ``member`` or ``removed``. A
+  leader adds only peers that say ``joining``; so a member removed with ``cluster remove`` (which says
+  ``removed`` from then on, even after a restart with its state) is never added back until its state
+  directory is emptied.
 * ``MembershipRecord`` is ``membership.json`` in the member's state directory: the state above, who
   removed it, and the last membership seen (the partner list for a restart: pysyncobj replays membership
   changes from the journal onto the partners it is started with, so they must be the real members).
@@ -17,79 +18,41 @@ own record of whether it is in the cluster, and the pure rule that moves between
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pysyncobj.encryptor import getEncryptor
-from pysyncobj.utility import TcpUtility, UtilityException
+from appconnector.pool.engine import JOINING as JOINING
+from appconnector.pool.engine import MEMBER as MEMBER
+from appconnector.pool.engine import REMOVED as REMOVED
+from appconnector.pool.engine import EngineStatus
+from appconnector.pool.pysyncobj_engine import peer_status
 
 log = logging.getLogger(__name__)
 
-JOINING, MEMBER, REMOVED = "joining", "member", "removed"
-STATUS_KEY = "appconnector_membership"
 RECORD_FILE = "membership.json"
 
-
-def node_address(value: object) -> str | None:
-    """A pysyncobj node (or its address string) as ``ip:port``."""
-    if value is None:
-        return None
-    return str(getattr(value, "address", value))
+PeerQuery = Callable[[str, str | None, float], EngineStatus | None]
+"""(address, secret, timeout) → the member's status, or None when it does not answer (blocking)."""
 
 
-def members_of(status: Mapping[str, Any]) -> list[str]:
-    """The members a pysyncobj status names: the answering member and its partners."""
-    me = node_address(status.get("self"))
-    others = [k.removeprefix("partner_node_status_server_") for k in status
-              if k.startswith("partner_node_status_server_")]
-    return sorted({*others, *([me] if me else [])})
-
-
-def claims_leadership(status: Mapping[str, Any]) -> bool:
-    me = node_address(status.get("self"))
-    return me is not None and node_address(status.get("leader")) == me
-
-
-@functools.lru_cache(maxsize=4)
-def _encryptor(secret: str) -> Any:
-    # derived once: pysyncobj's key derivation (PBKDF2, 100k rounds) costs ~0.1 s of CPU per utility object
-    return getEncryptor(secret)
-
-
-def peer_status(address: str, secret: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
-    """pysyncobj's status of the member at ``address`` (blocking), or None when it does not answer.
-    Without a secret there is no status: the answer is a pickle, and only an authenticated one is read."""
-    if not secret:
-        return None
-    utility = TcpUtility(password=None, timeout=timeout)
-    utility._TcpUtility__connection.encryptor = _encryptor(secret)  # pysyncobj has no setter
-    try:
-        result = utility.executeCommand(address, ["status"])
-    except (UtilityException, OSError, EOFError, ValueError):
-        return None
-    return result if isinstance(result, dict) else None
-
-
-async def fetch_statuses(addresses: Iterable[str], secret: str | None,
-                         timeout: float = 2.0) -> dict[str, dict[str, Any]]:
-    """``peer_status`` of several members at once; those that answered."""
+async def fetch_statuses(addresses: Iterable[str], secret: str | None, timeout: float = 2.0, *,
+                         query: PeerQuery = peer_status) -> dict[str, EngineStatus]:
+    """The status of several members at once (asked with ``query``); those that answered."""
     addrs = sorted(set(addresses))
-    results = await asyncio.gather(*(asyncio.to_thread(peer_status, a, secret, timeout) for a in addrs))
+    results = await asyncio.gather(*(asyncio.to_thread(query, a, secret, timeout) for a in addrs))
     return {a: r for a, r in zip(addrs, results, strict=True) if r is not None}
 
 
-def leader_status(statuses: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def leader_status(statuses: Mapping[str, EngineStatus]) -> EngineStatus | None:
     """Of the answers, the one from a member that says it is the leader (the highest term wins)."""
-    leaders = [s for s in statuses.values() if claims_leadership(s)]
+    leaders = [s for s in statuses.values() if s.claims_leadership()]
     if not leaders:
         return None
-    return max(leaders, key=lambda s: int(s.get("raft_term") or 0))
+    return max(leaders, key=lambda s: s.term)
 
 
 @dataclass
@@ -144,7 +107,7 @@ class Verdict:
     by: str | None = None  # REMOVED: the leader whose membership no longer lists this member
 
 
-def judge(me: str, recorded: str, leader: Mapping[str, Any] | None, *, is_leader: bool) -> Verdict | None:
+def judge(me: str, recorded: str, leader: EngineStatus | None, *, is_leader: bool) -> Verdict | None:
     """This member's membership from the leader's status; None when there is no evidence either way.
 
     ``recorded`` is the state so far. Removed is final (until the state directory is emptied). A member
@@ -155,12 +118,12 @@ def judge(me: str, recorded: str, leader: Mapping[str, Any] | None, *, is_leader
         return Verdict(MEMBER, "this member is the leader") if recorded != MEMBER else None
     if leader is None:
         return None
-    leader_addr = node_address(leader.get("self")) or "?"
-    listed = me in members_of(leader)
+    leader_addr = leader.self_address or "?"
+    listed = me in leader.members
     if listed:
         return Verdict(MEMBER, f"the leader {leader_addr} lists this member") if recorded != MEMBER else None
     if recorded == MEMBER:
         return Verdict(REMOVED, f"removed from the cluster by the leader {leader_addr} (its membership "
-                       f"{', '.join(members_of(leader))} no longer lists {me})", by=leader_addr)
+                       f"{', '.join(leader.members)} no longer lists {me})", by=leader_addr)
     return None
 

@@ -32,7 +32,7 @@ own handling and without changing it:
 
 Either kind of divergence (the guard's own conflict over applied entries, or pysyncobj's line) calls
 ``on_diverged``: the engine then fail-stops the member (it marks its state untrusted and exits, see
-:mod:`appconnector.pool.statedir`), as etcd does, instead of serving state the cluster does not have.
+:mod:`appconnector.pool.storage`), as etcd does, instead of serving state the cluster does not have.
 
 Chunked transfers (single commands ≥ ``appendEntriesBatchSizeBytes``) are not rewritten: the replica keeps
 every command below that size, so the leader never chunks (see replica.py).

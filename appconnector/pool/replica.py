@@ -1,8 +1,9 @@
-"""``RaftReplica``: the :class:`~appconnector.pool.api.Replica` contract on a pysyncobj cluster.
+"""``RaftReplica``: the :class:`~appconnector.pool.api.Replica` contract on a Raft cluster.
 
-The asyncio side of the pool. Writes become command tuples proposed through the Raft engine
-(:mod:`appconnector.pool.engine`); they resolve when this member has applied them, whichever member
-proposed them to the leader. Reads go to the local state under the state lock, never through Raft.
+The asyncio side of the pool. Writes become command tuples proposed through the Raft engine seam
+(:class:`~appconnector.pool.engine.Engine`, pysyncobj's by default); they resolve when this member has
+applied them, whichever member proposed them to the leader. Reads go to the local state under the state
+lock, never through Raft.
 
 * Concurrent checkouts are gathered into one ``checkout_batch`` entry (several entries in flight at once);
   each entry stays well below ``appendEntriesBatchSizeBytes``, because pysyncobj's chunked path for
@@ -55,18 +56,26 @@ from appconnector.pool.api import (
 )
 from appconnector.pool.clock import PoolClock
 from appconnector.pool.engine import (
+    MEMBER,
     BindError,
-    PoolConsumer,
-    PoolSyncObj,
+    Engine,
+    EngineFactory,
+    EngineHooks,
+    EngineSpec,
     RaftTuning,
-    StateError,
     StateMachine,
-    StatePaths,
-    validate_state_dir,
 )
-from appconnector.pool.membership import MEMBER
+from appconnector.pool.pysyncobj_engine import open_engine
 from appconnector.pool.state import PoolState
-from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
+from appconnector.pool.storage import (
+    RunLock,
+    StateError,
+    StateInUse,
+    StatePaths,
+    UntrustedState,
+    mark_untrusted,
+    untrusted_reason,
+)
 from appconnector.pool.touches import TouchQueue
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.secrets_file import MEMBER_SECRET_FILE, ensure_secret_file, prepare_state_dir
@@ -99,13 +108,15 @@ class _Proposal:
 
 
 class RaftReplica:
-    """The replicated pool on pysyncobj. One per process; construct, ``await start()``, use, ``await stop()``."""
+    """The replicated pool on a Raft engine. One per process; construct, ``await start()``, use, ``await stop()``."""
 
     def __init__(self, cfg: Config, self_address: str, partners: list[str], secret: str | None, *,
                  bind_address: str | None = None, tuning: RaftTuning | None = None, guard: bool = True,
                  dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE,
-                 on_fatal: Callable[[str, int], None] | None = None) -> None:
-        """``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
+                 on_fatal: Callable[[str, int], None] | None = None,
+                 engine_factory: EngineFactory = open_engine) -> None:
+        """``engine_factory`` starts the Raft engine (:mod:`appconnector.pool.engine`; pysyncobj's by default).
+        ``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
         from the Raft thread, when this member must stop: its state diverged or a snapshot would not install
         (``EXIT_UNTRUSTED``, after the marker is written), or the Raft tick keeps failing (``EXIT_FAILURE``)."""
         partners = [p for p in partners if p != self_address]
@@ -137,8 +148,8 @@ class RaftReplica:
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
         self._errors = RateLimitedLog(log)
-        self._engine: PoolSyncObj | None = None
-        self._consumer: PoolConsumer | None = None
+        self._engine_factory = engine_factory
+        self._engine: Engine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observers: list[PoolObserver] = []
         self._observer_lock = threading.RLock()  # apply + observer calls in order; add_observer waits for it
@@ -187,25 +198,15 @@ class RaftReplica:
             own = Path(self._state_dir) / MEMBER_SECRET_FILE
             secret = await asyncio.to_thread(ensure_secret_file, "cluster.state_dir", own)
             log.info("raft: no cluster.secret_file: the Raft port takes only this member's own secret (%s)", own)
-        self.started_info = validate_state_dir(self.paths, self._restore)
-        members = self.started_info.get("dump_members")
-        wanted = sorted([self.self_address, *self.partners])
-        if members is not None and members != wanted:
-            # PySyncObj #133: with dynamic membership the dump's member list wins over the configured one.
-            if self._dynamic:
-                log.warning("raft: members stored in the dump %s differ from the configured %s; the stored "
-                            "membership is used (change it with `cluster remove`/joins)", members, wanted)
-            else:
-                log.warning("raft: members stored in the dump %s differ from the configured %s; static "
-                            "membership: the configured members are used", members, wanted)
-        consumer = PoolConsumer(PoolState(self._prefixes), self._restore, self._on_applied, self._on_replaced)
-        self._consumer = consumer
-        self._engine = await asyncio.to_thread(
-            PoolSyncObj, self.self_address, self.partners, consumer, self.paths, secret,
-            self._tuning, bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
-            on_leader_change=self._on_role_change, on_untrusted=self._on_untrusted,
-            on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))
-        self._engine.membership_state = self._membership_state
+        spec = EngineSpec(self.self_address, tuple(self.partners), self.paths.dir, secret, self._tuning,
+                          bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic)
+        hooks = EngineHooks(on_applied=self._on_applied, on_replaced=self._on_replaced,
+                            on_role_change=self._on_role_change, on_untrusted=self._on_untrusted,
+                            on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))
+        self._engine = await asyncio.to_thread(self._engine_factory, spec, PoolState(self._prefixes),
+                                               self._restore, hooks)
+        self._engine.set_membership_state(self._membership_state)
+        self.started_info = dict(self._engine.found)
         self._stopped = False
         self._touch_task = self._loop.create_task(self._touch_loop(), name="raft-touch-flush")
         self._tick_task = self._loop.create_task(self._tick_loop(), name="raft-pool-clock")
@@ -231,10 +232,10 @@ class RaftReplica:
         for p in list(self._waiting.values()):
             self._fail(p, ReplicaUnavailable("replica stopped"))
 
-    async def _hand_leadership_away(self, engine: PoolSyncObj) -> None:
-        """Best effort before a planned stop, so the restart costs no election. pysyncobj denies a transfer
-        while no follower's acknowledged index has reached the leader's last entry (under load, often the
-        entry just written): ask again until a follower is caught up or the deadline passes."""
+    async def _hand_leadership_away(self, engine: Engine) -> None:
+        """Best effort before a planned stop, so the restart costs no election. An engine may deny a transfer
+        while no follower's acknowledged index has reached the leader's last entry (pysyncobj does; under
+        load, often the entry just written): ask again until a follower is caught up or the deadline passes."""
         old_leader = engine.leader()
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + 2 * self._tuning.raft_max_timeout
@@ -292,7 +293,7 @@ class RaftReplica:
     # ---- the apply thread ---------------------------------------------------------------------------
 
     def _observe_clock(self) -> None:
-        state = self._consumer.state if self._consumer is not None else None
+        state = self._engine.state if self._engine is not None else None
         if isinstance(state, PoolState):
             self._clock.observe(state.clock)
 
@@ -324,9 +325,9 @@ class RaftReplica:
 
     def _failure(self) -> str | None:
         """Why this replica's state can no longer be trusted (a full dump that would not load), or None."""
-        return self._consumer.failure if self._consumer is not None else None
+        return self._engine.failure if self._engine is not None else None
 
-    def _check_open(self) -> PoolSyncObj:
+    def _check_open(self) -> Engine:
         if failure := self._failure():
             raise ReplicaUnavailable(f"replica failed: {failure}")
         if self._stopped or self._engine is None:
@@ -384,7 +385,7 @@ class RaftReplica:
 
         try:
             engine.propose(p.rid, p.command, on_result)
-        except Exception as e:  # pysyncobj raising here is a bug, not an outcome: fail loudly
+        except Exception as e:  # the engine raising here is a bug, not an outcome: fail loudly
             log.exception("raft: propose failed")
             self._fail(p, ReplicaUnavailable(f"propose failed: {e!r}"))
 
@@ -570,8 +571,8 @@ class RaftReplica:
         engine = self._engine
         if engine is None or self._stopped or self._failure():
             return False
-        leader_commit = engine.status().get("leader_commit_idx")
-        return isinstance(leader_commit, int) and engine.raftLastApplied >= leader_commit - CAUGHT_UP_ENTRIES
+        status = engine.status()
+        return status.leader_commit is not None and status.last_applied >= status.leader_commit - CAUGHT_UP_ENTRIES
 
     def _tick(self) -> None:
         """Propose this member's reading as the pool clock, while it leads (one tick in flight at most)."""
@@ -631,11 +632,10 @@ class RaftReplica:
         if engine is None:
             return
         metrics.RAFT_ROLE.set(1 if engine.is_leader() else 0)
-        metrics.RAFT_TERM.set(engine.raftCurrentTerm)
         status = engine.status()
-        leader_commit = status.get("leader_commit_idx")
-        if isinstance(leader_commit, int):
-            metrics.RAFT_COMMIT_LAG.set(max(0, leader_commit - engine.raftLastApplied))
+        metrics.RAFT_TERM.set(status.term)
+        if status.leader_commit is not None:
+            metrics.RAFT_COMMIT_LAG.set(max(0, status.leader_commit - status.last_applied))
         state = self._state()
         with self._state_lock():
             if isinstance(state, PoolState):
@@ -644,14 +644,14 @@ class RaftReplica:
     # ---- reads --------------------------------------------------------------------------------------
 
     def _state(self) -> StateMachine:
-        if self._consumer is None:
+        if self._engine is None:
             raise ReplicaUnavailable("replica is not started")
-        return self._consumer.state
+        return self._engine.state
 
     def _state_lock(self) -> threading.Lock:
-        if self._consumer is None:
+        if self._engine is None:
             raise ReplicaUnavailable("replica is not started")
-        return self._consumer.lock
+        return self._engine.state_lock
 
     def _pool(self) -> PoolState:
         state = self._state()
@@ -715,28 +715,18 @@ class RaftReplica:
             raise PoolError(f"{address} is the leader: stop it (SIGTERM hands leadership to another member), "
                             "then remove it through the new leader")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[tuple[bool, str]] = loop.create_future()
 
-        def done(result: object, err: int) -> None:
-            loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_result(err))
+        def done(ok: bool, why: str) -> None:
+            loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_result((ok, why)))
 
-        def run() -> None:
-            try:
-                change = engine.addNodeToCluster if action == "add" else engine.removeNodeFromCluster
-                change(address, callback=done)
-            except Exception as e:
-                log.exception("raft: %s %s failed", action, address)
-                error = ReplicaUnavailable(f"{action} {address}: {e}")
-                loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_exception(error))
-
-        engine.call_on_tick(run)
+        engine.change_members(action, address, done)
         try:
-            err = await asyncio.wait_for(fut, self._write_deadline)
+            ok, why = await asyncio.wait_for(fut, self._write_deadline)
         except TimeoutError:
             raise ReplicaUnavailable(f"{action} {address}: not committed within {self._write_deadline:g}s") from None
-        if err != 0:
-            raise ReplicaUnavailable(f"{action} {address}: refused by Raft (pysyncobj reason {err}: no leader, "
-                                     "or another membership change is still in progress)")
+        if not ok:
+            raise ReplicaUnavailable(f"{action} {address}: refused by Raft ({why})")
         log.warning("raft: member %s %s", address, "added" if action == "add" else "removed")
 
     @property
@@ -748,7 +738,7 @@ class RaftReplica:
     def set_membership_state(self, state: str) -> None:
         self._membership_state = state
         if self._engine is not None:
-            self._engine.membership_state = state
+            self._engine.set_membership_state(state)
 
     @property
     def dynamic_membership(self) -> bool:
@@ -759,10 +749,7 @@ class RaftReplica:
         engine = self._engine
         if engine is None:
             return sorted([self.self_address, *self.partners])
-        raw = engine.status()
-        others = [k.removeprefix("partner_node_status_server_") for k in raw
-                  if k.startswith("partner_node_status_server_")]
-        return sorted([self.self_address, *(others if raw else self.partners)])
+        return list(engine.status().members)
 
     # ---- observers, status ----------------------------------------------------------------------------
 
@@ -799,39 +786,30 @@ class RaftReplica:
     def status(self) -> dict[str, object]:
         engine = self._engine
         if engine is None:
-            return {"engine": "pysyncobj", "role": "stopped"}
-        role = "leader" if engine.is_leader() else ("follower" if engine.leader() else "candidate")
-        raw = engine.status()
-        queued = len(self._touches)
+            return {"role": "stopped"}
+        st = engine.status()
         return {
-            "engine": "pysyncobj",
-            "role": role,
-            "term": engine.raftCurrentTerm,
-            "leader": engine.leader(),
-            "commit_index": engine.raftCommitIndex,
-            "applied_index": engine.raftLastApplied,
-            "leader_commit_index": raw.get("leader_commit_idx"),
-            "log_length": raw.get("log_len"),
+            "role": st.role,
+            "term": st.term,
+            "leader": st.leader,
+            "commit_index": st.commit_index,
+            "applied_index": st.last_applied,
+            "leader_commit_index": st.leader_commit,
+            "log_length": st.log_length,
             "self": self.self_address,
-            "members": self.members(),
+            "members": list(st.members),
             "membership": self._membership_state if self._dynamic else "static",
-            "connected": sorted(k.removeprefix("partner_node_status_server_") for k, v in raw.items()
-                                if k.startswith("partner_node_status_server_") and v == 2),
+            "connected": list(st.connected),
             # as the leader sees them (empty on followers); seconds since each peer was last heard from
-            "match_index": {k.removeprefix("match_idx_server_"): v for k, v in raw.items()
-                            if k.startswith("match_idx_server_")},
-            "last_heard": {p: round(time.monotonic() - t, 1) for p, t in dict(engine.last_heard).items()},
-            "queued_touches": queued,
+            "match_index": dict(st.match_index),
+            "last_heard": {p: round(time.monotonic() - t, 1) for p, t in engine.last_heard().items()},
+            "queued_touches": len(self._touches),
             "pool_clock": self._clock.now(),
             "caught_up": self._caught_up,
             "largest_command_bytes": self.largest_command,
             "in_flight": self._in_flight,
             "queued_checkouts": len(self._queue),
-            "guard": engine.guarded,
-            "appends_rewritten": engine.appends_rewritten,
-            "tails_held": engine.tails_held,
-            "truncations_refused": engine.journal.refused,
-            "diverged": engine.divergence.count + engine.journal.truncated_applied,
+            **engine.engine_details(),  # "engine" (its name) and its own figures, e.g. the journal guard's
             "failure": self._failure(),
         }
 

@@ -31,12 +31,10 @@ from appconnector.pool.membership import (
     JOINING,
     MEMBER,
     REMOVED,
-    STATUS_KEY,
     MembershipRecord,
     fetch_statuses,
     judge,
     leader_status,
-    members_of,
 )
 from appconnector.pool.replica import RaftReplica
 from appconnector.tailnet.cluster import raft_address
@@ -56,7 +54,7 @@ async def join_partners(via: tuple[str, ...], secret: str | None) -> list[str]:
     them; ``via`` itself when no member answers the status question."""
     statuses = await fetch_statuses(via, secret)
     best = leader_status(statuses) or next(iter(statuses.values()), None)
-    return members_of(best) if best is not None else sorted(via)
+    return list(best.members) if best is not None else sorted(via)
 
 
 class ClusterMembership:
@@ -164,7 +162,7 @@ class ClusterMembership:
             return
         statuses = await fetch_statuses(waiting, self.secret, timeout=1.5)
         for addr in sorted(waiting):
-            said = statuses.get(addr, {}).get(STATUS_KEY) if addr in statuses else None
+            said = statuses[addr].membership if addr in statuses else None
             if said == JOINING:
                 node = waiting[addr]
                 log.warning("cluster: adding %s (%s, tagged %s, asks to join) to the members %s", addr,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED, FatalReporter
-from appconnector.pool.statedir import RunLock, StateInUse, mark_untrusted, reset, untrusted_reason
+from appconnector.pool.storage import RunLock, StateInUse, mark_untrusted, reset, untrusted_reason
 
 
 def test_reports_from_many_threads_wake_the_loop_once_with_the_first() -> None:

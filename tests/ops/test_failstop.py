@@ -29,10 +29,9 @@ import dns.rcode
 import pytest
 
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
-from appconnector.pool.engine import StatePaths, read_journal
 from appconnector.pool.member import MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
-from appconnector.pool.statedir import MARKER
+from appconnector.pool.storage import MARKER, StatePaths, read_journal
 from tests.faults.connector import ConnectorMember
 from tests.faults.workload import Unavailable
 from tests.ops.helpers import REPO, cli

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from appconnector.pool.engine import read_dump, read_journal, write_journal
 from appconnector.pool.member import MemberError, MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
+from appconnector.pool.storage import read_dump, read_journal, write_journal
 
 pytestmark = pytest.mark.cluster
 

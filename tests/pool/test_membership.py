@@ -7,6 +7,7 @@ import socket
 import threading
 from pathlib import Path
 
+from appconnector.pool.engine import EngineStatus
 from appconnector.pool.membership import (
     JOINING,
     MEMBER,
@@ -14,18 +15,18 @@ from appconnector.pool.membership import (
     MembershipRecord,
     judge,
     leader_status,
-    members_of,
-    peer_status,
 )
+from appconnector.pool.pysyncobj_engine import peer_status, status_from_pysyncobj
 from tests.ops.raft_probe import malicious_frame
 
 ME = "100.64.0.3:6270"
 
 
-def _status(self_addr: str, partners: list[str], *, leader: str | None, term: int = 3) -> dict[str, object]:
+def _status(self_addr: str, partners: list[str], *, leader: str | None, term: int = 3) -> EngineStatus:
+    """A status as a peer answers it: pysyncobj's dict, translated by the engine."""
     st: dict[str, object] = {"self": self_addr, "leader": leader, "raft_term": term}
     st.update({f"partner_node_status_server_{p}": 2 for p in partners})
-    return st
+    return status_from_pysyncobj(st)
 
 
 LEADER_WITH_ME = _status("100.64.0.1:6270", ["100.64.0.2:6270", ME], leader="100.64.0.1:6270")
@@ -33,7 +34,7 @@ LEADER_WITHOUT_ME = _status("100.64.0.1:6270", ["100.64.0.2:6270"], leader="100.
 
 
 def test_members_of_a_status_are_the_answering_member_and_its_partners() -> None:
-    assert members_of(LEADER_WITH_ME) == ["100.64.0.1:6270", "100.64.0.2:6270", ME]
+    assert LEADER_WITH_ME.members == ("100.64.0.1:6270", "100.64.0.2:6270", ME)
 
 
 def test_only_a_member_claiming_leadership_counts_and_the_highest_term_wins() -> None:

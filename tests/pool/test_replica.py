@@ -15,7 +15,7 @@ import pytest
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.member import free_ports
-from appconnector.pool.membership import peer_status
+from appconnector.pool.pysyncobj_engine import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
 from appconnector.secrets_file import MEMBER_SECRET_FILE
 
@@ -64,7 +64,7 @@ def test_a_lone_member_without_a_secret_listens_with_one_of_its_own(tmp_path: Pa
             await _leader(r)
             assert r._engine is not None and r._engine.encryptor is not None, "pysyncobj runs with a password"
             status = await asyncio.to_thread(peer_status, addr, secret_file.read_text().strip())
-            assert status is not None and status.get("self") is not None
+            assert status is not None and status.self_address == addr
             assert await asyncio.to_thread(peer_status, addr, "not-the-secret", 1.0) is None
             assert await asyncio.to_thread(peer_status, addr, None) is None
         finally:

@@ -18,10 +18,12 @@ import pytest
 from pysyncobj.journal import MemoryJournal
 from pysyncobj.node import TCPNode
 
-from appconnector.pool.engine import PoolConsumer, PoolSyncObj, RaftTuning, StatePaths, read_journal
+from appconnector.pool.engine import RaftTuning
 from appconnector.pool.member import free_ports
+from appconnector.pool.pysyncobj_engine import PoolConsumer, PoolSyncObj
 from appconnector.pool.raftlog import DIVERGED_MARKER, GuardedJournal, plan_append
 from appconnector.pool.state import PoolState
+from appconnector.pool.storage import StatePaths, read_journal
 
 NOOP = b"\x01"
 

@@ -3,7 +3,7 @@
 
 One connector with its tailscaled stand-in in a namespace of its own. The first run leaves Raft state and
 advertises the pool route, then crashes (kill -9: the route stays advertised); the marker is what a run
-that found its state diverged leaves behind (``pool/statedir.py``). Started again, the connector takes the
+that found its state diverged leaves behind (``pool/storage.py``). Started again, the connector takes the
 pool route out of tailscaled's prefs (keeping the operator's), answers REFUSED and reports unready.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appconnector.pool.engine import StatePaths
-from appconnector.pool.statedir import mark_untrusted
+from appconnector.pool.storage import StatePaths, mark_untrusted
 from tests.localapi_standin import get_state
 from tests.ops.helpers import wait_until
 from tests.tailnet.test_tailscale_mode import _ask, _cli, _Fleet, _query, netns  # noqa: F401 (fixture)
