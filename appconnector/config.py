@@ -128,6 +128,7 @@ class ClusterConfig:
     self: str = ""
     secret_file: str = ""
     follow_only: bool = False
+    fsync: bool = True  # journal, vote and snapshots synced before Raft relies on them (docs/design.md §6)
 
 
 @dataclass(frozen=True)
@@ -474,6 +475,7 @@ _CONVERTERS: dict[str, dict[str, Any]] = {
     "cluster": {
         "state_dir": _str, "raft_port": lambda k, v: _int(k, v, 1, 65535), "tag": _str,
         "peers": _strlist, "self": _str, "secret_file": _str, "follow_only": _bool,
+        "fsync": _bool,
     },
     "nat": {"enabled": _bool, "max_mappings": lambda k, v: _int(k, v, 1024, 1 << 26)},
     "http": {"listen": _str, "admin_listen": _str, "admin_token_file": _str},

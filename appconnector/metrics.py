@@ -90,6 +90,13 @@ RAFT_TICK_FAILURES = Counter("appconnector_raft_tick_failures", "Raft ticks that
 RAFT_TRUNCATIONS_REFUSED = Counter("appconnector_raft_truncations_refused",
                                    "Truncations of matching entries our journal guard refused", registry=REGISTRY)
 RAFT_RETRIES = Counter("appconnector_raft_retries", "Writes retried after an error or timeout", registry=REGISTRY)
+STORAGE_SYNC_SECONDS = Histogram("appconnector_storage_sync_seconds",
+                                 "Syncs of a member's Raft files (cluster.fsync) and their duration, by file: "
+                                 "journal (msync, one per batch of entries), meta (term and vote), dump "
+                                 "(snapshot before the journal is trimmed)", ["file"],
+                                 buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                          0.25, 1),
+                                 registry=REGISTRY)
 
 # --- NAT ---------------------------------------------------------------------------------------------
 NAT_ELEMENTS = Gauge("appconnector_nat_steer_elements", "Elements in the kernel steer map", registry=REGISTRY)

@@ -83,6 +83,8 @@ class EngineSpec:
     bind_address: str | None = None
     guard: bool = True
     dynamic_membership: bool = False
+    fsync: bool = True
+    """``cluster.fsync``: journal, term/vote and snapshots durable before Raft relies on them."""
 
 
 @dataclass(frozen=True)

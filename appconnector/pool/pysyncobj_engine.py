@@ -60,6 +60,7 @@ from appconnector.pool.raftlog import DivergenceWatch, GuardedJournal, plan_appe
 from appconnector.pool.storage import (
     PYSYNCOBJ_VERSION,
     STATE_FORMAT,
+    Durability,
     StateError,
     StatePaths,
     _DumpedState,
@@ -190,6 +191,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                  paths: StatePaths, secret: str, tuning: RaftTuning, *, bind_address: str | None = None,
                  guard: bool = True,
                  dynamic_membership: bool = False,
+                 fsync: bool = True,
                  on_leader_change: Callable[[], None] | None = None,
                  on_untrusted: Callable[[str], None] | None = None,
                  on_fatal: Callable[[str], None] | None = None) -> None:
@@ -243,11 +245,18 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self._on_untrusted = on_untrusted
         self._on_fatal = on_fatal
         self.untrusted: str | None = None
-        self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust)
+        self.durability = Durability(paths, fsync)
+        self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust,
+                                      self.durability)
         self._handle_message = getattr(self, _ON_MESSAGE)
         if guard:
             setattr(self, _RAFT_LOG, self.journal)
-            getattr(self, _TRANSPORT).setOnMessageReceivedCallback(self._guarded_message)
+            transport = getattr(self, _TRANSPORT)
+            transport.setOnMessageReceivedCallback(self._guarded_message)
+            # Durable before acknowledged: every message pysyncobj sends (an append's answer, entries to
+            # followers, a vote) goes out after the journal changes it reflects are synced.
+            self._transport_send = transport.send
+            transport.send = self._send_synced
         self.divergence = DivergenceWatch(self._distrust_if_mine)
         logging.getLogger("pysyncobj").addHandler(self.divergence)
         # pysyncobj loads a snapshot from the leader (and the dump at start) in a private method that logs
@@ -310,6 +319,20 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                 if int(getattr(self, _COMMIT_INDEX)) < commit_before <= self.journal.last_index():
                     setattr(self, _COMMIT_INDEX, commit_before)
                     self.journal.setRaftCommitIndex(commit_before)
+
+    def _send_synced(self, node: Any, message: Any) -> Any:
+        if not self._sync_journal():
+            return False  # not sent: the member stops (what it would say may not be on disk)
+        return self._transport_send(node, message)
+
+    def _sync_journal(self) -> bool:
+        try:
+            self.journal.sync()
+        except OSError as e:
+            # after a failed sync the kernel may have dropped the dirty pages: what is on disk is unknown
+            self.distrust(f"the journal could not be synced ({e}): acknowledged entries may not be on disk")
+            return False
+        return True
 
     def _checked_load_dump(self, clearJournal: bool) -> None:
         loads = self.consumer.loads
@@ -416,6 +439,9 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                     log.exception("raft call failed")
             try:
                 self.doTick(self._next_wait())
+                # The leader counts itself in the majority for what it appended in this tick at its next
+                # tick's commit: synced before then (one sync for the tick's whole batch).
+                self._sync_journal()
             except Exception as e:
                 self._tick_failed(e)
             else:
@@ -558,7 +584,8 @@ def open_engine(spec: EngineSpec, initial: StateMachine, restore: Callable[[byte
     consumer = PoolConsumer(initial, restore, hooks.on_applied, hooks.on_replaced)
     engine = PoolSyncObj(spec.self_address, spec.partners, consumer, paths, spec.secret, spec.tuning,
                          bind_address=spec.bind_address, guard=spec.guard,
-                         dynamic_membership=spec.dynamic_membership, on_leader_change=hooks.on_role_change,
+                         dynamic_membership=spec.dynamic_membership, fsync=spec.fsync,
+                         on_leader_change=hooks.on_role_change,
                          on_untrusted=hooks.on_untrusted, on_fatal=hooks.on_fatal)
     engine._found = found
     return engine

@@ -26,7 +26,12 @@ own handling and without changing it:
    same term keeps it, the first ``add`` whose term differs truncates there, and a remembered truncation
    that no conflicting ``add`` confirmed is refused (``appconnector_raft_truncations_refused``). With (1)
    in place it should never refuse anything; a non-zero count means (1) missed a case.
-3. :class:`DivergenceWatch` listens to pysyncobj's logger for its "may have diverged" line, which after (1)
+3. Durability (``cluster.fsync``, :class:`~appconnector.pool.storage.Durability`): every change marks the
+   journal dirty, and :meth:`GuardedJournal.sync` makes it durable; the engine calls it before every
+   outgoing message and after every tick, so nothing is acknowledged or counted for a majority unsynced
+   (one sync covers all the entries a message or a tick brought). A term/vote change is synced before it
+   returns (pysyncobj sends the vote after), the full dump before the journal is trimmed to it.
+4. :class:`DivergenceWatch` listens to pysyncobj's logger for its "may have diverged" line, which after (1)
    only fires for a real conflict over applied entries: a Raft safety violation, counted in
    ``appconnector_raft_diverged`` and logged loudly.
 
@@ -47,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appconnector.metrics import RAFT_DIVERGED, RAFT_TRUNCATIONS_REFUSED
+from appconnector.pool.storage import Durability
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +139,16 @@ def plan_append(message: dict[str, Any], log: Sequence[Entry] | Any) -> AppendPl
 class GuardedJournal:
     """A pysyncobj journal (``FileJournal``/``MemoryJournal``) with lazy, term-checked truncation.
 
-    Outside :meth:`begin_append`/:meth:`end_append` it behaves exactly like the journal it wraps. All calls
-    come from the one thread that ticks pysyncobj; ``lock`` only guards readers on other threads.
+    Outside :meth:`begin_append`/:meth:`end_append` it behaves exactly like the journal it wraps, plus the
+    syncs of ``durability``. All calls come from the one thread that ticks pysyncobj; ``lock`` only guards
+    readers on other threads.
     """
 
     def __init__(self, inner: Any, last_applied: Callable[[], int],
-                 on_diverged: Callable[[str], None] | None = None) -> None:
+                 on_diverged: Callable[[str], None] | None = None, durability: Durability | None = None) -> None:
         self._inner = inner
+        self._durability = durability
+        self.dirty = False  # changed since the last sync
         self._last_applied = last_applied
         self._on_diverged = on_diverged
         self._limit: int | None = None  # while holding a tail: how many entries are visible
@@ -177,6 +186,13 @@ class GuardedJournal:
         """The real last index (ignores a held tail)."""
         return int(self._inner[-1][1])
 
+    def sync(self) -> None:
+        """Make every change since the last sync durable (one sync for all of them; none when clean)."""
+        if self.dirty:
+            self.dirty = False
+            if self._durability is not None:
+                self._durability.journal(self._inner.flush)
+
     # --- pysyncobj's journal interface ---------------------------------------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
@@ -197,12 +213,14 @@ class GuardedJournal:
         self._pending_from = None
         with self.lock:
             self._inner.add(command, idx, term)
+        self.dirty = True
 
     def _truncate(self, pos: int) -> None:
         idx = self._inner[0][1] + pos
         applied = self._last_applied()
         with self.lock:
             self._inner.deleteEntriesFrom(pos)
+        self.dirty = True
         if idx <= applied:
             self.truncated_applied += 1
             RAFT_DIVERGED.inc()
@@ -222,14 +240,24 @@ class GuardedJournal:
         self._truncate(entryFrom)
 
     def deleteEntriesTo(self, entryTo: int) -> None:
+        # pysyncobj trims the front once its forked child wrote the full dump: that dump must be durable
+        # first, or a power cut could leave neither the trimmed entries nor the dump holding them
+        self._sync_dump()
         with self.lock:
             self._inner.deleteEntriesTo(entryTo)
+        self.dirty = True
 
     def clear(self) -> None:
+        self._sync_dump()  # a snapshot from the leader replaces the journal: it is on disk first
         self._limit = None
         self._pending_from = None
         with self.lock:
             self._inner.clear()
+        self.dirty = True
+
+    def _sync_dump(self) -> None:
+        if self._durability is not None:
+            self._durability.dump()
 
     def __getitem__(self, item: Any) -> Any:
         if self._limit is None:
@@ -255,7 +283,10 @@ class GuardedJournal:
         return int(self._inner.getRaftCommitIndex())
 
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        # pysyncobj stores the meta file here (unsynced) and sends the vote or request afterwards
         self._inner.setCurrentTerm(term, votedForNodeId)
+        if self._durability is not None:
+            self._durability.meta()
 
     def getCurrentTerm(self) -> int:
         return int(self._inner.getCurrentTerm())

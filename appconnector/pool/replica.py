@@ -142,6 +142,7 @@ class RaftReplica:
         self._membership_state = MEMBER
         self._write_deadline = write_deadline
         self._state_dir = cfg.cluster.state_dir
+        self._fsync = cfg.cluster.fsync
         self._checkout_timeout = cfg.pool.checkout_timeout
         self._max_queued = cfg.pool.max_queued_checkouts
         self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
@@ -199,7 +200,8 @@ class RaftReplica:
             secret = await asyncio.to_thread(ensure_secret_file, "cluster.state_dir", own)
             log.info("raft: no cluster.secret_file: the Raft port takes only this member's own secret (%s)", own)
         spec = EngineSpec(self.self_address, tuple(self.partners), self.paths.dir, secret, self._tuning,
-                          bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic)
+                          bind_address=self._bind, guard=self._guard, dynamic_membership=self._dynamic,
+                          fsync=self._fsync)
         hooks = EngineHooks(on_applied=self._on_applied, on_replaced=self._on_replaced,
                             on_role_change=self._on_role_change, on_untrusted=self._on_untrusted,
                             on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))

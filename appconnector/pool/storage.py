@@ -1,13 +1,16 @@
 """A member's files in ``cluster.state_dir/raft-<address>/``: their format, validation, repair and reset.
 
-One module with one job (docs/design.md §6): everything that reads, writes or removes the files of a
-member lives here, behind the engine seam (:mod:`appconnector.pool.engine`).
+One module with one job (docs/design.md §6): everything that reads, writes, syncs or removes the files of
+a member lives here, behind the engine seam (:mod:`appconnector.pool.engine`).
 
 * The Raft files are pysyncobj 0.3.17's: the journal (``journal``, memory-mapped by pysyncobj), its meta
   file (``journal.meta``: term, vote, commit index) and the full dump (``dump``). :func:`validate_state_dir`
   reads them as pysyncobj would and refuses (:class:`StateError`, naming the file) what pysyncobj would
   only log before starting empty; :func:`repair_interrupted_compaction` trims a journal a kill left
   untrimmed after a compaction.
+* :class:`Durability` syncs them where Raft's safety depends on it (``cluster.fsync``): the journal before
+  entries are acknowledged, the term/vote record before a vote is answered, the dump and its directory
+  before the journal is trimmed.
 * The state inside the full dump is ``PoolState.to_bytes()`` behind our own format number
   (:data:`STATE_FORMAT`, :class:`_DumpedState`).
 * The untrusted-state marker (``untrusted``, JSON: reason, time) is written, synced, before a member exits
@@ -39,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from appconnector.metrics import STORAGE_SYNC_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +178,7 @@ def write_journal(path: Path, records: Sequence[tuple[int, int, bytes]]) -> None
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def repair_interrupted_compaction(paths: StatePaths) -> int:
@@ -229,6 +235,70 @@ def validate_state_dir(paths: StatePaths, restore: Callable[[bytes], object]) ->
     return found
 
 
+# --- durability (cluster.fsync) ---------------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data (written through any descriptor: the page cache is the inode's) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in a directory durable (a rename into it, a new file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Durability:
+    """Makes a member's Raft files durable where Raft's safety depends on it (``cluster.fsync``).
+
+    The engine calls it at those points (docs/design.md §6): :meth:`journal` before this member
+    acknowledges entries or counts itself in a majority for them (one call covers every entry written
+    since the last), :meth:`meta` after the term or vote changed and before any message reflecting it,
+    :meth:`dump` before the journal is trimmed to the full dump. Disabled, every call returns at once: a
+    kill -9 then still loses nothing (the page cache survives the process), a power cut may.
+    """
+
+    def __init__(self, paths: StatePaths, enabled: bool) -> None:
+        self.paths = paths
+        self.enabled = enabled
+        self.syncs = 0
+
+    def _timed(self, what: str, sync: Callable[[], None]) -> None:
+        started = time.monotonic()
+        sync()
+        self.syncs += 1
+        STORAGE_SYNC_SECONDS.labels(what).observe(time.monotonic() - started)
+
+    def _file_and_dir(self, path: Path) -> None:
+        fsync_path(path)
+        fsync_dir(path.parent)
+
+    def journal(self, flush: Callable[[], None]) -> None:
+        """``flush`` is the journal's own: for pysyncobj's mmapped file, msync(MS_SYNC) of the mapping
+        (which also makes a grown file's size durable, as fdatasync does)."""
+        if self.enabled:
+            self._timed("journal", flush)
+
+    def meta(self) -> None:
+        """pysyncobj writes the meta file to a temporary name and renames it, unsynced: sync both."""
+        if self.enabled:
+            self._timed("meta", lambda: self._file_and_dir(self.paths.meta))
+
+    def dump(self) -> None:
+        """The full dump, written (and renamed into place) by pysyncobj's forked child or received from the
+        leader, unsynced: sync it and the directory holding its name."""
+        if self.enabled and self.paths.dump.exists():
+            self._timed("dump", lambda: self._file_and_dir(self.paths.dump))
+
+
 # --- beyond pysyncobj's files: the marker, the run lock, reset -------------------------------------
 
 MARKER = "untrusted"
@@ -260,11 +330,7 @@ def mark_untrusted(member_dir: Path, reason: str) -> Path:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(member_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(member_dir)
     return path
 
 

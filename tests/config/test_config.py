@@ -24,6 +24,7 @@ def test_empty_file_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.pool.reuse_after == 48 * 3600
     assert cfg.dns.ttl == 120
     assert cfg.cluster.raft_port == 6270
+    assert cfg.cluster.fsync is True, "durable before acknowledged unless the operator says otherwise"
     # tailscale mode: DNS on the reserved lowest pool address, port 53
     assert cfg.dns_listen() == [("100.64.1.0", 53)]
 
@@ -50,6 +51,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
                       env={"APPCONNECTOR_DNS_TTL": "30s", "APPCONNECTOR_DNS_DOMAINS": "a.com, *.b.org"})
     assert cfg.dns.ttl == 30
     assert cfg.dns.domains == ("a.com", "*.b.org")
+    assert config.load(write(tmp_path, ""), env={"APPCONNECTOR_CLUSTER_FSYNC": "false"}).cluster.fsync is False
 
 
 @pytest.mark.parametrize(("text", "key"), [
@@ -66,6 +68,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     ('[tailnet]\nmode = "standalone"\n[cluster]\npeers = ["127.0.0.1:7000"]', "cluster.secret_file"),
     ('[cluster]\nraft_port = 70000', "cluster.raft_port"),
     ('[cluster]\ntag = "appconnector"', "cluster.tag"),
+    ('[cluster]\nfsync = "sometimes"', "cluster.fsync"),
     ('[nat]\nmax_entries = 5', "nat.max_entries"),
     ('[colour]\nx = 1', "colour"),
     ("[dns\nttl=", "--config"),

@@ -1,0 +1,253 @@
+"""Durable before acknowledged (issue 12; docs/design.md §6), observed on real processes with strace.
+
+A 3-member cluster of ``appconnector run`` processes on loopback; strace is attached to the leader and to
+a follower while DNS clients ask for new names (each a checkout through Raft). The test reads the
+system calls of every thread in order and decrypts the Raft frames on the sockets with the cluster secret:
+
+* follower: every ``append_entries`` that carried entries is followed by a journal sync (msync of
+  pysyncobj's mmapped journal) before the answer that acknowledges those entries leaves on the socket;
+* leader: between a DNS query for a new name arriving and its answer leaving, the journal was synced.
+
+With ``cluster.fsync = false`` the same run shows no sync at all (so the checks can fail).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysyncobj.encryptor import getEncryptor
+
+from appconnector.pool.member import free_ports
+from tests.faults.connector import ConnectorMember
+from tests.ops.helpers import wait_until
+
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (./dev deps installs it)")]
+
+SECRET = "durability-test-secret"
+NODE = "127.0.0.1"
+SYNCS = ("msync", "fsync", "fdatasync")
+_LINE = re.compile(r"^(\d+) +[\d:.]+ (?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))$")
+_BYTES = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
+_RESULT = re.compile(r"= (-?\d+)")
+
+
+@dataclass
+class Call:
+    seq: int  # position in the trace: the entry of a send, the return of everything else
+    name: str
+    fd: int | None
+    data: bytes | None
+    result: int | None
+    to_address: bool  # a sendto/recvfrom naming a peer address (UDP), not a connected TCP socket
+
+
+def parse_trace(text: str) -> list[Call]:
+    """strace -f -tt -xx output as calls in trace order (unfinished/resumed pairs joined per thread)."""
+    calls: list[Call] = []
+    pending: dict[tuple[str, str], Call | str] = {}  # (thread, call) → a send recorded at its start, or args
+    for seq, line in enumerate(text.splitlines()):
+        m = _LINE.match(line)
+        if not m:
+            continue
+        tid = m.group(1)
+        if m.group(2):  # "<... name resumed>rest"
+            started = pending.pop((tid, m.group(2)), None)
+            if isinstance(started, Call):
+                started.result = _result(m.group(3))
+            elif started is not None:
+                calls.append(_call(seq, m.group(2), started + m.group(3)))
+            continue
+        name, args = m.group(4), m.group(5)
+        if args.endswith("<unfinished ...>"):
+            args = args.removesuffix("<unfinished ...>")
+            if name in ("sendto", "sendmsg"):  # a send counts from its start
+                calls.append(call := _call(seq, name, args))
+                pending[(tid, name)] = call
+            else:
+                pending[(tid, name)] = args
+            continue
+        calls.append(_call(seq, name, args))
+    return calls
+
+
+def _result(tail: str) -> int | None:
+    found = _RESULT.search(tail.rsplit(")", 1)[-1]) if ")" in tail else None
+    return int(found.group(1)) if found else None
+
+
+def _fd(args: str) -> int | None:
+    head = args.split(",", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def _call(seq: int, name: str, args: str) -> Call:
+    data = _BYTES.search(args)
+    return Call(seq, name, _fd(args), bytes.fromhex(data.group(1).replace("\\x", "")) if data else None,
+                _result(args), "sa_family" in args)
+
+
+@dataclass
+class Frame:
+    seq: int  # the call in which its last byte went out or came in
+    message: dict[str, Any]
+
+
+def frames(calls: list[Call], name: str, fd: int, decrypt: Callable[[bytes], bytes]) -> list[Frame]:
+    """pysyncobj's frames (4-byte length, Fernet token of a zlib'd pickle) in one direction of a TCP socket.
+    The trace starts mid-stream: skip to the first position where a frame decrypts."""
+    chunks = [(c.seq, c.data if c.result is None else c.data[:c.result]) for c in calls
+              if c.name == name and c.fd == fd and c.data and (c.result is None or c.result > 0)
+              and not c.to_address]
+    stream = bytearray()
+    ends: list[tuple[int, int]] = []  # (stream offset after the chunk, seq)
+    for seq, data in chunks:
+        stream += data
+        ends.append((len(stream), seq))
+    out: list[Frame] = []
+    pos = _first_frame(stream, decrypt)
+    while pos is not None and pos + 4 <= len(stream):
+        (size,) = struct.unpack_from("i", stream, pos)
+        if pos + 4 + size > len(stream):
+            break
+        message = pickle.loads(zlib.decompress(decrypt(bytes(stream[pos + 4:pos + 4 + size]))))
+        pos += 4 + size
+        if isinstance(message, tuple) and len(message) == 2:  # (pysyncobj's random prefix, message)
+            message = message[1]
+        if isinstance(message, dict):  # Raft messages (the rest: pysyncobj's handshake)
+            out.append(Frame(next(seq for end, seq in ends if end >= pos), message))
+    return out
+
+
+def _first_frame(stream: bytearray, decrypt: Callable[[bytes], bytes]) -> int | None:
+    for pos in range(len(stream) - 10):
+        if stream[pos + 4:pos + 10] != b"gAAAAA":
+            continue
+        (size,) = struct.unpack_from("i", stream, pos)
+        if 0 < size <= len(stream) - pos - 4:
+            try:
+                decrypt(bytes(stream[pos + 4:pos + 4 + size]))
+            except Exception:
+                continue
+            return pos
+    return None
+
+
+class Traced:
+    """strace attached to every thread of a running process, until stop()."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            ["strace", "-f", "-p", str(pid), "-tt", "-xx", "-s", "1048576", "-o", str(out),
+             "-e", "trace=msync,fsync,fdatasync,sendto,recvfrom,sendmsg,recvmsg"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        said = b""
+        deadline = time.monotonic() + 10
+        # "Process N attached with T threads", or one "attached" line per thread
+        while not re.search(rb"attached with \d+ threads", said) \
+                and said.count(b" attached") < len(os.listdir(f"/proc/{pid}/task")):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self.proc.stderr], [], [], left)[0], \
+                f"strace did not attach to every thread of {pid}: {said!r}"
+            said += os.read(self.proc.stderr.fileno(), 65536)
+
+    def stop(self) -> list[Call]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # strace detaches and leaves the process running
+            self.proc.wait(10)
+        return parse_trace(self.out.read_text(errors="replace"))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Callable[[bool], list[ConnectorMember]]]:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    made: list[ConnectorMember] = []
+
+    def start(fsync: bool) -> list[ConnectorMember]:
+        ports = free_ports(12)
+        raft = [f"127.0.0.1:{p}" for p in ports[:3]]
+        env = {} if fsync else {"APPCONNECTOR_CLUSTER_FSYNC": "false"}
+        for i in range(3):
+            made.append(ConnectorMember(f"d{i}", tmp_path, ports[i], ports[3 + i], ports[6 + i], os.getgid(),
+                                        [a for a in raft if a != raft[i]], ("100.64.7.0/24",), 48 * 3600.0,
+                                        secret, env, admin_port=ports[9 + i]))
+        for m in made:
+            m.start()
+        for m in made:
+            m.wait_ready()
+        return made
+
+    yield start
+    for m in made:
+        m.stop()
+
+
+def _syncs_between(calls: list[Call], after: int, before: int) -> int:
+    return sum(1 for c in calls if c.name in SYNCS and after < c.seq < before and c.result == 0)
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_entries_are_synced_before_they_are_acknowledged_or_answered(
+        cluster: Callable[[bool], list[ConnectorMember]], tmp_path: Path, fsync: bool) -> None:
+    members = cluster(fsync)
+    leader = wait_until(lambda: next((m for m in members if m.status().get("leader_self")), None), 30,
+                        "a leader")
+    follower = next(m for m in members if m is not leader)
+    # every member knows the leader: the follower's connection to it carries appends from now on
+    wait_until(lambda: follower.status().get("leader") == leader.status().get("self"), 30, "the follower")
+    traced = {m.name: Traced(m.pid, tmp_path / f"{m.name}.strace") for m in (leader, follower)}
+    names = [f"durable{i}.example" for i in range(8)]
+    for name in names:
+        leader.dns.checkout(NODE, name, 10)
+    leader_calls = traced[leader.name].stop()
+    follower_calls = traced[follower.name].stop()
+    decrypt = getEncryptor(SECRET).decrypt
+
+    # --- the follower: the sync comes between an append's arrival and its acknowledgement ---------------
+    fds = {c.fd for c in follower_calls if c.name == "recvfrom" and c.fd is not None and not c.to_address}
+    appends: list[Frame] = []
+    answers: list[Frame] = []
+    for fd in fds:
+        got = [f for f in frames(follower_calls, "recvfrom", fd, decrypt) if f.message.get("type") == "append_entries"]
+        if got:
+            appends += [f for f in got if f.message.get("entries")]
+            answers += [f for f in frames(follower_calls, "sendto", fd, decrypt)
+                        if f.message.get("type") == "next_node_idx" and f.message.get("success")]
+    assert len(appends) >= len(names), f"the follower received {len(appends)} appends with entries"
+    for a in appends:
+        last = a.message["entries"][-1][1]
+        ack = next((r for r in answers if r.seq > a.seq and r.message["next_node_idx"] > last), None)
+        assert ack is not None, f"entry {last} was never acknowledged"
+        synced = _syncs_between(follower_calls, a.seq, ack.seq)
+        if fsync:
+            assert synced >= 1, f"the follower acknowledged entry {last} before syncing its journal"
+        else:
+            assert synced == 0
+    # --- the leader: the sync comes between a query for a new name and its answer --------------------
+    udp_in = {c.data[:2]: c for c in leader_calls if c.name == "recvfrom" and c.to_address and c.data}
+    answered = [(udp_in[c.data[:2]], c) for c in leader_calls if c.name == "sendto" and c.to_address and c.data
+                and c.data[:2] in udp_in and any(n.encode().split(b".")[0] in c.data for n in names)]
+    assert len(answered) == len(names), f"{len(answered)} answers to new names seen on the leader"
+    for query, answer in answered:
+        synced = _syncs_between(leader_calls, query.seq, answer.seq)
+        assert synced >= 1 if fsync else synced == 0, "the leader answered a new name before syncing"
+    if not fsync:
+        assert not [c for c in leader_calls + follower_calls if c.name in SYNCS], "cluster.fsync = false syncs"
