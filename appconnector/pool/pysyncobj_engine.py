@@ -38,6 +38,7 @@ from typing import Any
 import pysyncobj
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, replicated
 from pysyncobj.encryptor import getEncryptor
+from pysyncobj.journal import FileJournal
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.utility import TcpUtility, UtilityException
@@ -65,6 +66,7 @@ from appconnector.pool.storage import (
     StatePaths,
     _DumpedState,
     validate_state_dir,
+    write_journal,
 )
 from appconnector.ratelimit import RateLimitedLog
 
@@ -246,8 +248,9 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self._on_fatal = on_fatal
         self.untrusted: str | None = None
         self.durability = Durability(paths, fsync)
+        self._paths = paths
         self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust,
-                                      self.durability)
+                                      self.durability, self._trim_journal if fsync else None)
         self._handle_message = getattr(self, _ON_MESSAGE)
         if guard:
             setattr(self, _RAFT_LOG, self.journal)
@@ -319,6 +322,16 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
                 if int(getattr(self, _COMMIT_INDEX)) < commit_before <= self.journal.last_index():
                     setattr(self, _COMMIT_INDEX, commit_before)
                     self.journal.setRaftCommitIndex(commit_before)
+
+    def _trim_journal(self, inner: Any, position: int) -> Any:
+        """After a compaction: the journal from ``position`` on, written aside, synced and renamed over the
+        old one. pysyncobj rewrites its file in place from the start (clear, then add each kept entry), so a
+        power cut inside that rewrite could leave neither the old journal nor the new one on disk."""
+        kept = [(int(idx), int(term), bytes(command)) for command, idx, term in inner[position:]]
+        inner.onOneSecondTimer()  # the meta file holds what the journal object has unsaved: the new one reads it
+        write_journal(self._paths.journal, kept)
+        inner._destroy()
+        return FileJournal(str(self._paths.journal))
 
     def _send_synced(self, node: Any, message: Any) -> Any:
         if not self._sync_journal():

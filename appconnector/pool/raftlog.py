@@ -145,9 +145,13 @@ class GuardedJournal:
     """
 
     def __init__(self, inner: Any, last_applied: Callable[[], int],
-                 on_diverged: Callable[[str], None] | None = None, durability: Durability | None = None) -> None:
+                 on_diverged: Callable[[str], None] | None = None, durability: Durability | None = None,
+                 trim: Callable[[Any, int], Any] | None = None) -> None:
+        """``trim(inner, position)``, when given, replaces pysyncobj's in-place trim of the front: it
+        returns the journal holding ``inner[position:]`` (written aside and renamed over the old one)."""
         self._inner = inner
         self._durability = durability
+        self._trim = trim
         self.dirty = False  # changed since the last sync
         self._last_applied = last_applied
         self._on_diverged = on_diverged
@@ -244,8 +248,11 @@ class GuardedJournal:
         # first, or a power cut could leave neither the trimmed entries nor the dump holding them
         self._sync_dump()
         with self.lock:
-            self._inner.deleteEntriesTo(entryTo)
-        self.dirty = True
+            if self._trim is not None:
+                self._inner = self._trim(self._inner, entryTo)
+            else:
+                self._inner.deleteEntriesTo(entryTo)
+        self.dirty = self._trim is None
 
     def clear(self) -> None:
         self._sync_dump()  # a snapshot from the leader replaces the journal: it is on disk first

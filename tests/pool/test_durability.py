@@ -8,11 +8,13 @@ system calls of every thread in order and decrypts the Raft frames on the socket
   pysyncobj's mmapped journal) before the answer that acknowledges those entries leaves on the socket;
 * leader: between a DNS query for a new name arriving and its answer leaving, the journal was synced.
 
-With ``cluster.fsync = false`` the same run shows no sync at all (so the checks can fail).
+With ``cluster.fsync = false`` the same run shows no sync at all (so the checks can fail). And a
+compaction's trim of the journal replaces the file by rename instead of rewriting it in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import re
@@ -31,7 +33,11 @@ from typing import Any
 import pytest
 from pysyncobj.encryptor import getEncryptor
 
+from appconnector.config import ClusterConfig, Config, PoolConfig
+from appconnector.pool.engine import RaftTuning
 from appconnector.pool.member import free_ports
+from appconnector.pool.replica import RaftReplica
+from appconnector.pool.storage import read_journal
 from tests.faults.connector import ConnectorMember
 from tests.ops.helpers import wait_until
 
@@ -251,3 +257,53 @@ def test_entries_are_synced_before_they_are_acknowledged_or_answered(
         assert synced >= 1 if fsync else synced == 0, "the leader answered a new name before syncing"
     if not fsync:
         assert not [c for c in leader_calls + follower_calls if c.name in SYNCS], "cluster.fsync = false syncs"
+
+
+# --- the journal trim after a compaction -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_a_compaction_replaces_the_journal_by_rename_never_in_place(tmp_path: Path, fsync: bool) -> None:
+    """pysyncobj trims the journal's front by rewriting the file from its start: a power cut inside that
+    rewrite could leave neither the old entries nor the new. With cluster.fsync the trimmed journal is
+    written aside, synced and renamed over the old one (a new inode), and the member goes on with it."""
+    cfg = Config(pool=PoolConfig(prefixes=("100.64.8.0/24",)),
+                 cluster=ClusterConfig(state_dir=str(tmp_path), fsync=fsync))
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    tuning = RaftTuning(compaction_min_entries=20)
+
+    async def run() -> dict[tuple[str, str], int]:
+        r = RaftReplica(cfg, addr, [], None, tuning=tuning)
+        await r.start()
+        try:
+            await _until(r.is_leader, "the lone member to lead")
+            before = os.stat(r.paths.journal).st_ino
+            got = {("n", f"c{i}.example"): await r.checkout("n", f"c{i}.example", (), 60.0) for i in range(30)}
+            await _until(lambda: r.paths.dump.exists() and read_journal(r.paths.journal)[0][0] > 1,
+                         "a compaction to trim the journal")
+            replaced = os.stat(r.paths.journal).st_ino != before
+            assert replaced is fsync, "renamed over (fsync) / rewritten in place (pysyncobj's own)"
+            got |= {("n", f"d{i}.example"): await r.checkout("n", f"d{i}.example", (), 60.0) for i in range(5)}
+            records = read_journal(r.paths.journal)
+            assert [i for i, _, _ in records] == list(range(records[0][0], records[0][0] + len(records)))
+            return got
+        finally:
+            await r.stop()
+
+    async def again(expected: dict[tuple[str, str], int]) -> None:
+        r = RaftReplica(cfg, addr, [], None, tuning=tuning)
+        await r.start()
+        try:
+            await _until(lambda: r.stats()["mappings"] == len(expected), "the state back after a restart")
+            assert {(m.node, m.domain): m.address for m in r.mappings()} == expected
+        finally:
+            await r.stop()
+
+    asyncio.run(again(asyncio.run(run())))
+
+
+async def _until(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
