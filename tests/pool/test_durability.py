@@ -32,12 +32,14 @@ from typing import Any
 
 import pytest
 from pysyncobj.encryptor import getEncryptor
+from pysyncobj.journal import FileJournal
 
 from appconnector.config import ClusterConfig, Config, PoolConfig
 from appconnector.pool.engine import RaftTuning
 from appconnector.pool.member import free_ports
+from appconnector.pool.raftlog import GuardedJournal
 from appconnector.pool.replica import RaftReplica
-from appconnector.pool.storage import read_journal
+from appconnector.pool.storage import Durability, StatePaths, read_journal
 from tests.faults.connector import ConnectorMember
 from tests.ops.helpers import wait_until
 
@@ -307,3 +309,46 @@ async def _until(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> N
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+# --- what is synced when (the journal guard over a real pysyncobj journal file) ------------------------
+
+
+class _Recording(Durability):
+    def __init__(self, paths: StatePaths) -> None:
+        super().__init__(paths, True)
+        self.done: list[str] = []
+
+    def _timed(self, what: str, sync: Callable[[], None]) -> None:
+        super()._timed(what, sync)
+        self.done.append(what)
+
+
+def test_one_sync_covers_every_change_since_the_last_and_a_clean_journal_costs_none(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    durability = _Recording(paths)
+    journal = GuardedJournal(FileJournal(str(paths.journal)), lambda: 0, durability=durability)
+    for idx in range(1, 6):
+        journal.add(b"\x00" + pickle.dumps(("tick", float(idx))), idx, 1)
+    journal.sync()
+    journal.sync()  # nothing changed since
+    assert durability.done == ["journal"]
+    journal.setCurrentTerm(2, "peer")  # the vote: synced before setCurrentTerm returns
+    assert durability.done == ["journal", "meta"]
+    paths.dump.write_bytes(b"a full dump")
+    journal.deleteEntriesTo(2)  # the dump before the journal's front goes
+    assert durability.done == ["journal", "meta", "dump"]
+    assert [e[1] for e in journal[:]] == [3, 4, 5] and journal.dirty
+    journal.sync()
+    assert durability.done[-1] == "journal"
+    assert [r[0] for r in read_journal(paths.journal)] == [3, 4, 5]
+
+
+def test_without_fsync_nothing_is_synced(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    durability = Durability(paths, False)
+    journal = GuardedJournal(FileJournal(str(paths.journal)), lambda: 0, durability=durability)
+    journal.add(b"\x00" + pickle.dumps(("tick", 1.0)), 1, 1)
+    journal.sync()
+    journal.setCurrentTerm(2, None)
+    assert durability.syncs == 0 and not journal.dirty
