@@ -533,6 +533,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             "tails_held": self.tails_held,
             "truncations_refused": self.journal.refused,
             "diverged": self.divergence.count + self.journal.truncated_applied,
+            "fsync": self.durability.enabled,
+            "syncs": self.durability.syncs,
         }
 
     def last_heard(self) -> Mapping[str, float]:
