@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gzip
 import inspect
+import pickle
 import queue
 import re
 import threading
@@ -35,6 +37,8 @@ from appconnector.pool.engine import (
 from appconnector.pool.membership import leader_status
 from appconnector.pool.pysyncobj_engine import PoolSyncObj, status_from_pysyncobj
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.state import PoolState
+from appconnector.pool.storage import STATE_FORMAT, _DumpedState, read_dump
 
 PACKAGE = Path(appconnector.__file__).parent
 ALLOWED = {"pool/pysyncobj_engine.py", "pool/storage.py"}
@@ -203,3 +207,17 @@ def test_the_replica_runs_on_another_engine_through_the_seam(tmp_path: Path) -> 
     asyncio.run(run())
     assert len(started) == 1 and started[0].spec.member_dir.parent == tmp_path
     assert not started[0]._thread.is_alive(), "stop() closed the engine"
+
+
+def test_a_full_dump_written_before_the_storage_module_still_reads(tmp_path: Path) -> None:
+    """Dumps written by earlier versions name the pickled state class ``appconnector.pool.engine._DumpedState``."""
+    state = PoolState(("100.64.9.0/24",))
+    dump = ([{}, {"pool": _DumpedState(STATE_FORMAT, data=state.to_bytes())}], (b"x", 7, 1), (b"y", 6, 1), [])
+    text = pickle.dumps(dump, 0).replace(b"appconnector.pool.storage\n_DumpedState",
+                                         b"appconnector.pool.engine\n_DumpedState")
+    assert b"appconnector.pool.engine" in text and b"appconnector.pool.storage" not in text
+    path = tmp_path / "dump"
+    path.write_bytes(gzip.compress(text))
+    restored = read_dump(path)
+    assert restored[1] == (b"x", 7, 1)
+    assert PoolState.from_bytes(restored[0][1]["pool"].data, ("100.64.9.0/24",)).digest() == state.digest()
