@@ -151,6 +151,7 @@ class RaftReplica:
         self._errors = RateLimitedLog(log)
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
+        self._machine: StateMachine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observers: list[PoolObserver] = []
         self._observer_lock = threading.RLock()  # apply + observer calls in order; add_observer waits for it
@@ -205,8 +206,8 @@ class RaftReplica:
         hooks = EngineHooks(on_applied=self._on_applied, on_replaced=self._on_replaced,
                             on_role_change=self._on_role_change, on_untrusted=self._on_untrusted,
                             on_fatal=lambda reason: self._report(reason, EXIT_FAILURE))
-        self._engine = await asyncio.to_thread(self._engine_factory, spec, PoolState(self._prefixes),
-                                               self._restore, hooks)
+        self._machine = PoolState(self._prefixes)
+        self._engine = await asyncio.to_thread(self._engine_factory, spec, self._machine, self._restore, hooks)
         self._engine.set_membership_state(self._membership_state)
         self.started_info = dict(self._engine.found)
         self._stopped = False
@@ -295,9 +296,10 @@ class RaftReplica:
     # ---- the apply thread ---------------------------------------------------------------------------
 
     def _observe_clock(self) -> None:
-        state = self._engine.state if self._engine is not None else None
-        if isinstance(state, PoolState):
-            self._clock.observe(state.clock)
+        # the state as the hooks last left it: the engine applies its journal (and loads its dump) while the
+        # factory is still building it, before self._engine is set
+        if isinstance(self._machine, PoolState):
+            self._clock.observe(self._machine.clock)
 
     def _on_applied(self, rid: str, command: tuple[Any, ...], result: object, changes: Any) -> None:
         self.applied += 1
@@ -315,6 +317,7 @@ class RaftReplica:
             self._loop.call_soon_threadsafe(self._resolve, proposal, result)
 
     def _on_replaced(self, state: StateMachine) -> None:
+        self._machine = state
         self._observe_clock()
         with self._observer_lock:
             for obs in list(self._observers):

@@ -184,8 +184,13 @@ def test_the_replica_runs_on_another_engine_through_the_seam(tmp_path: Path) -> 
 
     def solo(spec: EngineSpec, initial: StateMachine, restore: Callable[[bytes], StateMachine],
              hooks: EngineHooks) -> Engine:
-        started.append(SoloEngine(spec, initial, hooks))
-        return started[-1]
+        engine = SoloEngine(spec, initial, hooks)
+        # an engine replays its journal while it is being built: the hooks run before the factory returns
+        done = threading.Event()
+        engine.propose("replayed", ("tick", 1000.0), lambda result, err: done.set())
+        assert done.wait(5)
+        started.append(engine)
+        return engine
 
     cfg = Config(pool=PoolConfig(prefixes=("100.64.9.0/24",)), cluster=ClusterConfig(state_dir=str(tmp_path)))
 
@@ -193,6 +198,7 @@ def test_the_replica_runs_on_another_engine_through_the_seam(tmp_path: Path) -> 
         r = RaftReplica(cfg, "127.0.0.1:1", [], None, engine_factory=solo)
         await r.start()
         try:
+            assert 1000.0 <= r.now() < 2000.0, "the pool clock replayed at start, not the wall clock"
             first = await r.checkout("node-a", "example.com", (0x5DB8D822,), 60.0)
             assert await r.checkout("node-a", "example.com", (0x5DB8D822,), 60.0) == first
             assert r.lookup("node-a", "example.com") is not None
