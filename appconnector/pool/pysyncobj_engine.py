@@ -256,8 +256,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             setattr(self, _RAFT_LOG, self.journal)
             transport = getattr(self, _TRANSPORT)
             transport.setOnMessageReceivedCallback(self._guarded_message)
-            # Durable before acknowledged: every message pysyncobj sends (an append's answer, entries to
-            # followers, a vote) goes out after the journal changes it reflects are synced.
+            # Durable before acknowledged: every message pysyncobj sends that reflects the journal (an
+            # append's answer, a vote) goes out after the journal changes are synced.
             self._transport_send = transport.send
             transport.send = self._send_synced
         self.divergence = DivergenceWatch(self._distrust_if_mine)
@@ -334,7 +334,12 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         return FileJournal(str(self._paths.journal))
 
     def _send_synced(self, node: Any, message: Any) -> Any:
-        if not self._sync_journal():
+        # A leader's entries to its followers need not wait for its own sync (Raft lets the leader write
+        # its log in parallel): it counts itself for them only at a later tick's commit, after the tick-end
+        # sync. So its sync and its followers' overlap. Everything else (an append's answer, a vote)
+        # reflects journal state and waits.
+        leading_append = isinstance(message, dict) and message.get("type") == "append_entries"
+        if not leading_append and not self._sync_journal():
             return False  # not sent: the member stops (what it would say may not be on disk)
         return self._transport_send(node, message)
 

@@ -28,7 +28,7 @@ own handling and without changing it:
    in place it should never refuse anything; a non-zero count means (1) missed a case.
 3. Durability (``cluster.fsync``, :class:`~appconnector.pool.storage.Durability`): every change marks the
    journal dirty, and :meth:`GuardedJournal.sync` makes it durable; the engine calls it before every
-   outgoing message and after every tick, so nothing is acknowledged or counted for a majority unsynced
+   outgoing answer or vote and after every tick, so nothing is acknowledged or counted for a majority unsynced
    (one sync covers all the entries a message or a tick brought). A term/vote change is synced before it
    returns (pysyncobj sends the vote after), the full dump before the journal is trimmed to it.
 4. :class:`DivergenceWatch` listens to pysyncobj's logger for its "may have diverged" line, which after (1)
