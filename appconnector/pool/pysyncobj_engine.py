@@ -83,6 +83,7 @@ _PRIVATE = (_RAFT_LOG, _TRANSPORT, _ON_MESSAGE, _COMMIT_INDEX, _NEXT_APPEND, _LO
 
 STATUS_KEY = "appconnector_membership"
 """The field this engine adds to pysyncobj's status (what a member says of itself, pool.membership)."""
+_NEEDS_NO_SYNC = ("append_entries", "apply_command_response")
 _PARTNER = "partner_node_status_server_"
 _MATCH = "match_idx_server_"
 
@@ -334,12 +335,13 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         return FileJournal(str(self._paths.journal))
 
     def _send_synced(self, node: Any, message: Any) -> Any:
-        # A leader's entries to its followers need not wait for its own sync (Raft lets the leader write
-        # its log in parallel): it counts itself for them only at a later tick's commit, after the tick-end
-        # sync. So its sync and its followers' overlap. Everything else (an append's answer, a vote)
-        # reflects journal state and waits.
-        leading_append = isinstance(message, dict) and message.get("type") == "append_entries"
-        if not leading_append and not self._sync_journal():
+        # Two kinds of message vouch for nothing on this member's disk: a leader's entries to its followers
+        # (Raft lets the leader write its log in parallel; it counts itself for them only at a later
+        # tick's commit, after the tick-end sync) and the leader telling a follower where its forwarded
+        # command went (without this exemption, one sync per forwarded command instead of one per tick).
+        # Everything else (an append's answer, a vote) reflects the journal and waits for it.
+        unsynced = isinstance(message, dict) and message.get("type") in _NEEDS_NO_SYNC
+        if not unsynced and not self._sync_journal():
             return False  # not sent: the member stops (what it would say may not be on disk)
         return self._transport_send(node, message)
 
