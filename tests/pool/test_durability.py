@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.cluster,
 SECRET = "durability-test-secret"
 NODE = "127.0.0.1"
 SYNCS = ("msync", "fsync", "fdatasync")
+SENDS = ("sendto", "sendmsg", "sendmmsg")
 _LINE = re.compile(r"^(\d+) +[\d:.]+ (?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))$")
 _BYTES = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
 _RESULT = re.compile(r"= (-?\d+)")
@@ -62,6 +63,7 @@ class Call:
     data: bytes | None
     result: int | None
     to_address: bool  # a sendto/recvfrom naming a peer address (UDP), not a connected TCP socket
+    datagrams: list[bytes]  # UDP: every datagram of the call (recvmmsg/sendmmsg carry several)
 
 
 def parse_trace(text: str) -> list[Call]:
@@ -83,7 +85,7 @@ def parse_trace(text: str) -> list[Call]:
         name, args = m.group(4), m.group(5)
         if args.endswith("<unfinished ...>"):
             args = args.removesuffix("<unfinished ...>")
-            if name in ("sendto", "sendmsg"):  # a send counts from its start
+            if name in SENDS:  # a send counts from its start
                 calls.append(call := _call(seq, name, args))
                 pending[(tid, name)] = call
             else:
@@ -104,9 +106,10 @@ def _fd(args: str) -> int | None:
 
 
 def _call(seq: int, name: str, args: str) -> Call:
-    data = _BYTES.search(args)
-    return Call(seq, name, _fd(args), bytes.fromhex(data.group(1).replace("\\x", "")) if data else None,
-                _result(args), "sa_family" in args)
+    strings = [bytes.fromhex(h.replace("\\x", "")) for h in _BYTES.findall(args)]
+    udp = "sa_family" in args
+    return Call(seq, name, _fd(args), strings[0] if strings else None, _result(args), udp,
+                strings if udp else [])
 
 
 @dataclass
@@ -162,7 +165,7 @@ class Traced:
         self.out = out
         self.proc = subprocess.Popen(
             ["strace", "-f", "-p", str(pid), "-tt", "-xx", "-s", "1048576", "-o", str(out),
-             "-e", "trace=msync,fsync,fdatasync,sendto,recvfrom,sendmsg,recvmsg"],
+             "-e", "trace=msync,fsync,fdatasync,sendto,recvfrom,sendmsg,recvmsg,sendmmsg,recvmmsg"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         said = b""
@@ -255,9 +258,10 @@ def test_entries_are_synced_before_they_are_acknowledged_or_answered(
         else:
             assert synced == 0
     # --- the leader: the sync comes between a query for a new name and its answer --------------------
-    udp_in = {c.data[:2]: c for c in leader_calls if c.name == "recvfrom" and c.to_address and c.data}
-    answered = [(udp_in[c.data[:2]], c) for c in leader_calls if c.name == "sendto" and c.to_address and c.data
-                and c.data[:2] in udp_in and any(n.encode().split(b".")[0] in c.data for n in names)]
+    # DNS over UDP (recvfrom/sendto, or batched recvmmsg/sendmmsg): queries and answers matched by DNS id
+    udp_in = {d[:2]: c for c in leader_calls if c.name.startswith("recv") and c.to_address for d in c.datagrams}
+    answered = [(udp_in[d[:2]], c) for c in leader_calls if c.name in SENDS and c.to_address for d in c.datagrams
+                if d[:2] in udp_in and any(n.encode().split(b".")[0] in d for n in names)]
     assert len(answered) == len(names), f"{len(answered)} answers to new names seen on the leader"
     for query, answer in answered:
         synced = _syncs_between(leader_calls, query.seq, answer.seq)
