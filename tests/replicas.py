@@ -16,8 +16,8 @@ import time
 from appconnector.config import Config
 from appconnector.pool.api import Replica
 from appconnector.pool.local import LocalPool
-from appconnector.pool.member import free_ports
 from appconnector.pool.replica import RaftReplica
+from tests.member import free_ports
 
 KINDS = ("local", "raft")
 

@@ -1,5 +1,6 @@
 """Three (or more) pool member processes on loopback, each with a group id of its own (for the nemesis),
-driven over JSON lines on stdin/stdout (``python -m tests.faults.member``, a real ``RaftReplica``).
+driven over JSON lines on stdin/stdout (``python -m tests.member``, the one member harness: a real
+``RaftReplica``).
 
 Each request carries an ``id``; a reader thread hands answers back by id, so many client threads can
 talk to one member at once. A member that is killed or paused simply stops answering: its pending
@@ -9,7 +10,6 @@ requests time out and are recorded as unknown.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
 import json
 import os
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from appconnector.config import PoolConfig
 from tests.faults.history import CHECKOUT
 from tests.faults.nemesis import Endpoint, preexec_for
 from tests.faults.workload import Exhausted, Unavailable
@@ -31,7 +32,9 @@ from tests.faults.workload import Exhausted, Unavailable
 M = TypeVar("M")
 
 REPO = Path(__file__).resolve().parents[2]
-MEMBER_MODULE = "tests.faults.member"
+MEMBER_MODULE = "tests.member"
+CHECKOUT_TIMEOUT = PoolConfig.checkout_timeout
+"""The members' pool.checkout_timeout: the shipped default, as a connector's."""
 
 
 @dataclass
@@ -82,10 +85,11 @@ class Member:
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.spec.module,
                 "--self", self.spec.address,
-                "--peers", ",".join(self.peers),
+                *(a for p in self.peers for a in ("--partner", p)),
                 "--state-dir", str(self.spec.state_dir),
-                "--prefixes", ",".join(self.prefixes),
+                *(a for p in self.prefixes for a in ("--prefix", p)),
                 "--reuse-after", f"{self.reuse_after:g}",
+                "--checkout-timeout", f"{CHECKOUT_TIMEOUT:g}",
                 "--secret-file", str(self.secret_file),
                 *self.spec.extra_args]
 
@@ -109,7 +113,7 @@ class Member:
                          daemon=True).start()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait for the member's first line (its replica started), or fail with its log."""
+        """Wait for the member's ready line (its replica started), or fail with its log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready.is_set():
@@ -175,8 +179,9 @@ class Member:
                 msg = json.loads(line)
             except ValueError:
                 continue
-            if msg.get("id") == 0:
-                self.ready.set()
+            if "event" in msg:  # "ready"; "error" (refused to start) is followed by the exit
+                if msg["event"] == "ready":
+                    self.ready.set()
                 continue
             with self._lock:
                 fut = self._pending.pop(msg.get("id"), None)
@@ -220,42 +225,43 @@ class Member:
         r = self.request("checkout", timeout, node=node, domain=domain)
         if r.get("ok"):
             return _addr(r["address"])
-        err = str(r.get("error", ""))
-        if "exhausted" in err.lower():
+        err = f"{r.get('error', '')}: {r.get('message', '')}"
+        if r.get("error") == "PoolExhausted":
             raise Exhausted(err)
-        raise Unavailable(err or json.dumps(r))
+        raise Unavailable(err if r.get("error") else json.dumps(r))
 
     def lookup(self, node: str, domain: str, timeout: float) -> int | None:
         r = self._ok(self.request("lookup", timeout, node=node, domain=domain))
         return None if r.get("address") is None else _addr(r["address"])
 
     def domain_for(self, node: str, address: int, timeout: float) -> str | None:
-        r = self._ok(self.request("domain_for", timeout, node=node, address=str(ipaddress.IPv4Address(address))))
+        r = self._ok(self.request("domain_for", timeout, node=node, address=address))
         d = r.get("domain")
         return None if d is None else str(d)
 
     def touch(self, node: str, address: int, domain: str, at: float, timeout: float) -> bool:
         """Queue a touch and ask the member to flush; True when it says the batch was applied."""
-        r = self.request("touch", timeout, node=node, address=str(ipaddress.IPv4Address(address)), domain=domain,
-                         at=at, flush=True)
+        r = self.request("touch", timeout, node=node, address=address, domain=domain, at=at, flush=True)
         return bool(r.get("ok") and r.get("applied", False))
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
-        return self._ok(self.request("status", timeout))
+        status: dict[str, Any] = self._ok(self.request("status", timeout))["status"]
+        return status
 
     def state(self, timeout: float = 5.0) -> tuple[str, list[tuple[str, str, int]]]:
         """(digest, mappings) of the member's local state."""
-        r = self._ok(self.request("state", timeout))
+        r = self._ok(self.request("mappings", timeout))
         return str(r["digest"]), [(str(n), str(d), _addr(a)) for n, d, a in r["mappings"]]
 
     def _ok(self, r: dict[str, Any]) -> dict[str, Any]:
         if not r.get("ok"):
-            raise Unavailable(str(r.get("error") or r))
+            raise Unavailable(f"{r.get('error')}: {r.get('message')}" if r.get("error") else str(r))
         return r
 
 
 def _addr(a: object) -> int:
-    return int(ipaddress.IPv4Address(a)) if isinstance(a, str) else int(a)  # type: ignore[call-overload]
+    assert isinstance(a, int), a  # the harness speaks IPv4 integers
+    return a
 
 
 class MemberGroup(Generic[M]):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from appconnector.pool.member import free_ports
 from appconnector.pool.replica import RaftReplica
 from appconnector.sdnotify import Notifier, Watchdog, socket_address
+from tests.member import free_ports
 from tests.ops.helpers import REPO, free_port
 from tests.ops.test_run import standalone_config
 

@@ -14,10 +14,10 @@ import pytest
 
 from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
-from appconnector.pool.member import free_ports
 from appconnector.pool.membership import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
 from appconnector.secrets_file import MEMBER_SECRET_FILE
+from tests.member import free_ports
 
 
 class Recorder:

@@ -19,9 +19,9 @@ from pysyncobj.journal import MemoryJournal
 from pysyncobj.node import TCPNode
 
 from appconnector.pool.engine import PoolConsumer, PoolSyncObj, RaftTuning, StatePaths, read_journal
-from appconnector.pool.member import free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER, GuardedJournal, plan_append
 from appconnector.pool.state import PoolState
+from tests.member import free_ports
 
 NOOP = b"\x01"
 
