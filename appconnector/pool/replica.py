@@ -42,6 +42,7 @@ from appconnector.config import Config, ConfigError
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
 from appconnector.pool.api import (
     Address,
+    Changes,
     MappingView,
     PoolError,
     PoolObserver,
@@ -65,6 +66,7 @@ from appconnector.pool.engine import (
     validate_state_dir,
 )
 from appconnector.pool.membership import MEMBER
+from appconnector.pool.report import publish, publish_stats
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
 from appconnector.pool.touches import TouchQueue
@@ -159,7 +161,10 @@ class RaftReplica:
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     def _restore(self, data: bytes) -> StateMachine:
-        return PoolState.from_bytes(data, self._prefixes)
+        state = PoolState.from_bytes(data, self._prefixes)
+        if state.load_report is not None:
+            publish(state.load_report)
+        return state
 
     async def start(self) -> None:
         """Validate the state directory (StateError names the bad file; :class:`UntrustedState` when an
@@ -299,6 +304,8 @@ class RaftReplica:
     def _on_applied(self, rid: str, command: tuple[Any, ...], result: object, changes: Any) -> None:
         self.applied += 1
         self._observe_clock()
+        if isinstance(changes, Changes):
+            publish(changes.report)  # the state reports; this member counts and logs
         if changes:
             with self._observer_lock:
                 for obs in list(self._observers):
@@ -638,8 +645,9 @@ class RaftReplica:
             metrics.RAFT_COMMIT_LAG.set(max(0, leader_commit - engine.raftLastApplied))
         state = self._state()
         with self._state_lock():
-            if isinstance(state, PoolState):
-                state.publish_metrics()
+            stats = state.stats() if isinstance(state, PoolState) else None
+        if stats is not None:
+            publish_stats(stats)
 
     # ---- reads --------------------------------------------------------------------------------------
 
