@@ -48,12 +48,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
+from appconnector.config import ConfigError, PoolConfig
 from appconnector.fatal import FatalReporter
 from appconnector.pool import replica as replica_module
 from appconnector.pool.api import Changes, PoolError, PoolReader
 from appconnector.pool.engine import BindError, RaftTuning, StateError
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.state import PoolState
 
 log = logging.getLogger("tests.member")
@@ -324,10 +325,8 @@ async def _serve_stream(member: Member, reader: asyncio.StreamReader, write: Cal
 async def run(args: argparse.Namespace) -> int:
     secret = Path(args.secret_file).read_text().strip() if args.secret_file else None
     timeout = args.write_deadline if args.checkout_timeout is None else args.checkout_timeout
-    cfg = Config(pool=PoolConfig(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
-                                 checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts),
-                 cluster=ClusterConfig(state_dir=args.state_dir, self=args.self_address,
-                                       peers=tuple(args.partner)))
+    pool = PoolSettings(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
+                        checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts)
     tuning = RaftTuning.pysyncobj_defaults() if args.tuning == "defaults" else RaftTuning()
     if args.compact_every:
         tuning = dataclasses.replace(tuning, compaction_min_entries=args.compact_every)
@@ -341,9 +340,9 @@ async def run(args: argparse.Namespace) -> int:
         replica_module.PoolState = BrokenPoolState  # type: ignore[attr-defined]
     fatal = FatalReporter()
     try:
-        replica = RaftReplica(cfg, args.self_address, list(args.partner), secret, bind_address=args.bind,
-                              tuning=tuning, guard=not args.no_guard, write_deadline=args.write_deadline,
-                              dynamic_membership=args.dynamic_membership, on_fatal=fatal.report)
+        raft = RaftSettings(args.state_dir, args.self_address, tuple(args.partner), secret, bind_address=args.bind,
+                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline)
+        replica = RaftReplica(pool, raft, tuning=tuning, guard=not args.no_guard, on_fatal=fatal.report)
         await replica.start()
     except (StateError, ConfigError, BindError) as e:
         log.error("refusing to start: %s", e)
@@ -454,10 +453,11 @@ class MemberProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      cwd=REPO, env=env)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        # this process's events go to this start's queue: a previous run's reader may still be finishing
+        threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
 
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], events: queue.Queue[dict[str, Any]]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             try:
@@ -465,15 +465,15 @@ class MemberProcess:
             except ValueError:
                 continue
             if "event" in msg:
-                self._events.put(msg)
+                events.put(msg)
                 continue
             with self._lock:
                 q = self._responses.get(msg.get("id", -1))
             if q is not None:
                 q.put(msg)
-        self._events.put({"event": "exit"})
-        with self._lock:  # the process is gone: answer every waiting caller now
-            for q in self._responses.values():
+        events.put({"event": "exit"})
+        with self._lock:  # the process is gone: answer every caller waiting on it now (not a restarted one's)
+            for q in self._responses.values() if self.proc is proc else ():
                 q.put({"ok": False, "error": "MemberExited", "message": f"exit code {proc.wait()}"})
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:

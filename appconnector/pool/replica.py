@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from appconnector import metrics
-from appconnector.config import Config, ConfigError
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
 from appconnector.pool.api import (
     Address,
@@ -67,6 +66,7 @@ from appconnector.pool.engine import (
 )
 from appconnector.pool.membership import MEMBER
 from appconnector.pool.report import publish, publish_stats
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.state import PoolState
 from appconnector.pool.statedir import RunLock, StateInUse, UntrustedState, mark_untrusted, untrusted_reason
 from appconnector.pool.touches import TouchQueue
@@ -81,8 +81,6 @@ MAX_IN_FLIGHT = 4
 """checkout_batch entries proposed and not yet applied; more checkouts wait and join a later batch."""
 RETRY_AFTER = 2.0
 """Propose again when a write was not applied in this time (dropped callback, lost leader)."""
-WRITE_DEADLINE = 15.0
-"""Give up (ReplicaUnavailable) when a write was not applied in this time."""
 CAUGHT_UP_ENTRIES = 64
 """Entries behind the leader's commit index a member may be and still count as caught up (in flight)."""
 
@@ -103,21 +101,19 @@ class _Proposal:
 class RaftReplica:
     """The replicated pool on pysyncobj. One per process; construct, ``await start()``, use, ``await stop()``."""
 
-    def __init__(self, cfg: Config, self_address: str, partners: list[str], secret: str | None, *,
-                 bind_address: str | None = None, tuning: RaftTuning | None = None, guard: bool = True,
-                 dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE,
-                 on_fatal: Callable[[str, int], None] | None = None) -> None:
-        """``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
+    def __init__(self, pool: PoolSettings, raft: RaftSettings, *, tuning: RaftTuning | None = None,
+                 guard: bool = True, on_fatal: Callable[[str, int], None] | None = None) -> None:
+        """``pool`` and ``raft`` come from :mod:`appconnector.pool.settings` (``from_config`` at the edge).
+        ``guard=False`` runs pysyncobj's append handling unguarded (only to show the regression test failing).
+        ``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
         from the Raft thread, when this member must stop: its state diverged or a snapshot would not install
         (``EXIT_UNTRUSTED``, after the marker is written), or the Raft tick keeps failing (``EXIT_FAILURE``)."""
-        partners = [p for p in partners if p != self_address]
-        if partners and not secret:
-            raise ConfigError("cluster.secret_file", "", "a secret file: required when the cluster has more "
-                              "than one member (pysyncobj pickles its messages)")
-        self._prefixes = tuple(cfg.pool.prefixes)
-        self._reuse_after = cfg.pool.reuse_after
-        self._reuse_window = reuse_window(cfg.pool.reuse_after)
-        self._tick_interval = clock_tick(cfg.pool.reuse_after)
+        self_address = raft.self_address
+        partners = [p for p in raft.partners if p != self_address]
+        self._prefixes = pool.prefixes
+        self._reuse_after = pool.reuse_after
+        self._reuse_window = reuse_window(pool.reuse_after)
+        self._tick_interval = clock_tick(pool.reuse_after)
         self._clock = PoolClock()
         self._tick_task: asyncio.Task[None] | None = None
         self._tick_in_flight = False
@@ -125,17 +121,17 @@ class RaftReplica:
         self.largest_command = 0  # bytes: the largest command proposed (each must stay below the limit)
         self.self_address = self_address
         self.partners = partners
-        self._secret = secret
-        self._bind = bind_address
+        self._secret = raft.secret
+        self._bind = raft.bind_address
         self._tuning = tuning or RaftTuning()
         self._guard = guard
-        self._dynamic = dynamic_membership
+        self._dynamic = raft.dynamic_membership
         self._membership_state = MEMBER
-        self._write_deadline = write_deadline
-        self._state_dir = cfg.cluster.state_dir
-        self._checkout_timeout = cfg.pool.checkout_timeout
-        self._max_queued = cfg.pool.max_queued_checkouts
-        self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
+        self._write_deadline = raft.write_deadline
+        self._state_dir = raft.state_dir
+        self._checkout_timeout = pool.checkout_timeout
+        self._max_queued = pool.max_queued_checkouts
+        self.paths = StatePaths.for_member(raft.state_dir, raft.bind_address or self_address)
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
         self._errors = RateLimitedLog(log)
