@@ -58,7 +58,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from appconnector.pool.addresses import V4_MAX, AddressSpace, format_address
+from appconnector.pool.addresses import DNS_OFFSET, V4_MAX, AddressSpace, format_address
 from appconnector.pool.api import (
     Address,
     Changes,
@@ -546,7 +546,7 @@ class PoolState:
             if isinstance(a, bool) or not isinstance(a, int):
                 raise InvalidCommand(f"{what}: {a!r} is not an IPv4 integer")
             o = self.space.offset(a)
-            if o is not None and o != 0:
+            if o is not None and o != DNS_OFFSET:
                 new.add(o)
         return new
 
@@ -869,7 +869,7 @@ class _Reader:
                 raise ValueError(f"pool snapshot has an empty node {node!r}")
             if len(set(offsets)) != count or offsets.tolist() != sorted(offsets):
                 raise ValueError(f"pool snapshot offsets of node {node!r} are not strictly ascending")
-            if offsets[0] == 0 or offsets[-1] >= old.size:
+            if offsets[0] == DNS_OFFSET or offsets[-1] >= old.size:
                 raise ValueError(f"pool snapshot maps node {node!r} outside its pool")
             if max(dom_idx) >= len(domains) or len(set(dom_idx)) != count:
                 raise ValueError(f"pool snapshot has bad or repeated domains for node {node!r}")
@@ -879,7 +879,7 @@ class _Reader:
                 kept = []
                 for o, di, t in zip(offsets, dom_idx, used, strict=True):
                     no = new.offset(old.address(o))
-                    if no is None or no == 0 or no in state._excluded:
+                    if no is None or no == DNS_OFFSET or no in state._excluded:
                         dropped += 1
                     else:
                         kept.append((no, di, t))
