@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -418,12 +418,15 @@ class MemberError(RuntimeError):
 
 
 class MemberProcess:
-    """A member process and its JSON-lines pipe. ``call`` may be used from several threads at once."""
+    """A member process and its JSON-lines pipe. ``call`` may be used from several threads at once.
+    ``env`` is added to the environment (the fault suite's clock skew), ``preexec_fn`` runs in the child
+    (its group id, for the nemesis). Each start appends a ``---- start`` line to the log."""
 
     def __init__(self, self_address: str, partners: Sequence[str], state_dir: str | Path, *,
                  secret_file: str | Path | None = None, bind: str | None = None,
                  prefixes: Sequence[str] = (DEFAULT_PREFIX,), log_path: str | Path | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.self_address = self_address
         self.partners = list(partners)
         self.state_dir = Path(state_dir)
@@ -439,6 +442,8 @@ class MemberProcess:
         if bind:
             args += ["--bind", bind]
         self.args = args + list(extra)
+        self.env = dict(env or {})
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self._ids = iter(range(1, 1 << 62))
         self._lock = threading.Lock()
@@ -449,10 +454,13 @@ class MemberProcess:
     def start(self) -> MemberProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._log.write(f"---- start {time.time():.3f}\n".encode())
+        self._log.flush()
         self._events = queue.Queue()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+               **self.env}
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     cwd=REPO, env=env)
+                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn)
         # this process's events go to this start's queue: a previous run's reader may still be finishing
         threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
@@ -486,7 +494,16 @@ class MemberProcess:
         return event
 
     def call(self, op: str, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
-        if self.proc is None or self.proc.stdin is None:
+        """The answer to ``op``; MemberError when it is ``ok: false`` or does not come."""
+        resp = self.request(op, timeout, **kw)
+        if not resp.get("ok"):
+            raise MemberError(f"{self.self_address}: {op}: {resp.get('error')}: {resp.get('message')}", resp)
+        return resp
+
+    def request(self, op: str, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
+        """The answer to ``op`` as it came (``ok`` true or false; ``MemberExited`` when the process ended
+        first); MemberError when it is not running or does not answer within ``timeout``."""
+        if self.proc is None or self.proc.stdin is None or self.proc.poll() is not None:
             raise MemberError(f"{self.self_address}: not running")
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
@@ -495,7 +512,7 @@ class MemberProcess:
             try:
                 self.proc.stdin.write((json.dumps({"id": rid, "op": op, **kw}) + "\n").encode())
                 self.proc.stdin.flush()
-            except (BrokenPipeError, OSError) as e:
+            except (OSError, ValueError) as e:  # the process ended meanwhile
                 self._responses.pop(rid, None)
                 raise MemberError(f"{self.self_address}: pipe closed ({e})") from None
         try:
@@ -505,8 +522,6 @@ class MemberProcess:
         finally:
             with self._lock:
                 self._responses.pop(rid, None)
-        if not resp.get("ok"):
-            raise MemberError(f"{self.self_address}: {op}: {resp.get('error')}: {resp.get('message')}", resp)
         return resp
 
     def status(self, timeout: float = 10.0, digest: bool = False) -> dict[str, Any]:
