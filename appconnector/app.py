@@ -45,6 +45,7 @@ from appconnector.pool.engine import BindError
 from appconnector.pool.local import LocalPool
 from appconnector.pool.membership import JOINING, MEMBER, MembershipRecord
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.storage import RunLock, StateError, StateInUse, StatePaths, UntrustedState
 from appconnector.sdnotify import Notifier, Watchdog
 from appconnector.secrets_file import ensure_secret_file, prepare_state_dir
@@ -106,8 +107,8 @@ class Connector:
             identity = self.tailnet.identity
             self_address, partners, record = await self._tailnet_membership(self.tailnet)
 
-        self.replica = RaftReplica(cfg, self_address, partners, cfg.read_secret(),
-                                   dynamic_membership=record is not None, on_fatal=self.fatal.report)
+        self.replica = RaftReplica(PoolSettings.from_config(cfg), RaftSettings.from_config(
+            cfg, self_address, partners, dynamic_membership=record is not None), on_fatal=self.fatal.report)
         if record is not None:  # before Raft listens: the leader must not see a joining member as "member"
             self.replica.set_membership_state(record.state)
         try:

@@ -13,9 +13,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import netaddr
+
+from appconnector.pool import addresses
 
 ENV_PREFIX = "APPCONNECTOR_"
 # Variables the ``appconnector`` command reads itself (--config, --log-level, --log-format): not config keys.
@@ -245,35 +247,20 @@ def pool_in_node_range(prefixes: tuple[str, ...] | list[str]) -> str:
 
 
 def pool_networks(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network]:
-    """The pool prefixes as networks, ordered numerically (docs/design.md §3)."""
-    nets = _networks("pool.prefixes", prefixes, ipaddress.IPv4Network, "IPv4 prefixes such as \"100.64.1.0/24\"",
-                     "IPv4 prefixes only (IPv6 cannot be NATed to IPv4)")
-    return nets
+    """The pool prefixes as networks, ordered numerically (docs/design.md §3); parsed by the pool's own
+    parser (:mod:`appconnector.pool.addresses`), its error turned into a ConfigError naming the key."""
+    try:
+        return addresses.pool_networks(prefixes)
+    except addresses.PrefixError as e:
+        raise ConfigError(e.key, e.value, e.allowed) from None
 
 
 def pool_networks6(prefixes: tuple[str, ...] | list[str]) -> list[ipaddress.IPv6Network]:
     """``pool.prefixes6`` as networks, ordered numerically; empty: no IPv6 pool."""
-    nets = _networks("pool.prefixes6", prefixes, ipaddress.IPv6Network,
-                     "IPv6 prefixes such as \"fd7a:115c:a1e0:a99c:1::/80\"",
-                     "IPv6 prefixes only (the IPv4 pool is pool.prefixes)")
-    return nets
-
-
-_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
-
-
-def _networks(key: str, prefixes: tuple[str, ...] | list[str], kind: type[_Net], example: str,
-              only: str) -> list[_Net]:
-    nets: list[_Net] = []
-    for p in prefixes:
-        try:
-            net = ipaddress.ip_network(p, strict=True)
-        except ValueError as e:
-            raise ConfigError(key, p, f"{example} ({e})") from None
-        if not isinstance(net, kind):
-            raise ConfigError(key, p, only)
-        nets.append(net)
-    return sorted(nets)
+    try:
+        return addresses.pool_networks6(prefixes)
+    except addresses.PrefixError as e:
+        raise ConfigError(e.key, e.value, e.allowed) from None
 
 
 def _check_pool6(cfg: Config, size4: int) -> None:

@@ -11,7 +11,7 @@ dnsperf (2,000 outstanding) through the leader and through all three members at 
 process over 10 s.
 
 Extra rows, labelled "harness (pool member process)": two clusters in the same run, one after the
-other, each three ``python -m appconnector.pool.member`` processes on loopback with journal and full
+other, each three ``python -m tests.member`` processes on loopback with journal and full
 dumps on disk and the shared secret set (Fernet on every message):
 
 * ours: the replica as shipped (adaptive heartbeat: 2 ms while entries flow, 50 ms idle; the tick thread
@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.member, the harness
 
 from shipped import cpu_seconds, dnsperf, latency_client, percentile, start_unbound, stop_group
 from shipped import start_cluster as start_shipped_cluster
 
-from appconnector.pool.member import MemberProcess, free_ports
+from tests.member import MemberProcess, free_ports
 
 
 def start_cluster(root: Path, tuning: str) -> list[MemberProcess]:

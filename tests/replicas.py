@@ -9,15 +9,15 @@ Use the ``replica_kind`` fixture (tests/conftest.py), parametrized over :data:`K
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import tempfile
 import time
 
 from appconnector.config import Config
 from appconnector.pool.api import Replica
 from appconnector.pool.local import LocalPool
-from appconnector.pool.member import free_ports
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
+from tests.member import free_ports
 
 KINDS = ("local", "raft")
 
@@ -31,8 +31,7 @@ async def start_replica(kind: str, cfg: Config, state_dir: str | None = None) ->
         return pool
     assert kind == "raft", kind
     state_dir = state_dir or tempfile.mkdtemp(prefix="acreplica-")
-    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, state_dir=state_dir))
-    replica = RaftReplica(cfg, f"127.0.0.1:{free_ports(1)[0]}", [], None)
+    replica = RaftReplica(PoolSettings.from_config(cfg), RaftSettings(state_dir, f"127.0.0.1:{free_ports(1)[0]}", ()))
     await replica.start()
     deadline = time.monotonic() + 15.0
     while not (replica.is_leader() and replica.caught_up()):

@@ -2,8 +2,9 @@
 
 Offset 0 is the lowest pool address, reserved for DNS and never handed out; offsets 1..size-1 are what a
 node may be given. The state machine works in offsets (small dense integers, so per-node tables can be
-arrays); this module turns them into IPv4 integers and back in O(log k) for k prefixes. Parsing goes
-through :func:`appconnector.config.pool_networks` (the one parser of ``pool.prefixes``); nothing here
+arrays); this module turns them into IPv4 integers and back in O(log k) for k prefixes. It holds the one
+parser of ``pool.prefixes`` and ``pool.prefixes6`` (:func:`pool_networks`, :func:`pool_networks6`; the
+config validates through them and turns :class:`PrefixError` into its ``ConfigError``); nothing here
 allocates through ipaddress or netaddr, which are far too slow for that.
 """
 
@@ -13,11 +14,50 @@ import bisect
 import ipaddress
 import itertools
 from collections.abc import Sequence
-
-from appconnector.config import pool_networks, pool_networks6
+from typing import TypeVar
 
 DNS_OFFSET = 0
 """The reserved offset: the pool's lowest address, where DNS listens."""
+
+
+class PrefixError(ValueError):
+    """A pool prefix that is not a network of the pool's family: ``key`` (``pool.prefixes``), the bad
+    ``value`` and what is ``allowed``."""
+
+    def __init__(self, key: str, value: str, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{key} = {value!r}: {allowed}")
+
+
+def pool_networks(prefixes: Sequence[str]) -> list[ipaddress.IPv4Network]:
+    """``pool.prefixes`` as networks, ordered numerically (docs/design.md §3)."""
+    return _networks("pool.prefixes", prefixes, ipaddress.IPv4Network, "IPv4 prefixes such as \"100.64.1.0/24\"",
+                     "IPv4 prefixes only (IPv6 cannot be NATed to IPv4)")
+
+
+def pool_networks6(prefixes: Sequence[str]) -> list[ipaddress.IPv6Network]:
+    """``pool.prefixes6`` as networks, ordered numerically; empty: no IPv6 pool."""
+    return _networks("pool.prefixes6", prefixes, ipaddress.IPv6Network,
+                     "IPv6 prefixes such as \"fd7a:115c:a1e0:a99c:1::/80\"",
+                     "IPv6 prefixes only (the IPv4 pool is pool.prefixes)")
+
+
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _networks(key: str, prefixes: Sequence[str], kind: type[_Net], example: str, only: str) -> list[_Net]:
+    nets: list[_Net] = []
+    for p in prefixes:
+        try:
+            net = ipaddress.ip_network(p, strict=True)
+        except ValueError as e:
+            raise PrefixError(key, p, f"{example} ({e})") from None
+        if not isinstance(net, kind):
+            raise PrefixError(key, p, only)
+        nets.append(net)
+    return sorted(nets)
 
 
 class AddressSpace:

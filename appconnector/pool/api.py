@@ -79,6 +79,29 @@ class MappingView:
     last_used: float
 
 
+CHECKOUT_RESULTS = ("hit", "new", "reused", "exhausted", "error")
+"""What a checkout request can come to, in the order :attr:`Report.checkouts` counts them (the ``result``
+label of ``appconnector_pool_checkouts``)."""
+
+LogLine = tuple[str, tuple[object, ...]]
+"""A log message template and its arguments (kept apart: the status page groups warnings by template)."""
+
+
+@dataclass(slots=True)
+class Report:
+    """What applying one command (or loading a snapshot) did that operators see in metrics and logs.
+
+    The state machine runs identically on every member and neither counts nor logs (docs/design.md §3):
+    it fills this in, and the replica that applied the command publishes it
+    (:func:`appconnector.pool.report.publish`)."""
+
+    checkouts: list[int] = field(default_factory=lambda: [0] * len(CHECKOUT_RESULTS))  # by CHECKOUT_RESULTS
+    invalid: int = 0  # malformed commands, requests and entries ignored
+    clock_skew: int = 0  # command times too far ahead of the pool clock (state.SKEW_LIMIT)
+    warnings: list[LogLine] = field(default_factory=list)
+    infos: list[LogLine] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class Changes:
     """What one applied command changed; handed to observers on the apply thread.
@@ -86,12 +109,14 @@ class Changes:
     ``added`` and ``removed`` are (node, address, domain). An address reassigned from one domain to
     another appears in ``removed`` (old domain) and in ``added`` (new). ``targets`` maps a domain to
     its new real addresses. Touches (last-used updates) are not reported: they change nothing the
-    dataplane needs.
+    dataplane needs. ``report`` is for the replica (metrics, log), not for observers, and does not
+    count as a change.
     """
 
     added: list[tuple[str, Address, str]] = field(default_factory=list)
     removed: list[tuple[str, Address, str]] = field(default_factory=list)
     targets: dict[str, Targets] = field(default_factory=dict)
+    report: Report = field(default_factory=Report)
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.targets)

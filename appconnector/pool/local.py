@@ -30,6 +30,7 @@ from appconnector.pool.api import (
     Targets,
 )
 from appconnector.pool.clock import PoolClock
+from appconnector.pool.report import publish, publish_stats
 from appconnector.pool.state import PoolState
 from appconnector.pool.touches import TouchQueue
 
@@ -50,6 +51,8 @@ class LocalPool:
         if reuse_after <= 0:
             raise ValueError(f"pool.reuse_after must be above zero, not {reuse_after!r}")
         self._state = state if state is not None else PoolState(prefixes)
+        if self._state.load_report is not None:
+            publish(self._state.load_report)
         self._reuse_after = reuse_after
         # tests pass one fake clock for both: pool time then equals it (for a fresh pool)
         self._clock = PoolClock(clock, wall if wall is not None else (time.time if clock is time.monotonic else clock))
@@ -72,6 +75,7 @@ class LocalPool:
                 result, changes = self._state.apply(command)
                 self._applied += 1
                 self._clock.observe(self._state.clock)
+            publish(changes.report)  # the state reports; the pool counts and logs
             if changes:
                 self._notify(changes)
         return result
@@ -223,7 +227,8 @@ class LocalPool:
             try:
                 self.flush_touches()
                 with self._state_lock:
-                    self._state.publish_metrics()
+                    stats = self._state.stats()
+                publish_stats(stats)
             except Exception:  # keep flushing: one bad batch must not stop last-used marks for good
                 log.exception("pool: touch flush failed")
 

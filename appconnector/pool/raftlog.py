@@ -63,16 +63,6 @@ DIVERGED_MARKER = "may have diverged"
 """The words pysyncobj logs when it truncates applied entries; tests and the watch look for them."""
 
 
-class LogView:
-    """What :func:`plan_append` needs of a log: ``len`` and ``[i]`` giving (command, index, term)."""
-
-    def __len__(self) -> int:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-    def __getitem__(self, i: int) -> Entry:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-
 @dataclass(frozen=True, slots=True)
 class AppendPlan:
     """How to hand one ``append_entries`` to pysyncobj."""

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from appconnector import metrics
-from appconnector.config import Config, ConfigError
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
 from appconnector.pool.api import (
     Address,
+    Changes,
     MappingView,
     PoolError,
     PoolObserver,
@@ -66,6 +66,8 @@ from appconnector.pool.engine import (
     StateMachine,
 )
 from appconnector.pool.pysyncobj_engine import open_engine
+from appconnector.pool.report import publish, publish_stats
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.state import PoolState
 from appconnector.pool.storage import (
     RunLock,
@@ -88,8 +90,6 @@ MAX_IN_FLIGHT = 4
 """checkout_batch entries proposed and not yet applied; more checkouts wait and join a later batch."""
 RETRY_AFTER = 2.0
 """Propose again when a write was not applied in this time (dropped callback, lost leader)."""
-WRITE_DEADLINE = 15.0
-"""Give up (ReplicaUnavailable) when a write was not applied in this time."""
 CAUGHT_UP_ENTRIES = 64
 """Entries behind the leader's commit index a member may be and still count as caught up (in flight)."""
 
@@ -110,23 +110,21 @@ class _Proposal:
 class RaftReplica:
     """The replicated pool on a Raft engine. One per process; construct, ``await start()``, use, ``await stop()``."""
 
-    def __init__(self, cfg: Config, self_address: str, partners: list[str], secret: str | None, *,
-                 bind_address: str | None = None, tuning: RaftTuning | None = None, guard: bool = True,
-                 dynamic_membership: bool = False, write_deadline: float = WRITE_DEADLINE,
-                 on_fatal: Callable[[str, int], None] | None = None,
+    def __init__(self, pool: PoolSettings, raft: RaftSettings, *, tuning: RaftTuning | None = None,
+                 guard: bool = True, on_fatal: Callable[[str, int], None] | None = None,
                  engine_factory: EngineFactory = open_engine) -> None:
-        """``engine_factory`` starts the Raft engine (:mod:`appconnector.pool.engine`; pysyncobj's by default).
+        """``pool`` and ``raft`` come from :mod:`appconnector.pool.settings` (``from_config`` at the edge).
+        ``engine_factory`` starts the Raft engine (:mod:`appconnector.pool.engine`; pysyncobj's by default).
+        ``guard=False`` runs pysyncobj's append handling unguarded (only to show the regression test failing).
         ``on_fatal(reason, exit_code)`` (e.g. :meth:`appconnector.fatal.FatalReporter.report`) is called,
         from the Raft thread, when this member must stop: its state diverged or a snapshot would not install
         (``EXIT_UNTRUSTED``, after the marker is written), or the Raft tick keeps failing (``EXIT_FAILURE``)."""
-        partners = [p for p in partners if p != self_address]
-        if partners and not secret:
-            raise ConfigError("cluster.secret_file", "", "a secret file: required when the cluster has more "
-                              "than one member (pysyncobj pickles its messages)")
-        self._prefixes = tuple(cfg.pool.prefixes)
-        self._reuse_after = cfg.pool.reuse_after
-        self._reuse_window = reuse_window(cfg.pool.reuse_after)
-        self._tick_interval = clock_tick(cfg.pool.reuse_after)
+        self_address = raft.self_address
+        partners = [p for p in raft.partners if p != self_address]
+        self._prefixes = pool.prefixes
+        self._reuse_after = pool.reuse_after
+        self._reuse_window = reuse_window(pool.reuse_after)
+        self._tick_interval = clock_tick(pool.reuse_after)
         self._clock = PoolClock()
         self._tick_task: asyncio.Task[None] | None = None
         self._tick_in_flight = False
@@ -134,18 +132,18 @@ class RaftReplica:
         self.largest_command = 0  # bytes: the largest command proposed (each must stay below the limit)
         self.self_address = self_address
         self.partners = partners
-        self._secret = secret
-        self._bind = bind_address
+        self._secret = raft.secret
+        self._bind = raft.bind_address
         self._tuning = tuning or RaftTuning()
         self._guard = guard
-        self._dynamic = dynamic_membership
+        self._dynamic = raft.dynamic_membership
         self._membership_state = MEMBER
-        self._write_deadline = write_deadline
-        self._state_dir = cfg.cluster.state_dir
-        self._fsync = cfg.cluster.fsync
-        self._checkout_timeout = cfg.pool.checkout_timeout
-        self._max_queued = cfg.pool.max_queued_checkouts
-        self.paths = StatePaths.for_member(cfg.cluster.state_dir, bind_address or self_address)
+        self._write_deadline = raft.write_deadline
+        self._state_dir = raft.state_dir
+        self._fsync = raft.fsync
+        self._checkout_timeout = pool.checkout_timeout
+        self._max_queued = pool.max_queued_checkouts
+        self.paths = StatePaths.for_member(raft.state_dir, raft.bind_address or self_address)
         self._on_fatal = on_fatal
         self._lock = RunLock(self.paths.dir)
         self._errors = RateLimitedLog(log)
@@ -172,7 +170,10 @@ class RaftReplica:
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     def _restore(self, data: bytes) -> StateMachine:
-        return PoolState.from_bytes(data, self._prefixes)
+        state = PoolState.from_bytes(data, self._prefixes)
+        if state.load_report is not None:
+            publish(state.load_report)
+        return state
 
     async def start(self) -> None:
         """Validate the state directory (StateError names the bad file; :class:`UntrustedState` when an
@@ -304,6 +305,8 @@ class RaftReplica:
     def _on_applied(self, rid: str, command: tuple[Any, ...], result: object, changes: Any) -> None:
         self.applied += 1
         self._observe_clock()
+        if isinstance(changes, Changes):
+            publish(changes.report)  # the state reports; this member counts and logs
         if changes:
             with self._observer_lock:
                 for obs in list(self._observers):
@@ -643,8 +646,9 @@ class RaftReplica:
             metrics.RAFT_COMMIT_LAG.set(max(0, status.leader_commit - status.last_applied))
         state = self._state()
         with self._state_lock():
-            if isinstance(state, PoolState):
-                state.publish_metrics()
+            stats = state.stats() if isinstance(state, PoolState) else None
+        if stats is not None:
+            publish_stats(stats)
 
     # ---- reads --------------------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """The pool's deterministic state machine: (node, domain) ↔ address, last-used times, targets.
 
 Every replica applies the same commands in the same order and must end in the same state, so nothing
-here reads a clock or randomness: proposers pass times in (docs/design.md §3). A command is a plain tuple
-(pickle-safe, no classes) dispatched by :meth:`PoolState.apply`:
+here reads a clock or randomness: proposers pass times in (docs/design.md §3). Nor does it count metrics
+or log: what an operator should see (checkout results, ignored input, clock skew, log lines) goes into
+the :class:`~appconnector.pool.api.Report` of the ``Changes`` it returns (and, for a snapshot it loaded,
+into :attr:`PoolState.load_report`); the replica publishes it (:mod:`appconnector.pool.report`). A command
+is a plain tuple (pickle-safe, no classes) dispatched by :meth:`PoolState.apply`:
 
 * ``("checkout_batch", ((node, domain, targets, ttl), ...), now, reuse_deadline)`` →
   ``list[int | PoolError]``, one result per request in order (normally an address or PoolExhausted;
@@ -30,9 +33,10 @@ the pool clock, and so does a touch (a use now: its own time is only validated, 
 is catching up reads the clock late); ``set_targets`` stamps its time clamped to the clock; a checkout's
 reuse deadline is ``clock - (now - reuse_deadline)`` (the proposer's reuse window, measured from the
 pool clock), so no proposer's wall clock, fast or slow, and no number of commands can age a mapping.
-A time more than :data:`SKEW_LIMIT` ahead of the clock is counted in ``appconnector_pool_clock_skew``
-and logged (a proposer that does not speak pool time). A fresh state takes its first clock value from
-the first time it sees (tick or command): a skewed bootstrap only offsets pool time from wall time.
+A time more than :data:`SKEW_LIMIT` ahead of the clock is reported, to be counted in
+``appconnector_pool_clock_skew`` and logged (a proposer that does not speak pool time). A fresh state
+takes its first clock value from the first time it sees (tick or command): a skewed bootstrap only
+offsets pool time from wall time.
 
 Legacy: a state restored from a version-1 snapshot keeps the old high-water rule (a command time moves
 the mark, by at most :data:`SKEW_LIMIT` per command) until its first tick, so journal entries written
@@ -44,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import logging
 import math
 import struct
 import sys
@@ -55,11 +58,17 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from appconnector import metrics
-from appconnector.pool.addresses import V4_MAX, AddressSpace, format_address
-from appconnector.pool.api import Address, Changes, MappingView, PoolError, PoolExhausted, PoolReader, Targets
-
-log = logging.getLogger("appconnector.pool.state")
+from appconnector.pool.addresses import DNS_OFFSET, V4_MAX, AddressSpace, format_address
+from appconnector.pool.api import (
+    Address,
+    Changes,
+    MappingView,
+    PoolError,
+    PoolExhausted,
+    PoolReader,
+    Report,
+    Targets,
+)
 
 SKEW_LIMIT = 300.0
 """Seconds a command time may run ahead of the pool clock before it is logged as clock skew (and, in a
@@ -89,8 +98,7 @@ Touch = tuple[str, Address, str, float]
 """One last-used mark: (node, address, domain, at)."""
 
 
-_HIT, _NEW, _REUSED, _EXHAUSTED, _ERROR = range(5)
-_CHECKOUT_COUNTERS = [metrics.POOL_CHECKOUTS.labels(r) for r in ("hit", "new", "reused", "exhausted", "error")]
+_HIT, _NEW, _REUSED, _EXHAUSTED, _ERROR = range(5)  # indexes of Report.checkouts (api.CHECKOUT_RESULTS)
 
 
 class InvalidCommand(PoolError):
@@ -196,6 +204,7 @@ class PoolState:
         self._legacy = False  # restored from a version-1 snapshot and not ticked since
         self._mappings = 0
         self.clock_skew_events = 0  # since this object was made (not replicated state)
+        self.load_report: Report | None = None  # from_bytes: what restoring dropped, for the replica to log
 
     # ---- dispatch -------------------------------------------------------------------------------------
 
@@ -210,7 +219,7 @@ class PoolState:
                 return self._checkout_batch(requests, now, deadline, changes), changes
             if name == "touch_batch":
                 _, touches = command
-                self._touch_batch(touches)
+                self._touch_batch(touches, changes)
             elif name == "set_targets":
                 _, domain, targets, ttl, now = command
                 self._set_targets(domain, targets, ttl, now, changes)
@@ -232,15 +241,10 @@ class PoolState:
             else:
                 raise InvalidCommand(f"unknown pool command {name!r}")
         except InvalidCommand as e:
-            metrics.POOL_INVALID_COMMANDS.inc()
-            log.warning("pool: ignored command: %s", e)
-            return e, changes
+            return _ignored(e, changes)
         except (TypeError, ValueError, IndexError, KeyError) as e:
             # Unpacking a malformed tuple; no state was touched before the shape was known.
-            err = InvalidCommand(f"malformed pool command {_describe(command)}: {e}")
-            metrics.POOL_INVALID_COMMANDS.inc()
-            log.warning("pool: ignored command: %s", err)
-            return err, changes
+            return _ignored(InvalidCommand(f"malformed pool command {_describe(command)}: {e}"), changes)
         return None, changes
 
     # ---- typed commands ---------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ class PoolState:
 
     # ---- time -------------------------------------------------------------------------------------------
 
-    def _admit(self, value: object, what: str) -> tuple[float, float] | None:
+    def _admit(self, value: object, what: str, report: Report) -> tuple[float, float] | None:
         """(time to use, how far it was pulled back) for a command time; None if it is not a time.
 
         Pool clock: the time clamped to the clock (which it never moves, but for the very first time a
@@ -303,11 +307,11 @@ class PoolState:
             t = limit
         if skewed:
             self.clock_skew_events += 1
-            metrics.POOL_CLOCK_SKEW.inc()
+            report.clock_skew += 1
             n = self.clock_skew_events
             if n & (n - 1) == 0 or n % 1000 == 0:  # log the 1st, 2nd, 4th, ... and every 1000th
-                log.warning("pool: %s time is %.1f s ahead of the pool's clock (%.3f); applied as %.3f "
-                            "(clock skew events: %d)", what, shift + t - clock, clock, t, n)
+                report.warnings.append(("pool: %s time is %.1f s ahead of the pool's clock (%.3f); applied as "
+                                        "%.3f (clock skew events: %d)", (what, shift + t - clock, clock, t, n)))
         if self._legacy and t > clock:
             self._clock = t
         return t, shift
@@ -326,7 +330,8 @@ class PoolState:
                         changes: Changes) -> list[int | PoolError]:
         if not isinstance(requests, tuple | list):
             raise InvalidCommand(f"checkout_batch requests must be a tuple, not {type(requests).__name__}")
-        admitted = self._admit(now, "checkout")
+        report = changes.report
+        admitted = self._admit(now, "checkout", report)
         if admitted is None:
             raise InvalidCommand(f"checkout_batch time {now!r} is not a non-negative number")
         t, shift = admitted
@@ -334,18 +339,13 @@ class PoolState:
             t = self._clock  # a checkout is a use "now", whatever the proposer's clock says
         d = _finite_number(deadline)
         d = -math.inf if d is None else d - shift  # no usable deadline: reuse nothing
-        counts = [0, 0, 0, 0, 0]  # indexes: the _HIT.. constants
+        counts = report.checkouts  # indexes: the _HIT.. constants
         checkout_one = self._checkout_one
         results = [checkout_one(req, t, d, changes, counts) for req in requests]
-        for i, n in enumerate(counts):
-            if n:
-                _CHECKOUT_COUNTERS[i].inc(n)
-        if counts[_EXHAUSTED]:
-            metrics.POOL_EXHAUSTED.inc(counts[_EXHAUSTED])
         if counts[_ERROR]:
-            metrics.POOL_INVALID_COMMANDS.inc(counts[_ERROR])
-            log.warning("pool: checkout_batch refused %d malformed requests (first: %s)", counts[_ERROR],
-                        next(r for r in results if isinstance(r, InvalidCommand)))
+            report.invalid += counts[_ERROR]
+            report.warnings.append(("pool: checkout_batch refused %d malformed requests (first: %s)",
+                                    (counts[_ERROR], next(r for r in results if isinstance(r, InvalidCommand)))))
         return results
 
     def _checkout_one(self, req: object, now: float, deadline: float, changes: Changes,
@@ -445,7 +445,7 @@ class PoolState:
 
     # ---- other commands ---------------------------------------------------------------------------------
 
-    def _touch_batch(self, touches: object) -> None:
+    def _touch_batch(self, touches: object, changes: Changes) -> None:
         if not isinstance(touches, tuple | list):
             raise InvalidCommand(f"touch_batch entries must be a tuple, not {type(touches).__name__}")
         bad = 0
@@ -454,7 +454,7 @@ class PoolState:
                 bad += 1
                 continue
             node, address, domain = entry[0], entry[1], entry[2]
-            admitted = self._admit(entry[3], "touch")
+            admitted = self._admit(entry[3], "touch", changes.report)
             if admitted is None or isinstance(address, bool) or not isinstance(address, int):
                 bad += 1
                 continue
@@ -466,12 +466,12 @@ class PoolState:
             # member catching up reads the clock late: trusting it could make a live mapping look idle
             self._mark_used(n, domain, n.by_domain[domain], admitted[0] if self._legacy else self._clock)
         if bad:
-            metrics.POOL_INVALID_COMMANDS.inc(bad)
-            log.warning("pool: touch_batch skipped %d malformed entries", bad)
+            changes.report.invalid += bad
+            changes.report.warnings.append(("pool: touch_batch skipped %d malformed entries", (bad,)))
 
     def _set_targets(self, domain: object, targets: object, ttl: object, now: object, changes: Changes) -> None:
         d, clean, t_ttl = _text(domain), _clean_targets(targets), _finite_time(ttl)
-        admitted = self._admit(now, "set_targets")
+        admitted = self._admit(now, "set_targets", changes.report)
         if d is None or clean is None or t_ttl is None or admitted is None:
             raise InvalidCommand(f"set_targets has bad fields: {_describe((domain, targets, ttl, now))}")
         if d not in self._domain_refs:
@@ -487,7 +487,7 @@ class PoolState:
             changes.targets[d] = clean
 
     def _forget(self, nodes: object, now: object, changes: Changes) -> None:
-        if not isinstance(nodes, tuple | list) or self._admit(now, "forget") is None:
+        if not isinstance(nodes, tuple | list) or self._admit(now, "forget", changes.report) is None:
             raise InvalidCommand(f"forget has bad fields: {_describe((nodes, now))}")
         for node in nodes:
             n = self._nodes.pop(node, None) if isinstance(node, str) else None
@@ -496,13 +496,13 @@ class PoolState:
             count = len(n.by_domain)
             for offset in sorted(key & _OFFSET_MASK for key in n.by_domain.values()):
                 self._unmap(node, n, offset, changes)
-            log.info("pool: forgot node %s (%d mappings)", node, count)
+            changes.report.infos.append(("pool: forgot node %s (%d mappings)", (node, count)))
 
     def _release_batch(self, pairs: object, now: object, changes: Changes) -> None:
         """Unmap (node, domain) pairs; the offsets go back on the node's free heap (nothing excludes
         them), so the next checkout of that node may take one again. A node left without mappings is
         dropped, as ``forget`` drops it (a snapshot holds no empty nodes either)."""
-        if not isinstance(pairs, tuple | list) or self._admit(now, "release_batch") is None:
+        if not isinstance(pairs, tuple | list) or self._admit(now, "release_batch", changes.report) is None:
             raise InvalidCommand(f"release_batch has bad fields: {_describe((pairs, now))}")
         bad = 0
         for entry in pairs:
@@ -522,18 +522,19 @@ class PoolState:
             else:
                 del self._nodes[node]
         if bad:
-            metrics.POOL_INVALID_COMMANDS.inc(bad)
-            log.warning("pool: release_batch skipped %d malformed entries", bad)
+            changes.report.invalid += bad
+            changes.report.warnings.append(("pool: release_batch skipped %d malformed entries", (bad,)))
 
     def _set_excluded(self, addresses: object, now: object, changes: Changes) -> None:
-        if not isinstance(addresses, tuple | list | set | frozenset) or self._admit(now, "set_excluded") is None:
+        if (not isinstance(addresses, tuple | list | set | frozenset)
+                or self._admit(now, "set_excluded", changes.report) is None):
             raise InvalidCommand(f"set_excluded has bad fields: {_describe((addresses, now))}")
         new = self._offsets(addresses, "set_excluded")
         self._change_excluded(new - self._excluded, self._excluded - new, changes)
 
     def _exclude(self, added: object, lifted: object, now: object, changes: Changes) -> None:
         if (not isinstance(added, tuple | list) or not isinstance(lifted, tuple | list)
-                or self._admit(now, "exclude") is None):
+                or self._admit(now, "exclude", changes.report) is None):
             raise InvalidCommand(f"exclude has bad fields: {_describe((added, lifted, now))}")
         add, lift = self._offsets(added, "exclude"), self._offsets(lifted, "exclude")
         self._change_excluded(add - self._excluded, (lift - add) & self._excluded, changes)
@@ -545,7 +546,7 @@ class PoolState:
             if isinstance(a, bool) or not isinstance(a, int):
                 raise InvalidCommand(f"{what}: {a!r} is not an IPv4 integer")
             o = self.space.offset(a)
-            if o is not None and o != 0:
+            if o is not None and o != DNS_OFFSET:
                 new.add(o)
         return new
 
@@ -559,8 +560,9 @@ class PoolState:
                     if o >= n.cursor:
                         break
                     if n.owner[o] is not None:
-                        log.warning("pool: %s is held by a tailnet node: dropping its mapping for node %s (%s)",
-                                    format_address(self.space.address(o)), node, n.owner[o])
+                        changes.report.warnings.append((
+                            "pool: %s is held by a tailnet node: dropping its mapping for node %s (%s)",
+                            (format_address(self.space.address(o)), node, n.owner[o])))
                         self._unmap(node, n, o, changes)
                 if not n.by_domain:
                     del self._nodes[node]
@@ -569,8 +571,9 @@ class PoolState:
                 if o < n.cursor and n.owner[o] is None:
                     heapq.heappush(n.free, o)
         if added:
-            log.warning("pool: %d pool addresses are held by tailnet nodes and will not be handed out "
-                        "(choose a pool outside the tailnet's own addresses)", len(self._excluded))
+            changes.report.warnings.append(("pool: %d pool addresses are held by tailnet nodes and will not be "
+                                            "handed out (choose a pool outside the tailnet's own addresses)",
+                                            (len(self._excluded),)))
 
     # ---- reads ------------------------------------------------------------------------------------------
 
@@ -639,14 +642,6 @@ class PoolState:
             "clock": self._clock,
             "clock_skew_events": self.clock_skew_events,
         }
-
-    def publish_metrics(self) -> None:
-        """Set the pool gauges from :meth:`stats` (O(nodes): call it periodically, not per command)."""
-        s = self.stats()
-        metrics.POOL_MAPPINGS.set(s["mappings"])
-        metrics.POOL_NODES.set(s["nodes"])
-        metrics.POOL_NODE_USE.set(s["max_node_use_ratio"])
-        metrics.POOL_SIZE.set(s["pool_size"])
 
     # ---- snapshot ---------------------------------------------------------------------------------------
 
@@ -743,6 +738,13 @@ class PoolState:
 
 def _unpickle(data: bytes, prefixes: Sequence[str]) -> PoolState:
     return PoolState.from_bytes(data, prefixes)
+
+
+def _ignored(error: InvalidCommand, changes: Changes) -> tuple[object, Changes]:
+    """The result of a command that changed nothing because it could not be read."""
+    changes.report.invalid += 1
+    changes.report.warnings.append(("pool: ignored command: %s", (error,)))
+    return error, changes
 
 
 def _describe(value: object) -> str:
@@ -867,7 +869,7 @@ class _Reader:
                 raise ValueError(f"pool snapshot has an empty node {node!r}")
             if len(set(offsets)) != count or offsets.tolist() != sorted(offsets):
                 raise ValueError(f"pool snapshot offsets of node {node!r} are not strictly ascending")
-            if offsets[0] == 0 or offsets[-1] >= old.size:
+            if offsets[0] == DNS_OFFSET or offsets[-1] >= old.size:
                 raise ValueError(f"pool snapshot maps node {node!r} outside its pool")
             if max(dom_idx) >= len(domains) or len(set(dom_idx)) != count:
                 raise ValueError(f"pool snapshot has bad or repeated domains for node {node!r}")
@@ -877,7 +879,7 @@ class _Reader:
                 kept = []
                 for o, di, t in zip(offsets, dom_idx, used, strict=True):
                     no = new.offset(old.address(o))
-                    if no is None or no == 0 or no in state._excluded:
+                    if no is None or no == DNS_OFFSET or no in state._excluded:
                         dropped += 1
                     else:
                         kept.append((no, di, t))
@@ -895,9 +897,9 @@ class _Reader:
         state._legacy = legacy
         state._targets = {d: v for d, v in targets.items() if d in state._domain_refs}
         if dropped or dropped_excluded or len(state._targets) != len(targets):
-            log.warning("pool: restored a snapshot of pool %s into pool %s: dropped %d mappings and %d "
-                        "exclusions outside the new pool", list(old.prefixes), list(new.prefixes),
-                        dropped, dropped_excluded)
+            state.load_report = Report(warnings=[(
+                "pool: restored a snapshot of pool %s into pool %s: dropped %d mappings and %d exclusions "
+                "outside the new pool", (list(old.prefixes), list(new.prefixes), dropped, dropped_excluded))])
 
 
 def _conforms(state: PoolState) -> PoolReader:

@@ -1,37 +1,35 @@
 """Three (or more) pool member processes on loopback, each with a group id of its own (for the nemesis),
-driven over JSON lines on stdin/stdout (``python -m tests.faults.member``, a real ``RaftReplica``).
+driven over JSON lines on stdin/stdout (``python -m tests.member``, the one member harness: a real
+``RaftReplica``).
 
-Each request carries an ``id``; a reader thread hands answers back by id, so many client threads can
-talk to one member at once. A member that is killed or paused simply stops answering: its pending
-requests time out and are recorded as unknown.
+Each request carries an ``id``; the harness's reader thread hands answers back by id, so many client
+threads can talk to one member at once. A member that is killed or paused simply stops answering: its
+pending requests fail or time out and are recorded as unknown.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import itertools
 import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from appconnector.config import PoolConfig
 from tests.faults.history import CHECKOUT
 from tests.faults.nemesis import Endpoint, preexec_for
 from tests.faults.workload import Exhausted, Unavailable
+from tests.member import MemberError, MemberProcess
 
 M = TypeVar("M")
 
 REPO = Path(__file__).resolve().parents[2]
-MEMBER_MODULE = "tests.faults.member"
+CHECKOUT_TIMEOUT = PoolConfig.checkout_timeout
+"""The members' pool.checkout_timeout: the shipped default, as a connector's."""
 
 
 @dataclass
@@ -41,8 +39,7 @@ class MemberSpec:
     gid: int
     state_dir: Path
     env: dict[str, str] = field(default_factory=dict)
-    module: str = MEMBER_MODULE           # a test may plant a broken member module instead
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # e.g. --broken: plant a wrong state machine
 
     @property
     def address(self) -> str:
@@ -54,7 +51,8 @@ class MemberSpec:
 
 
 class Member:
-    """One member process and its JSON-lines channel."""
+    """One pool member: a :class:`tests.member.MemberProcess` per start, with its group id, environment
+    and the harness's arguments; requests that fail to get an answer raise :class:`Unavailable`."""
 
     kind = CHECKOUT
 
@@ -67,83 +65,49 @@ class Member:
         self.reuse_after = reuse_after
         self.secret_file = secret_file
         self.log_path = log_dir / f"acfault-{spec.name}.log"
-        self.proc: subprocess.Popen[str] | None = None
+        self.process: MemberProcess | None = None
         self.paused = False
-        self._ids = itertools.count(1)
-        self._pending: dict[int, Future[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self.starts = 0
-        self.ready = threading.Event()
-        self.exit_codes: list[int] = []
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", self.spec.module,
-                "--self", self.spec.address,
-                "--peers", ",".join(self.peers),
-                "--state-dir", str(self.spec.state_dir),
-                "--prefixes", ",".join(self.prefixes),
-                "--reuse-after", f"{self.reuse_after:g}",
-                "--secret-file", str(self.secret_file),
-                *self.spec.extra_args]
-
     def start(self) -> None:
         assert not self.running()
-        self.spec.state_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        env.update(self.spec.env)
-        log = self.log_path.open("a")
-        log.write(f"---- start {time.time():.3f}\n")
-        log.flush()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                     text=True, bufsize=1, env=env, cwd=REPO,
-                                     preexec_fn=preexec_for(self.spec.gid))  # type: ignore[arg-type]
-        log.close()
+        extra = ["--reuse-after", f"{self.reuse_after:g}", "--checkout-timeout", f"{CHECKOUT_TIMEOUT:g}",
+                 *self.spec.extra_args]
+        self.process = MemberProcess(self.spec.address, self.peers, self.spec.state_dir, secret_file=self.secret_file,
+                                     prefixes=self.prefixes, log_path=self.log_path, extra=extra, env=self.spec.env,
+                                     preexec_fn=preexec_for(self.spec.gid)).start()
         self.paused = False
-        self.ready = threading.Event()
-        self.starts += 1
-        threading.Thread(target=self._read, args=(self.proc,), name=f"acfault-read-{self.name}",
-                         daemon=True).start()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc if self.process is not None else None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait for the member's first line (its replica started), or fail with its log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready.is_set():
-                return
-            if not self.running():
-                raise AssertionError(f"{self.name} exited ({self.proc and self.proc.returncode}):\n"
-                                     f"{self.log_text()[-3000:]}")
-            time.sleep(0.02)
-        raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.log_text()[-3000:]}")
+        """Wait for the member's ready line (its replica started), or fail with its log."""
+        assert self.process is not None
+        try:
+            self.process.wait_ready(timeout)
+        except MemberError as e:
+            raise AssertionError(f"{self.name}: {e}:\n{self.log_text()[-3000:]}") from None
 
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive()
 
     def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.running():
+        """kill -9 (requests waiting on it get Unavailable)."""
+        if self.process is not None and self.running():
             if self.paused:
                 self.resume()
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.exit_codes.append(self.proc.returncode)
-        self._fail_pending("killed")
+            self.process.kill()
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM and wait (a planned stop: the member may hand leadership away)."""
-        if self.proc is None:
+        """A planned stop (the member may hand leadership away), SIGKILL if it lingers."""
+        if self.process is None:
             return None
-        if self.running():
-            if self.paused:
-                self.resume()
-            terminate(self.proc, timeout)
-        self.exit_codes.append(self.proc.returncode)
-        self._fail_pending("stopped")
-        return self.proc.returncode
+        if self.paused:
+            self.resume()
+        return self.process.stop(timeout)
 
     def pause(self) -> None:
         assert self.proc is not None
@@ -166,53 +130,13 @@ class Member:
         except OSError:
             return ""
 
-    # ---- the channel -------------------------------------------------------------------------------
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if msg.get("id") == 0:
-                self.ready.set()
-                continue
-            with self._lock:
-                fut = self._pending.pop(msg.get("id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        self._fail_pending("exited")
-
-    def _fail_pending(self, why: str) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(Unavailable(f"{self.name} {why}"))
-
     def request(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
-        proc = self.proc
-        if proc is None or proc.poll() is not None or proc.stdin is None:
+        if self.process is None:
             raise Unavailable(f"{self.name} is not running")
-        rid = next(self._ids)
-        fut: Future[dict[str, Any]] = Future()
-        with self._lock:
-            self._pending[rid] = fut
         try:
-            with self._write_lock:
-                proc.stdin.write(json.dumps({"id": rid, "op": op, **args}) + "\n")
-                proc.stdin.flush()
-        except (OSError, ValueError):
-            with self._lock:
-                self._pending.pop(rid, None)
-            raise Unavailable(f"{self.name}: stdin closed") from None
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            with self._lock:
-                self._pending.pop(rid, None)
-            raise Unavailable(f"{self.name}: no answer in {timeout:g}s") from None
+            return self.process.request(op, timeout, **args)
+        except MemberError as e:
+            raise Unavailable(str(e)) from None
 
     # ---- Target ------------------------------------------------------------------------------------
 
@@ -220,42 +144,43 @@ class Member:
         r = self.request("checkout", timeout, node=node, domain=domain)
         if r.get("ok"):
             return _addr(r["address"])
-        err = str(r.get("error", ""))
-        if "exhausted" in err.lower():
+        err = f"{r.get('error', '')}: {r.get('message', '')}"
+        if r.get("error") == "PoolExhausted":
             raise Exhausted(err)
-        raise Unavailable(err or json.dumps(r))
+        raise Unavailable(err if r.get("error") else json.dumps(r))
 
     def lookup(self, node: str, domain: str, timeout: float) -> int | None:
         r = self._ok(self.request("lookup", timeout, node=node, domain=domain))
         return None if r.get("address") is None else _addr(r["address"])
 
     def domain_for(self, node: str, address: int, timeout: float) -> str | None:
-        r = self._ok(self.request("domain_for", timeout, node=node, address=str(ipaddress.IPv4Address(address))))
+        r = self._ok(self.request("domain_for", timeout, node=node, address=address))
         d = r.get("domain")
         return None if d is None else str(d)
 
     def touch(self, node: str, address: int, domain: str, at: float, timeout: float) -> bool:
         """Queue a touch and ask the member to flush; True when it says the batch was applied."""
-        r = self.request("touch", timeout, node=node, address=str(ipaddress.IPv4Address(address)), domain=domain,
-                         at=at, flush=True)
+        r = self.request("touch", timeout, node=node, address=address, domain=domain, at=at, flush=True)
         return bool(r.get("ok") and r.get("applied", False))
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
-        return self._ok(self.request("status", timeout))
+        status: dict[str, Any] = self._ok(self.request("status", timeout))["status"]
+        return status
 
     def state(self, timeout: float = 5.0) -> tuple[str, list[tuple[str, str, int]]]:
         """(digest, mappings) of the member's local state."""
-        r = self._ok(self.request("state", timeout))
+        r = self._ok(self.request("mappings", timeout))
         return str(r["digest"]), [(str(n), str(d), _addr(a)) for n, d, a in r["mappings"]]
 
     def _ok(self, r: dict[str, Any]) -> dict[str, Any]:
         if not r.get("ok"):
-            raise Unavailable(str(r.get("error") or r))
+            raise Unavailable(f"{r.get('error')}: {r.get('message')}" if r.get("error") else str(r))
         return r
 
 
 def _addr(a: object) -> int:
-    return int(ipaddress.IPv4Address(a)) if isinstance(a, str) else int(a)  # type: ignore[call-overload]
+    assert isinstance(a, int), a  # the harness speaks IPv4 integers
+    return a
 
 
 class MemberGroup(Generic[M]):
@@ -352,8 +277,7 @@ def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
 class Cluster(MemberGroup[Member]):
     def __init__(self, base_dir: Path, port_base: int, size: int = 3, prefixes: Sequence[str] = ("100.64.1.0/24",),
                  reuse_after: float = 48 * 3600.0, gid_base: int = 27400,
-                 member_env: Callable[[str], dict[str, str]] | None = None,
-                 member_module: Callable[[str], str] | None = None) -> None:
+                 member_env: Callable[[str], dict[str, str]] | None = None) -> None:
         self.base_dir = base_dir
         secret = base_dir / "acfault-secret"
         base_dir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +286,6 @@ class Cluster(MemberGroup[Member]):
                  for i in range(size)]
         for s in specs:
             s.env = member_env(s.name) if member_env else {}
-            s.module = member_module(s.name) if member_module else MEMBER_MODULE
         self.members = {s.name: Member(s, [o.address for o in specs if o is not s], prefixes, reuse_after,
                                        secret, base_dir) for s in specs}
 

@@ -107,7 +107,7 @@ admin_listen = "127.0.0.1:{admin_port}"
                 argv = ["ip", "netns", "exec", self.netns, *argv]
             self.proc = subprocess.Popen(argv,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO,
-                                         preexec_fn=preexec_for(self.gid))  # type: ignore[arg-type]
+                                         preexec_fn=preexec_for(self.gid))
         self.paused = False
 
     def wait_ready(self, timeout: float = 40.0) -> None:

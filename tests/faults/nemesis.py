@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 TABLE = "acfault"
@@ -135,7 +135,7 @@ class LoopbackNet:
         return len([ln for ln in r.stdout.splitlines() if ln.strip()])
 
 
-def preexec_for(gid: int) -> object:
+def preexec_for(gid: int) -> Callable[[], None]:
     """A ``preexec_fn`` running the child as root with group ``gid`` (so nftables can tell members apart)."""
     def run() -> None:
         os.setgroups([])

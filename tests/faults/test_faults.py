@@ -122,7 +122,7 @@ def test_address_reuse_under_faults(tmp_path: Path, net_ok: None) -> None:
 
 
 def test_checker_catches_a_broken_replica(tmp_path: Path, net_ok: None) -> None:
-    """m3 runs a planted wrong state machine (``tests.faults.member.BrokenPoolState``): every 7th address
+    """m3 runs a planted wrong state machine (``tests.member.BrokenPoolState``): every 7th address
     it answers is its neighbour. Its state stays identical to the others (so digests agree): only the
     history shows it."""
     gen = _cluster(tmp_path, 27430)
@@ -175,7 +175,7 @@ def test_corrupt_state_file_refused_and_cluster_keeps_serving(tmp_path: Path, ne
         if which == "dump":  # compact after 20 entries so a full dump is written
             for m in c.members.values():
                 m.stop()
-                m.spec.extra_args = ["--compaction-entries", "20"]
+                m.spec.extra_args = ["--compact-every", "20"]
             c.start()
         c.leader(timeout=15)
         before = {}

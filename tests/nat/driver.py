@@ -66,8 +66,10 @@ async def make_replica(opts: dict[str, Any], cfg: Any) -> Any:
     raft = opts.get("raft")
     if raft:
         from appconnector.pool.replica import RaftReplica  # only when the cluster variant runs
+        from appconnector.pool.settings import PoolSettings, RaftSettings
 
-        replica = RaftReplica(cfg, raft["self"], raft["peers"], raft["secret"])
+        replica = RaftReplica(PoolSettings.from_config(cfg), RaftSettings(
+            cfg.cluster.state_dir, raft["self"], tuple(raft["peers"]), raft["secret"]))
         await replica.start()
         return replica
     state = None

@@ -7,7 +7,7 @@ Real ``appconnector run`` processes on loopback (standalone mode, NAT off):
   untrusted marker, and after a restart answers every DNS query REFUSED and reports unready; `state reset`
   refuses while it runs; after it, the member rejoins empty and serves the cluster's mappings.
 * A member that receives a corrupt snapshot from the leader (the leader's full dump corrupted on disk)
-  does the same. The leader's members here are ``appconnector.pool.member`` processes, the same replica
+  does the same. The leader's members here are ``tests.member`` processes, the same replica
   with a small compaction threshold, so the leader has a snapshot to send within seconds.
 * A Raft tick that keeps failing (the process runs out of file descriptors, set with ``prlimit``) ends
   ``appconnector run`` with exit 1 and the reason logged once; the tick errors are rate-limited.
@@ -29,11 +29,11 @@ import dns.rcode
 import pytest
 
 from appconnector.fatal import EXIT_FAILURE, EXIT_UNTRUSTED
-from appconnector.pool.member import MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
 from appconnector.pool.storage import MARKER, StatePaths, read_journal
 from tests.faults.connector import ConnectorMember
 from tests.faults.workload import Unavailable
+from tests.member import MemberProcess, free_ports
 from tests.ops.helpers import REPO, cli
 
 pytestmark = pytest.mark.cluster

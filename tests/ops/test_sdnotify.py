@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from appconnector.pool.member import free_ports
-from appconnector.pool.replica import RaftReplica
 from appconnector.sdnotify import Notifier, Watchdog, socket_address
+from tests.member import free_ports
 from tests.ops.helpers import REPO, free_port
 from tests.ops.test_run import standalone_config
 
@@ -143,13 +142,13 @@ def test_run_notifies_ready_pings_the_watchdog_and_stops_pinging_when_hung(
 
 
 def test_a_hung_raft_tick_withholds_the_watchdog_ping(tmp_path: Path) -> None:
-    from tests.pool.test_replica import _cfg, _leader
+    from tests.pool.test_replica import _leader, _replica
 
     listener = NotifySocket(tmp_path, abstract=True)
     gate = threading.Event()
 
     async def body() -> None:
-        r = RaftReplica(_cfg(tmp_path), f"127.0.0.1:{free_ports(1)[0]}", [], None)
+        r = _replica(tmp_path, f"127.0.0.1:{free_ports(1)[0]}", [], None)
         await r.start()
         notifier = Notifier(socket_address(listener.env), watchdog=0.4)
         dog = Watchdog(notifier)

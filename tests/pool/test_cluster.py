@@ -1,6 +1,6 @@
 """The Raft replica as real 3-process pysyncobj clusters on loopback (docs/design.md §6).
 
-Every test starts its own members (``python -m appconnector.pool.member``) on fresh loopback ports with a
+Every test starts its own members (``python -m tests.member``) on fresh loopback ports with a
 state directory under tmp_path, and kills them afterwards.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from appconnector.pool.member import MemberError, MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
 from appconnector.pool.storage import read_dump, read_journal, write_journal
+from tests.member import MemberError, MemberProcess, free_ports
 
 pytestmark = pytest.mark.cluster
 

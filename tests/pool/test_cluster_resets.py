@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from appconnector.pool.member import MemberProcess, free_ports
 from appconnector.pool.raftlog import DIVERGED_MARKER
+from tests.member import MemberProcess, free_ports
 
 TICKS_IN_FLIGHT = 3
 """Entries (pool-clock ticks) by which converged replicas' applied indexes may differ."""

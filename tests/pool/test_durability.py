@@ -36,11 +36,12 @@ from pysyncobj.journal import FileJournal
 
 from appconnector.config import ClusterConfig, Config, PoolConfig
 from appconnector.pool.engine import RaftTuning
-from appconnector.pool.member import free_ports
 from appconnector.pool.raftlog import GuardedJournal
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.storage import Durability, StatePaths, read_journal
 from tests.faults.connector import ConnectorMember
+from tests.member import free_ports
 from tests.ops.helpers import wait_until
 
 pytestmark = [pytest.mark.cluster,
@@ -228,6 +229,12 @@ def test_entries_are_synced_before_they_are_acknowledged_or_answered(
     names = [f"durable{i}.example" for i in range(8)]
     for name in names:
         leader.dns.checkout(NODE, name, 10)
+    # the answers needed one follower's acknowledgement, perhaps the other's: trace until the traced follower
+    # has acknowledged everything the leader committed (the leader's match index for it)
+    committed = int(leader.status()["commit_index"])
+    fself = str(follower.status()["self"])
+    wait_until(lambda: int(leader.status()["match_index"].get(fself, 0)) >= committed, 30,
+               "the traced follower to acknowledge every entry")
     leader_calls = traced[leader.name].stop()
     follower_calls = traced[follower.name].stop()
     decrypt = getEncryptor(SECRET).decrypt
@@ -284,7 +291,7 @@ def test_a_compaction_replaces_the_journal_by_rename_never_in_place(tmp_path: Pa
     tuning = RaftTuning(compaction_min_entries=20)
 
     async def run() -> dict[tuple[str, str], int]:
-        r = RaftReplica(cfg, addr, [], None, tuning=tuning)
+        r = RaftReplica(PoolSettings.from_config(cfg), RaftSettings.from_config(cfg, addr, []), tuning=tuning)
         await r.start()
         try:
             await _until(r.is_leader, "the lone member to lead")
@@ -302,7 +309,7 @@ def test_a_compaction_replaces_the_journal_by_rename_never_in_place(tmp_path: Pa
             await r.stop()
 
     async def again(expected: dict[tuple[str, str], int]) -> None:
-        r = RaftReplica(cfg, addr, [], None, tuning=tuning)
+        r = RaftReplica(PoolSettings.from_config(cfg), RaftSettings.from_config(cfg, addr, []), tuning=tuning)
         await r.start()
         try:
             await _until(lambda: r.stats()["mappings"] == len(expected), "the state back after a restart")

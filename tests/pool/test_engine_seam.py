@@ -37,6 +37,7 @@ from appconnector.pool.engine import (
 from appconnector.pool.membership import leader_status
 from appconnector.pool.pysyncobj_engine import PoolSyncObj, status_from_pysyncobj
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.state import PoolState
 from appconnector.pool.storage import STATE_FORMAT, _DumpedState, read_dump
 
@@ -195,7 +196,8 @@ def test_the_replica_runs_on_another_engine_through_the_seam(tmp_path: Path) -> 
     cfg = Config(pool=PoolConfig(prefixes=("100.64.9.0/24",)), cluster=ClusterConfig(state_dir=str(tmp_path)))
 
     async def run() -> None:
-        r = RaftReplica(cfg, "127.0.0.1:1", [], None, engine_factory=solo)
+        r = RaftReplica(PoolSettings.from_config(cfg), RaftSettings.from_config(cfg, "127.0.0.1:1", []),
+                        engine_factory=solo)
         await r.start()
         try:
             assert 1000.0 <= r.now() < 2000.0, "the pool clock replayed at start, not the wall clock"

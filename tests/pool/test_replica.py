@@ -9,15 +9,17 @@ import asyncio
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
+from appconnector.config import Config, ConfigError, PoolConfig
 from appconnector.pool.api import Changes, PoolExhausted, PoolReader
-from appconnector.pool.member import free_ports
 from appconnector.pool.pysyncobj_engine import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
+from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.secrets_file import MEMBER_SECRET_FILE
+from tests.member import free_ports
 
 
 class Recorder:
@@ -32,8 +34,11 @@ class Recorder:
         self.resets.append(sorted((m.node, m.domain, m.address) for m in reader.mappings()))
 
 
-def _cfg(tmp_path: Path, prefix: str = "100.64.3.0/24") -> Config:
-    return Config(pool=PoolConfig(prefixes=(prefix,)), cluster=ClusterConfig(state_dir=str(tmp_path)))
+def _replica(tmp_path: Path, address: str, partners: list[str], secret: str | None, *,
+             prefix: str = "100.64.3.0/24", **kw: Any) -> RaftReplica:
+    """A member with its state in ``tmp_path``, on the shipped pool settings but for the prefix."""
+    pool = PoolSettings.from_config(Config(pool=PoolConfig(prefixes=(prefix,))))
+    return RaftReplica(pool, RaftSettings(str(tmp_path), address, tuple(partners), secret), **kw)
 
 
 async def _leader(replica: RaftReplica) -> None:
@@ -46,7 +51,7 @@ async def _leader(replica: RaftReplica) -> None:
 
 def test_more_than_one_member_needs_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        RaftReplica(_cfg(tmp_path), "127.0.0.1:1", ["127.0.0.1:2"], None)
+        _replica(tmp_path, "127.0.0.1:1", ["127.0.0.1:2"], None)
     assert err.value.key == "cluster.secret_file"
 
 
@@ -58,7 +63,7 @@ def test_a_lone_member_without_a_secret_listens_with_one_of_its_own(tmp_path: Pa
     secret_file = tmp_path / MEMBER_SECRET_FILE
 
     async def once() -> None:
-        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        r = _replica(tmp_path, addr, [], None)
         await r.start()
         try:
             await _leader(r)
@@ -81,7 +86,7 @@ def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) 
     addr = f"127.0.0.1:{free_ports(1)[0]}"
 
     async def first() -> dict[tuple[str, str], int]:
-        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        r = _replica(tmp_path, addr, [], None)
         await r.start()
         await _leader(r)
         rec = Recorder()
@@ -118,7 +123,7 @@ def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) 
         return {(m.node, m.domain): m.address for m in r.mappings()}
 
     async def second(expected: dict[tuple[str, str], int]) -> None:
-        r = RaftReplica(_cfg(tmp_path), addr, [], None)
+        r = _replica(tmp_path, addr, [], None)
         await r.start()
         await _leader(r)
         for _ in range(300):
@@ -137,7 +142,7 @@ def test_checkouts_batch_notify_observers_and_survive_a_restart(tmp_path: Path) 
 
 def test_pool_exhausted_reaches_the_caller(tmp_path: Path) -> None:
     async def run() -> None:
-        r = RaftReplica(_cfg(tmp_path, "100.64.4.0/30"), f"127.0.0.1:{free_ports(1)[0]}", [], None)
+        r = _replica(tmp_path, f"127.0.0.1:{free_ports(1)[0]}", [], None, prefix="100.64.4.0/30")
         await r.start()
         await _leader(r)
         results = await asyncio.gather(*(r.checkout("n", f"d{i}.example", (), 60.0) for i in range(4)),
@@ -156,7 +161,7 @@ def test_a_busy_raft_port_is_a_clear_error(tmp_path: Path) -> None:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
 
         async def run() -> None:
-            r = RaftReplica(_cfg(tmp_path), addr, [], None, tuning=RaftTuning(bind_wait=0.5))
+            r = _replica(tmp_path, addr, [], None, tuning=RaftTuning(bind_wait=0.5))
             with pytest.raises(BindError, match=r"cannot listen for Raft on 127\.0\.0\.1"):
                 await r.start()
 
@@ -167,7 +172,7 @@ def test_release_of_many_long_names_is_split_below_the_batch_size(tmp_path: Path
     """Revocation releases every mapping of a node's lost app in one call; through Raft that is several
     ``release_batch`` entries, each below ``batch_bytes``, and every named mapping goes."""
     async def run() -> None:
-        r = RaftReplica(_cfg(tmp_path, "100.64.0.0/20"), f"127.0.0.1:{free_ports(1)[0]}", [], None)
+        r = _replica(tmp_path, f"127.0.0.1:{free_ports(1)[0]}", [], None, prefix="100.64.0.0/20")
         await r.start()
         await _leader(r)
         names = [f"{'x' * 200}.d{i}.example" for i in range(1500)]

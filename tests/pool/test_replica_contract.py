@@ -4,11 +4,19 @@ used to disagree (a ``touch`` with a bad time raised in one and was dropped in t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
 
+import pytest
+
 from appconnector import config, metrics
+from appconnector.pool.api import PoolExhausted
+from appconnector.pool.local import LocalPool
+from appconnector.pool.replica import RaftReplica
+from appconnector.pool.state import InvalidCommand
 from tests.replicas import start_replica
 
 
@@ -50,6 +58,42 @@ def test_pool_time_moves_on_by_elapsed_time_not_the_wall_clock(tmp_path: Path, r
             assert 0.0 < t1 - t0 <= (m1 - m0) + 0.05
             found = r.lookup("n", "a.example")
             assert found is not None and found[1] <= t1
+        finally:
+            await r.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_replica_counts_and_logs_what_the_state_reports(tmp_path: Path, replica_kind: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The state machine only reports (pool/state.py imports neither metrics nor logging): the replica
+    that applied a command is what counts checkout results and ignored commands, and logs them."""
+    base = config.load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone"})
+    cfg = dataclasses.replace(base, pool=dataclasses.replace(base.pool, prefixes=("100.64.1.0/31",)))  # 1 address
+
+    def checkouts(result: str) -> float:
+        return float(metrics.POOL_CHECKOUTS.labels(result)._value.get())
+
+    async def scenario() -> None:
+        r = await start_replica(replica_kind, cfg, str(tmp_path / "raft"))
+        try:
+            before = {k: checkouts(k) for k in ("new", "hit", "exhausted")}
+            exhausted, invalid = metrics.POOL_EXHAUSTED._value.get(), metrics.POOL_INVALID_COMMANDS._value.get()
+            a = await r.checkout("n", "a.example", (), 60.0)
+            assert await r.checkout("n", "a.example", (), 60.0) == a
+            with pytest.raises(PoolExhausted):
+                await r.checkout("n", "b.example", (), 60.0)
+            assert {k: checkouts(k) - v for k, v in before.items()} == {"new": 1, "hit": 1, "exhausted": 1}
+            assert metrics.POOL_EXHAUSTED._value.get() == exhausted + 1
+            with caplog.at_level(logging.WARNING, logger="appconnector.pool.state"):
+                if isinstance(r, LocalPool):
+                    assert isinstance(r.apply(("no_such_command",)), InvalidCommand)
+                else:
+                    assert isinstance(r, RaftReplica)
+                    with pytest.raises(InvalidCommand):
+                        await r._write(("no_such_command",))
+            assert metrics.POOL_INVALID_COMMANDS._value.get() == invalid + 1
+            assert "pool: ignored command: unknown pool command 'no_such_command'" in caplog.text
         finally:
             await r.stop()
 

@@ -19,11 +19,11 @@ from pysyncobj.journal import MemoryJournal
 from pysyncobj.node import TCPNode
 
 from appconnector.pool.engine import RaftTuning
-from appconnector.pool.member import free_ports
 from appconnector.pool.pysyncobj_engine import PoolConsumer, PoolSyncObj
 from appconnector.pool.raftlog import DIVERGED_MARKER, GuardedJournal, plan_append
 from appconnector.pool.state import PoolState
 from appconnector.pool.storage import StatePaths, read_journal
+from tests.member import free_ports
 
 NOOP = b"\x01"
 

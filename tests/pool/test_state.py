@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from appconnector import metrics
-from appconnector.pool.api import PoolExhausted
+from appconnector.pool.api import CHECKOUT_RESULTS, PoolExhausted
 from appconnector.pool.state import SKEW_LIMIT, InvalidCommand, PoolState
 
 T0 = 1_700_000_000.0
@@ -368,15 +367,16 @@ def test_only_ticks_move_the_pool_clock() -> None:
 
 def test_a_fast_clock_cannot_reclaim_addresses_early() -> None:
     state = PoolState(["100.64.1.0/31"])
-    skew_before = metrics.POOL_CLOCK_SKEW._value.get()
     a = checkout(state, "n", "a", now=T0)
     # a proposer 10 hours fast asks to reuse anything older than 1 hour before its "now": measured from
     # the pool clock that is one hour before it, which nothing is older than
-    result = state.checkout_batch([("n", "b", (), 60.0)], T0 + 10 * HOUR, T0 + 9 * HOUR)[0][0]
-    assert isinstance(result, PoolExhausted)
+    results, changes = state.checkout_batch([("n", "b", (), 60.0)], T0 + 10 * HOUR, T0 + 9 * HOUR)
+    assert isinstance(results[0], PoolExhausted)
     assert state.lookup("n", "a") == (a, T0)
     assert state.clock == T0
-    assert metrics.POOL_CLOCK_SKEW._value.get() == skew_before + 1
+    # reported, for the replica to count and log: one skewed time, one exhausted checkout
+    assert changes.report.clock_skew == 1 and "ahead of the pool's clock" in changes.report.warnings[0][0]
+    assert changes.report.checkouts[CHECKOUT_RESULTS.index("exhausted")] == 1
     # a touch far in the future is clamped to the clock
     state.touch_batch([("n", a, "a", T0 + 100 * HOUR)])
     assert state.lookup("n", "a") == (a, T0)
@@ -437,17 +437,15 @@ def test_malformed_commands_change_nothing_and_say_why(command: object) -> None:
     state = PoolState(["100.64.1.0/29"])
     checkout(state, "n", "a")
     before = state.to_bytes()
-    counted = metrics.POOL_INVALID_COMMANDS._value.get()
     result, changes = state.apply(command)  # type: ignore[arg-type]
     assert isinstance(result, InvalidCommand) and str(result)
     assert not changes
     assert state.to_bytes() == before
-    assert metrics.POOL_INVALID_COMMANDS._value.get() == counted + 1
+    assert changes.report.invalid == 1 and changes.report.warnings == [("pool: ignored command: %s", (result,))]
 
 
-def test_malformed_requests_inside_a_batch_fail_alone(caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_requests_inside_a_batch_fail_alone() -> None:
     state = PoolState(["100.64.1.0/29"])
-    counted = metrics.POOL_INVALID_COMMANDS._value.get()
     results, changes = state.apply(("checkout_batch", (
         ("n", "a", (), 60.0), ("n", 7, (), 60.0), ("n",), ("n", "b", (-1,), 60.0), ("n", "c", (), 10**400),
         "junk", ("n", "d", [ip("192.0.2.1")], 60),
@@ -456,8 +454,10 @@ def test_malformed_requests_inside_a_batch_fail_alone(caplog: pytest.LogCaptureF
     assert results[0] == ip("100.64.1.1") and results[6] == ip("100.64.1.2")
     assert all(isinstance(r, InvalidCommand) for r in results[1:6])
     assert [a[2] for a in changes.added] == ["a", "d"]
-    assert metrics.POOL_INVALID_COMMANDS._value.get() == counted + 5
-    assert "refused 5 malformed requests" in caplog.text
+    report = changes.report
+    assert report.invalid == 5 and report.checkouts == [0, 2, 0, 0, 5]  # hit, new, reused, exhausted, error
+    assert len(report.warnings) == 1 and report.warnings[0][1][0] == 5
+    assert "refused %d malformed requests" in report.warnings[0][0]
 
 
 def test_odd_but_well_typed_input_does_not_crash() -> None:
@@ -514,7 +514,7 @@ def test_equal_states_have_equal_bytes_whatever_their_history() -> None:
     assert a.to_bytes() == b.to_bytes()
 
 
-def test_restore_into_a_changed_pool_drops_what_falls_outside(caplog: pytest.LogCaptureFixture) -> None:
+def test_restore_into_a_changed_pool_drops_what_falls_outside() -> None:
     state = populated()
     restored = PoolState.from_bytes(state.to_bytes(), ["100.64.1.0/29", "100.64.3.0/30"])
     kept = {(m.node, m.domain, m.address) for m in restored.mappings()}
@@ -522,7 +522,8 @@ def test_restore_into_a_changed_pool_drops_what_falls_outside(caplog: pytest.Log
                 if ipaddress.IPv4Address(m.address) in ipaddress.ip_network("100.64.1.0/29")
                 or ipaddress.IPv4Address(m.address) in ipaddress.ip_network("100.64.3.0/30")}
     assert kept == expected and len(kept) < state.stats()["mappings"]
-    assert "dropped" in caplog.text
+    assert restored.load_report is not None and "dropped" in restored.load_report.warnings[0][0]
+    assert PoolState.from_bytes(state.to_bytes(), ["100.64.1.0/28", "100.64.3.0/30"]).load_report is None
     assert restored.excluded() == [ip("100.64.1.5")]
     # n3 held .1-.8 (.5 excluded, .8 now outside): its next address is the new pool's first unused one
     assert checkout(restored, "n3", "fresh", now=T0 + 100) == ip("100.64.3.0")

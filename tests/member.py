@@ -1,18 +1,28 @@
-"""One Raft member in a process of its own, driven by JSON lines: for cluster tests, benchmarks and the
-reliability suite.
+"""The one pool member harness: one Raft member in a process of its own, driven by JSON lines. Tests
+(tests/pool, tests/faults, tests/ops) and benchmarks (bench/bench_raft.py) use it; the product never does.
 
-    python -m appconnector.pool.member --self 127.0.0.1:7001 --partner 127.0.0.1:7002 \\
+    python -m tests.member --self 127.0.0.1:7001 --partner 127.0.0.1:7002 \\
         --partner 127.0.0.1:7003 --state-dir /tmp/s --secret-file /tmp/secret [--control PATH]
 
-It hosts one :class:`~appconnector.pool.replica.RaftReplica` and reads one JSON object per line from stdin
-(or from each client of the unix socket ``--control``), answering one line each:
+(from the repository root, or with it on ``PYTHONPATH``: :class:`MemberProcess` does both). It hosts one
+:class:`~appconnector.pool.replica.RaftReplica` and reads one JSON object per line from stdin (or from
+each client of the unix socket ``--control``), answering one line each:
 ``{"id": 1, "op": "checkout", "node": "n1", "domain": "a.example", "targets": [16843009], "ttl": 60}`` →
-``{"id": 1, "ok": true, "address": 1681915905}``. Errors come back as ``{"ok": false, "error": "PoolExhausted",
-"message": ...}``. Ops: checkout, touch, set_targets, forget, lookup, mappings, status, wait_applied,
-load (many concurrent checkouts from inside the process), latency (sequential checkouts), stop.
+``{"id": 1, "ok": true, "address": 1681915905}``. Addresses are IPv4 integers both ways. Errors come back
+as ``{"ok": false, "error": "PoolExhausted", "message": ...}`` (the exception's class name; a harness
+bug is ``"error": "Internal"``, logged with its traceback). Ops: checkout, touch (``at``: pool time,
+default this member's; ``flush: true`` proposes it at once as its own ``touch_batch`` and answers once
+applied), set_targets, forget, set_excluded, add_member, remove_member, lookup, domain_for, mappings
+(every mapping and the digest), status, wait_applied, load (many concurrent checkouts from inside the
+process), verify_acked, latency (sequential checkouts), stop.
 The first line on stdout is ``{"event": "ready", ...}``, or ``{"event": "error", ...}`` and exit code 2 when
-the state directory is refused; a fatal error (see appconnector/fatal.py) ends it with its exit code (3:
-untrusted state, 1: runtime failure). Logs go to stderr.
+the state directory is refused (1 when the Raft port cannot be bound); a fatal error (see
+appconnector/fatal.py) ends it with its exit code (3: untrusted state, 1: runtime failure). Logs go to
+stderr. SIGTERM or the end of stdin stop it gracefully.
+
+``--no-guard`` runs pysyncobj's append handling unguarded (only to show the regression test failing);
+``--broken`` plants :class:`BrokenPoolState`, a deliberately wrong state machine (every seventh address
+it hands out is its neighbour's), so the fault suite can show its history checker catches it.
 
 :class:`MemberProcess` starts one and talks to it; :func:`free_ports` picks loopback ports.
 """
@@ -34,24 +44,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from appconnector.config import ClusterConfig, Config, ConfigError, PoolConfig
+from appconnector.config import ConfigError, PoolConfig
 from appconnector.fatal import FatalReporter
+from appconnector.pool import replica as replica_module
 from appconnector.pool.api import Changes, PoolError, PoolReader
 from appconnector.pool.engine import BindError, RaftTuning
 from appconnector.pool.replica import RaftReplica
+from appconnector.pool.settings import PoolSettings, RaftSettings
+from appconnector.pool.state import PoolState
 from appconnector.pool.storage import StateError
 
-log = logging.getLogger("appconnector.pool.member")
+log = logging.getLogger("tests.member")
 
 DEFAULT_PREFIX = "100.64.0.0/12"
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: ``python -m tests.member`` runs from there."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m appconnector.pool.member", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.member", description=__doc__.split("\n")[0])
     p.add_argument("--self", dest="self_address", required=True, help="this member's Raft address ip:port")
     p.add_argument("--bind", default=None, help="listen here instead (when --self is a proxy in front)")
     p.add_argument("--partner", action="append", default=[], help="another member's Raft address (repeat)")
@@ -73,9 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkouts waiting to be proposed before more are refused (pool.max_queued_checkouts)")
     p.add_argument("--no-guard", action="store_true",
                    help="run pysyncobj's append handling unguarded (ONLY to show the regression test fails)")
+    p.add_argument("--broken", action="store_true",
+                   help="plant BrokenPoolState, a wrong state machine (the fault suite's checker must catch it)")
     p.add_argument("--control", default=None, help="serve JSON lines on this unix socket instead of stdin")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+class BrokenPoolState(PoolState):
+    """A deliberately wrong state machine (``--broken``; here and nowhere in the product): every 7th
+    address it returns belongs to the next offset. Its state stays the same as a correct member's."""
+
+    answered = 0
+
+    def apply(self, command: tuple[Any, ...]) -> tuple[object, Changes]:
+        result, changes = super().apply(command)
+        if command and command[0] == "checkout_batch" and isinstance(result, list):
+            for i, r in enumerate(result):
+                if isinstance(r, int):
+                    BrokenPoolState.answered += 1
+                    if BrokenPoolState.answered % 7 == 3:
+                        result[i] = r ^ 1
+        return result, changes
 
 
 class CountingObserver:
@@ -115,6 +149,9 @@ class Member:
             return {"ok": False, "error": type(e).__name__, "message": str(e)}
         except (KeyError, TypeError, ValueError) as e:
             return {"ok": False, "error": "BadRequest", "message": repr(e)}
+        except Exception as e:  # a harness bug: answered (the client sees it), and logged in full
+            log.exception("request %s failed", req)
+            return {"ok": False, "error": "Internal", "message": f"{type(e).__name__}: {e}"}
         return {"ok": True, **out}
 
     async def op_checkout(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -123,9 +160,14 @@ class Member:
         return {"address": address}
 
     async def op_touch(self, req: dict[str, Any]) -> dict[str, Any]:
-        # stamped with this member's pool time: the client's "at" is its own wall clock, not pool time
-        self.replica.touch(req["node"], int(req["address"]), req["domain"], self.replica.now())
-        return {}
+        # "at" defaults to this member's pool time (a client's own clock is not pool time)
+        touch = (str(req["node"]), int(req["address"]), str(req["domain"]), float(req.get("at", self.replica.now())))
+        if req.get("flush"):
+            # the replica's own write path with this one touch: answered once applied here
+            await self.replica._write(("touch_batch", (touch,)))
+            return {"applied": True}
+        self.replica.touch(*touch)
+        return {"applied": False}
 
     async def op_set_targets(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.replica.set_targets(req["domain"], tuple(req["targets"]), float(req.get("ttl", 60)))
@@ -150,6 +192,9 @@ class Member:
     async def op_lookup(self, req: dict[str, Any]) -> dict[str, Any]:
         found = self.replica.lookup(req["node"], req["domain"])
         return {"address": found[0] if found else None, "last_used": found[1] if found else None}
+
+    async def op_domain_for(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"domain": self.replica.domain_for(req["node"], int(req["address"]))}
 
     async def op_mappings(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"mappings": sorted([m.node, m.domain, m.address] for m in self.replica.mappings()),
@@ -281,10 +326,8 @@ async def _serve_stream(member: Member, reader: asyncio.StreamReader, write: Cal
 async def run(args: argparse.Namespace) -> int:
     secret = Path(args.secret_file).read_text().strip() if args.secret_file else None
     timeout = args.write_deadline if args.checkout_timeout is None else args.checkout_timeout
-    cfg = Config(pool=PoolConfig(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
-                                 checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts),
-                 cluster=ClusterConfig(state_dir=args.state_dir, self=args.self_address,
-                                       peers=tuple(args.partner)))
+    pool = PoolSettings(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
+                        checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts)
     tuning = RaftTuning.pysyncobj_defaults() if args.tuning == "defaults" else RaftTuning()
     if args.compact_every:
         tuning = dataclasses.replace(tuning, compaction_min_entries=args.compact_every)
@@ -294,11 +337,13 @@ async def run(args: argparse.Namespace) -> int:
         out.write(line + "\n")
         out.flush()
 
+    if args.broken:
+        replica_module.PoolState = BrokenPoolState  # type: ignore[attr-defined]
     fatal = FatalReporter()
     try:
-        replica = RaftReplica(cfg, args.self_address, list(args.partner), secret, bind_address=args.bind,
-                              tuning=tuning, guard=not args.no_guard, write_deadline=args.write_deadline,
-                              dynamic_membership=args.dynamic_membership, on_fatal=fatal.report)
+        raft = RaftSettings(args.state_dir, args.self_address, tuple(args.partner), secret, bind_address=args.bind,
+                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline)
+        replica = RaftReplica(pool, raft, tuning=tuning, guard=not args.no_guard, on_fatal=fatal.report)
         await replica.start()
     except (StateError, ConfigError, BindError) as e:
         log.error("refusing to start: %s", e)
@@ -374,17 +419,20 @@ class MemberError(RuntimeError):
 
 
 class MemberProcess:
-    """A member process and its JSON-lines pipe. ``call`` may be used from several threads at once."""
+    """A member process and its JSON-lines pipe. ``call`` may be used from several threads at once.
+    ``env`` is added to the environment (the fault suite's clock skew), ``preexec_fn`` runs in the child
+    (its group id, for the nemesis). Each start appends a ``---- start`` line to the log."""
 
     def __init__(self, self_address: str, partners: Sequence[str], state_dir: str | Path, *,
                  secret_file: str | Path | None = None, bind: str | None = None,
                  prefixes: Sequence[str] = (DEFAULT_PREFIX,), log_path: str | Path | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.self_address = self_address
         self.partners = list(partners)
         self.state_dir = Path(state_dir)
         self.log_path = Path(log_path) if log_path else self.state_dir / f"member-{self_address.replace(':', '_')}.log"
-        args = [sys.executable, "-m", "appconnector.pool.member", "--self", self_address,
+        args = [sys.executable, "-m", "tests.member", "--self", self_address,
                 "--state-dir", str(state_dir)]
         for p in partners:
             args += ["--partner", p]
@@ -395,6 +443,8 @@ class MemberProcess:
         if bind:
             args += ["--bind", bind]
         self.args = args + list(extra)
+        self.env = dict(env or {})
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self._ids = iter(range(1, 1 << 62))
         self._lock = threading.Lock()
@@ -405,12 +455,18 @@ class MemberProcess:
     def start(self) -> MemberProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._log.write(f"---- start {time.time():.3f}\n".encode())
+        self._log.flush()
         self._events = queue.Queue()
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+               **self.env}
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn)
+        # this process's events go to this start's queue: a previous run's reader may still be finishing
+        threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
 
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], events: queue.Queue[dict[str, Any]]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             try:
@@ -418,15 +474,15 @@ class MemberProcess:
             except ValueError:
                 continue
             if "event" in msg:
-                self._events.put(msg)
+                events.put(msg)
                 continue
             with self._lock:
                 q = self._responses.get(msg.get("id", -1))
             if q is not None:
                 q.put(msg)
-        self._events.put({"event": "exit"})
-        with self._lock:  # the process is gone: answer every waiting caller now
-            for q in self._responses.values():
+        events.put({"event": "exit"})
+        with self._lock:  # the process is gone: answer every caller waiting on it now (not a restarted one's)
+            for q in self._responses.values() if self.proc is proc else ():
                 q.put({"ok": False, "error": "MemberExited", "message": f"exit code {proc.wait()}"})
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
@@ -439,7 +495,16 @@ class MemberProcess:
         return event
 
     def call(self, op: str, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
-        if self.proc is None or self.proc.stdin is None:
+        """The answer to ``op``; MemberError when it is ``ok: false`` or does not come."""
+        resp = self.request(op, timeout, **kw)
+        if not resp.get("ok"):
+            raise MemberError(f"{self.self_address}: {op}: {resp.get('error')}: {resp.get('message')}", resp)
+        return resp
+
+    def request(self, op: str, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
+        """The answer to ``op`` as it came (``ok`` true or false; ``MemberExited`` when the process ended
+        first); MemberError when it is not running or does not answer within ``timeout``."""
+        if self.proc is None or self.proc.stdin is None or self.proc.poll() is not None:
             raise MemberError(f"{self.self_address}: not running")
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
@@ -448,7 +513,7 @@ class MemberProcess:
             try:
                 self.proc.stdin.write((json.dumps({"id": rid, "op": op, **kw}) + "\n").encode())
                 self.proc.stdin.flush()
-            except (BrokenPipeError, OSError) as e:
+            except (OSError, ValueError) as e:  # the process ended meanwhile
                 self._responses.pop(rid, None)
                 raise MemberError(f"{self.self_address}: pipe closed ({e})") from None
         try:
@@ -458,8 +523,6 @@ class MemberProcess:
         finally:
             with self._lock:
                 self._responses.pop(rid, None)
-        if not resp.get("ok"):
-            raise MemberError(f"{self.self_address}: {op}: {resp.get('error')}: {resp.get('message')}", resp)
         return resp
 
     def status(self, timeout: float = 10.0, digest: bool = False) -> dict[str, Any]:
