@@ -44,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -234,7 +235,12 @@ class Member:
         pad_len = int(req.get("pad", 0))  # longer names → bigger log entries (labels of ≤ 50 characters)
         pad = "".join("." + "x" * min(50, pad_len - k) for k in range(0, pad_len, 50))
         targets = tuple(req.get("targets", (16843009,)))
+        # shared_domains: request i maps domain i // nodes, so every node maps the same domains (nodes ×
+        # names, as a tailnet does); record=false keeps no per-checkout list (scale runs: millions)
+        shared = bool(req.get("shared_domains", False))
+        record = bool(req.get("record", True))
         acked: list[list[Any]] = []
+        acked_count = 0
         errors: dict[str, int] = {}
         # ack_file: one JSON line per acknowledged checkout, written as it is acknowledged, so a test
         # that kills this process mid-load still knows what was acknowledged.
@@ -242,15 +248,19 @@ class Member:
         next_i = iter(range(count))
 
         async def worker() -> None:
+            nonlocal acked_count
             for i in next_i:
                 if until is not None and time.monotonic() > until:
                     return
                 node = f"{node_prefix}{i % nodes}"
-                domain = f"{domain_prefix}{i}{pad}.example"
+                domain = f"{domain_prefix}{i // nodes if shared else i}{pad}.example"
                 try:
                     address = await self.replica.checkout(node, domain, targets, 60.0)
                 except PoolError as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    continue
+                acked_count += 1
+                if not record:
                     continue
                 acked.append([node, domain, address])
                 self.acked.append((node, domain, address))
@@ -262,8 +272,8 @@ class Member:
         seconds = time.perf_counter() - started
         if ack_file is not None:
             ack_file.close()
-        return {"acked": acked if req.get("return_acked", True) else len(acked), "errors": errors,
-                "seconds": seconds, "rate": len(acked) / seconds if seconds else 0.0}
+        return {"acked": acked if req.get("return_acked", True) and record else acked_count, "errors": errors,
+                "seconds": seconds, "rate": acked_count / seconds if seconds else 0.0}
 
     async def op_verify_acked(self, req: dict[str, Any]) -> dict[str, Any]:
         """Every checkout ``load`` acknowledged in this process, looked up in the local state now."""
@@ -287,6 +297,20 @@ class Member:
         samples.sort()
         return {"p50": statistics.median(samples), "p99": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
                 "mean": statistics.fmean(samples), "max": samples[-1]}
+
+    async def op_memory(self, req: dict[str, Any]) -> dict[str, Any]:
+        """This process's memory: /proc status lines, Python's allocated blocks and, when started with
+        PYTHONTRACEMALLOC, the ``top`` allocation sites (for finding what a mapping costs)."""
+        with open("/proc/self/status") as f:
+            proc = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+                    if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+        out: dict[str, Any] = {"proc": proc, "allocated_blocks": sys.getallocatedblocks()}
+        if tracemalloc.is_tracing():
+            snap = tracemalloc.take_snapshot()
+            out["traced"] = tracemalloc.get_traced_memory()[0]
+            out["top"] = [[str(s.traceback), s.size, s.count]
+                          for s in snap.statistics("lineno")[:int(req.get("top", 15))]]
+        return out
 
     async def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self.stopping.set()

@@ -201,6 +201,10 @@ class RaftTuning:
     batch_bytes: int = 1 << 16  # appendEntriesBatchSizeBytes; the replica keeps commands below it
     compaction_min_entries: int = 5000
     compaction_min_time: float = 300.0
+    # also compact when the journal holds this many bytes and more than the last full dump: pysyncobj
+    # counts entries, and an entry carries up to ~500 checkouts, so 5,000 of them were millions to replay
+    # at a restart; a journal no larger than the dump keeps a restart within ~2 loads of the dump
+    compaction_min_bytes: int = 4 << 20
     adaptive: bool = True
     library_defaults: bool = False
     bind_wait: float = 5.0  # a restarted member may find its port held a moment (see pysyncobj_engine)

@@ -26,9 +26,11 @@ different pysyncobj version fails loudly instead of silently losing the guard.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -172,16 +174,40 @@ _TICK_QUIET = 5.0
 _TICK_LOG_INTERVAL = 5.0
 
 
-def _close_inherited_fds() -> None:
-    """In a child forked by pysyncobj's log compaction (from a tick thread): close every inherited
-    descriptor above stderr. The child only writes the dump file, which it opens itself; left open, its
-    copies of the listening socket and peer connections would keep the port bound after a kill -9 of
-    the parent (a restart then cannot listen) and hide the parent's death from its peers."""
+_DUMP_WRITER_NICE = 19
+"""The forked dump writer's niceness: it yields the CPU to every member's tick thread. At 1M mappings
+known-name p99 during dumps was 10 / 2.3 ms at 19 against 29 ms at 10 (bench/README.md, "scale"). The
+price: on a host saturated by other work the writer starves (7 s of CPU in 6 minutes at load average 25
+on 2 cores), and pysyncobj sends no snapshot to a joining member while its writer runs."""
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dynamic loading in a forked child
+
+
+def _in_dump_writer() -> None:
+    """In a child forked by pysyncobj's log compaction (from a tick thread): hold none of the parent's
+    descriptors, run at the lowest priority, and die with the tick thread that forked it.
+
+    The child only writes the dump file, which it opens itself; left open, its copies of the listening
+    socket and peer connections would keep the port bound after a kill -9 of the parent (a restart then
+    cannot listen) and hide the parent's death from its peers, and its stdin/stdout would keep a
+    supervisor's pipes open. At 1M mappings it is seconds of CPU (serialising, pickling, gzip at level 9),
+    and the members compact within moments of each other (same log length): at normal priority three
+    writers took the cores from the members' tick threads and answers stalled (bench/README.md, "scale").
+    A late dump costs a longer journal (and pysyncobj sends no snapshot meanwhile); a writer outliving
+    its member could rename an old dump over the one a restarted member writes (both use ``dump.tmp``),
+    so it is killed with it."""
     if threading.get_ident() in _TICK_THREADS:
         os.closerange(3, 65536)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.nice(_DUMP_WRITER_NICE)
 
 
-os.register_at_fork(after_in_child=_close_inherited_fds)
+os.register_at_fork(after_in_child=_in_dump_writer)
 
 
 # --- the SyncObj -----------------------------------------------------------------------------------------
@@ -446,6 +472,21 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self._stopping.wait(self._backoff)
         self._backoff = min(_TICK_BACKOFF_MAX, self._backoff * 2)
 
+    def _compact_if_large(self) -> None:
+        """Ask pysyncobj for a full dump when the journal outgrew ``compaction_min_bytes`` and the last dump
+        (tick thread; O(entries), and pysyncobj keeps them below ``compaction_min_entries``)."""
+        limit = self._tuning.compaction_min_bytes
+        if not limit:
+            return
+        journal = self.journal
+        size = sum(len(journal[i][0]) for i in range(len(journal)))
+        if size < limit:
+            return
+        with contextlib.suppress(OSError):  # no dump yet: the byte limit alone
+            limit = max(limit, os.stat(self._paths.dump).st_size)
+        if size >= limit:
+            self.forceLogCompaction()
+
     def _tick_loop(self) -> None:
         _TICK_THREADS.add(threading.get_ident())
         last_index = self.journal.last_index()
@@ -476,6 +517,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             if now - self._status_at > 0.5:
                 self._status_at = now
                 self._status = self.getStatus()
+                self._compact_if_large()
         try:
             self._doDestroy()
         except Exception:
@@ -592,7 +634,22 @@ def open_engine(spec: EngineSpec, initial: StateMachine, restore: Callable[[byte
     """The :class:`~appconnector.pool.engine.EngineFactory` for pysyncobj: validate (and repair) the
     member's files, then start the member."""
     paths = StatePaths(spec.member_dir)
-    found = validate_state_dir(paths, restore)
+    validated: list[tuple[bytes, StateMachine]] = []
+
+    def check(data: bytes) -> StateMachine:
+        state = restore(data)
+        validated.append((data, state))
+        return state
+
+    def restore_once(data: bytes) -> StateMachine:
+        # pysyncobj loads the dump validate_state_dir just restored: the same bytes give the same state,
+        # so it is used once instead of being built again (a second O(state) load at start)
+        if validated and validated[0][0] == data:
+            return validated.pop()[1]
+        validated.clear()
+        return restore(data)
+
+    found = validate_state_dir(paths, check)
     members = found.get("dump_members")
     wanted = sorted([spec.self_address, *spec.partners])
     if members is not None and members != wanted:
@@ -603,7 +660,7 @@ def open_engine(spec: EngineSpec, initial: StateMachine, restore: Callable[[byte
         else:
             log.warning("raft: members stored in the dump %s differ from the configured %s; static "
                         "membership: the configured members are used", members, wanted)
-    consumer = PoolConsumer(initial, restore, hooks.on_applied, hooks.on_replaced)
+    consumer = PoolConsumer(initial, restore_once, hooks.on_applied, hooks.on_replaced)
     engine = PoolSyncObj(spec.self_address, spec.partners, consumer, paths, spec.secret, spec.tuning,
                          bind_address=spec.bind_address, guard=spec.guard,
                          dynamic_membership=spec.dynamic_membership, fsync=spec.fsync,

@@ -18,6 +18,7 @@ from appconnector.pool.api import Changes, PoolExhausted, PoolReader
 from appconnector.pool.pysyncobj_engine import peer_status
 from appconnector.pool.replica import BindError, RaftReplica, RaftTuning
 from appconnector.pool.settings import PoolSettings, RaftSettings
+from appconnector.pool.state import PoolState
 from appconnector.secrets_file import MEMBER_SECRET_FILE
 from tests.member import free_ports
 
@@ -191,3 +192,50 @@ def test_release_of_many_long_names_is_split_below_the_batch_size(tmp_path: Path
         await r.stop()
 
     asyncio.run(run())
+
+
+def test_a_journal_grown_past_its_byte_limit_is_compacted_whatever_its_entry_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pysyncobj compacts by entry count only, and an entry carries up to ~500 checkouts: a restart then
+    # replayed millions. Here the entry threshold is out of reach; the byte threshold must still compact.
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    tuning = RaftTuning(compaction_min_entries=1_000_000, compaction_min_time=3600.0,
+                        compaction_min_bytes=64 << 10)
+    long = "." + "x" * 60 + "." + "y" * 60
+
+    async def fill() -> dict[tuple[str, str], int]:
+        r = _replica(tmp_path, addr, [], None, prefix="100.64.0.0/16", tuning=tuning)
+        await r.start()
+        await _leader(r)
+        for batch in range(10):  # ~300 KB of commands
+            await asyncio.gather(*(r.checkout(f"n{i % 4}", f"d{batch}-{i}{long}.example", (0x01010101,), 60.0)
+                                   for i in range(200)))
+        for _ in range(1000):  # the engine looks every 0.5 s; the forked writer then takes a moment
+            if r.paths.dump.exists() and int(r.status()["log_length"]) < 50:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"no compaction: dump {r.paths.dump.exists()}, log {r.status()['log_length']}")
+        await r.stop()
+        return {(m.node, m.domain): m.address for m in r.mappings()}
+
+    async def restart(expected: dict[tuple[str, str], int]) -> None:
+        r = _replica(tmp_path, addr, [], None, prefix="100.64.0.0/16", tuning=tuning)
+        await r.start()
+        await _leader(r)
+        for _ in range(500):
+            if r.stats()["mappings"] == len(expected):
+                break
+            await asyncio.sleep(0.01)
+        assert {(m.node, m.domain): m.address for m in r.mappings()} == expected
+        await r.stop()
+
+    expected = asyncio.run(fill())
+    assert len(expected) == 2000
+    # the restart loads the dump once (validating it is that load): at a million mappings each is seconds
+    loads: list[int] = []
+    real = PoolState.from_bytes.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(PoolState, "from_bytes",
+                        classmethod(lambda cls, data, prefixes: loads.append(len(data)) or real(cls, data, prefixes)))
+    asyncio.run(restart(expected))
+    assert len(loads) == 1
