@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_scale.py [--sizes 100000,1000000] [--nodes-per-100k 100] [--json out.json]
 
-Real member processes on loopback (``python -m appconnector.pool.member``: the shipped ``RaftReplica`` with
+Real member processes on loopback (``python -m tests.member``: the shipped ``RaftReplica`` with
 ``RaftTuning()``: compaction after 5,000 entries or 300 s, full dumps and journal on disk, shared secret),
 loaded through the leader with new checkouts (nodes × shared domain names, as a tailnet maps them: every
 node maps the same names). Per size it measures:
