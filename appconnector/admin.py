@@ -33,9 +33,10 @@ from typing import Any
 from aiohttp import web
 
 from appconnector import metrics
-from appconnector.config import Config, parse_hostport
+from appconnector.config import parse_hostport
 from appconnector.http import PAGE_PATHS, json_response, page_routes, start_site
-from appconnector.pool.api import PoolError, Replica
+from appconnector.http_settings import HttpSettings
+from appconnector.pool.api import MembershipUnsupported, PoolAccess, PoolError, ReplicaControl
 from appconnector.pool.names import normalise_domain
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.statusdata import PageData
@@ -61,13 +62,16 @@ def bearer_matches(header: str, token: str) -> bool:
 
 
 class AdminServer:
-    """The admin endpoints above. ``start()`` binds ``cfg.http.admin_listen``; ``stop()`` closes it."""
+    """The admin endpoints above. ``start()`` binds ``settings.admin_listen``; ``stop()`` closes it.
+    ``pool`` is read (per-node data), ``control`` changes the membership and gives the pool size."""
 
-    def __init__(self, cfg: Config, replica: Replica, token: str, page: PageData | None = None) -> None:
+    def __init__(self, settings: HttpSettings, pool: PoolAccess, control: ReplicaControl, token: str,
+                 page: PageData | None = None) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
-        self.cfg = cfg
-        self.replica = replica
+        self.settings = settings
+        self.replica = pool
+        self.control = control
         self._token = token
         self._refusals = RateLimitedLog(log)
         self._runner: web.AppRunner | None = None
@@ -80,9 +84,9 @@ class AdminServer:
         ])
 
     async def start(self) -> None:
-        self._runner = await start_site(self.app, "http.admin_listen", self.cfg.http.admin_listen)
+        self._runner = await start_site(self.app, "http.admin_listen", self.settings.admin_listen)
         log.info("admin (token in %s) on http://%s/ (/pool, /pool/lookup, /cluster/remove)",
-                 self.cfg.admin_token_path(), self.cfg.http.admin_listen)
+                 self.settings.admin_token_path, self.settings.admin_listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -140,8 +144,7 @@ class AdminServer:
 
     async def _nodes(self, request: web.Request) -> web.Response:
         counts = await asyncio.to_thread(self._node_counts)
-        stats = getattr(self.replica, "stats", None)
-        size = stats().get("pool_size") if callable(stats) else None
+        size = self.control.stats().get("pool_size")
         return json_response({"pool_size": size, "nodes": [{"node": n, "mappings": c} for n, c in counts]})
 
     def _node_counts(self) -> list[tuple[str, int]]:
@@ -177,11 +180,10 @@ class AdminServer:
             parse_hostport("member", member)
         except ValueError as e:
             return json_response({"error": str(e)}, 400)
-        remove = getattr(self.replica, "remove_member", None)
-        if remove is None:
-            return json_response({"error": "this replica has no cluster membership to change"}, 501)
         try:
-            await remove(member)
+            await self.control.remove_member(member)
+        except MembershipUnsupported as e:
+            return json_response({"error": str(e)}, 501)
         except (PoolError, ValueError, KeyError) as e:
             return json_response({"error": str(e), "member": member}, 409)
         log.warning("cluster member %s removed on request", member)

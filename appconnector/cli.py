@@ -60,12 +60,13 @@ def validate_for_run(cfg: Config) -> None:
     """Checks beyond parsing that need the filesystem: secret file, control-API credentials, DNS loops."""
     from appconnector.tailnet.loops import check_upstreams
     from appconnector.tailnet.routes import control_credentials
+    from appconnector.tailnet.settings import TailnetSettings
 
     cfg.read_secret()
     if cfg.admin_token_path().exists():  # made at first start; one others can read is refused
         read_secret_file("http.admin_token_file", cfg.admin_token_path())
     if not cfg.standalone:
-        control_credentials(cfg)
+        control_credentials(TailnetSettings.from_config(cfg))
         check_upstreams(cfg)
 
 
@@ -419,6 +420,7 @@ def cmd_routes_withdraw(args: argparse.Namespace) -> int:
     from appconnector.tailnet.api import TailnetUnavailable
     from appconnector.tailnet.localapi import LocalAPIError
     from appconnector.tailnet.routes import withdraw_recorded
+    from appconnector.tailnet.settings import TailnetSettings
 
     try:
         cfg = load_config(args.config)
@@ -427,7 +429,8 @@ def cmd_routes_withdraw(args: argparse.Namespace) -> int:
     # under systemd's ExecStopPost: say after what (a crash, a kill, a clean stop)
     after = " ".join(f"{k}={os.environ[k]}" for k in ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS") if k in os.environ)
     try:
-        done = asyncio.run(withdraw_recorded(cfg))
+        done = ("standalone mode: no routes are advertised; nothing withdrawn" if cfg.standalone
+                else asyncio.run(withdraw_recorded(TailnetSettings.from_config(cfg))))
     except (TailnetUnavailable, LocalAPIError, RuntimeError) as e:
         print(f"appconnector: routes withdraw: {e} (socket {cfg.tailnet.localapi_socket})", file=sys.stderr)
         return EXIT_FAIL

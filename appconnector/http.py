@@ -30,9 +30,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appconnector import statuspage
-from appconnector.config import Config, parse_hostport
+from appconnector.config import parse_hostport
+from appconnector.http_settings import HttpSettings
 from appconnector.metrics import REGISTRY
-from appconnector.pool.api import Replica
+from appconnector.pool.api import ReplicaControl
 from appconnector.statusdata import NatStatus, PageData, TailnetStatus
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,14 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
 
 
 class StatusServer:
-    """The read-only endpoints above. ``start()`` binds ``cfg.http.listen``; ``stop()`` closes it."""
+    """The read-only endpoints above. ``start()`` binds ``settings.listen``; ``stop()`` closes it."""
 
-    def __init__(self, cfg: Config, replica: Replica, checks: Mapping[str, Check], *,
+    def __init__(self, settings: HttpSettings, replica: ReplicaControl, checks: Mapping[str, Check], *,
                  nat: NatStatus | None = None, tailnet: TailnetStatus | None = None) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.replica = replica
         self.checks = dict(checks)
-        self.page = PageData(cfg, replica, self.checks, run_checks, nat=nat, tailnet=tailnet)
+        self.page = PageData(settings, replica, self.checks, run_checks, nat=nat, tailnet=tailnet)
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.add_routes([
@@ -114,9 +115,9 @@ class StatusServer:
         ])
 
     async def start(self) -> None:
-        self._runner = await start_site(self.app, "http.listen", self.cfg.http.listen)
+        self._runner = await start_site(self.app, "http.listen", self.settings.listen)
         log.info("status page and metrics (read-only) on http://%s/ (/metrics, /healthz, /readyz, /status, "
-                 "/cluster/members)", self.cfg.http.listen)
+                 "/cluster/members)", self.settings.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -137,27 +138,19 @@ class StatusServer:
         return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
 
     def _pool_counts(self) -> dict[str, object]:
-        stats = getattr(self.replica, "stats", None)
-        if callable(stats):
-            try:
-                return dict(stats())
-            except Exception as e:
-                return {"error": repr(e)}
-        nodes: set[str] = set()
-        n = 0
-        for m in self.replica.mappings():
-            n += 1
-            nodes.add(m.node)
-        return {"mappings": n, "nodes": len(nodes)}
+        try:
+            return dict(self.replica.stats())
+        except Exception as e:
+            return {"error": repr(e)}
 
     async def _status(self, request: web.Request) -> web.Response:
         ready, checks = run_checks(self.checks)
         counts = await asyncio.to_thread(self._pool_counts)
         return json_response({
-            "service": "appconnector", "mode": self.cfg.tailnet.mode, "config": self.cfg.source, "ready": ready,
+            "service": "appconnector", "mode": self.settings.mode, "config": self.settings.source, "ready": ready,
             "checks": checks, "raft": self.replica.status(), "pool": {
-                "prefixes": list(self.cfg.pool.prefixes), **counts},
-            "dns_listen": [f"{h}:{p}" for h, p in self.cfg.dns_listen()],
+                "prefixes": list(self.settings.pool_prefixes), **counts},
+            "dns_listen": list(self.settings.dns_listen),
         })
 
     async def _members(self, request: web.Request) -> web.Response:

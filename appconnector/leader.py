@@ -23,10 +23,11 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass
 
 from appconnector.config import Config, pool_networks
 from appconnector.periodic import Periodic
-from appconnector.pool.api import Address, PoolError, Replica
+from appconnector.pool.api import Address, PoolAccess, PoolError
 from appconnector.tailnet.api import NodeDirectory, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,34 @@ class AbsenceTracker:
         self.absent_since.clear()
 
 
+@dataclass(frozen=True)
+class LeaderSettings:
+    """What the leader's duties depend on, derived once from the config at start."""
+
+    reuse_after: float                         # pool.reuse_after: absence before a node is forgotten
+    pool: tuple[ipaddress.IPv4Network, ...]    # pool.prefixes: node addresses inside are excluded
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LeaderSettings:
+        return cls(reuse_after=cfg.pool.reuse_after, pool=tuple(pool_networks(cfg.pool.prefixes)))
+
+
 class LeaderDuties:
     """Periodic leader-only proposals. ``interval`` seconds between rounds."""
 
-    def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None, *, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: LeaderSettings, replica: PoolAccess, directory: NodeDirectory | None, *,
+                 interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.replica = replica
         self.directory = directory
         self.interval = interval
         self.clock = clock
-        self.reuse_after = cfg.pool.reuse_after
-        self._pool = pool_networks(cfg.pool.prefixes)
-        self._absence = AbsenceTracker(cfg.pool.reuse_after)
+        self.reuse_after = settings.reuse_after
+        self._pool = list(settings.pool)
+        self._absence = AbsenceTracker(settings.reuse_after)
         self._excluded: frozenset[Address] | None = None
         self._loop = Periodic("leader duties", interval, self.round)
 
-    def start(self) -> None:
+    async def start(self) -> None:  # async like every part's (the app starts them alike)
         self._loop.start()
 
     async def stop(self) -> None:

@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from appconnector.config import Config
+from appconnector.http_settings import HttpSettings
 from appconnector.logs import RECENT_WARNINGS
 from appconnector.metrics import REGISTRY
-from appconnector.pool.api import Replica
+from appconnector.pool.api import ReplicaControl
 
 Check = Callable[[], tuple[bool, str]]
 RATE_WINDOW = 60.0  # seconds of samples the DNS rates are taken over
@@ -120,10 +120,10 @@ class PageData:
     """Builds the page document. ``collect()`` may block (pool counts): call it off the event loop;
     ``primary()`` is the one async part (tailscaled's status)."""
 
-    def __init__(self, cfg: Config, replica: Replica, checks: Mapping[str, Check],
+    def __init__(self, settings: HttpSettings, replica: ReplicaControl, checks: Mapping[str, Check],
                  run_checks: Callable[[Mapping[str, Check]], tuple[bool, dict[str, dict[str, object]]]],
                  nat: NatStatus | None = None, tailnet: TailnetStatus | None = None) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.replica = replica
         self.checks = checks
         self._run_checks = run_checks
@@ -142,7 +142,8 @@ class PageData:
             return self._primary[1]
         try:
             st = await self.tailnet.status()
-            text = describe_primary(primary_routers(st, self.cfg.pool.prefixes), self.cfg.pool.prefixes)
+            prefixes = self.settings.pool_prefixes
+            text = describe_primary(primary_routers(st, prefixes), prefixes)
         except Exception as e:  # the page still shows the rest
             text = f"unknown (tailscaled status failed: {e})"
         self._primary = (now, text)
@@ -151,10 +152,7 @@ class PageData:
     def collect(self, primary: str) -> dict[str, Any]:
         ready, checks = self._run_checks(self.checks)
         raft = dict(self.replica.status())
-        stats = getattr(self.replica, "stats", None)
-        pool: dict[str, Any] = {"prefixes": list(self.cfg.pool.prefixes)}
-        if callable(stats):
-            pool.update(stats())
+        pool: dict[str, Any] = {"prefixes": list(self.settings.pool_prefixes), **self.replica.stats()}
         if isinstance(pool.get("pool_size"), int) and isinstance(pool.get("max_node_use"), int):
             pool["addresses_left"] = pool["pool_size"] - pool["max_node_use"]
         pool["checkouts"] = {k: int(v) for k, v in by_label(metric_samples("appconnector_pool_checkouts_total"),
@@ -162,7 +160,7 @@ class PageData:
         nat: dict[str, Any] = dict(self.nat.status()) if self.nat is not None else {"enabled": False,
                                                                                      "reason": "not running"}
         reconciles = by_label(metric_samples("appconnector_nat_reconciles_total"), "result")
-        nat.update(configured=self.cfg.nat.enabled, seen_flows=_one("appconnector_nat_seen_flows_total"),
+        nat.update(configured=self.settings.nat_configured, seen_flows=_one("appconnector_nat_seen_flows_total"),
                    unmapped_rejects=_one("appconnector_nat_unmapped_rejects"),
                    unmapped_drops=_one("appconnector_nat_unmapped_drops"),
                    seen_reads=_one("appconnector_nat_seen_reads_total"),
@@ -174,12 +172,12 @@ class PageData:
         note = None if role == "leader" else (
             "Lag and last heard of the other members are known to the leader: open its page for them.")
         return {
-            "mode": self.cfg.tailnet.mode, "ready": ready, "checks": checks, "raft": raft,
+            "mode": self.settings.mode, "ready": ready, "checks": checks, "raft": raft,
             "members": member_rows(raft), "members_note": note,
             "primary_router": primary, "pool": pool, "nat": nat,
             "dns": {"totals": {k: int(v) for k, v in totals.items()}, "rates": rates, "window": window,
                     "servfail": by_label(metric_samples("appconnector_dns_servfail_total"), "reason")},
-            "warnings": RECENT_WARNINGS.rows(), "admin_listen": self.cfg.http.admin_listen,
+            "warnings": RECENT_WARNINGS.rows(), "admin_listen": self.settings.admin_listen,
         }
 
     async def document(self) -> dict[str, Any]:

@@ -257,6 +257,7 @@ def in_process_rows(args: argparse.Namespace, ub_port: int, ub_pid: int, known: 
     import uvloop
 
     from appconnector.dns.service import DnsService
+    from appconnector.dns.settings import DnsSettings
     from appconnector.pool.local import LocalPool
     from appconnector.tailnet.standalone import StandaloneIdentity
     print("in-process DnsService + LocalPool on uvloop", file=sys.stderr)
@@ -265,7 +266,7 @@ def in_process_rows(args: argparse.Namespace, ub_port: int, ub_pid: int, known: 
         pool = LocalPool((POOL,))
         await pool.start()
         echo_sock, echo_port = start_echo(asyncio.get_running_loop())
-        service = DnsService(config(ub_port, free_port()), pool, StandaloneIdentity())
+        service = DnsService(DnsSettings.from_config(config(ub_port, free_port())), pool, StandaloneIdentity())
         await service.start()
         try:
             port = service.bound[0][1]

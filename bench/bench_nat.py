@@ -52,6 +52,7 @@ from appconnector.nat.reconcile import Reconciler  # noqa: E402
 from appconnector.nat.render import SteerModel, TableSpec  # noqa: E402
 from appconnector.nat.seen import PoolRanges, conntrack_pairs  # noqa: E402
 from appconnector.nat.service import NatService  # noqa: E402
+from appconnector.nat.settings import NatSettings  # noqa: E402
 from appconnector.pool.api import MappingView  # noqa: E402
 from appconnector.pool.local import LocalPool  # noqa: E402
 from tests.nat.netns import CLIENTS, CONNECTORS, ORIGIN, POOL, TAILNET_IF, Driver, Topology  # noqa: E402
@@ -113,7 +114,7 @@ async def _checkouts(n: int, with_nat: bool) -> float:
     cfg = load(None, env=env)
     pool = LocalPool(cfg.pool.prefixes)
     await pool.start()
-    nat = NatService(cfg, pool, None, seen_interval=3600)
+    nat = NatService(NatSettings.from_config(cfg), pool, None, seen_interval=3600)
     if with_nat:
         await nat.start()
         assert nat.enabled, nat.reason

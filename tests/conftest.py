@@ -31,6 +31,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(params=["local", "raft"])
 def replica_kind(request: pytest.FixtureRequest) -> str:
-    """Which ``Replica`` implementation a contract test runs against (see tests/replicas.py)."""
+    """Which pool implementation a contract test runs against (see tests/replicas.py)."""
     kind: str = request.param
     return kind

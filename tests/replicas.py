@@ -1,6 +1,6 @@
-"""Both implementations of the ``Replica`` contract (``pool/api.py``), for tests that must hold for
-each: ``LocalPool`` and a real one-member ``RaftReplica`` (pysyncobj, journal under a temporary
-directory, on a free loopback port).
+"""Both implementations of the pool contracts (``PoolAccess`` and ``ReplicaControl``, ``pool/api.py``),
+for tests that must hold for each: ``LocalPool`` and a real one-member ``RaftReplica`` (pysyncobj,
+journal under a temporary directory, on a free loopback port).
 
 Use the ``replica_kind`` fixture (tests/conftest.py), parametrized over :data:`KINDS`, and
 :func:`start_replica` on the event loop the test runs.
@@ -13,7 +13,6 @@ import tempfile
 import time
 
 from appconnector.config import Config
-from appconnector.pool.api import Replica
 from appconnector.pool.local import LocalPool
 from appconnector.pool.replica import RaftReplica
 from appconnector.pool.settings import PoolSettings, RaftSettings
@@ -22,7 +21,7 @@ from tests.member import free_ports
 KINDS = ("local", "raft")
 
 
-async def start_replica(kind: str, cfg: Config, state_dir: str | None = None) -> Replica:
+async def start_replica(kind: str, cfg: Config, state_dir: str | None = None) -> LocalPool | RaftReplica:
     """A started replica of ``kind`` over ``cfg.pool``; a Raft one leads and is caught up before this
     returns (until then DNS answers nothing from its local state)."""
     if kind == "local":

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from appconnector.dns.access import AppAccess
 from appconnector.metrics import ACCESS_REVOKED
-from appconnector.pool.api import PoolError, Replica
+from appconnector.pool.api import PoolAccess, PoolError
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, TailnetUnavailable
 
@@ -32,12 +32,12 @@ MIN_GAP = 1.0  # seconds between rounds however often the netmap changes (each r
 
 
 class AccessGuard:
-    """See the module docstring. ``standalone``: the node is its IP; else the directory says a
-    node's IP (without one nothing is released: there is no way to ask who a node is)."""
+    """See the module docstring. A node is asked about at its own address when the identity says the
+    node is the source IP (standalone mode); else the directory says a node's IP (without one nothing
+    is released: there is no way to ask who a node is)."""
 
-    def __init__(self, access: AppAccess, replica: Replica, identity: NodeIdentity, standalone: bool,
+    def __init__(self, access: AppAccess, replica: PoolAccess, identity: NodeIdentity,
                  directory: NodeDirectory | None, interval: float, on_change: Callable[[], None]) -> None:
-        self.standalone = standalone
         self.access = access
         self.replica = replica
         self.identity = identity
@@ -116,7 +116,7 @@ class AccessGuard:
         return pairs
 
     async def _whois(self, node: str, nodes: dict[str, NodeInfo]) -> tuple[NodeInfo, str] | None:
-        if self.standalone:
+        if self.identity.node_is_source_ip:
             ip: str | None = node
         else:
             ip = next(iter(nodes[node].ipv4), None) if node in nodes else None

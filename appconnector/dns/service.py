@@ -1,7 +1,7 @@
 """The DNS service: listeners + answer policy + upstream resolver + pool checkout, wired together.
 
-    service = DnsService(cfg, replica, identity)     # nat_ready optional, see below
-    await service.start()                            # binds cfg.dns_listen() (UDP and TCP)
+    service = DnsService(DnsSettings.from_config(cfg), pool, identity)   # nat_ready optional, see below
+    await service.start()                            # binds settings.listen (UDP and TCP)
     ...
     await service.stop()                             # stops reading, drains queries in flight
 
@@ -21,13 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appconnector.config import Config, ignore_networks, parse_hostport, pool_networks, pool_networks6
 from appconnector.dns import svcb, wire
 from appconnector.dns.access import NO_APP, AppAccess
 from appconnector.dns.fastpath import FastPath
 from appconnector.dns.guard import AccessGuard
 from appconnector.dns.policy import Action, AnswerPolicy, DomainAllowList, Reply, Resolution, classify
 from appconnector.dns.server import DnsServer
+from appconnector.dns.settings import DnsSettings
 from appconnector.dns.upstream import UpstreamResolver
 from appconnector.metrics import (
     DNS_AAAA,
@@ -44,8 +44,8 @@ from appconnector.metrics import (
 from appconnector.pool.addresses import V4_MAX, DualSpace
 from appconnector.pool.api import (
     Address,
+    PoolAccess,
     PoolExhausted,
-    Replica,
     ReplicaOverloaded,
     ReplicaUnavailable,
     clock_tick,
@@ -54,7 +54,6 @@ from appconnector.pool.api import (
 from appconnector.pool.names import normalise_domain
 from appconnector.ratelimit import RateLimitedLog
 from appconnector.tailnet.api import NodeDirectory, NodeIdentity, NodeInfo, TailnetUnavailable
-from appconnector.tailnet.standalone import StandaloneIdentity
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,11 @@ def local_answer_age(reuse_after: float) -> float:
     A lagging member (partitioned, restarted, slow) may still hold a mapping the cluster has already
     reclaimed for another domain, but only one idle on the pool clock for ``reuse_window`` (reuse_after
     plus a tick); its local last-used can only be older than the committed one, and its reading of the
-    pool clock (``Replica.now``) is behind the cluster's by at most its apply lag (``pool/clock.py``).
+    pool clock (``PoolAccess.now``) is behind the cluster's by at most its apply lag (``pool/clock.py``).
     So a mapping idle for less than ``reuse_after - refresh`` on this member's reading cannot have been
     reclaimed yet while that lag stays below ``refresh`` plus a tick; an older one is confirmed through a
     Raft checkout, which this member applies in log order, after any reuse. A member catching up
-    (``Replica.caught_up()`` False) applies old ticks late, so its reading may be behind by the whole
+    (``PoolAccess.caught_up()`` False) applies old ticks late, so its reading may be behind by the whole
     backlog: it answers nothing from local state until it is current. No wall clock is involved: a
     member's clock days off changes nothing here.
     """
@@ -82,31 +81,30 @@ def local_answer_age(reuse_after: float) -> float:
 class DnsService:
     """Answers A/AAAA for app domains with pool addresses (docs/design.md §4). See the module docstring."""
 
-    def __init__(self, cfg: Config, replica: Replica, identity: NodeIdentity,
+    def __init__(self, settings: DnsSettings, replica: PoolAccess, identity: NodeIdentity,
                  nat_ready: NatReady | None = None, *, upstream: UpstreamResolver | None = None,
                  directory: NodeDirectory | None = None) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.replica = replica
         self.identity = identity
         self.nat_ready = nat_ready
-        self.policy = AnswerPolicy(ttl=int(cfg.dns.ttl), allow=DomainAllowList(cfg.dns.domains))
-        servers = [_hostport(s) for s in cfg.dns.upstream]
-        self.upstream = upstream if upstream is not None else UpstreamResolver(servers)
-        self._pool_nets = pool_networks(cfg.pool.prefixes)
-        self._pool6_nets = pool_networks6(cfg.pool.prefixes6)
-        self._space = DualSpace(cfg.pool.prefixes, cfg.pool.prefixes6)
-        self._v6 = bool(cfg.pool.prefixes6)  # AAAA of steered names with real IPv6 → the v6 pool mirror
-        self._ignore_nets = ignore_networks(cfg.pool.ignore_destinations)
-        node_of = None if isinstance(identity, StandaloneIdentity) else identity.cached  # None: node = IP
-        self.max_age = local_answer_age(cfg.pool.reuse_after)
+        self.policy = AnswerPolicy(ttl=int(settings.ttl), allow=DomainAllowList(settings.domains))
+        self.upstream = upstream if upstream is not None else UpstreamResolver(list(settings.upstream))
+        self._pool_nets = list(settings.pool)
+        self._pool6_nets = list(settings.pool6)
+        self._space = DualSpace(settings.pool_prefixes, settings.pool_prefixes6)
+        self._v6 = bool(settings.pool6)  # AAAA of steered names with real IPv6 → the v6 pool mirror
+        self._ignore_nets = list(settings.ignore)
+        node_of = None if identity.node_is_source_ip else identity.cached  # None: node = IP
+        self.max_age = local_answer_age(settings.reuse_after)
         # the fast path's clock is coarse (advanced every clock_tick, a tenth of the refresh interval at
         # most): its limit allows for that; its touches read the exact clock (they are rare)
-        self.fast_clock_tick = clock_tick(cfg.pool.reuse_after)
-        self.fast = FastPath(node_of, replica.touch, touch_refresh(cfg.pool.reuse_after), replica.now(),
+        self.fast_clock_tick = clock_tick(settings.reuse_after)
+        self.fast = FastPath(node_of, replica.touch, touch_refresh(settings.reuse_after), replica.now(),
                              self.max_age - self.fast_clock_tick, clock=replica.now)
         # QueryHandler.fast_answer is the fast path's own method: one Python call less per query
         self.fast_answer: Callable[[bytes, str], bytes | None] = self.fast.answer
-        self.server = DnsServer(self, cfg.dns_listen())
+        self.server = DnsServer(self, list(settings.listen))
         self._errors = RateLimitedLog(log)
         self._clock_task: asyncio.Task[None] | None = None
         self._fast_reported = 0
@@ -117,10 +115,9 @@ class DnsService:
         # is a pool address): evidence that they are served (tailnet.routes.RouteServing).
         self.on_routed_query: Callable[[NodeInfo], None] | None = None
         self._routed_only = all(any(ipaddress.ip_address(h) in n for n in self._pool_nets)
-                                for h, _ in cfg.dns_listen())
-        self.access = AppAccess(cfg.apps)
-        self.guard = AccessGuard(self.access, replica, identity, cfg.standalone, directory,
-                                 cfg.tailnet.access_recheck,
+                                for h, _ in settings.listen)
+        self.access = AppAccess(settings.apps)
+        self.guard = AccessGuard(self.access, replica, identity, directory, settings.access_recheck,
                                  self.fast.clear) if self.access.active else None
         self._guard_task: asyncio.Task[None] | None = None
 
@@ -141,7 +138,7 @@ class DnsService:
             raise
         if self.guard is not None and self.refusing is None:
             self._guard_task = asyncio.get_running_loop().create_task(self.guard.run())
-        if not self.upstream.servers and self.cfg.dns.verify_upstream:
+        if not self.upstream.servers and self.settings.verify_upstream:
             log.warning("DNS: no upstream resolvers (dns.upstream empty, none in /etc/resolv.conf): "
                         "every new name gets SERVFAIL")
 
@@ -271,7 +268,7 @@ class DnsService:
         target is "." or a name we steer (any other target would send the client around the
         connector). Names we do not steer get NODATA, as every other type does, and so does every
         name without ``dns.verify_upstream`` (that mode never asks upstream)."""
-        if not self.cfg.dns.verify_upstream or not await self._steered(domain):
+        if not self.settings.verify_upstream or not await self._steered(domain):
             return self.policy.local(q.qtype)
         res = await self.upstream.resolve(domain, q.qtype)
         if res.kind == "failure":
@@ -324,8 +321,8 @@ class DnsService:
             return reply, False
 
         targets: tuple[Address, ...] = ()
-        ttl = float(self.cfg.dns.ttl)
-        if self.cfg.dns.verify_upstream:
+        ttl = float(self.settings.ttl)
+        if self.settings.verify_upstream:
             res = await self.upstream.resolve(domain, wire.TYPE_A)
             action = classify(res, self._pool_nets, self._ignore_nets)
             if action is Action.FAILURE:
@@ -430,7 +427,3 @@ class DnsService:
 
 def _has_v6(targets: tuple[Address, ...]) -> bool:
     return bool(targets) and targets[-1] > V4_MAX  # sorted: IPv6 integers come last
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    return parse_hostport("dns.upstream", value, default_port=53)

@@ -26,7 +26,7 @@ from appconnector.config import pool_networks, pool_networks6
 from appconnector.nat import netlink
 from appconnector.nat.render import Key
 from appconnector.pool.addresses import V4_MAX
-from appconnector.pool.api import Address, Replica
+from appconnector.pool.api import Address, PoolAccess
 
 
 class PoolRanges:
@@ -100,7 +100,7 @@ def conntrack_purge(pairs: Iterable[Key]) -> int:
     return deleted
 
 
-def touches(pairs: Iterable[Key], node_for_ip: Callable[[int], str | None], replica: Replica,
+def touches(pairs: Iterable[Key], node_for_ip: Callable[[int], str | None], replica: PoolAccess,
             now: float, refresh: float) -> int:
     """Queue one touch per (node, address) in ``pairs`` whose last-used is older than ``refresh``
     seconds. Pairs of unknown nodes or unmapped addresses are skipped. Returns touches queued."""

@@ -30,14 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from appconnector import metrics
-from appconnector.config import Config
 from appconnector.nat import links, seen
 from appconnector.nat.nftables import Nftables, NftError
 from appconnector.nat.reconcile import Reconciler
 from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
+from appconnector.nat.settings import NatSettings
 from appconnector.nat.targets import Resolver, TargetRefresher
 from appconnector.pool.addresses import V4_MAX, DualSpace
-from appconnector.pool.api import Address, Changes, PoolReader, Replica
+from appconnector.pool.api import Address, Changes, PoolAccess, PoolReader
 from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
 
@@ -63,28 +63,28 @@ class NatService:
     called (from the worker thread) when the worker keeps failing unexpectedly (``FATAL_AFTER``).
     """
 
-    def __init__(self, cfg: Config, replica: Replica, directory: NodeDirectory | None = None, *,
+    def __init__(self, settings: NatSettings, replica: PoolAccess, directory: NodeDirectory | None = None, *,
                  resolver: Resolver | None = None, seen_interval: float = 5.0,
                  conntrack_interval: float = 30.0, touch_refresh: float | None = None,
                  clock: Callable[[], float] = time.time, on_fatal: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.on_fatal = on_fatal
         self.replica = replica
         self.directory = directory
         self.seen_interval = seen_interval
         self.conntrack_interval = conntrack_interval
-        self.touch_refresh = (pool_touch_refresh(cfg.pool.reuse_after)
+        self.touch_refresh = (pool_touch_refresh(settings.reuse_after)
                               if touch_refresh is None else touch_refresh)
         self.clock = clock
-        self.spec = TableSpec(interface=cfg.tailnet.interface, pool=cfg.pool.prefixes,
-                              max_mappings=cfg.nat.max_mappings, seen_timeout=max(3.0, 3 * seen_interval),
-                              pool6=cfg.pool.prefixes6)
+        self.spec = TableSpec(interface=settings.interface, pool=settings.pool_prefixes,
+                              max_mappings=settings.max_mappings, seen_timeout=max(3.0, 3 * seen_interval),
+                              pool6=settings.pool_prefixes6)
         self.enabled = False
         self.reason = "not started"
         self.touches_queued = 0
-        self._pool = seen.PoolRanges(cfg.pool.prefixes)
-        self._pool6 = seen.PoolRanges(cfg.pool.prefixes6, version=6) if cfg.pool.prefixes6 else None
-        self._space = DualSpace(cfg.pool.prefixes, cfg.pool.prefixes6)
+        self._pool = seen.PoolRanges(settings.pool_prefixes)
+        self._pool6 = seen.PoolRanges(settings.pool_prefixes6, version=6) if settings.pool_prefixes6 else None
+        self._space = DualSpace(settings.pool_prefixes, settings.pool_prefixes6)
         self._model = SteerModel(self._space)
         # The model and what is pending for the kernel: taken by the apply thread, the event loop and
         # the worker, always briefly (never across an nftables call).
@@ -153,7 +153,7 @@ class NatService:
         if self._refresher is not None:
             self._refresher.start()
         metrics.NAT_ENABLED.set(1 if self.enabled else 0)
-        metrics.NAT_CONFIGURED.set(1 if self.cfg.nat.enabled else 0)
+        metrics.NAT_CONFIGURED.set(1 if self.settings.enabled else 0)
 
     async def stop(self) -> None:
         """Stop reading, remove our table and the DNS route. Later pool changes are ignored. Idempotent."""
@@ -190,7 +190,7 @@ class NatService:
 
     def _unavailable(self) -> str | None:
         """Why the kernel part cannot run here, or None."""
-        if not self.cfg.nat.enabled:
+        if not self.settings.enabled:
             return "nat.enabled = false"
         return links.missing_prerequisite()
 
@@ -204,7 +204,7 @@ class NatService:
 
     async def _add_dns_route(self, loop: asyncio.AbstractEventLoop) -> None:
         dns = ip_text(self.spec.dns_address)
-        if not any(host == dns for host, _port in self.cfg.dns_listen()):
+        if dns not in self.settings.dns_hosts:
             return
         try:
             await loop.run_in_executor(self._netlink, links.add_local_route, dns)
@@ -432,6 +432,17 @@ class NatService:
                 "pending": self._recorded - self._installed, "worker": self._busy or "idle",
                 "worker_failures": self._failures, "touches_queued": self.touches_queued,
                 "target_proposals": self._refresher.proposals if self._refresher else 0}
+
+    def check(self) -> tuple[bool, str]:
+        """Readiness: ok when steering (or DNS-only by configuration: ``nat.enabled = false``)."""
+        if not self.settings.enabled:
+            return True, "off (nat.enabled = false): DNS only"
+        st = self.status()
+        if not st.get("enabled"):
+            return False, f"kernel steering off: {st.get('reason')}"
+        if st.get("out_of_sync"):
+            return False, "kernel table out of sync; rebuilding"
+        return True, f"{st.get('steer_elements')} steer element(s)"
 
     def _purge(self, pairs: list[Key]) -> None:
         try:

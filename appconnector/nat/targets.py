@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from appconnector.periodic import Periodic
-from appconnector.pool.api import Address, PoolError, Replica
+from appconnector.pool.api import Address, PoolAccess, PoolError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _spread(domain: str, span: float) -> float:
 class TargetRefresher:
     """Runs on every member; acts only while ``replica.is_leader()``."""
 
-    def __init__(self, replica: Replica, resolver: Resolver, domains: Callable[[], Iterable[str]], *,
+    def __init__(self, replica: PoolAccess, resolver: Resolver, domains: Callable[[], Iterable[str]], *,
                  min_ttl: float = 30.0, max_ttl: float = 3600.0, concurrency: int = 8,
                  tick: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         self.replica = replica

@@ -4,12 +4,14 @@ Addresses are IPv4 addresses as ``int`` (``int(IPv4Address)``) everywhere inside
 turned into text or bytes only at the edges (DNS wire, nftables JSON, logs). Nodes are strings: the
 tailscale ``Node.StableID`` in tailscale mode, the client IP text in standalone mode. Domains are
 normalised by :func:`appconnector.pool.names.normalise_domain` before they reach the pool. Times are
-pool time (``float`` seconds): the replicated pool clock, read on a member by ``Replica.now()`` (see
+pool time (``float`` seconds): the replicated pool clock, read on a member by ``PoolAccess.now()`` (see
 :mod:`appconnector.pool.clock`); it starts near unix time but no member's wall clock moves it. Every
 time a caller hands the pool (``touch``'s ``at``) and every last-used it reads is pool time. The state
 machine never reads a clock.
 
-Two implementations of :class:`Replica` exist: ``pool.local.LocalPool`` (one process, no Raft: unit
+The contract is two protocols: :class:`PoolAccess` (what DNS, NAT and the leader's duties use) and
+:class:`ReplicaControl` (what operations use: start, stop, status, membership). Two implementations of
+both exist: ``pool.local.LocalPool`` (one process, no Raft: unit
 tests of DNS and NAT, and a single-machine mode) and ``pool.replica.RaftReplica`` (pysyncobj).
 """
 
@@ -152,8 +154,14 @@ class PoolObserver(Protocol):
         """State was replaced wholesale (start-up, snapshot install): rebuild from ``reader``."""
 
 
-class Replica(PoolReader, Protocol):
-    """The replicated pool as the rest of the product uses it (asyncio side).
+class MembershipUnsupported(PoolError):
+    """This replica has no cluster membership to change (``LocalPool``: one process, no Raft)."""
+
+
+class PoolAccess(PoolReader, Protocol):
+    """The replicated pool as DNS, NAT and the leader's duties use it (asyncio side): local reads,
+    checkouts, last-used marks, the few pool writes, and change observers. Nothing here starts, stops
+    or reports on the replica: that is :class:`ReplicaControl`.
 
     Writes are proposed through Raft (or applied directly by LocalPool) and resolve once applied
     locally; they may be retried safely: every command is idempotent. Errors raised: PoolExhausted,
@@ -204,13 +212,29 @@ class Replica(PoolReader, Protocol):
         """Register a mirror; it gets ``on_reset`` at once with the current state."""
 
     def is_leader(self) -> bool:
-        """True when this member proposes directly (LocalPool: always)."""
+        """True when this member proposes directly (LocalPool: always): leader-only duties (target
+        refresh, access sweeps, forget/exclude) act only while it holds."""
 
-    def status(self) -> dict[str, object]:
-        """Role, term, leader, commit and applied indexes, member list: for /status and /metrics."""
+
+class ReplicaControl(Protocol):
+    """The replica as operations use it: its lifecycle, its role and status, its membership. The app
+    starts and stops it; the status and admin listeners report on it and change its membership."""
 
     async def start(self) -> None:
         """Open state (restore snapshot and journal) and join the cluster. Raises on corrupt state."""
 
     async def stop(self) -> None:
         """Flush queued touches, hand leadership away if leader, close files."""
+
+    def is_leader(self) -> bool:
+        """True when this member leads (LocalPool: always)."""
+
+    def status(self) -> dict[str, object]:
+        """Role, term, leader, commit and applied indexes, member list: for /status and /metrics."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Pool counts without per-node data (mappings, nodes, pool size, ...): for /status and the page."""
+
+    async def remove_member(self, address: str) -> None:
+        """Remove the member at ``address`` (``ip:port``) from the cluster. Raises MembershipUnsupported
+        when there is no cluster (LocalPool), PoolError/ValueError/KeyError when it cannot be done."""

@@ -1,4 +1,4 @@
-"""``LocalPool``: the :class:`~appconnector.pool.api.Replica` contract in one process, without Raft.
+"""``LocalPool``: the :mod:`~appconnector.pool.api` contracts (PoolAccess, ReplicaControl) in one process, without Raft.
 
 The same :class:`~appconnector.pool.state.PoolState` and command tuples the Raft replica uses, applied
 directly under a lock. DNS and NAT unit tests run against it, and it is the single-machine pool. It is
@@ -22,10 +22,12 @@ from appconnector.pool.api import (
     Address,
     Changes,
     MappingView,
+    MembershipUnsupported,
+    PoolAccess,
     PoolError,
     PoolObserver,
     PoolReader,
-    Replica,
+    ReplicaControl,
     ReplicaUnavailable,
     Targets,
 )
@@ -207,6 +209,9 @@ class LocalPool:
                 "commit_index": self._applied, "applied_index": self._applied, "members": ["local"],
                 "queued_touches": len(self._touches)}
 
+    async def remove_member(self, address: str) -> None:
+        raise MembershipUnsupported("this replica has no cluster membership to change (one process, no Raft)")
+
     async def start(self) -> None:
         self._stopped = False
         if self._flusher is None:
@@ -233,5 +238,9 @@ class LocalPool:
                 log.exception("pool: touch flush failed")
 
 
-def _conforms(pool: LocalPool) -> Replica:
-    return pool  # mypy checks here that LocalPool implements the Replica protocol
+def _conforms_access(pool: LocalPool) -> PoolAccess:
+    return pool  # mypy checks here that LocalPool implements the PoolAccess protocol
+
+
+def _conforms_control(pool: LocalPool) -> ReplicaControl:
+    return pool  # ... and the ReplicaControl protocol

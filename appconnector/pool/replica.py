@@ -1,4 +1,4 @@
-"""``RaftReplica``: the :class:`~appconnector.pool.api.Replica` contract on a Raft cluster.
+"""``RaftReplica``: the :mod:`~appconnector.pool.api` contracts (PoolAccess, ReplicaControl) on a Raft cluster.
 
 The asyncio side of the pool. Writes become command tuples proposed through the Raft engine seam
 (:class:`~appconnector.pool.engine.Engine`, pysyncobj's by default); they resolve when this member has
@@ -44,10 +44,11 @@ from appconnector.pool.api import (
     Address,
     Changes,
     MappingView,
+    PoolAccess,
     PoolError,
     PoolObserver,
     PoolReader,
-    Replica,
+    ReplicaControl,
     ReplicaOverloaded,
     ReplicaUnavailable,
     Targets,
@@ -823,8 +824,12 @@ class RaftReplica:
         }
 
 
-def _conforms(replica: RaftReplica) -> Replica:
-    return replica  # mypy checks here that RaftReplica implements the Replica protocol
+def _conforms_access(replica: RaftReplica) -> PoolAccess:
+    return replica  # mypy checks here that RaftReplica implements the PoolAccess protocol
+
+
+def _conforms_control(replica: RaftReplica) -> ReplicaControl:
+    return replica  # ... and the ReplicaControl protocol
 
 
 __all__ = ["BindError", "RaftReplica", "RaftTuning", "StateError", "UntrustedState"]

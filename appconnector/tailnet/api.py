@@ -30,6 +30,10 @@ class NodeInfo:
 class NodeIdentity(Protocol):
     """Maps a query's source address to a tailnet node. Cached; safe to call for every query."""
 
+    node_is_source_ip: bool
+    """True when a source's node is its IP itself (standalone mode: nothing to ask): the DNS fast path
+    then keys on the IP without a lookup, and access checks ask about the node's own address."""
+
     def cached(self, ip: str) -> NodeInfo | None:
         """The node for ``ip`` if it is in the cache (no I/O): the DNS fast path uses this."""
 

@@ -27,9 +27,10 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appconnector.config import Config, format_hostport
+from appconnector.config import format_hostport
 from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.directory import TailnetDirectory
+from appconnector.tailnet.settings import TailnetSettings
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,21 @@ class ClusterDiscovery:
     """The I/O around :func:`decide`: reads the directory, probes tagged peers' Raft ports, repeats
     until the decision is not WAIT (and a BOOTSTRAP held for ``confirm_rounds`` probes)."""
 
-    def __init__(self, directory: TailnetDirectory, cfg: Config, has_state: bool,
+    def __init__(self, directory: TailnetDirectory, settings: TailnetSettings, has_state: bool,
                  probe: Callable[[str], Any] = probe_tcp, interval: float = 2.0, confirm_rounds: int = 2) -> None:
         self.directory = directory
-        self.cfg = cfg
+        self.settings = settings
         self.has_state = has_state
         self.probe = probe
         self.interval = interval
         self.confirm_rounds = confirm_rounds
 
     def members(self) -> list[Candidate]:
-        return candidates(self.directory.nodes().values(), self.cfg.cluster.tag, self.cfg.cluster.raft_port)
+        return candidates(self.directory.nodes().values(), self.settings.cluster_tag, self.settings.raft_port)
 
     def self_address(self) -> str | None:
         me = self.directory.self_node()
-        return raft_address(me, self.cfg.cluster.raft_port) if me else None
+        return raft_address(me, self.settings.raft_port) if me else None
 
     async def once(self) -> Decision:
         me = self.directory.self_node()
@@ -134,7 +135,7 @@ class ClusterDiscovery:
         results = await asyncio.gather(*(self.probe(a) for a in others))
         answering = [a for a, ok in zip(others, results, strict=True) if ok]
         return decide(me.node if me else "", tagged, answering,
-                      follow_only=self.cfg.cluster.follow_only, has_state=self.has_state)
+                      follow_only=self.settings.follow_only, has_state=self.has_state)
 
     async def decide(self) -> Decision:
         bootstrap_votes = 0

@@ -34,6 +34,8 @@ REFRESH_CONCURRENCY = 16  # whois calls of one refresh in flight at once
 class TailnetIdentity:
     """Implements ``NodeIdentity``. Pass the directory to have the cache follow netmap changes."""
 
+    node_is_source_ip = False  # the node is tailscaled's StableID, learnt by whois
+
     def __init__(self, client: LocalAPIClient, directory: TailnetDirectory | None = None,
                  negative_ttl: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  max_strangers: int = 65536, capability: str = DEFAULT_CAPABILITY) -> None:

@@ -37,12 +37,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from appconnector.config import Config, ConfigError
+from appconnector.config import ConfigError
 from appconnector.metrics import TAILNET_ROUTES_SERVED
 from appconnector.secrets_file import read_secret_file
 from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient
+from appconnector.tailnet.settings import TailnetSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ def auto_approvers_hint(tag: str, prefixes: Sequence[str]) -> str:
             f"Edit route settings), or add to the tailnet policy file: "
             f'"autoApprovers": {{"routes": {{{routes}}}}}, or configure tailnet.api_key_file '
             "(or tailnet.oauth_client_id + tailnet.oauth_secret_file) to approve them automatically")
-
-
-RECORD_FILE = "advertised-routes.json"
-
-
-def record_path(cfg: Config) -> Path:
-    """Where the routes we added are recorded (one tailscaled per host, one record per state directory)."""
-    return Path(cfg.cluster.state_dir) / RECORD_FILE
 
 
 class RouteRecord:
@@ -179,26 +172,24 @@ class RouteAdvertiser:
         return gone
 
 
-async def withdraw_recorded(cfg: Config) -> str:
+async def withdraw_recorded(settings: TailnetSettings) -> str:
     """``appconnector routes withdraw``: take back the routes a connector recorded as added, e.g. after a
     crash (the systemd unit runs it in ``ExecStopPost``). Never touches routes when
     ``tailnet.advertise_routes = false``. Returns what was done; raises ``TailnetUnavailable`` or
-    ``LocalAPIError`` when tailscaled cannot be asked (the record stays)."""
-    if cfg.standalone:
-        return "standalone mode: no routes are advertised; nothing withdrawn"
-    if not cfg.tailnet.advertise_routes:
+    ``LocalAPIError`` when tailscaled cannot be asked (the record stays). Tailscale mode only (standalone
+    mode advertises nothing: the caller says so)."""
+    if not settings.advertise_routes:
         return "tailnet.advertise_routes = false: the routes are not ours to manage; nothing withdrawn"
-    record = RouteRecord(record_path(cfg))
+    record = RouteRecord(settings.record_path)
     if not record.load():
         return f"no routes recorded in {record.path}: nothing to withdraw"
-    gone = await RouteAdvertiser(LocalAPIClient(cfg.tailnet.localapi_socket), cfg.pool.prefixes, record).withdraw()
+    gone = await RouteAdvertiser(LocalAPIClient(settings.localapi_socket), settings.pool_prefixes, record).withdraw()
     return f"withdrew {', '.join(gone)}" if gone else "the recorded routes were no longer advertised"
 
 
-def control_credentials(cfg: Config) -> dict[str, str] | None:
+def control_credentials(t: TailnetSettings) -> dict[str, str] | None:
     """The control-API credentials configured, as ``tailscale.Tailscale`` keyword arguments, or None.
     Raises ConfigError naming the key when they are incomplete or unreadable."""
-    t = cfg.tailnet
     if (t.api_key_file or t.oauth_client_id) and importlib.util.find_spec("tailscale") is None:
         key = "tailnet.api_key_file" if t.api_key_file else "tailnet.oauth_client_id"
         raise ConfigError(key, t.api_key_file or t.oauth_client_id, "the Python package tailscale for control-API "
@@ -221,14 +212,14 @@ class RouteApprover:
     """Enables our routes for this device through the control API when credentials are configured
     (without them, approval is the policy's or an admin's; ``RouteServing`` warns if none comes)."""
 
-    def __init__(self, cfg: Config, prefixes: Sequence[str]) -> None:
-        self.cfg = cfg
+    def __init__(self, settings: TailnetSettings, prefixes: Sequence[str]) -> None:
+        self.settings = settings
         self.prefixes = _norm(prefixes)
 
     async def approve(self, device_id: str) -> bool:
         """``device_id`` is this node's StableID. True when the routes are enabled (or were); False
         without credentials."""
-        creds = control_credentials(self.cfg)
+        creds = control_credentials(self.settings)
         if creds is None:
             return False
         from tailscale import Tailscale, TailscaleError  # imported here: only needed with credentials
@@ -243,7 +234,7 @@ class RouteApprover:
                 await api.set_device_routes(device_id, routes=union_routes(enabled, self.prefixes))
         except TailscaleError as e:
             log.error("control API route approval failed: %s; %s", e,
-                      auto_approvers_hint(self.cfg.cluster.tag, self.prefixes))
+                      auto_approvers_hint(self.settings.cluster_tag, self.prefixes))
             return False
         log.info("enabled routes %s for this device through the control API", ", ".join(self.prefixes))
         return True

@@ -1,6 +1,6 @@
-"""Everything tailscale mode needs from tailscaled, built from the config in one object for the app.
+"""Everything tailscale mode needs from tailscaled, built from its settings in one object for the app.
 
-    tailnet = TailnetService(cfg)
+    tailnet = TailnetService(TailnetSettings.from_config(cfg))
     await tailnet.start()                    # status + watch, routes advertised (and approved if configured)
     decision = await tailnet.discover_cluster(has_state=...)   # JOIN / BOOTSTRAP / RESUME (waits otherwise)
     tailnet.identity, tailnet.directory      # NodeIdentity / NodeDirectory for DNS and NAT
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from appconnector import metrics
-from appconnector.config import Config
 from appconnector.tailnet.api import TailnetUnavailable
 from appconnector.tailnet.cluster import ClusterDiscovery, Decision, RaftFilter, raft_address
 from appconnector.tailnet.directory import TailnetDirectory
@@ -30,10 +29,10 @@ from appconnector.tailnet.routes import (
     RouteApprover,
     RouteRecord,
     RouteServing,
-    record_path,
     route_service,
     union_routes,
 )
+from appconnector.tailnet.settings import TailnetSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,18 @@ class TailnetService:
     Raft-port filter. ``raft_filter`` is off when the cluster has no tag (single member) or when
     ``enable_raft_filter`` is False (tests without root)."""
 
-    def __init__(self, cfg: Config, enable_raft_filter: bool | None = None) -> None:
-        self.cfg = cfg
-        self.client = LocalAPIClient(cfg.tailnet.localapi_socket)
-        self.directory = TailnetDirectory(self.client, cluster_tag=cfg.cluster.tag)
-        self.identity = TailnetIdentity(self.client, self.directory, capability=cfg.tailnet.capability)
-        routes = cfg.pool.prefixes + cfg.pool.prefixes6  # the v6 pool beside the v4 one
-        self.advertiser = RouteAdvertiser(self.client, routes, RouteRecord(record_path(cfg)))
-        self.approver = RouteApprover(cfg, routes)
-        self.serving = RouteServing(self.directory, cfg.pool.prefixes, cfg.cluster.tag,
-                                    cfg.tailnet.route_approval_grace)
-        want_filter = bool(cfg.cluster.tag) if enable_raft_filter is None else enable_raft_filter
-        self.raft_filter: RaftFilter | None = RaftFilter(cfg.cluster.raft_port) if want_filter else None
+    def __init__(self, settings: TailnetSettings, enable_raft_filter: bool | None = None) -> None:
+        self.settings = settings
+        self.client = LocalAPIClient(settings.localapi_socket)
+        self.directory = TailnetDirectory(self.client, cluster_tag=settings.cluster_tag)
+        self.identity = TailnetIdentity(self.client, self.directory, capability=settings.capability)
+        routes = settings.routes  # the v6 pool beside the v4 one
+        self.advertiser = RouteAdvertiser(self.client, routes, RouteRecord(settings.record_path))
+        self.approver = RouteApprover(settings, routes)
+        self.serving = RouteServing(self.directory, settings.pool_prefixes, settings.cluster_tag,
+                                    settings.route_approval_grace)
+        want_filter = bool(settings.cluster_tag) if enable_raft_filter is None else enable_raft_filter
+        self.raft_filter: RaftFilter | None = RaftFilter(settings.raft_port) if want_filter else None
         self.routes_advertised = False
         self._readvertise: asyncio.Task[None] | None = None
 
@@ -66,12 +65,13 @@ class TailnetService:
         if me is None or not me.ipv4:
             raise TailnetUnavailable("tailscaled has no tailnet IPv4 for this node yet (is it logged in? "
                                      "`tailscale up`)")
-        if self.cfg.cluster.tag and self.cfg.cluster.tag not in me.tags:
+        tag = self.settings.cluster_tag
+        if tag and tag not in me.tags:
             log.warning("this node does not carry cluster.tag %s: it cannot join the cluster "
-                        "(tailscale up --advertise-tags=%s)", self.cfg.cluster.tag, self.cfg.cluster.tag)
+                        "(tailscale up --advertise-tags=%s)", tag, tag)
         if self.raft_filter is not None:
-            await self.raft_filter.follow(self.directory, self.cfg.cluster.tag)
-        if self.cfg.tailnet.advertise_routes:
+            await self.raft_filter.follow(self.directory, tag)
+        if self.settings.advertise_routes:
             metrics.TAILNET_ROUTES_WANTED.set(len(self.advertiser.prefixes))
             await self.advertiser.advertise()
             self.routes_advertised = True
@@ -104,16 +104,16 @@ class TailnetService:
 
     def raft_address(self) -> str | None:
         me = self.directory.self_node()
-        return raft_address(me, self.cfg.cluster.raft_port) if me else None
+        return raft_address(me, self.settings.raft_port) if me else None
 
     async def discover_cluster(self, has_state: bool) -> Decision:
         """Wait until it is safe to start Raft; see ``tailnet.cluster``."""
-        return await ClusterDiscovery(self.directory, self.cfg, has_state).decide()
+        return await ClusterDiscovery(self.directory, self.settings, has_state).decide()
 
     def members(self) -> list[str]:
         """Raft addresses of every tagged node (self included), for the replica's partner list."""
-        return [a for n in self.directory.tagged(self.cfg.cluster.tag)
-                if (a := raft_address(n, self.cfg.cluster.raft_port))]
+        return [a for n in self.directory.tagged(self.settings.cluster_tag)
+                if (a := raft_address(n, self.settings.raft_port))]
 
     def checks(self) -> dict[str, Callable[[], tuple[bool, str]]]:
         def tailscaled() -> tuple[bool, str]:
@@ -123,7 +123,7 @@ class TailnetService:
             return True, f"{me.name or me.node} {', '.join(me.ipv4)}; {len(self.directory.nodes())} node(s)"
 
         def routes() -> tuple[bool, str]:
-            if not self.cfg.tailnet.advertise_routes:
+            if not self.settings.advertise_routes:
                 return True, "not managed (tailnet.advertise_routes = false)"
             if not self.routes_advertised:
                 return False, "not advertised"
@@ -144,11 +144,11 @@ class TailnetService:
             self._readvertise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readvertise
-        if self.cfg.tailnet.advertise_routes and await self.advertiser.withdraw() and failover_wait > 0:
+        if self.settings.advertise_routes and await self.advertiser.withdraw() and failover_wait > 0:
             await self._await_failover(failover_wait)
 
     async def _await_failover(self, timeout: float) -> None:
-        tag = self.cfg.cluster.tag
+        tag = self.settings.cluster_tag
         me = self.directory.self_node()
         if not tag or not any(n.online and (me is None or n.node != me.node) for n in self.directory.tagged(tag)):
             return  # no other connector to take the routes

@@ -14,6 +14,8 @@ MAX_CACHED = 1 << 16
 class StandaloneIdentity:
     """``NodeIdentity`` with ``node = name = ip``. Entries are cached so the fast path allocates nothing."""
 
+    node_is_source_ip = True
+
     def __init__(self) -> None:
         self._nodes: dict[str, NodeInfo] = {}
 

@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 
 from appconnector import config
-from appconnector.leader import AbsenceTracker, LeaderDuties, excluded_addresses
+from appconnector.leader import AbsenceTracker, LeaderDuties, LeaderSettings, excluded_addresses
 from appconnector.pool.local import LocalPool
 from appconnector.tailnet.api import NodeInfo
 from tests.replicas import start_replica
@@ -46,7 +46,7 @@ def test_leader_rounds_in_standalone_mode_propose_nothing() -> None:
         now = [10_000.0]
         pool = LocalPool(cfg.pool.prefixes, reuse_after=cfg.pool.reuse_after, clock=lambda: now[0])
         await pool.start()
-        duties = LeaderDuties(cfg, pool, None, clock=lambda: now[0])
+        duties = LeaderDuties(LeaderSettings.from_config(cfg), pool, None, clock=lambda: now[0])
         await pool.checkout("100.101.0.2", "a.example", (), 60)
         applied = pool.status()["applied_index"]
         for _ in range(360):  # an idle hour of leader rounds every 10 s
@@ -85,7 +85,7 @@ def test_leader_excludes_node_addresses_and_forgets_absent_nodes_on_either_repli
         try:
             now = [0.0]
             directory = _Directory([held, stay, leaver])
-            duties = LeaderDuties(cfg, pool, directory, clock=lambda: now[0])
+            duties = LeaderDuties(LeaderSettings.from_config(cfg), pool, directory, clock=lambda: now[0])
             first = await pool.checkout("stay", "a.example", (), 60)
             assert first == int(ipaddress.IPv4Address("100.64.1.1"))
             await duties.round()

@@ -25,6 +25,7 @@ import uvloop
 
 from appconnector.config import Config, load
 from appconnector.dns.service import DnsService
+from appconnector.dns.settings import DnsSettings
 from appconnector.dns.upstream import UpstreamResolver
 from appconnector.tailnet.api import NodeDirectory, NodeIdentity
 from appconnector.tailnet.standalone import StandaloneIdentity
@@ -291,7 +292,7 @@ class Running:
         if self.identity is None:
             self.identity = StandaloneIdentity()
         self.pool = self._given_pool or await start_replica(self.replica_kind, self.cfg)
-        self.service = DnsService(self.cfg, self.pool, self.identity, upstream=self.upstream,
+        self.service = DnsService(DnsSettings.from_config(self.cfg), self.pool, self.identity, upstream=self.upstream,
                                   directory=self.directory)
         await self.service.start()
 

@@ -38,7 +38,7 @@ from typing import Any
 INF = float("inf")
 
 # Operation kinds.
-CHECKOUT = "checkout"      # Replica.checkout: node, domain → address. A success refreshes last-used.
+CHECKOUT = "checkout"      # PoolAccess.checkout: node, domain → address. A success refreshes last-used.
 RESOLVE = "resolve"        # a DNS A answer: a local hit or a checkout, so last-used may or may not move.
 LOOKUP = "lookup"          # local read: (node, domain) → address | None
 DOMAIN_FOR = "domain_for"  # local read: (node, address) → domain | None

@@ -20,6 +20,7 @@ from typing import Any
 from appconnector import metrics
 from appconnector.config import load
 from appconnector.nat.service import NatService
+from appconnector.nat.settings import NatSettings
 from appconnector.pool.local import LocalPool
 from appconnector.pool.state import PoolState
 from appconnector.tailnet.api import NodeInfo
@@ -89,7 +90,7 @@ async def main() -> None:
     replica = await make_replica(opts, cfg)
     fatal: list[str] = []
     directory = StaticDirectory(opts["nodes"]) if "nodes" in opts else None
-    nat = NatService(cfg, replica, directory, seen_interval=opts.get("seen_interval", 1.0),
+    nat = NatService(NatSettings.from_config(cfg), replica, directory, seen_interval=opts.get("seen_interval", 1.0),
                      conntrack_interval=opts.get("conntrack_interval", 30.0),
                      touch_refresh=opts.get("touch_refresh"), on_fatal=fatal.append)
     await nat.start()

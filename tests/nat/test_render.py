@@ -302,6 +302,7 @@ def test_the_model_follows_a_state_replaced_while_changes_keep_coming() -> None:
 
     from appconnector.config import load
     from appconnector.nat.service import NatService
+    from appconnector.nat.settings import NatSettings
 
     async def body() -> None:
         cfg = load(None, env={"APPCONNECTOR_TAILNET_MODE": "standalone", "APPCONNECTOR_NAT_ENABLED": "false",
@@ -311,7 +312,7 @@ def test_the_model_follows_a_state_replaced_while_changes_keep_coming() -> None:
         now = time.time()
         pool.apply(("checkout_batch", tuple((f"100.101.0.{i % 9}", f"pre{i}.example", (R1 + i % 3,), 60.0)
                                             for i in range(10000)), now, now - 3600))
-        nat = NatService(cfg, pool, None)
+        nat = NatService(NatSettings.from_config(cfg), pool, None)
         await nat.start()
         done = threading.Event()
 

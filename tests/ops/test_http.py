@@ -18,6 +18,7 @@ from appconnector import config
 from appconnector.admin import AdminServer
 from appconnector.config import Config
 from appconnector.http import StatusServer
+from appconnector.http_settings import HttpSettings
 from appconnector.metrics import REGISTRY
 from appconnector.pool.local import LocalPool
 from appconnector.secrets_file import ensure_secret_file
@@ -76,7 +77,7 @@ def test_read_only_listener_serves_health_and_no_per_node_data(tmp_path: Path, r
         cfg, cfg_path = _config(tmp_path)
         pool = await start_replica(replica_kind, cfg, str(tmp_path / "raft"))
         nft_ok = {"ok": True}
-        server = StatusServer(cfg, pool, {
+        server = StatusServer(HttpSettings.from_config(cfg), pool, {
             "leader": lambda: (True, "local"),
             "nftables": lambda: (nft_ok["ok"], "table inet appconnector present" if nft_ok["ok"] else "table missing"),
         })
@@ -130,7 +131,7 @@ def test_admin_listener_needs_the_token_and_the_cli_sends_it(tmp_path: Path) -> 
         token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
         pool = RecordingPool(cfg.pool.prefixes)
         await pool.start()
-        server = AdminServer(cfg, pool, token)
+        server = AdminServer(HttpSettings.from_config(cfg), pool, pool, token)
         await server.start()
         base = f"http://{cfg.http.admin_listen}"
         auth = {"Authorization": f"Bearer {token}"}
@@ -211,7 +212,7 @@ async def _admin_client(tmp_path: Path) -> AsyncIterator[tuple[Client, str, Reco
     pool = RecordingPool(cfg.pool.prefixes)
     await pool.start()
     token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
-    client = TestClient(TestServer(AdminServer(cfg, pool, token).app))
+    client = TestClient(TestServer(AdminServer(HttpSettings.from_config(cfg), pool, pool, token).app))
     await client.start_server()
     try:
         yield client, token, pool
@@ -254,7 +255,7 @@ def test_raising_check_is_not_ready(tmp_path: Path, replica_kind: str) -> None:
         def broken() -> tuple[bool, str]:
             raise RuntimeError("no raft yet")
 
-        server = StatusServer(cfg, pool, {"leader": broken})
+        server = StatusServer(HttpSettings.from_config(cfg), pool, {"leader": broken})
         await server.start()
         try:
             code, text = await asyncio.to_thread(http, f"http://{listen}/readyz")

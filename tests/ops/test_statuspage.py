@@ -13,6 +13,7 @@ from typing import Any
 from appconnector import statuspage
 from appconnector.admin import AdminServer
 from appconnector.http import StatusServer
+from appconnector.http_settings import HttpSettings
 from appconnector.logs import RecentWarnings
 from appconnector.pool.local import LocalPool
 from appconnector.secrets_file import ensure_secret_file
@@ -157,8 +158,8 @@ def test_both_listeners_serve_the_page_and_only_the_admin_copy_answers_lookups(t
         token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
         pool = LocalPool(cfg.pool.prefixes)
         await pool.start()
-        status = StatusServer(cfg, pool, {"raft": lambda: (True, "local")})
-        admin = AdminServer(cfg, pool, token, page=status.page)
+        status = StatusServer(HttpSettings.from_config(cfg), pool, {"raft": lambda: (True, "local")})
+        admin = AdminServer(HttpSettings.from_config(cfg), pool, pool, token, page=status.page)
         await status.start()
         await admin.start()
         ro, ad = f"http://{cfg.http.listen}", f"http://{cfg.http.admin_listen}"
@@ -210,7 +211,7 @@ def test_page_names_the_primary_subnet_router_from_tailscaleds_status(tmp_path: 
         standin = await started(sock, state)
         pool = LocalPool(cfg.pool.prefixes)
         await pool.start()
-        server = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock))
+        server = StatusServer(HttpSettings.from_config(cfg), pool, {}, tailnet=LocalAPIClient(sock))
         await server.start()
         try:
             code, html = await asyncio.to_thread(http, f"http://{cfg.http.listen}/")
@@ -219,10 +220,11 @@ def test_page_names_the_primary_subnet_router_from_tailscaleds_status(tmp_path: 
             state["peers"][1]["primary_routes"] = []
             state["self"]["primary_routes"] = [prefix]
             standin.load_state(state)
-            fresh = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock)).page  # no cached status
+            settings = HttpSettings.from_config(cfg)
+            fresh = StatusServer(settings, pool, {}, tailnet=LocalAPIClient(sock)).page  # no cached status
             assert await fresh.primary() == f"{prefix}: conn-1 (this connector)"
             await standin.stop()
-            gone = StatusServer(cfg, pool, {}, tailnet=LocalAPIClient(sock)).page
+            gone = StatusServer(settings, pool, {}, tailnet=LocalAPIClient(sock)).page
             assert (await gone.primary()).startswith("unknown (tailscaled status failed")
         finally:
             await server.stop()

@@ -1,4 +1,4 @@
-"""LocalPool: the Replica contract in one process (what DNS and NAT tests run against)."""
+"""LocalPool: the pool contracts (PoolAccess, ReplicaControl) in one process (what DNS and NAT tests run against)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The ``Replica`` contract of pool/api.py, run against both implementations (issue 9 item 9): they
-used to disagree (a ``touch`` with a bad time raised in one and was dropped in the other)."""
+"""The pool contracts of pool/api.py (PoolAccess, ReplicaControl), run against both implementations
+(issue 9 item 9): they used to disagree (a ``touch`` with a bad time raised in one and was dropped in the other)."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from appconnector.tailnet.cluster import (
 )
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient
+from appconnector.tailnet.settings import TailnetSettings
 from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 A = Candidate("nA", "100.100.0.1:6270", True)
@@ -113,7 +114,7 @@ def test_discovery_probes_real_ports(tmp_path: Path) -> None:
         await d.refresh()
         cfg = config.load(None, env={"APPCONNECTOR_CLUSTER_TAG": TAG, "APPCONNECTOR_CLUSTER_RAFT_PORT": str(port),
                                      "APPCONNECTOR_CLUSTER_SECRET_FILE": "/dev/null"})
-        disc = ClusterDiscovery(d, cfg, has_state=False, interval=0.05)
+        disc = ClusterDiscovery(d, TailnetSettings.from_config(cfg), has_state=False, interval=0.05)
         try:
             first = await disc.once()
             assert first.action is Action.WAIT and "nConnA" in first.reason
@@ -148,15 +149,17 @@ def test_discovery_lowest_bootstraps_only_when_nobody_answers(tmp_path: Path) ->
             probes.append(addr)
             return await probe_tcp(addr, 0.5)
 
+        settings = TailnetSettings.from_config(cfg)
         try:
             decision = await asyncio.wait_for(
-                ClusterDiscovery(d, cfg, has_state=False, probe=counting_probe, interval=0.05).decide(), 5)
+                ClusterDiscovery(d, settings, has_state=False, probe=counting_probe, interval=0.05).decide(), 5)
             assert decision.action is Action.BOOTSTRAP
             assert len(probes) >= 2, "a bootstrap decision must hold for two probes in a row"
             # B runs a cluster (its Raft port answers): A, although lowest, joins it
             server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.2", port)
             try:
-                decision = await asyncio.wait_for(ClusterDiscovery(d, cfg, has_state=False, interval=0.05).decide(), 5)
+                discovery = ClusterDiscovery(d, settings, has_state=False, interval=0.05)
+                decision = await asyncio.wait_for(discovery.decide(), 5)
             finally:
                 server.close()
             assert decision.action is Action.JOIN and decision.via == (f"127.0.0.2:{port}",)

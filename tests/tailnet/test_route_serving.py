@@ -18,6 +18,7 @@ from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.nodeinfo import from_peer_status, from_tailcfg_node
 from appconnector.tailnet.routes import route_service
 from appconnector.tailnet.service import TailnetService
+from appconnector.tailnet.settings import TailnetSettings
 from tests.localapi_standin import Standin
 from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
@@ -63,7 +64,7 @@ async def _service(tmp: Path, state: dict[str, Any], **env: str) -> AsyncIterato
     """A stand-in with ``state`` and a TailnetService on it (not started), both stopped afterwards."""
     sock = str(tmp / "ts.sock")
     s = await started(sock, state)
-    svc = TailnetService(_cfg(sock, tmp, **env), enable_raft_filter=False)
+    svc = TailnetService(TailnetSettings.from_config(_cfg(sock, tmp, **env)), enable_raft_filter=False)
     try:
         yield s, svc
     finally:

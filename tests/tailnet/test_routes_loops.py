@@ -23,6 +23,7 @@ from appconnector.tailnet.routes import (
     union_routes,
     without_routes,
 )
+from appconnector.tailnet.settings import TailnetSettings
 from tests.tailnet.helpers import base_state, run, started
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_approver_without_credentials_stays_quiet(caplog: pytest.LogCaptureFixtu
     """Approval may come from autoApprovers: the approver says nothing; RouteServing warns only when the
     route is really not served (test_route_serving.py)."""
     cfg = config.load(None, env={})
-    approver = RouteApprover(cfg, ["100.64.1.0/24"])
+    approver = RouteApprover(TailnetSettings.from_config(cfg), ["100.64.1.0/24"])
     with caplog.at_level(logging.WARNING):
         assert run(approver.approve("nSELF")) is False
     assert not caplog.records
@@ -119,23 +120,23 @@ def test_approver_without_credentials_stays_quiet(caplog: pytest.LogCaptureFixtu
 
 
 def test_control_credentials_validation(tmp_path: Path) -> None:
-    assert control_credentials(config.load(None, env={})) is None
+    assert control_credentials(TailnetSettings.from_config(config.load(None, env={}))) is None
     key = tmp_path / "key"
     key.write_text("tskey-api-xyz\n")
     key.chmod(0o644)
     cfg = config.load(None, env={"APPCONNECTOR_TAILNET_API_KEY_FILE": str(key)})
     with pytest.raises(ConfigError, match="chmod 600") as ei:  # a key others can read has leaked
-        control_credentials(cfg)
+        control_credentials(TailnetSettings.from_config(cfg))
     assert ei.value.key == "tailnet.api_key_file"
     key.chmod(0o600)
-    assert control_credentials(cfg) == {"api_key": "tskey-api-xyz"}
+    assert control_credentials(TailnetSettings.from_config(cfg)) == {"api_key": "tskey-api-xyz"}
     cfg = config.load(None, env={"APPCONNECTOR_TAILNET_OAUTH_CLIENT_ID": "k123"})
     with pytest.raises(ConfigError) as ei:
-        control_credentials(cfg)
+        control_credentials(TailnetSettings.from_config(cfg))
     assert ei.value.key == "tailnet.oauth_secret_file"
     cfg = config.load(None, env={"APPCONNECTOR_TAILNET_API_KEY_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError) as ei:
-        control_credentials(cfg)
+        control_credentials(TailnetSettings.from_config(cfg))
     assert ei.value.key == "tailnet.api_key_file"
 
 

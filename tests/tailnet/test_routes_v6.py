@@ -7,6 +7,7 @@ from pathlib import Path
 
 from appconnector.tailnet.nodeinfo import from_peer_status, from_tailcfg_node
 from appconnector.tailnet.service import TailnetService
+from appconnector.tailnet.settings import TailnetSettings
 from tests.tailnet.helpers import base_state, run, started
 from tests.tailnet.test_service import _cfg
 
@@ -19,7 +20,8 @@ def test_v6_pool_route_is_advertised_beside_the_v4_one_and_withdrawn_alone(tmp_p
         state = base_state("delta")
         state["prefs"] = {"AdvertiseRoutes": ["192.168.1.0/24", "2001:db8:7::/48"]}
         s = await started(sock, state)
-        svc = TailnetService(_cfg(sock, APPCONNECTOR_POOL_PREFIXES6=POOL6), enable_raft_filter=False)
+        settings = TailnetSettings.from_config(_cfg(sock, APPCONNECTOR_POOL_PREFIXES6=POOL6))
+        svc = TailnetService(settings, enable_raft_filter=False)
         try:
             await svc.start()
             assert s.prefs["AdvertiseRoutes"] == ["192.168.1.0/24", "2001:db8:7::/48", "100.64.1.0/24", POOL6]

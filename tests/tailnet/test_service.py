@@ -12,6 +12,7 @@ from appconnector.tailnet.api import TailnetUnavailable
 from appconnector.tailnet.cluster import Action
 from appconnector.tailnet.localapi import LocalAPIClient
 from appconnector.tailnet.service import TailnetService
+from appconnector.tailnet.settings import TailnetSettings
 from tests.tailnet.helpers import TAG, base_state, run, started, wait_for
 
 
@@ -33,7 +34,7 @@ def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
         state = base_state("delta")
         state["prefs"] = {"AdvertiseRoutes": ["192.168.1.0/24"]}
         s = await started(sock, state)
-        svc = TailnetService(_cfg(sock), enable_raft_filter=False)
+        svc = TailnetService(TailnetSettings.from_config(_cfg(sock)), enable_raft_filter=False)
         try:
             await svc.start()
             assert s.prefs["AdvertiseRoutes"] == ["192.168.1.0/24", "100.64.1.0/24"]
