@@ -66,7 +66,7 @@ def test_service_start_advertises_and_identifies(tmp_path: Path) -> None:
 
 def test_service_without_tailscaled_fails_clearly(tmp_path: Path) -> None:
     async def body() -> None:
-        svc = TailnetService(_cfg(str(tmp_path / "absent.sock")), enable_raft_filter=False)
+        svc = TailnetService(TailnetSettings.from_config(_cfg(str(tmp_path / "absent.sock"))), enable_raft_filter=False)
         with pytest.raises(TailnetUnavailable) as ei:
             await svc.start()
         assert "absent.sock" in str(ei.value)
