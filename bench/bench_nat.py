@@ -137,7 +137,8 @@ def control_plane(mappings: int) -> dict[str, float]:
     out["checkouts_pool"] = asyncio.run(_checkouts(3000, with_nat=False))
     out["checkouts_nat"] = asyncio.run(_checkouts(3000, with_nat=True))
 
-    spec = TableSpec(interface=TAILNET_IF, pool=(BIG_POOL,), max_mappings=max(262144, 2 * mappings))
+    spec = TableSpec(interface=TAILNET_IF, pool=(ipaddress.IPv4Network(BIG_POOL),),
+                     max_mappings=max(262144, 2 * mappings))
     nft = Nftables()
     rec = Reconciler(nft, spec)
     rec.rebuild({})
@@ -200,7 +201,7 @@ def control_plane(mappings: int) -> dict[str, float]:
     for i in range(5000):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.sendto(b"x", (f"127.0.{i // 250}.{i % 250 + 1}", 9))
-    loop_pool = PoolRanges(["127.0.0.0/8"])
+    loop_pool = PoolRanges([ipaddress.IPv4Network("127.0.0.0/8")])
     t0 = time.perf_counter()
     pairs = conntrack_pairs(loop_pool)
     out["ct_raw"] = time.perf_counter() - t0

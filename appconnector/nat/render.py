@@ -19,7 +19,6 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from appconnector.config import pool_networks, pool_networks6
 from appconnector.pool.addresses import V4_MAX, DualSpace
 from appconnector.pool.api import Address, Changes, MappingView, Targets
 
@@ -90,22 +89,22 @@ def pick_target(node: str, targets: Targets) -> Address | None:
 
 @dataclass(frozen=True, slots=True)
 class TableSpec:
-    """What shapes our table (not its elements): from the config."""
+    """What shapes our table (not its elements): from the NAT settings."""
 
     interface: str                 # tailnet.interface: where tailnet traffic arrives
-    pool: tuple[str, ...]          # pool.prefixes
+    pool: tuple[ipaddress.IPv4Network, ...]  # pool.prefixes
     max_mappings: int              # nat.max_mappings: size of the steer map and the seen set
     seen_timeout: float = 15.0     # seconds a (node, address) stays in `seen` after a new flow
     # Unmapped packets answered per second (one bucket for the table) before the rest are just
     # dropped: a stale client fails fast, a flood cannot make us a reflector.
     reject_rate: int = 100
     reject_burst: int = 200
-    pool6: tuple[str, ...] = ()    # pool.prefixes6; empty: no IPv6 sets, map or rules
+    pool6: tuple[ipaddress.IPv6Network, ...] = ()  # pool.prefixes6; empty: no IPv6 sets, map or rules
 
     @property
     def dns_address(self) -> int:
         """The reserved lowest pool address (DNS); never dropped as unmapped."""
-        return int(pool_networks(self.pool)[0].network_address)
+        return int(min(self.pool).network_address)
 
 
 def table_commands(spec: TableSpec) -> list[dict[str, object]]:
@@ -117,7 +116,7 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
     daddr: dict[str, object] = {"payload": {"protocol": "ip", "field": "daddr"}}
     to_pool = {"match": {"op": "==", "left": daddr, "right": f"@{POOL}"}}
     not_dns = {"match": {"op": "!=", "left": daddr, "right": ip_text(spec.dns_address)}}
-    nets = pool_networks(spec.pool)
+    nets = sorted(spec.pool)
     families = [_V4, _V6] if spec.pool6 else [_V4]
     pool_elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in nets]
 
@@ -204,7 +203,7 @@ def _v6_objects(spec: TableSpec, t: dict[str, str]) -> list[dict[str, object]]:
     """The v6 pool set, steer map and seen set (nothing without ``pool.prefixes6``)."""
     if not spec.pool6:
         return []
-    elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in pool_networks6(spec.pool6)]
+    elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in sorted(spec.pool6)]
     return [
         {"add": {"set": {**t, "name": POOL6, "type": "ipv6_addr", "flags": ["interval"], "elem": elems}}},
         {"add": {"map": {**t, "name": STEER6, "type": ["ipv6_addr", "ipv6_addr"], "map": "ipv6_addr",

@@ -18,11 +18,11 @@ so its old flows stop going to the old domain's address.
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 
 from appconnector import metrics
-from appconnector.config import pool_networks, pool_networks6
 from appconnector.nat import netlink
 from appconnector.nat.render import Key
 from appconnector.pool.addresses import V4_MAX
@@ -32,8 +32,8 @@ from appconnector.pool.api import Address, PoolAccess
 class PoolRanges:
     """Membership test for pool addresses (sorted ranges, binary search)."""
 
-    def __init__(self, prefixes: Iterable[str], *, version: int = 4) -> None:
-        nets = (pool_networks if version == 4 else pool_networks6)(tuple(prefixes))
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        nets = sorted(networks, key=lambda n: int(n.network_address))  # one family: no mixed comparisons
         self._firsts = [int(n.network_address) for n in nets]
         self._lasts = [int(n.broadcast_address) for n in nets]
 

@@ -76,14 +76,14 @@ class NatService:
         self.touch_refresh = (pool_touch_refresh(settings.reuse_after)
                               if touch_refresh is None else touch_refresh)
         self.clock = clock
-        self.spec = TableSpec(interface=settings.interface, pool=settings.pool_prefixes,
+        self.spec = TableSpec(interface=settings.interface, pool=settings.pool,
                               max_mappings=settings.max_mappings, seen_timeout=max(3.0, 3 * seen_interval),
-                              pool6=settings.pool_prefixes6)
+                              pool6=settings.pool6)
         self.enabled = False
         self.reason = "not started"
         self.touches_queued = 0
-        self._pool = seen.PoolRanges(settings.pool_prefixes)
-        self._pool6 = seen.PoolRanges(settings.pool_prefixes6, version=6) if settings.pool_prefixes6 else None
+        self._pool = seen.PoolRanges(settings.pool)
+        self._pool6 = seen.PoolRanges(settings.pool6) if settings.pool6 else None
         self._space = DualSpace(settings.pool_prefixes, settings.pool_prefixes6)
         self._model = SteerModel(self._space)
         # The model and what is pending for the kernel: taken by the apply thread, the event loop and

@@ -5,6 +5,7 @@ Needs root, ``ip`` and libnftables; everything happens inside namespaces these t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -152,7 +153,8 @@ def test_unmapped_pool_traffic_fails_fast_on_every_protocol(topo: Topology) -> N
 
 
 def test_rejects_past_the_rate_limit_are_dropped_and_counted(topo: Topology) -> None:
-    spec = TableSpec(interface=TAILNET_IF, pool=(POOL,), max_mappings=1)  # the shipped rate and burst
+    # the shipped rate and burst
+    spec = TableSpec(interface=TAILNET_IF, pool=(ipaddress.IPv4Network(POOL),), max_mappings=1)
     d = driver(topo, conntrack_interval=1.0)
     try:
         rejected, dropped = _counter(topo, "unmapped_rejected"), _counter(topo, "unmapped")

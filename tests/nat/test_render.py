@@ -27,7 +27,8 @@ R1, R2, R3 = ip("198.51.100.10"), ip("198.51.100.20"), ip("198.51.100.30")
 
 
 def test_table_is_sized_from_config_and_keeps_seen_out_of_the_steering_rule() -> None:
-    spec = TableSpec(interface="tailscale0", pool=("100.64.1.0/24", "100.64.9.0/24"), max_mappings=123456)
+    pool = (ipaddress.IPv4Network("100.64.1.0/24"), ipaddress.IPv4Network("100.64.9.0/24"))
+    spec = TableSpec(interface="tailscale0", pool=pool, max_mappings=123456)
     cmds = render.table_commands(spec)
     objs = [c["add"] for c in cmds if "add" in c]
     sets = {o["set"]["name"]: o["set"] for o in objs if "set" in o}
@@ -56,8 +57,8 @@ def test_table_is_sized_from_config_and_keeps_seen_out_of_the_steering_rule() ->
 
 
 def test_unmapped_traffic_is_rejected_within_a_shared_limit_then_dropped() -> None:
-    spec = TableSpec(interface="tailscale0", pool=("100.64.1.0/24",), max_mappings=16, reject_rate=7,
-                     reject_burst=9)
+    spec = TableSpec(interface="tailscale0", pool=(ipaddress.IPv4Network("100.64.1.0/24"),), max_mappings=16,
+                     reject_rate=7, reject_burst=9)
     objs = [c["add"] for c in render.table_commands(spec) if "add" in c]
     limits = [o["limit"] for o in objs if "limit" in o]
     assert [(x["name"], x["rate"], x["per"], x["burst"], x["unit"]) for x in limits] == \
@@ -146,7 +147,7 @@ def test_reset_rebuilds_everything() -> None:
 
 
 def test_pool_ranges() -> None:
-    r = PoolRanges(["100.64.9.0/24", "100.64.1.0/30"])
+    r = PoolRanges([ipaddress.IPv4Network("100.64.9.0/24"), ipaddress.IPv4Network("100.64.1.0/30")])
     assert ip("100.64.1.3") in r and ip("100.64.1.4") not in r and ip("100.64.9.255") in r
     assert ip("100.64.8.255") not in r
 

@@ -57,9 +57,10 @@ def test_prefixes6_default_off_and_env_override() -> None:
 
 
 def test_table_has_v6_objects_and_rules_only_with_a_v6_pool() -> None:
-    plain = render.table_commands(TableSpec(interface="tailscale0", pool=(POOL,), max_mappings=10))
+    v4, v6 = ipaddress.IPv4Network(POOL), ipaddress.IPv6Network(POOL6)
+    plain = render.table_commands(TableSpec(interface="tailscale0", pool=(v4,), max_mappings=10))
     assert "ip6" not in repr(plain) and "steer6" not in repr(plain)
-    cmds = render.table_commands(TableSpec(interface="tailscale0", pool=(POOL,), max_mappings=10, pool6=(POOL6,)))
+    cmds = render.table_commands(TableSpec(interface="tailscale0", pool=(v4,), max_mappings=10, pool6=(v6,)))
     objs = [c["add"] for c in cmds if "add" in c]
     sets = {o["set"]["name"]: o["set"] for o in objs if "set" in o}
     maps = {o["map"]["name"]: o["map"] for o in objs if "map" in o}
