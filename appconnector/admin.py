@@ -84,7 +84,7 @@ class AdminServer:
         ])
 
     async def start(self) -> None:
-        self._runner = await start_site(self.app, "http.admin_listen", self.settings.admin_listen)
+        self._runner = await start_site(self.app, self.settings.admin_listen_at)
         log.info("admin (token in %s) on http://%s/ (/pool, /pool/lookup, /cluster/remove)",
                  self.settings.admin_token_path, self.settings.admin_listen)
 

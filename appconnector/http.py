@@ -30,7 +30,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appconnector import statuspage
-from appconnector.config import parse_hostport
 from appconnector.http_settings import HttpSettings
 from appconnector.metrics import REGISTRY
 from appconnector.pool.api import ReplicaControl
@@ -59,9 +58,9 @@ def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, dict[str, o
     return all(c["ok"] for c in out.values()), out
 
 
-async def start_site(app: web.Application, key: str, listen: str) -> web.AppRunner:
-    """Serve ``app`` on ``listen`` (the value of config key ``key``); the runner's cleanup() closes it."""
-    host, port = parse_hostport(key, listen)
+async def start_site(app: web.Application, listen: tuple[str, int]) -> web.AppRunner:
+    """Serve ``app`` on ``listen`` (host, port); the runner's cleanup() closes it."""
+    host, port = listen
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -115,7 +114,7 @@ class StatusServer:
         ])
 
     async def start(self) -> None:
-        self._runner = await start_site(self.app, "http.listen", self.settings.listen)
+        self._runner = await start_site(self.app, self.settings.listen_at)
         log.info("status page and metrics (read-only) on http://%s/ (/metrics, /healthz, /readyz, /status, "
                  "/cluster/members)", self.settings.listen)
 
