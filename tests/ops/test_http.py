@@ -246,6 +246,27 @@ def test_admin_guard_answers_401_before_reading_anything(tmp_path: Path) -> None
     asyncio.run(body())
 
 
+def test_admin_remove_on_a_single_process_pool_says_there_is_no_cluster(tmp_path: Path) -> None:
+    """LocalPool has no membership: /cluster/remove answers 501 and says so (ReplicaControl.remove_member
+    raises MembershipUnsupported), never a 500 or a silent success."""
+    async def body() -> None:
+        cfg, _ = _config(tmp_path)
+        pool = LocalPool(cfg.pool.prefixes)
+        await pool.start()
+        token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
+        client = TestClient(TestServer(AdminServer(HttpSettings.from_config(cfg), pool, pool, token).app))
+        await client.start_server()
+        try:
+            r = await client.post("/cluster/remove", json={"member": "127.0.0.5:6270"},
+                                  headers={"Authorization": f"Bearer {token}"})
+            assert r.status == 501
+            assert "no cluster membership" in (await r.json())["error"]
+        finally:
+            await client.close()
+            await pool.stop()
+    asyncio.run(body())
+
+
 def test_raising_check_is_not_ready(tmp_path: Path, replica_kind: str) -> None:
     async def body() -> None:
         listen = f"127.0.0.1:{free_port()}"
