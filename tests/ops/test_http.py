@@ -207,9 +207,10 @@ def _refused(reason: str) -> float:
 
 
 @asynccontextmanager
-async def _admin_client(tmp_path: Path) -> AsyncIterator[tuple[Client, str, RecordingPool]]:
+async def _admin_client(tmp_path: Path, kind: type[LocalPool] = RecordingPool
+                        ) -> AsyncIterator[tuple[Client, str, Any]]:
     cfg, _ = _config(tmp_path)
-    pool = RecordingPool(cfg.pool.prefixes)
+    pool = kind(cfg.pool.prefixes)
     await pool.start()
     token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
     client = TestClient(TestServer(AdminServer(HttpSettings.from_config(cfg), pool, pool, token).app))
@@ -250,20 +251,11 @@ def test_admin_remove_on_a_single_process_pool_says_there_is_no_cluster(tmp_path
     """LocalPool has no membership: /cluster/remove answers 501 and says so (ReplicaControl.remove_member
     raises MembershipUnsupported), never a 500 or a silent success."""
     async def body() -> None:
-        cfg, _ = _config(tmp_path)
-        pool = LocalPool(cfg.pool.prefixes)
-        await pool.start()
-        token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
-        client = TestClient(TestServer(AdminServer(HttpSettings.from_config(cfg), pool, pool, token).app))
-        await client.start_server()
-        try:
+        async with _admin_client(tmp_path, LocalPool) as (client, token, _pool):
             r = await client.post("/cluster/remove", json={"member": "127.0.0.5:6270"},
                                   headers={"Authorization": f"Bearer {token}"})
             assert r.status == 501
             assert "no cluster membership" in (await r.json())["error"]
-        finally:
-            await client.close()
-            await pool.stop()
     asyncio.run(body())
 
 
