@@ -1,4 +1,5 @@
-"""Wiring and lifecycle of one connector: the parts start in dependency order and stop in reverse.
+"""Wiring and lifecycle of one connector: each part is built from its own settings (``PartSettings``,
+derived from the config once, here), the parts start in dependency order and stop in reverse.
 
     admin token → tailnet (tailscale mode) → pool replica → NAT mirror (+ DNS address on lo) → DNS
     → status HTTP (read-only) → admin HTTP → leader duties → cluster membership (tailscale mode
@@ -140,9 +141,9 @@ class Connector:
         if self.tailnet is not None:
             checks.update(self.tailnet.checks())
             if record is not None:
-                assert parts.tailnet is not None
-                self.membership = ClusterMembership(replica, self.tailnet.directory, parts.tailnet.cluster_tag,
-                                                    parts.tailnet.raft_port, secret, record, self._on_removed)
+                tailnet = self.tailnet.settings
+                self.membership = ClusterMembership(replica, self.tailnet.directory, tailnet.cluster_tag,
+                                                    tailnet.raft_port, secret, record, self._on_removed)
                 checks["membership"] = self.membership.check
         self.http = StatusServer(parts.http, replica, checks, nat=self.nat,
                                  tailnet=self.tailnet.client if self.tailnet is not None else None)
