@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 from pyroute2 import Conntrack  # noqa: E402
 
 from appconnector.config import load  # noqa: E402
+from appconnector.kernel.nftables import Nftables  # noqa: E402
 from appconnector.nat import render  # noqa: E402
-from appconnector.nat.nftables import Nftables  # noqa: E402
 from appconnector.nat.reconcile import Reconciler  # noqa: E402
 from appconnector.nat.render import SteerModel, TableSpec  # noqa: E402
 from appconnector.nat.seen import PoolRanges, conntrack_pairs  # noqa: E402

@@ -15,8 +15,8 @@ import time
 from collections.abc import Mapping
 
 from appconnector import metrics
+from appconnector.kernel.nftables import Nftables, NftError, dump_set_keys
 from appconnector.nat import render
-from appconnector.nat.nftables import Nftables, NftError, dump_set_keys
 from appconnector.nat.render import Delta, Key, TableSpec
 from appconnector.pool.api import Address
 

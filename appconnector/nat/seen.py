@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from appconnector import metrics
-from appconnector.nat import netlink
+from appconnector.kernel import netlink
 from appconnector.nat.render import Key
 from appconnector.pool.addresses import V4_MAX
 from appconnector.pool.api import Address, PoolAccess

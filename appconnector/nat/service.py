@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from appconnector import metrics
+from appconnector.kernel.nftables import Nftables, NftError
 from appconnector.nat import links, seen
-from appconnector.nat.nftables import Nftables, NftError
 from appconnector.nat.reconcile import Reconciler
 from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
 from appconnector.nat.settings import NatSettings

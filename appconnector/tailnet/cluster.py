@@ -19,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import importlib
-import json
 import logging
-import subprocess
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from appconnector.config import format_hostport
+from appconnector.kernel.nftables import Command, transaction_runner
 from appconnector.tailnet.api import NodeInfo
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.settings import TailnetSettings
@@ -35,7 +33,6 @@ from appconnector.tailnet.settings import TailnetSettings
 log = logging.getLogger(__name__)
 
 RAFT_TABLE = "appconnector_raft"
-Command = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,34 +188,13 @@ def render_raft_filter_removal() -> list[Command]:
             {"delete": {"table": {"family": "inet", "name": RAFT_TABLE}}}]
 
 
-def nft_cli_apply(commands: Sequence[Command], prefix: Sequence[str] = ()) -> None:
-    """Apply with ``nft -j -f -`` (one transaction). ``prefix`` e.g. ``["ip", "netns", "exec", NS]``."""
-    doc = json.dumps({"nftables": list(commands)})
-    res = subprocess.run([*prefix, "nft", "-j", "-f", "-"], input=doc, text=True, capture_output=True,
-                         timeout=30, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"nft failed: {res.stderr.strip()}")
-
-
-def default_apply() -> Callable[[Sequence[Command]], None]:
-    """The NAT part's libnftables binding when present (one module owns that choice), else the nft command."""
-    try:
-        mod = importlib.import_module("appconnector.nat.nftables")
-        nft = mod.Nftables()
-    except Exception as e:  # missing module or library: fall back, say why once
-        log.info("Raft filter uses `nft -j -f -` (%s)", e)
-        return nft_cli_apply
-    run: Callable[[Sequence[Command]], None] = nft.run
-    return run
-
-
 class RaftFilter:
     """Keeps the Raft-port filter equal to the current members' tailnet IPv4s. nftables runs in a
     worker thread (``asyncio.to_thread``), never on the event loop that answers DNS."""
 
     def __init__(self, port: int, apply: Callable[[Sequence[Command]], None] | None = None) -> None:
         self.port = port
-        self._apply = apply or default_apply()
+        self._apply = apply or transaction_runner()
         self.allowed: frozenset[str] | None = None
         self._wanted: frozenset[str] | None = None
         self._sync: asyncio.Task[None] | None = None

@@ -40,7 +40,7 @@ def _why_not() -> str | None:
     if shutil.which("nft") is None:
         return "needs nftables (nft, libnftables1)"
     try:
-        from appconnector.nat.nftables import Nftables
+        from appconnector.kernel.nftables import Nftables
 
         Nftables().close()
     except Exception as e:

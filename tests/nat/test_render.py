@@ -240,7 +240,8 @@ def test_netlink_decoders_read_keys_and_tuples() -> None:
     """The raw dump decoders, on messages laid out as the kernel sends them."""
     import struct
 
-    from appconnector.nat import netlink, nftables, seen
+    from appconnector.kernel import netlink, nftables
+    from appconnector.nat import seen
 
     nested = netlink.NLA_F_NESTED
 

@@ -210,9 +210,10 @@ def _connects(ns: str, addr: str, port: int) -> bool:
 
 
 def _apply_in(ns: str, port: int, allowed: list[str]) -> None:
-    # through the product's own default path (the NAT part's libnftables binding, or nft), inside ns
-    code = ("import sys; from appconnector.tailnet.cluster import default_apply, render_raft_filter\n"
-            f"default_apply()(render_raft_filter({port}, {allowed!r}))")
+    # through the product's own default path (the libnftables binding, or nft), inside ns
+    code = ("from appconnector.kernel.nftables import transaction_runner\n"
+            "from appconnector.tailnet.cluster import render_raft_filter\n"
+            f"transaction_runner()(render_raft_filter({port}, {allowed!r}))")
     res = _sh("ip", "netns", "exec", ns, sys.executable, "-c", code, check=False)
     assert res.returncode == 0, res.stderr
 
@@ -260,7 +261,8 @@ def test_raft_filter_refresh_never_blocks_the_event_loop(raft_netns: dict[str, s
     loop, which keeps answering (DNS shares it), and the new member's address lands in the kernel."""
     import time
 
-    from appconnector.tailnet.cluster import RaftFilter, nft_cli_apply
+    from appconnector.kernel.nftables import nft_cli_apply
+    from appconnector.tailnet.cluster import RaftFilter
 
     srv = raft_netns["srv"]
 

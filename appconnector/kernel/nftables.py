@@ -1,4 +1,6 @@
-"""The one module that talks to nftables: libnftables' JSON API, loaded with ctypes.
+"""The one module that talks to nftables: libnftables' JSON API, loaded with ctypes. Both the NAT
+table (:mod:`appconnector.nat`) and the Raft-port filter (:mod:`appconnector.tailnet.cluster`) go
+through it; what they put in their tables is rendered (purely) by each of them.
 
 Why this way (docs/design.md §5, measured here):
 
@@ -10,12 +12,14 @@ Why this way (docs/design.md §5, measured here):
   our own Python (it lives in Debian's dist-packages), so we call the library directly with ctypes.
 - The alternative, ``nft -j -f -``, speaks the same JSON but costs a process per call (454 calls/s
   here); the library does a batch of 250 map elements in 0.8 ms and 100,000 in ~0.5 s, in-process.
+  It stays as :func:`nft_cli_apply`, the fallback of :func:`transaction_runner` for the small Raft-port
+  filter (and the way tests apply a batch inside a namespace they do not run in).
 
 The library runs in the network namespace of the calling process. A context is not thread-safe, so
 every call goes through one lock. Errors come back as :class:`NftError` with libnftables' message.
 
 One read bypasses the library: :func:`dump_set_keys` asks the kernel for a set's elements over a raw
-netfilter netlink socket (:mod:`appconnector.nat.netlink`) and decodes only the keys. libnftables'
+netfilter netlink socket (:mod:`appconnector.kernel.netlink`) and decodes only the keys. libnftables'
 ``list set`` builds its whole cache and output first (measured here: 5-7 s, superlinear, for 100,000
 ``seen`` elements); the kernel dump decoded with ``struct`` is linear and ~6x cheaper there.
 """
@@ -25,11 +29,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import logging
+import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from appconnector.nat import netlink
+from appconnector.kernel import netlink
+
+log = logging.getLogger(__name__)
 
 LIBRARY = "libnftables.so.1"
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON: JSON output, and JSON input is tried first
@@ -106,6 +114,26 @@ class Nftables:
             if self._ctx is not None:
                 self._lib.nft_ctx_free(self._ctx)
                 self._ctx = None
+
+
+def nft_cli_apply(commands: Sequence[Command], prefix: Sequence[str] = ()) -> None:
+    """Apply with ``nft -j -f -`` (one transaction). ``prefix`` e.g. ``["ip", "netns", "exec", NS]``."""
+    doc = json.dumps({"nftables": list(commands)})
+    res = subprocess.run([*prefix, "nft", "-j", "-f", "-"], input=doc, text=True, capture_output=True,
+                         timeout=30, check=False)
+    if res.returncode != 0:
+        raise NftError(f"nft failed: {res.stderr.strip()}")
+
+
+def transaction_runner() -> Callable[[Sequence[Command]], None]:
+    """What applies one batch: :meth:`Nftables.run` when libnftables loads, else :func:`nft_cli_apply`
+    (saying why once)."""
+    try:
+        nft = Nftables()
+    except NftUnavailable as e:
+        log.info("nftables through `nft -j -f -` (%s)", e)
+        return nft_cli_apply
+    return nft.run
 
 
 # ---- raw netlink read of a set's keys (see netlink.py for why) ----------------------------------------
