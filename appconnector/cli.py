@@ -58,7 +58,7 @@ def load_config(arg: str | None) -> Config:
 
 def validate_for_run(cfg: Config) -> None:
     """Checks beyond parsing that need the filesystem: secret file, control-API credentials, DNS loops."""
-    from appconnector.tailnet.loops import check_upstreams
+    from appconnector.dns.loops import check_upstreams
     from appconnector.tailnet.routes import control_credentials
     from appconnector.tailnet.settings import TailnetSettings
 

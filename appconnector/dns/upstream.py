@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appconnector.dns import wire
+from appconnector.dns.loops import resolv_conf_nameservers
 from appconnector.dns.policy import Resolution
 from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE, DNS_UPSTREAM_IGNORED
 from appconnector.ratelimit import RateLimitedLog
-from appconnector.tailnet.loops import resolv_conf_nameservers
 
 log = logging.getLogger(__name__)
 _ignored_log = RateLimitedLog(log, interval=60.0)  # answers that match no query: possibly spoofing

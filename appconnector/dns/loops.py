@@ -1,4 +1,4 @@
-"""DNS-loop check for tailscale mode (docs/design.md §4, upstream natc PR #16292).
+"""DNS-loop check of the upstreams in tailscale mode (docs/design.md §4, upstream natc PR #16292).
 
 On a tailscaled host /etc/resolv.conf usually points at MagicDNS (100.100.100.100), which forwards the
 app domains (split DNS) back to us: every query would loop until it timed out. So in tailscale mode
