@@ -143,7 +143,8 @@ class Connector:
             if record is not None:
                 tailnet = self.tailnet.settings
                 self.membership = ClusterMembership(replica, self.tailnet.directory, tailnet.cluster_tag,
-                                                    tailnet.raft_port, secret, record, self._on_removed)
+                                                    tailnet.raft_port, secret, record, self._on_removed,
+                                                    state_dir=replica.paths.dir)
                 checks["membership"] = self.membership.check
         self.http = StatusServer(parts.http, replica, checks, nat=self.nat,
                                  tailnet=self.tailnet.client if self.tailnet is not None else None)

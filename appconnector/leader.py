@@ -95,7 +95,7 @@ class LeaderDuties:
         self._pool = list(settings.pool)
         self._absence = AbsenceTracker(settings.reuse_after)
         self._excluded: frozenset[Address] | None = None
-        self._loop = Periodic("leader duties", interval, self.round)
+        self._loop = Periodic("leader duties", interval, self.round, retried=(PoolError,))
 
     async def start(self) -> None:  # async like every part's (the app starts them alike)
         self._loop.start()

@@ -6,22 +6,23 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from appconnector.pool.api import PoolError
-
 log = logging.getLogger(__name__)
 
 
 class Periodic:
     """Awaits ``round()`` every ``interval`` seconds from ``start()`` until ``stop()``.
 
-    A round that fails never ends the loop: a ``PoolError`` (a write that was not committed) is logged
-    at info, since the next round retries it; anything else is logged with its traceback.
+    A round that fails never ends the loop: an exception of a ``retried`` type (one the next round
+    retries, e.g. ``pool.api.PoolError``: a write that was not committed) is logged at info; anything
+    else is logged with its traceback.
     """
 
-    def __init__(self, name: str, interval: float, round: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, name: str, interval: float, round: Callable[[], Awaitable[None]], *,
+                 retried: tuple[type[Exception], ...] = ()) -> None:
         self.name = name
         self.interval = interval
         self._round = round
+        self._retried = retried
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -39,8 +40,8 @@ class Periodic:
         while True:
             try:
                 await self._round()
-            except PoolError as e:
-                log.info("%s: not committed (%s); the next round retries", self.name, e)
+            except self._retried as e:
+                log.info("%s: %s; the next round retries", self.name, e)
             except Exception:
                 log.exception("%s: round failed", self.name)
             await asyncio.sleep(self.interval)

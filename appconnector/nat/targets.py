@@ -45,7 +45,7 @@ class TargetRefresher:
         self._due: dict[str, float] = {}
         self._sem = asyncio.Semaphore(concurrency)
         self.proposals = 0  # set_targets commands proposed (for status and tests)
-        self._loop = Periodic("nat target refresh", tick, self.round)
+        self._loop = Periodic("nat target refresh", tick, self.round, retried=(PoolError,))
 
     def start(self) -> None:
         self._loop.start()

@@ -24,9 +24,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from appconnector import metrics
 from appconnector.periodic import Periodic
+from appconnector.pool.api import PoolError
 from appconnector.pool.membership import (
     JOINING,
     MEMBER,
@@ -36,7 +38,6 @@ from appconnector.pool.membership import (
     judge,
     leader_status,
 )
-from appconnector.pool.replica import RaftReplica
 from appconnector.tailnet.cluster import raft_address
 from appconnector.tailnet.directory import TailnetDirectory
 
@@ -47,6 +48,29 @@ CONFIRM_REMOVED = 2
 """Rounds in a row a leader must leave this member out before it stops serving: pysyncobj's leader drops
 a member when it proposes the removal, so a removal that never commits (the leader fails first) would
 otherwise stop a member that is still in the cluster."""
+
+
+class MembershipReplica(Protocol):
+    """What membership needs of the replica (``pool.replica.RaftReplica`` is one): this member's Raft
+    address, the members it knows, its role, and the one change it proposes."""
+
+    @property
+    def self_address(self) -> str:
+        """This member's Raft address ("ip:port")."""
+
+    def members(self) -> list[str]:
+        """This member and the partners it currently knows, sorted."""
+
+    def is_leader(self) -> bool: ...
+
+    def status(self) -> dict[str, object]:
+        """Its ``"leader"`` is the leader's Raft address when one is known."""
+
+    def set_membership_state(self, state: str) -> None:
+        """What this member tells peers about itself (``joining``, ``member``, ``removed``)."""
+
+    async def add_member(self, address: str) -> None:
+        """Add a member through Raft; raises ``PoolError`` when the change is refused or not committed."""
 
 
 async def join_partners(via: tuple[str, ...], secret: str | None) -> list[str]:
@@ -60,8 +84,8 @@ async def join_partners(via: tuple[str, ...], secret: str | None) -> list[str]:
 class ClusterMembership:
     """See the module docstring. ``start()`` after the replica started; ``stop()`` before it stops."""
 
-    def __init__(self, replica: RaftReplica, directory: TailnetDirectory, tag: str, raft_port: int,
-                 secret: str | None, record: MembershipRecord, on_removed: OnRemoved, *,
+    def __init__(self, replica: MembershipReplica, directory: TailnetDirectory, tag: str, raft_port: int,
+                 secret: str | None, record: MembershipRecord, on_removed: OnRemoved, *, state_dir: Path,
                  interval: float = 2.0) -> None:
         self.replica = replica
         self.directory = directory
@@ -71,9 +95,9 @@ class ClusterMembership:
         self.record = record
         self.on_removed = on_removed
         self.interval = interval
-        self.state_dir: Path = replica.paths.dir
+        self.state_dir = state_dir  # where membership.json is kept
         self._skipped: dict[str, str] = {}  # tagged non-member → why it was not added (logged on change)
-        self._loop = Periodic("cluster membership", interval, self.round)
+        self._loop = Periodic("cluster membership", interval, self.round, retried=(PoolError,))
         self._unlisted = 0  # rounds in a row the leader did not list this member
         replica.set_membership_state(record.state)
         metrics.CLUSTER_REMOVED.set(1 if record.state == REMOVED else 0)
