@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +35,7 @@ from appconnector import metrics
 from appconnector.config import parse_hostport
 from appconnector.http import PAGE_PATHS, json_response, page_routes, start_site
 from appconnector.http_settings import HttpSettings
+from appconnector.pool.addresses import format_address
 from appconnector.pool.api import MembershipUnsupported, PoolAccess, PoolError, ReplicaControl
 from appconnector.pool.names import normalise_domain
 from appconnector.ratelimit import RateLimitedLog
@@ -48,10 +48,6 @@ MAX_BODY = 64 * 1024  # the largest admin body is one member address
 REALM = 'Bearer realm="appconnector admin"'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _addr(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
 
 
 def bearer_matches(header: str, token: str) -> bool:
@@ -137,7 +133,7 @@ class AdminServer:
                 continue
             total += 1
             if len(rows) < limit:
-                rows.append({"node": m.node, "domain": m.domain, "address": _addr(m.address),
+                rows.append({"node": m.node, "domain": m.domain, "address": format_address(m.address),
                              "last_used": m.last_used})
         rows.sort(key=lambda r: (str(r["node"]), str(r["domain"])))
         return total, rows
@@ -165,8 +161,9 @@ class AdminServer:
         if found is None:
             return json_response({"node": node, "domain": domain, "error": "not mapped"}, 404)
         address, last_used = found
-        return json_response({"node": node, "domain": domain, "address": _addr(address), "last_used": last_used,
-                              "targets": [_addr(t) for t in self.replica.targets(domain)]})
+        return json_response({"node": node, "domain": domain, "address": format_address(address),
+                              "last_used": last_used,
+                              "targets": [format_address(t) for t in self.replica.targets(domain)]})
 
     async def _remove(self, request: web.Request) -> web.Response:
         try:

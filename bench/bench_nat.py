@@ -53,6 +53,7 @@ from appconnector.nat.render import SteerModel, TableSpec  # noqa: E402
 from appconnector.nat.seen import PoolRanges, conntrack_pairs  # noqa: E402
 from appconnector.nat.service import NatService  # noqa: E402
 from appconnector.nat.settings import NatSettings  # noqa: E402
+from appconnector.pool.addresses import format_address  # noqa: E402
 from appconnector.pool.api import MappingView  # noqa: E402
 from appconnector.pool.local import LocalPool  # noqa: E402
 from tests.nat.netns import CLIENTS, CONNECTORS, ORIGIN, POOL, TAILNET_IF, Driver, Topology  # noqa: E402
@@ -184,7 +185,7 @@ def control_plane(mappings: int) -> dict[str, float]:
 
     for count, key in ((1000, "seen_1k"), (mappings, "seen_big")):
         rec.rebuild({})
-        keys = [{"concat": [render.ip_text(base + i), render.ip_text(addr)]} for i in range(count)]
+        keys = [{"concat": [format_address(base + i), format_address(addr)]} for i in range(count)]
         nft.run([{"add": {"element": {"family": "inet", "table": "appconnector", "name": "seen",
                                       "elem": [{"elem": {"val": k, "timeout": 600}} for k in keys]}}}])
         t0 = time.perf_counter()

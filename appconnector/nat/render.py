@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from appconnector.pool.addresses import V4_MAX, DualSpace
+from appconnector.pool.addresses import V4_MAX, DualSpace, format_address
 from appconnector.pool.api import Address, Changes, MappingView, Targets
 
 FAMILY = "inet"
@@ -37,14 +37,6 @@ Key = tuple[int, int]
 :data:`V4_MAX`: a node's tailnet IPv6 and the mapping's v6 pool address)."""
 
 _PACK = struct.Struct("!I")
-
-
-def ip_text(address: int) -> str:
-    """Address integer → text (fast path for large element batches); IPv6 above :data:`V4_MAX`."""
-    if address <= V4_MAX:
-        return socket.inet_ntoa(_PACK.pack(address))
-    # not socket.inet_ntop: importing pysyncobj replaces it with a Windows-only stub on every platform
-    return ipaddress.IPv6Address(address).compressed
 
 
 def ip_int(text: str) -> int:
@@ -115,7 +107,7 @@ def table_commands(spec: TableSpec) -> list[dict[str, object]]:
     iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": spec.interface}}
     daddr: dict[str, object] = {"payload": {"protocol": "ip", "field": "daddr"}}
     to_pool = {"match": {"op": "==", "left": daddr, "right": f"@{POOL}"}}
-    not_dns = {"match": {"op": "!=", "left": daddr, "right": ip_text(spec.dns_address)}}
+    not_dns = {"match": {"op": "!=", "left": daddr, "right": format_address(spec.dns_address)}}
     nets = sorted(spec.pool)
     families = [_V4, _V6] if spec.pool6 else [_V4]
     pool_elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in nets]
@@ -228,7 +220,7 @@ def delete_table_commands() -> list[dict[str, object]]:
 
 
 def _key_json(key: Key) -> dict[str, object]:
-    return {"concat": [ip_text(key[0]), ip_text(key[1])]}
+    return {"concat": [format_address(key[0]), format_address(key[1])]}
 
 
 def element_commands(add: Mapping[Key, Address] = {}, remove: Iterable[Key] = (),
@@ -245,7 +237,7 @@ def element_commands(add: Mapping[Key, Address] = {}, remove: Iterable[Key] = ()
             out.append({"delete": {"element": {**t, "elem": removals[i:i + chunk]}}})
     for name, v6 in ((STEER, False), (STEER6, True)):
         t = {"family": FAMILY, "table": TABLE, "name": name}
-        additions = [[_key_json(k), ip_text(v)] for k, v in new if (k[1] > V4_MAX) is v6]
+        additions = [[_key_json(k), format_address(v)] for k, v in new if (k[1] > V4_MAX) is v6]
         for i in range(0, len(additions), chunk):
             out.append({"add": {"element": {**t, "elem": additions[i:i + chunk]}}})
     return out
@@ -374,8 +366,8 @@ class SteerModel:
 
     def node_for_ip(self, ip: int) -> str | None:
         node = self._ip_node.get(ip)
-        if node is None and ip_text(ip) in self._by_node:
-            return ip_text(ip)
+        if node is None and format_address(ip) in self._by_node:
+            return format_address(ip)
         return node
 
     def domains(self) -> list[str]:

@@ -33,10 +33,10 @@ from appconnector import metrics
 from appconnector.kernel.nftables import Nftables, NftError
 from appconnector.nat import links, seen
 from appconnector.nat.reconcile import Reconciler
-from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten, ip_text
+from appconnector.nat.render import Delta, Key, PendingDelta, SteerModel, TableSpec, flatten
 from appconnector.nat.settings import NatSettings
 from appconnector.nat.targets import Resolver, TargetRefresher
-from appconnector.pool.addresses import V4_MAX, DualSpace
+from appconnector.pool.addresses import V4_MAX, DualSpace, format_address
 from appconnector.pool.api import Address, Changes, PoolAccess, PoolReader
 from appconnector.pool.api import touch_refresh as pool_touch_refresh
 from appconnector.tailnet.api import NodeDirectory
@@ -203,7 +203,7 @@ class NatService:
             log.warning("nat: %s: running DNS-only, pool addresses are not steered", reason)
 
     async def _add_dns_route(self, loop: asyncio.AbstractEventLoop) -> None:
-        dns = ip_text(self.spec.dns_address)
+        dns = format_address(self.spec.dns_address)
         if dns not in self.settings.dns_hosts:
             return
         try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import itertools
+import socket
+import struct
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -127,9 +129,16 @@ class AddressSpace:
         return f"AddressSpace({list(self.prefixes)!r})"
 
 
+_PACK4 = struct.Struct("!I")
+
+
 def format_address(address: int) -> str:
-    """Text of an address integer (for logs and errors): IPv4 below 2**32, else IPv6."""
-    return str(ipaddress.IPv4Address(address) if address <= V4_MAX else ipaddress.IPv6Address(address))
+    """Text of an address integer: IPv4 up to :data:`V4_MAX`, else IPv6. The one formatter (logs,
+    admin answers, nftables elements): fast enough for 100,000-element batches."""
+    if address <= V4_MAX:
+        return socket.inet_ntoa(_PACK4.pack(address))
+    # not socket.inet_ntop: importing pysyncobj replaces it with a Windows-only stub on every platform
+    return ipaddress.IPv6Address(address).compressed
 
 
 V4_MAX = 0xFFFF_FFFF

@@ -21,13 +21,10 @@ from appconnector import metrics
 from appconnector.config import load
 from appconnector.nat.service import NatService
 from appconnector.nat.settings import NatSettings
+from appconnector.pool.addresses import format_address
 from appconnector.pool.local import LocalPool
 from appconnector.pool.state import PoolState
 from appconnector.tailnet.api import NodeInfo
-
-
-def ip_text(a: int) -> str:
-    return str(ipaddress.IPv4Address(a) if a <= 0xFFFFFFFF else ipaddress.IPv6Address(a))
 
 
 def ip_int(t: str) -> int:
@@ -136,7 +133,7 @@ async def main() -> None:
                                                  cmd.get("ttl", 60.0))
                 applied = time.perf_counter() - t0
                 await asyncio.wait_for(nat.ready(cmd["node"], address), cmd.get("ready_timeout", 10.0))
-                reply({"address": ip_text(address), "installed": nat.installed(cmd["node"], address),
+                reply({"address": format_address(address), "installed": nat.installed(cmd["node"], address),
                        "applied_seconds": applied, "seconds": time.perf_counter() - t0})
             elif op == "burst":  # many checkouts without waiting for the kernel: how long each apply takes
                 applies = []
@@ -167,7 +164,8 @@ async def main() -> None:
                 reply({"ok": True})
             elif op == "lookup":
                 found = replica.lookup(cmd["node"], cmd["domain"])
-                reply({"address": ip_text(found[0]) if found else None, "last_used": found[1] if found else None})
+                reply({"address": format_address(found[0]) if found else None,
+                       "last_used": found[1] if found else None})
             elif op == "installed":
                 reply({"installed": nat.installed(cmd["node"], ip_int(cmd["address"]))})
             elif op == "status":

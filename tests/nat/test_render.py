@@ -13,6 +13,7 @@ from appconnector.nat import render
 from appconnector.nat.render import Delta, SteerModel, TableSpec, pick_target
 from appconnector.nat.seen import PoolRanges, touches
 from appconnector.nat.targets import TargetRefresher
+from appconnector.pool.addresses import format_address
 from appconnector.pool.api import Changes, MappingView
 from appconnector.pool.local import LocalPool
 
@@ -160,8 +161,8 @@ def test_touches_mark_each_pair_once_and_only_when_stale() -> None:
         a = await pool.checkout(N1, "a.example", (R1,), 60)
         now[0] = 1250.0
         pairs = [(ip(N1), a)] * 50 + [(ip(N2), a), (ip(N1), P2 + 5)]  # unknown node, unmapped address
-        assert touches(pairs, render.ip_text, pool, now=1100.0, refresh=200) == 0, "fresh: no mark"
-        assert touches(pairs, render.ip_text, pool, now=1250.0, refresh=200) == 1
+        assert touches(pairs, format_address, pool, now=1100.0, refresh=200) == 0, "fresh: no mark"
+        assert touches(pairs, format_address, pool, now=1250.0, refresh=200) == 1
         pool.flush_touches()
         found = pool.lookup(N1, "a.example")
         assert found is not None and found[1] == 1250.0
