@@ -44,16 +44,11 @@ MAX_EXACT = 1 << 17
 
 def _question_end(data: bytes) -> int:
     """Offset after the first question (no compression), or -1."""
-    pos = 12
-    n = len(data)
-    while pos < n:
-        length = data[pos]
-        if length == 0:
-            return pos + 5 if pos + 5 <= n else -1
-        if length > 63:
-            return -1
-        pos += length + 1
-    return -1
+    try:
+        end = wire.skip_name(data, wire.HEADER_LEN, allow_pointer=False) + 4
+    except ValueError:
+        return -1
+    return end if end <= len(data) else -1
 
 
 class FastEntry:

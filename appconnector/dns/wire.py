@@ -94,18 +94,14 @@ class Query:
 
 def wire_name_to_domain(name: bytes) -> str | None:
     """Uncompressed wire name → ``"example.com"`` (lower case), or None if not a host name."""
-    labels = []
-    i = 0
-    while i < len(name):
-        n = name[i]
-        if n == 0:
-            break
-        label = name[i + 1:i + 1 + n]
-        if not _HOSTNAME_BYTES.issuperset(label):
-            return None
-        labels.append(label.decode("ascii").lower())
-        i += 1 + n
-    return ".".join(labels) if labels else None
+    labels: list[bytes] = []
+    try:
+        skip_name(name, 0, allow_pointer=False, labels=labels)
+    except ValueError:
+        return None
+    if not labels or not all(_HOSTNAME_BYTES.issuperset(label) for label in labels):
+        return None
+    return b".".join(labels).decode("ascii").lower()
 
 
 def domain_to_wire(domain: str) -> bytes:
@@ -125,24 +121,48 @@ def domain_to_wire(domain: str) -> bytes:
     return bytes(out)
 
 
-def skip_name(data: bytes, pos: int, allow_pointer: bool) -> int:
-    """Skip a name at ``pos``; return the offset after it. Raises ValueError on bad encoding."""
+_MAX_POINTERS = 64  # compression pointers followed in one name before it counts as a loop
+
+
+def skip_name(data: bytes, pos: int, allow_pointer: bool, labels: list[bytes] | None = None) -> int:
+    """The one name walker: walk the name at ``pos`` and return the offset where the message goes on
+    after it. Raises ValueError on bad encoding (runs past the end, a reserved label type, longer than
+    255 bytes, a pointer where ``allow_pointer`` is False, a pointer loop).
+
+    Without ``labels`` a compression pointer ends the walk unfollowed (skipping a record needs no
+    more). With ``labels`` the raw labels are appended to it, following pointers."""
     total = 0
+    end = -1  # where the message goes on: after the first pointer, once one was followed
+    jumps = 0
     while True:
         if pos >= len(data):
             raise ValueError("name runs past the end")
         n = data[pos]
         if n == 0:
-            return pos + 1
+            return pos + 1 if end < 0 else end
         if n & 0xC0 == 0xC0:
-            if not allow_pointer or pos + 2 > len(data):
+            if not allow_pointer:
                 raise ValueError("compression pointer where none is allowed")
-            return pos + 2  # the target is never followed: we only skip these records
+            if pos + 2 > len(data):
+                raise ValueError("truncated compression pointer")
+            if labels is None:
+                return pos + 2
+            if end < 0:
+                end = pos + 2
+            jumps += 1
+            if jumps > _MAX_POINTERS:
+                raise ValueError("compression loop")
+            pos = ((n & 0x3F) << 8) | data[pos + 1]
+            continue
         if n & 0xC0:
             raise ValueError("reserved label type")
         total += n + 1
         if total > 254:
             raise ValueError("name longer than 255 bytes")
+        if labels is not None:
+            if pos + 1 + n > len(data):
+                raise ValueError("name runs past the end")
+            labels.append(data[pos + 1:pos + 1 + n])
         pos += 1 + n
 
 
@@ -344,35 +364,9 @@ def build_query(ident: int, domain: str, qtype: int, payload: int = OUR_UDP_PAYL
 
 def _name_at(data: bytes, pos: int) -> tuple[str, int]:
     """Read a possibly compressed name; returns (lower-case text without the dot, offset after it)."""
-    labels: list[str] = []
-    end = -1
-    jumps = 0
-    total = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("name runs past the end")
-        n = data[pos]
-        if n == 0:
-            if end < 0:
-                end = pos + 1
-            return ".".join(labels), end
-        if n & 0xC0 == 0xC0:
-            if pos + 1 >= len(data):
-                raise ValueError("truncated compression pointer")
-            if end < 0:
-                end = pos + 2
-            jumps += 1
-            if jumps > 64:
-                raise ValueError("compression loop")
-            pos = ((n & 0x3F) << 8) | data[pos + 1]
-            continue
-        if n & 0xC0:
-            raise ValueError("reserved label type")
-        total += n + 1
-        if total > 255 or pos + 1 + n > len(data):
-            raise ValueError("bad label")
-        labels.append(data[pos + 1:pos + 1 + n].decode("latin-1").lower())
-        pos += 1 + n
+    labels: list[bytes] = []
+    end = skip_name(data, pos, allow_pointer=True, labels=labels)
+    return b".".join(labels).decode("latin-1").lower(), end
 
 
 def parse_response(data: bytes) -> Response:

@@ -167,3 +167,35 @@ def test_exact_cache_follows_identity_changes_and_removals() -> None:
     assert fast.answer(data, "100.100.0.1") == first
     fast.on_changes(Changes(removed=[("nA", POOL_ADDR, "app.example")]))
     assert fast.answer(data, "100.100.0.1") is None
+
+
+def _name(last: int) -> bytes:
+    """A wire name of three 63-byte labels and one of ``last`` bytes: 255 bytes long when last == 61."""
+    return (b"\x3f" + b"a" * 63) * 3 + bytes([last]) + b"b" * last + b"\x00"
+
+
+def _response(qname: bytes, answer_owner: bytes) -> bytes:
+    return (b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
+            + answer_owner + b"\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xc0\x00\x02\x07")
+
+
+def test_names_are_read_alike_in_queries_and_upstream_responses() -> None:
+    """One name walker: the 255-byte limit holds in both directions, pointers are followed in upstream
+    answers (not allowed in a query's first question), and a pointer loop is refused."""
+    longest, too_long = _name(61), _name(62)
+    assert len(longest) == 255 and len(too_long) == 256
+    header = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    assert wire.parse_query(header + longest + b"\x00\x01\x00\x01").domain() == (
+        ".".join(["a" * 63] * 3 + ["b" * 61]))
+    with pytest.raises(wire.FormatError):
+        wire.parse_query(header + too_long + b"\x00\x01\x00\x01")
+
+    ok = wire.parse_response(_response(longest, b"\xc0\x0c"))
+    assert ok.answers[0].name == ok.qname == ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert ok.answers[0].value == "192.0.2.7"
+    with pytest.raises(ValueError):
+        wire.parse_response(_response(too_long, b"\xc0\x0c"))
+    with pytest.raises(ValueError, match="compression loop"):  # the answer's owner points at itself
+        wire.parse_response(_response(longest, b"\xc1\x0f"))
+    mixed = wire.parse_response(_response(b"\x03www\x07Example\x00", b"\x03LB_\xc0\x10"))
+    assert mixed.qname == "www.example" and mixed.answers[0].name == "lb_.example"
