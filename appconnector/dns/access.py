@@ -1,39 +1,21 @@
-"""Which apps a source may use (pure): ``[[apps]]`` domains, grants from whois ``CapMap``, static rules.
+"""Which apps a source may use (pure): ``[[apps]]`` domains, grants, static rules.
 
-The grants capability (``tailnet.capability``) arrives in whois as ``CapMap[capability]``: a JSON array
-of the raw values every grant towards this connector gave the source (tailcfg.PeerCapMap). Each value
-is an object ``{"apps": ["github", "internal-wiki"]}``; the source may use the union of the names.
-Values of another shape are skipped (a typo in one grant must not cost the others). With ``[[apps]]``
-configured a name covered by no app is refused; without ``[[apps]]`` nothing here applies.
+Grants arrive as ``NodeInfo.granted``: the app names the whois ``CapMap`` gives the source under
+``tailnet.capability`` (read by :func:`appconnector.tailnet.nodeinfo.granted_apps`, which says the
+schema). With ``[[apps]]`` configured a name covered by no app is refused; without ``[[apps]]`` nothing
+here applies.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from appconnector.config import AppConfig
 from appconnector.dns.policy import DomainAllowList
 from appconnector.tailnet.api import NodeInfo
 
-APPS_FIELD = "apps"
 NO_APP = "(none)"  # the metric label of names no app covers (app names cannot hold parentheses)
-
-
-def granted_apps(capmap: Any, capability: str) -> frozenset[str]:
-    """The app names ``capmap`` (a whois ``CapMap``) grants under ``capability``; junk grants nothing."""
-    if not isinstance(capmap, dict):
-        return frozenset()
-    values = capmap.get(capability)
-    if not isinstance(values, list):
-        return frozenset()
-    names: set[str] = set()
-    for value in values:
-        apps = value.get(APPS_FIELD) if isinstance(value, dict) else None
-        if isinstance(apps, list):
-            names.update(a for a in apps if isinstance(a, str))
-    return frozenset(names)
 
 
 class AppAccess:

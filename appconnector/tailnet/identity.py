@@ -21,12 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 from appconnector.config import DEFAULT_CAPABILITY
-from appconnector.dns.access import granted_apps
 from appconnector.metrics import TAILNET_WHOIS
 from appconnector.tailnet.api import NodeInfo, TailnetUnavailable
 from appconnector.tailnet.directory import TailnetDirectory
 from appconnector.tailnet.localapi import LocalAPIClient, LocalAPIError
-from appconnector.tailnet.nodeinfo import from_tailcfg_node
+from appconnector.tailnet.nodeinfo import from_tailcfg_node, granted_apps
 
 REFRESH_CONCURRENCY = 16  # whois calls of one refresh in flight at once
 

@@ -2,7 +2,13 @@
 PeersChanged: ``StableID``, ``Name``, ``Addresses`` as prefixes, ``Online`` may be null) and
 ``ipnstate.PeerStatus`` (status: ``ID`` is the StableID, ``DNSName``, ``TailscaleIPs``, ``Tags``
 omitted when empty). Both carry ``PrimaryRoutes`` (omitted when empty) and ``AllowedIPs`` (own addresses
-plus routed subnets; tailscale/tailscale ``ipn/ipnlocal/local.go`` ``peerStatusFromNode``)."""
+plus routed subnets; tailscale/tailscale ``ipn/ipnlocal/local.go`` ``peerStatusFromNode``).
+
+Grants: the grants capability (``tailnet.capability``) arrives in whois as ``CapMap[capability]``: a
+JSON array of the raw values every grant towards this connector gave the source (tailcfg.PeerCapMap).
+Each value is an object ``{"apps": ["github", "internal-wiki"]}``; the source may use the union of the
+names (:func:`granted_apps`). Values of another shape are skipped (a typo in one grant must not cost
+the others)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,24 @@ import ipaddress
 from typing import Any
 
 from appconnector.tailnet.api import NodeInfo
+
+APPS_FIELD = "apps"
+
+
+def granted_apps(capmap: Any, capability: str) -> frozenset[str]:
+    """The app names ``capmap`` (a whois ``CapMap``) grants under ``capability``; junk grants nothing."""
+    if not isinstance(capmap, dict):
+        return frozenset()
+    values = capmap.get(capability)
+    if not isinstance(values, list):
+        return frozenset()
+    names: set[str] = set()
+    for value in values:
+        apps = value.get(APPS_FIELD) if isinstance(value, dict) else None
+        if isinstance(apps, list):
+            names.update(a for a in apps if isinstance(a, str))
+    return frozenset(names)
+
 
 
 def _ipv4s(values: Any, version: int = 4) -> tuple[str, ...]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from appconnector.config import AppConfig, ConfigError, load
-from appconnector.dns.access import NO_APP, AppAccess, granted_apps
+from appconnector.dns.access import NO_APP, AppAccess
 from appconnector.tailnet.api import NodeInfo
+from appconnector.tailnet.nodeinfo import granted_apps
 
 CAP = "appconnector.example/cap/apps"
 
