@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appconnector.dns import wire
-from appconnector.dns.loops import resolv_conf_nameservers
+from appconnector.dns.loops import RESOLV_CONF, resolv_conf_nameservers
 from appconnector.dns.policy import Resolution
 from appconnector.metrics import DNS_UPSTREAM, DNS_UPSTREAM_CACHE, DNS_UPSTREAM_IGNORED
 from appconnector.ratelimit import RateLimitedLog
@@ -48,7 +48,7 @@ _CACHE_MISS = DNS_UPSTREAM_CACHE.labels("miss")
 _QR = 0x80                     # first flags byte: this is a response
 
 
-def system_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+def system_resolvers(path: str = RESOLV_CONF) -> list[tuple[str, int]]:
     """The ``nameserver`` lines of resolv.conf as (ip, 53)."""
     try:
         text = Path(path).read_text()
