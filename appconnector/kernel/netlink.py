@@ -56,43 +56,63 @@ def find(buf: bytes, start: int, end: int, kind: int) -> tuple[int, int] | None:
     return None
 
 
+def _netfilter_socket() -> socket.socket:
+    """A bound netfilter netlink socket with a receive buffer large enough for a burst of answers."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(start, end, type, sequence number) of each netlink message in one received buffer."""
+    pos = 0
+    while pos + NLMSGHDR.size <= len(buf):
+        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(buf, pos)
+        if length < NLMSGHDR.size:
+            raise NetlinkError(0, "malformed netlink message")
+        yield pos, pos + length, kind, seq
+        pos = (pos + length + 3) & ~3
+
+
+def _errno(buf: bytes, pos: int) -> int:
+    """The errno of the NLMSG_ERROR message at ``pos`` (0: an acknowledgement)."""
+    code: int = -struct.unpack_from("=i", buf, pos + NLMSGHDR.size)[0]
+    return code
+
+
 def dump(msg_type: int, family: int, payload: bytes = b"") -> Iterator[tuple[bytes, int, int]]:
     """Send one NFNL dump request; yield (buffer, attributes start, message end) for each answer
     message (the attributes follow the nfgenmsg header). Raises NetlinkError on a kernel error."""
     seq = 1
     body = NFGENMSG.pack(family, 0, 0) + payload
     request = NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
+    with _netfilter_socket() as sock:
         sock.sendto(request, (0, 0))
         while True:
             buf = sock.recv(1 << 17)
-            pos = 0
-            while pos + NLMSGHDR.size <= len(buf):
-                length, kind, _flags, got_seq, _pid = NLMSGHDR.unpack_from(buf, pos)
-                if length < NLMSGHDR.size:
-                    raise NetlinkError(0, "malformed netlink message")
-                end = pos + length
-                if got_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return
-                    if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, pos + NLMSGHDR.size)[0]
-                        if code:
-                            raise NetlinkError(code, os.strerror(code))
-                        return
-                    yield buf, pos + NLMSGHDR.size + NFGENMSG.size, end
-                pos = (end + 3) & ~3
+            for pos, end, kind, got_seq in _messages(buf):
+                if got_seq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = _errno(buf, pos)
+                    if code:
+                        raise NetlinkError(code, os.strerror(code))
+                    return
+                yield buf, pos + NLMSGHDR.size + NFGENMSG.size, end
 
 
 def request_all(msg_type: int, family: int, payloads: list[bytes], chunk_bytes: int = 1 << 16) -> list[int]:
     """Send one acknowledged request per payload (many per ``sendto``); returns each one's errno
     (0 = done), in order."""
     results: list[int] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
+    with _netfilter_socket() as sock:
         i = 0
         while i < len(payloads):
             batch = bytearray()
@@ -106,13 +126,8 @@ def request_all(msg_type: int, family: int, payloads: list[bytes], chunk_bytes: 
             answers: dict[int, int] = {}
             while len(answers) < i - first:
                 buf = sock.recv(1 << 16)
-                pos = 0
-                while pos + NLMSGHDR.size <= len(buf):
-                    length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(buf, pos)
-                    if length < NLMSGHDR.size:
-                        raise NetlinkError(0, "malformed netlink message")
+                for pos, _end, kind, seq in _messages(buf):
                     if kind == NLMSG_ERROR and first < seq <= i:
-                        answers[seq] = -struct.unpack_from("=i", buf, pos + NLMSGHDR.size)[0]
-                    pos = (pos + length + 3) & ~3
+                        answers[seq] = _errno(buf, pos)
             results.extend(answers[seq] for seq in range(first + 1, i + 1))
     return results
