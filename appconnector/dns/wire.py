@@ -99,9 +99,10 @@ def wire_name_to_domain(name: bytes) -> str | None:
         skip_name(name, 0, allow_pointer=False, labels=labels)
     except ValueError:
         return None
-    if not labels or not all(_HOSTNAME_BYTES.issuperset(label) for label in labels):
-        return None
-    return b".".join(labels).decode("ascii").lower()
+    for label in labels:
+        if not _HOSTNAME_BYTES.issuperset(label):
+            return None
+    return b".".join(labels).decode("ascii").lower() if labels else None
 
 
 def domain_to_wire(domain: str) -> bytes:
