@@ -17,7 +17,9 @@ from typing import Any
 
 import netaddr
 
+from appconnector.errors import ConfigError as ConfigError  # raised here, re-exported for every caller
 from appconnector.pool import addresses
+from appconnector.secrets_file import read_secret_file
 
 ENV_PREFIX = "APPCONNECTOR_"
 # Variables the ``appconnector`` command reads itself (--config, --log-level, --log-format): not config keys.
@@ -34,16 +36,6 @@ DEFAULT_CAPABILITY = "appconnector.example/cap/apps"
 TAILNET_NETWORKS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 MIN_REUSE_AFTER = 4.0
 """The smallest pool.reuse_after accepted (see pool.api.clock_tick)."""
-
-
-class ConfigError(ValueError):
-    """A config value is wrong. ``key`` is the dotted key (``pool.reuse_after``)."""
-
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key = key
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"{key} = {value!r}: {allowed}")
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -194,8 +186,6 @@ class Config:
     def read_secret(self) -> str | None:
         """The shared cluster secret, or None when no secret file is configured (a lone member then uses one
         of its own, ``secrets_file.MEMBER_SECRET_FILE``). The file must be private."""
-        from appconnector.secrets_file import read_secret_file  # it imports ConfigError from here
-
         if not self.cluster.secret_file:
             return None
         return read_secret_file("cluster.secret_file", Path(self.cluster.secret_file))

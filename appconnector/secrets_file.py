@@ -14,7 +14,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from appconnector.config import ConfigError
+from appconnector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,8 @@ def _under(module: str, *prefixes: str) -> bool:
 NEVER = [
     ("appconnector.kernel", "appconnector", (), "kernel/ is the shared low-level binding: the standard library only"),
     ("appconnector.periodic", "appconnector", (), "the background-round loop is generic"),
+    ("appconnector.errors", "appconnector", (), "ConfigError sits below everything that raises it"),
+    ("appconnector.secrets_file", "appconnector.config", (), "config.py reads secret files through it"),
     ("appconnector.tailnet", "appconnector.nat", (), "the Raft-port filter uses kernel/, not NAT"),
     ("appconnector.tailnet", "appconnector.dns", (), "DNS consumes tailnet.api, not the other way round"),
     ("appconnector.tailnet", "appconnector.pool.replica", (), "membership is typed against a protocol"),
@@ -70,6 +72,22 @@ def test_imports_point_down(importer: str, imported: str, allowed: tuple[str, ..
                    for dst in dsts if _under(dst, imported) and not _under(dst, *allowed)
                    and not _under(dst, importer))
     assert not wrong, f"{why}: {wrong}"
+
+
+def test_no_modules_import_each_other_in_a_circle() -> None:
+    graph = _graph()
+    circles = set()
+    for start in graph:  # a path back to ``start``: a circle through it (the graph is small)
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start and len(path) > 1:
+                    circles.add(" -> ".join(sorted(path)))
+                elif nxt not in seen and nxt in graph:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert not circles, sorted(circles)
 
 
 def test_the_rule_sees_imports_inside_functions(tmp_path: Path) -> None:
