@@ -49,6 +49,7 @@ from tests.member import MemberProcess, free_ports
 def start_cluster(root: Path, tuning: str) -> list[MemberProcess]:
     secret = root / "secret"
     secret.write_text("bench-secret\n")
+    secret.chmod(0o600)  # the member refuses a secret others can read
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     members = [MemberProcess(a, [b for b in addrs if b != a], root / "state", secret_file=secret,
                              extra=("--tuning", tuning), log_path=root / f"{i}.log").start()

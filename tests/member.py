@@ -58,6 +58,7 @@ from appconnector.pool.replica import RaftReplica
 from appconnector.pool.settings import PoolSettings, RaftSettings
 from appconnector.pool.state import PoolState
 from appconnector.pool.storage import StateError
+from appconnector.secrets_file import read_secret_file
 
 log = logging.getLogger("tests.member")
 
@@ -348,7 +349,6 @@ async def _serve_stream(member: Member, reader: asyncio.StreamReader, write: Cal
 
 
 async def run(args: argparse.Namespace) -> int:
-    secret = Path(args.secret_file).read_text().strip() if args.secret_file else None
     timeout = args.write_deadline if args.checkout_timeout is None else args.checkout_timeout
     pool = PoolSettings(prefixes=tuple(args.prefix or [DEFAULT_PREFIX]), reuse_after=args.reuse_after,
                         checkout_timeout=timeout, max_queued_checkouts=args.max_queued_checkouts)
@@ -365,6 +365,8 @@ async def run(args: argparse.Namespace) -> int:
         replica_module.PoolState = BrokenPoolState  # type: ignore[attr-defined]
     fatal = FatalReporter()
     try:
+        # the product's secret-file reader: a file others can read is refused (exit 2) as `run` refuses it
+        secret = read_secret_file("--secret-file", Path(args.secret_file)) if args.secret_file else None
         raft = RaftSettings(args.state_dir, args.self_address, tuple(args.partner), secret, bind_address=args.bind,
                             dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline)
         replica = RaftReplica(pool, raft, tuning=tuning, guard=not args.no_guard, on_fatal=fatal.report)

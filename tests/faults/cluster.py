@@ -282,6 +282,7 @@ class Cluster(MemberGroup[Member]):
         secret = base_dir / "acfault-secret"
         base_dir.mkdir(parents=True, exist_ok=True)
         secret.write_text("acfault-shared-secret\n")
+        secret.chmod(0o600)  # members refuse a secret others can read
         specs = [MemberSpec(f"m{i + 1}", port_base + i, gid_base + i, base_dir / f"acfault-m{i + 1}")
                  for i in range(size)]
         for s in specs:

@@ -53,6 +53,7 @@ class Cluster:
         self.root = root
         self.secret = root / "secret"
         self.secret.write_text(SECRET + "\n")
+        self.secret.chmod(0o600)  # the member refuses a secret others can read
         self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
         self.prefixes = prefixes
         self.extra = extra
@@ -223,6 +224,7 @@ def test_a_peer_without_the_secret_cannot_change_state(cluster_factory: Callable
     # 1. An impostor takes the killed member's address with a wrong secret and tries to write.
     wrong = tmp_path / "wrong-secret"
     wrong.write_text("not-the-secret\n")
+    wrong.chmod(0o600)  # private like a real one: it is refused for its content, not for its mode
     impostor = c.spawn(victim.self_address, secret_file=wrong, extra=("--write-deadline", "4"))
     impostor.wait_ready()
     with pytest.raises(MemberError) as err:

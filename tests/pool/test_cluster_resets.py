@@ -126,6 +126,7 @@ def reset_cluster(tmp_path: Path) -> Iterator[Any]:
     def make(guard: bool) -> tuple[list[MemberProcess], ResettingProxy]:
         secret = tmp_path / "secret"
         secret.write_text("acraft-reset-secret\n")
+        secret.chmod(0o600)  # the member refuses a secret others can read
         # The member reached through the proxy must have the lowest address: pysyncobj's lower address
         # accepts and the higher one connects, so all of its connections then pass through its proxy.
         ports = sorted(free_ports(4), key=lambda p: _addr(p))
