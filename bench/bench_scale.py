@@ -75,6 +75,7 @@ class Cluster:
         self.root = root
         self.secret = root / "secret"
         self.secret.write_text("bench-scale-secret\n")
+        self.secret.chmod(0o600)  # the member refuses a secret others can read
         self.addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
         self.members = [self._member(a) for a in self.addrs]
 
