@@ -29,7 +29,7 @@ PARTS = (DnsService, NatService, TailnetService, ClusterDiscovery, RouteApprover
 DERIVATIONS = {"Config", "pool_networks", "pool_networks6", "ignore_networks"}
 CONFIG_METHODS = {"dns_listen", "read_secret", "admin_token_path", "raft_self"}
 # check-config's DNS-loop check runs on the config before anything starts; the edge itself
-EDGE = {"config.py", "cli.py", "app.py", "tailnet/loops.py"}
+EDGE = {"config.py", "cli.py", "app.py", "dns/loops.py"}
 
 
 def test_no_part_constructor_takes_the_whole_config() -> None:

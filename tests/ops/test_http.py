@@ -284,21 +284,11 @@ def test_raising_check_is_not_ready(tmp_path: Path, replica_kind: str) -> None:
 def test_admin_lookup_shows_a_domain_s_ipv6_targets(tmp_path: Path) -> None:
     """A domain resolved to IPv4 and IPv6 (with ``pool.prefixes6``) lists both in the admin lookup."""
     async def body() -> None:
-        cfg, _ = _config(tmp_path)
-        token = ensure_secret_file("http.admin_token_file", cfg.admin_token_path())
-        pool = LocalPool(cfg.pool.prefixes)
-        await pool.start()
-        server = AdminServer(cfg, pool, token)
-        await server.start()
-        try:
+        async with _admin_client(tmp_path) as (client, token, pool):
             v4, v6 = ipaddress.IPv4Address("192.0.2.7"), ipaddress.IPv6Address("2001:db8::7")
             await pool.checkout("100.101.0.10", "github.com", (int(v4), int(v6)), 60)
-            code, text = await asyncio.to_thread(http, f"http://{cfg.http.admin_listen}/pool/lookup?node="
-                                                 "100.101.0.10&domain=github.com", None,
-                                                 {"Authorization": f"Bearer {token}"})
-            assert code == 200, text
-            assert json.loads(text)["targets"] == ["192.0.2.7", "2001:db8::7"]
-        finally:
-            await server.stop()
-            await pool.stop()
+            r = await client.get("/pool/lookup?node=100.101.0.10&domain=github.com",
+                                 headers={"Authorization": f"Bearer {token}"})
+            assert r.status == 200, await r.text()
+            assert (await r.json())["targets"] == ["192.0.2.7", "2001:db8::7"]
     asyncio.run(body())
