@@ -484,8 +484,9 @@ class MemberProcess:
         self._events = queue.Queue()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
                **self.env}
+        # a session of its own: kill() ends its process group, a compaction child forked by pysyncobj included
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn)
+                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn, start_new_session=True)
         # this process's events go to this start's queue: a previous run's reader may still be finishing
         threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
@@ -557,9 +558,10 @@ class MemberProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: no flush, no goodbye."""
+        """SIGKILL to its process group: no flush, no goodbye."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self._close_log()
 

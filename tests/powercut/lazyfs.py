@@ -83,6 +83,7 @@ class LazyFS:
         self.counts: dict[str, int] = {}
         self.watched: set[str] = set()
         self.on_event: Callable[[dict[str, Any]], None] = lambda event: None
+        self.trace: Callable[[str], None] = lambda line: None  # names and directory syncs (--trace)
 
     def _ino(self) -> int:
         self._next_ino += 1
@@ -120,6 +121,7 @@ class LazyFS:
 
     def _change(self, op: str) -> None:
         if self.cut_done:
+            self._count("refused")
             raise _eio()
         self._count(op)
 
@@ -127,6 +129,7 @@ class LazyFS:
 
     def create(self, path: str, mode: int) -> int:
         self._change("create")
+        self.trace(f"create {path}")
         parent, name = self.parent(path)
         existing = parent.entries.get(name)
         if isinstance(existing, Dir):
@@ -147,6 +150,7 @@ class LazyFS:
 
     def mkdir(self, path: str, mode: int) -> None:
         self._change("mkdir")
+        self.trace(f"mkdir {path}")
         parent, name = self.parent(path)
         if name in parent.entries:
             raise OSError(errno.EEXIST, path)
@@ -154,6 +158,7 @@ class LazyFS:
 
     def unlink(self, path: str) -> None:
         self._change("unlink")
+        self.trace(f"unlink {path}")
         parent, name = self.parent(path)
         node = parent.entries.get(name)
         if node is None:
@@ -174,6 +179,7 @@ class LazyFS:
 
     def rename(self, old: str, new: str) -> None:
         self._change("rename")
+        self.trace(f"rename {old} {new}")
         src_dir, src_name = self.parent(old)
         dst_dir, dst_name = self.parent(new)
         node = src_dir.entries.get(src_name)
@@ -211,6 +217,7 @@ class LazyFS:
 
     def fsyncdir(self, d: Dir) -> None:
         self._change("fsyncdir")
+        self.trace(f"fsyncdir {d.ino} {sorted(d.entries)}")
         d.synced = dict(d.entries)
 
     # --- the power cut ---
@@ -237,6 +244,7 @@ class LazyFS:
                     child.data = bytearray(kept)
 
         restore(self.root)
+        self.trace(f"cut {dropped}")
         self.handles.clear()
         self.cut_done = True
         return dropped
@@ -290,7 +298,7 @@ class LazyFS:
 
 def _operations(fs: LazyFS) -> Any:
     """The FUSE callbacks over ``fs`` (mfusepy's high-level API), one lock around each."""
-    import mfusepy
+    import mfusepy  # type: ignore[import-untyped]
 
     class Ops(mfusepy.Operations):  # type: ignore[misc]
         use_ns = True
@@ -409,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.powercut.lazyfs", description=__doc__.split("\n")[0])
     p.add_argument("mountpoint")
     p.add_argument("--image", required=True, help="durable state: read at mount, written at unmount")
+    p.add_argument("--trace", action="store_true", help="log every change of a name and directory sync to stderr")
     args = p.parse_args(argv)
     fs = LazyFS()
+    if args.trace:
+        fs.trace = lambda line: print(f"{time.time():.6f} {line}", file=sys.stderr, flush=True)
     image = Path(args.image)
     if image.exists():
         fs.load_image(json.loads(image.read_text()))
@@ -427,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         # lazily: a process killed a moment ago may still be releasing its files
         subprocess.run(["fusermount3", "-u", "-z", args.mountpoint], check=False, capture_output=True)
 
+    def save_image() -> None:
+        tmp = image.with_name(image.name + ".tmp")
+        tmp.write_text(json.dumps(fs.durable_image()))
+        os.replace(tmp, image)
+
     def control() -> None:
         for line in sys.stdin:
             req = json.loads(line)
@@ -434,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             with fs.lock:
                 if op == "cut":
                     resp: dict[str, Any] = {"ok": True, "dropped": fs.cut()}
+                    save_image()  # what the next mount starts from is fixed now, however this one ends
                 elif op == "stats":
                     resp = {"ok": True, "counts": dict(fs.counts), "cut": fs.cut_done}
                 elif op == "watch":
@@ -446,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             send({"id": req.get("id"), **resp})
             if op == "unmount":
                 break
+        fs.trace("unmount")
         unmount()  # asked to, or the test that drives us is gone (stdin closed)
 
     ops = _operations(fs)
@@ -461,11 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     mfusepy.FUSE(ops, args.mountpoint, foreground=True, nothreads=True, hard_remove=True, use_ino=True,
                  fsname="lazyfs", default_permissions=True, attr_timeout=0, entry_timeout=0)
     with fs.lock:
+        fs.trace(f"unmounted {fs.counts}")
         if not fs.cut_done:
             fs.sync_all()
-        tmp = image.with_name(image.name + ".tmp")
-        tmp.write_text(json.dumps(fs.durable_image()))
-        os.replace(tmp, image)
+        save_image()
     return 0
 
 
@@ -492,7 +509,8 @@ class LazyMount:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.events = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.powercut.lazyfs", str(self.mountpoint), "--image", str(self.image)],
+            [sys.executable, "-m", "tests.powercut.lazyfs", str(self.mountpoint), "--image", str(self.image),
+             *(["--trace"] if os.environ.get("LAZYFS_TRACE") == "1" else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, start_new_session=True)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         self.wait_event("ready", timeout)
@@ -555,7 +573,7 @@ class LazyMount:
         dropped: dict[str, int] = self.call("cut")["dropped"]
         return dropped
 
-    def unmount(self, timeout: float = 20.0) -> None:
+    def unmount(self, timeout: float = 60.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
