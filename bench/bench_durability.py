@@ -1,9 +1,10 @@
 """What ``cluster.fsync`` costs: checkout latency and pipelined checkouts, fsync on vs off, in one run.
 
-    ./dev bench bench_durability [--quick] [--no-harness]
+    ./dev bench bench_durability [--quick] [--no-harness] [--rounds N]
 
-Both settings run one after the other in the same run, with state directories on the same disk (the
-temporary directory), so the ratio is what to read on a shared machine.
+Both settings run in the same run, alternating (on, off, on, off, ... ``--rounds`` times each; every row
+is the median over the rounds), with state directories on the same disk (the temporary directory), so
+the ratio is what to read on a shared machine.
 
 Headline rows: a 3-member cluster of the shipped ``appconnector run --config`` processes (standalone,
 static peers, shared secret, shipped defaults but ``cluster.fsync``), pinned to core 1 with their
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,8 @@ from shipped import start_cluster as start_shipped_cluster
 SETTINGS = (True, False)
 
 
-def measure_shipped(work: Path, ub_port: int, fsync: bool, quick: bool) -> dict[str, Any]:
-    base = work / f"shipped-fsync-{fsync}"
+def measure_shipped(work: Path, ub_port: int, fsync: bool, quick: bool, round_: int) -> dict[str, Any]:
+    base = work / f"shipped-fsync-{fsync}-{round_}"
     base.mkdir()
     members = start_shipped_cluster(base, ub_port, cluster_extra=[f"fsync = {str(fsync).lower()}"])
     try:
@@ -60,8 +63,8 @@ def measure_shipped(work: Path, ub_port: int, fsync: bool, quick: bool) -> dict[
             m.stop()
 
 
-def measure_harness(work: Path, fsync: bool, quick: bool) -> dict[str, Any]:
-    base = work / f"harness-fsync-{fsync}"
+def measure_harness(work: Path, fsync: bool, quick: bool, round_: int) -> dict[str, Any]:
+    base = work / f"harness-fsync-{fsync}-{round_}"
     base.mkdir()
     members = start_member_cluster(base, "ours", () if fsync else ("--no-fsync",))
     try:
@@ -89,13 +92,22 @@ ROWS = (
 )
 
 
+def rounds(measure: Callable[[bool, int], dict[str, Any]], n: int) -> dict[bool, dict[str, Any]]:
+    """``measure(fsync, round)`` alternating the settings ``n`` times; the median of each figure."""
+    runs: dict[bool, list[dict[str, Any]]] = {fsync: [] for fsync in SETTINGS}
+    for round_ in range(n):
+        for fsync in SETTINGS:
+            runs[fsync].append(measure(fsync, round_))
+    return {fsync: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for fsync, rs in runs.items()}
+
+
 def table(title: str, on: dict[str, Any], off: dict[str, Any]) -> list[str]:
     lines = [f"| {title} | fsync on | fsync off | on / off | target |", "|---|---:|---:|---:|---|"]
     for label, key, unit, target in ROWS:
         a, b = on[key], off[key]
-        cell = (lambda x: f"{x:.1f} ms") if unit == "ms" else (lambda x: f"{x:,.0f}")
+        fmt = "{:.1f} ms" if unit == "ms" else "{:,.0f}"
         lost = f" ({on['lost']:.0f} / {off['lost']:.0f} lost)" if unit == "rate" else ""
-        lines.append(f"| {label}{lost} | {cell(a)} | {cell(b)} | {a / b:.2f} | {target} |")
+        lines.append(f"| {label}{lost} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} | {target} |")
     return lines
 
 
@@ -103,6 +115,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-harness", action="store_true", help="skip the pool member process rows")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each setting, alternating (median reported)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="acdurability-bench-") as tmp:
         work = Path(tmp)
@@ -110,17 +123,19 @@ def main() -> int:
         unbound, ub_port = start_unbound(work, 1)
         try:
             load = [os.getloadavg()[0]]
-            shipped = {fsync: measure_shipped(work, ub_port, fsync, args.quick) for fsync in SETTINGS}
+            shipped = rounds(lambda fsync, r: measure_shipped(work, ub_port, fsync, args.quick, r), args.rounds)
             load.append(os.getloadavg()[0])
         finally:
             stop_group(unbound)
-        print(f"\n`appconnector run` x3: load average {load[0]:.1f} before, {load[1]:.1f} after")
+        print(f"\n`appconnector run` x3, median of {args.rounds} rounds each: load average {load[0]:.1f} before, "
+              f"{load[1]:.1f} after")
         print("\n".join(table("`appconnector run` ×3, new names through DNS", shipped[True], shipped[False])))
         if args.no_harness:
             return 0
-        harness = {fsync: measure_harness(work, fsync, args.quick) for fsync in SETTINGS}
+        harness = rounds(lambda fsync, r: measure_harness(work, fsync, args.quick, r), args.rounds)
         load.append(os.getloadavg()[0])
-        print(f"\nharness (pool member process) x3: load average {load[1]:.1f} before, {load[2]:.1f} after")
+        print(f"\nharness (pool member process) x3, median of {args.rounds} rounds each: load average "
+              f"{load[1]:.1f} before, {load[2]:.1f} after")
         print("\n".join(table("harness (pool member process) ×3", harness[True], harness[False])))
     return 0
 
