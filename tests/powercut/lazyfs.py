@@ -497,6 +497,7 @@ class LazyMount:
         self.image = image
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.connection: int | None = None
         self._ids = iter(range(1, 1 << 62))
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -516,6 +517,7 @@ class LazyMount:
         self.wait_event("ready", timeout)
         if not os.path.ismount(self.mountpoint):
             raise RuntimeError(f"lazyfs said ready but {self.mountpoint} is not a mount point")
+        self.connection = os.minor(os.stat(self.mountpoint).st_dev)  # its name under /sys/fs/fuse/connections
         return self
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
@@ -573,7 +575,10 @@ class LazyMount:
         dropped: dict[str, int] = self.call("cut")["dropped"]
         return dropped
 
-    def unmount(self, timeout: float = 60.0) -> None:
+    def unmount(self, timeout: float = 10.0) -> None:
+        """Unmount (lazily) and wait for the process to write its image and exit. If it does not exit in
+        time (a killed process may keep the detached mount referenced), abort the FUSE connection, as a
+        disk that is gone: every pending request fails, and the process returns from its loop and exits."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -582,13 +587,25 @@ class LazyMount:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False, capture_output=True)
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+                self.abort()
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False, capture_output=True)
         if self._log is not None:
             self._log.close()
             self._log = None
         self.proc = None
+
+    def abort(self) -> None:
+        """Abort this mount's FUSE connection (through fusectl, mounted here if nothing mounted it)."""
+        conns = Path("/sys/fs/fuse/connections")
+        if not os.path.ismount(conns):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conns)], check=False, capture_output=True)
+        with contextlib.suppress(OSError):
+            (conns / str(self.connection) / "abort").write_text("1")
 
     def remount(self) -> LazyMount:
         self.unmount()

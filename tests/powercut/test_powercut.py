@@ -83,6 +83,7 @@ class PowerCluster:
             m.kill()
         dropped = {a: d.cut() for a, d in self.disks.items()}
         for d in self.disks.values():
+            d.abort()  # the disk is gone: a request a dying process still has in flight fails at once
             d.unmount()
         return dropped
 
@@ -90,6 +91,8 @@ class PowerCluster:
         for m in self.members.values():
             m.kill()
         for d in self.disks.values():
+            if d.proc is not None:
+                d.abort()
             d.unmount()
 
     def logs(self) -> str:
