@@ -498,6 +498,7 @@ class LazyMount:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.connection: int | None = None
+        self._reader: threading.Thread | None = None
         self._ids = iter(range(1, 1 << 62))
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -513,7 +514,8 @@ class LazyMount:
             [sys.executable, "-m", "tests.powercut.lazyfs", str(self.mountpoint), "--image", str(self.image),
              *(["--trace"] if os.environ.get("LAZYFS_TRACE") == "1" else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, start_new_session=True)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
         self.wait_event("ready", timeout)
         if not os.path.ismount(self.mountpoint):
             raise RuntimeError(f"lazyfs said ready but {self.mountpoint} is not a mount point")
@@ -594,6 +596,8 @@ class LazyMount:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(timeout=10)
         subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False, capture_output=True)
+        if self._reader is not None:  # its "exit" must not land among the next mount's events
+            self._reader.join(timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None
