@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a checkout fails (pool.checkout_timeout; default: --write-deadline)")
     p.add_argument("--max-queued-checkouts", type=int, default=PoolConfig.max_queued_checkouts,
                    help="checkouts waiting to be proposed before more are refused (pool.max_queued_checkouts)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="cluster.fsync = false (the durability benchmark's and power-cut test's comparison)")
     p.add_argument("--no-guard", action="store_true",
                    help="run pysyncobj's append handling unguarded (ONLY to show the regression test fails)")
     p.add_argument("--broken", action="store_true",
@@ -366,7 +368,8 @@ async def run(args: argparse.Namespace) -> int:
     fatal = FatalReporter()
     try:
         raft = RaftSettings(args.state_dir, args.self_address, tuple(args.partner), secret, bind_address=args.bind,
-                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline)
+                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline,
+                            fsync=not args.no_fsync)
         replica = RaftReplica(pool, raft, tuning=tuning, guard=not args.no_guard, on_fatal=fatal.report)
         await replica.start()
     except (StateError, ConfigError, BindError) as e:

@@ -192,9 +192,14 @@ def _after_journal_trim(c: PowerCluster, load: Load) -> None:
     wait_until(trimmed, 60, "a member to trim its journal after a new full dump")
 
 
+@pytest.mark.parametrize("fsync", [
+    True,
+    # cluster.fsync = false: the same cuts lose acknowledged checkouts (every one of the first cut, 3 of 3 runs)
+    pytest.param(False, marks=[pytest.mark.long, pytest.mark.xfail(strict=True, reason="cluster.fsync = false")]),
+], ids=["fsync", "no-fsync"])
 def test_no_acknowledged_checkout_is_lost_when_all_members_lose_power(
-        cluster_factory: Callable[..., PowerCluster]) -> None:
-    c = cluster_factory(extra=("--compact-every", str(COMPACT_EVERY)))
+        cluster_factory: Callable[..., PowerCluster], fsync: bool) -> None:
+    c = cluster_factory(extra=("--compact-every", str(COMPACT_EVERY), *(() if fsync else ("--no-fsync",))))
     c.boot()
     acks: list[Ack] = []
     # three cuts of all three members at once: mid-load, then twice during a compaction (full dumps are
