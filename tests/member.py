@@ -488,8 +488,10 @@ class MemberProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
                **self.env}
         # a session of its own: kill() ends its process group, a compaction child forked by pysyncobj included
+        # (a preexec_fn starts its own: the fault suite's does, and a second setsid would fail)
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn, start_new_session=True)
+                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn,
+                                     start_new_session=self.preexec_fn is None)
         # this process's events go to this start's queue: a previous run's reader may still be finishing
         threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
