@@ -626,14 +626,5 @@ def mounted(root: Path, name: str) -> Iterator[LazyMount]:
         m.unmount()
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory by path."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.powercut.lazyfs import LazyMount, fsync_path, mounted
+from appconnector.pool.storage import fsync_dir
+from tests.powercut.lazyfs import LazyMount, mounted
 
 pytestmark = pytest.mark.root
 
@@ -36,7 +37,7 @@ def test_unsynced_write_is_gone_and_synced_write_kept_after_a_cut(lazy: LazyMoun
     d = lazy.mountpoint
     _write(d / "kept", b"synced bytes", sync=True)
     _write(d / "lost", b"never synced", sync=False)
-    fsync_path(d)  # both names are durable; only one file's contents are
+    fsync_dir(d)  # both names are durable; only one file's contents are
     with open(d / "kept", "ab") as f:
         f.write(b" and an unsynced tail")
     assert (d / "lost").read_bytes() == b"never synced"  # visible before the cut, as in a page cache
@@ -52,7 +53,7 @@ def test_fdatasync_counts_as_a_sync(lazy: LazyMount) -> None:
         f.write(b"data")
         f.flush()
         os.fdatasync(f.fileno())
-    fsync_path(d)
+    fsync_dir(d)
     lazy.cut()
     lazy.remount()
     assert (d / "f").read_bytes() == b"data"
@@ -61,7 +62,7 @@ def test_fdatasync_counts_as_a_sync(lazy: LazyMount) -> None:
 def test_new_file_and_rename_without_a_directory_sync_are_undone(lazy: LazyMount) -> None:
     d = lazy.mountpoint
     _write(d / "old", b"first", sync=True)
-    fsync_path(d)
+    fsync_dir(d)
     _write(d / "new.tmp", b"second", sync=True)  # contents synced, its name not
     os.replace(d / "new.tmp", d / "old")  # the replace is not durable either
     _write(d / "created", b"x", sync=True)
@@ -75,10 +76,10 @@ def test_new_file_and_rename_without_a_directory_sync_are_undone(lazy: LazyMount
 def test_rename_followed_by_a_directory_sync_survives(lazy: LazyMount) -> None:
     d = lazy.mountpoint
     os.mkdir(d / "sub")
-    fsync_path(d)
+    fsync_dir(d)
     _write(d / "sub" / "dump.tmp", b"snapshot", sync=True)
     os.replace(d / "sub" / "dump.tmp", d / "sub" / "dump")
-    fsync_path(d / "sub")
+    fsync_dir(d / "sub")
     lazy.cut()
     lazy.remount()
     assert os.listdir(d / "sub") == ["dump"]
@@ -89,7 +90,7 @@ def test_msync_of_a_shared_mapping_is_a_sync_and_dirty_pages_without_it_are_lost
     # pysyncobj's journal is a shared writable mmap: its writes reach FUSE only as page writeback
     d = lazy.mountpoint
     _write(d / "journal", b"\0" * 8192, sync=True)
-    fsync_path(d)
+    fsync_dir(d)
     with open(d / "journal", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
         mm[0:6] = b"synced"
         mm.flush()  # msync(MS_SYNC)
@@ -104,7 +105,7 @@ def test_msync_of_a_shared_mapping_is_a_sync_and_dirty_pages_without_it_are_lost
 def test_after_a_cut_every_change_is_refused_until_the_remount(lazy: LazyMount) -> None:
     d = lazy.mountpoint
     _write(d / "f", b"synced", sync=True)
-    fsync_path(d)
+    fsync_dir(d)
     fd = os.open(d / "f", os.O_WRONLY)
     try:
         lazy.cut()

@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
+from appconnector.pool.storage import fsync_dir
 from tests.member import MemberError, MemberProcess, free_ports
 from tests.ops.helpers import wait_until
-from tests.powercut.lazyfs import LazyMount, fsync_path
+from tests.powercut.lazyfs import LazyMount
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -58,7 +59,7 @@ class PowerCluster:
         for a, disk in self.disks.items():
             if disk.proc is None:
                 disk.mount()
-                fsync_path(disk.mountpoint)  # the mount point itself exists (the installer's directory)
+                fsync_dir(disk.mountpoint)  # the mount point itself exists (the installer's directory)
             self.members[a] = MemberProcess(
                 a, [p for p in self.addrs if p != a], disk.mountpoint, secret_file=self.secret,
                 prefixes=("100.64.0.0/16",), extra=self.extra,
