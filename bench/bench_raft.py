@@ -46,13 +46,13 @@ from shipped import start_cluster as start_shipped_cluster
 from tests.member import MemberProcess, free_ports
 
 
-def start_cluster(root: Path, tuning: str) -> list[MemberProcess]:
+def start_cluster(root: Path, tuning: str, extra: tuple[str, ...] = ()) -> list[MemberProcess]:
     secret = root / "secret"
     secret.write_text("bench-secret\n")
     secret.chmod(0o600)  # the member refuses a secret others can read
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     members = [MemberProcess(a, [b for b in addrs if b != a], root / "state", secret_file=secret,
-                             extra=("--tuning", tuning), log_path=root / f"{i}.log").start()
+                             extra=("--tuning", tuning, *extra), log_path=root / f"{i}.log").start()
                for i, a in enumerate(addrs)]
     for m in members:
         m.wait_ready()

@@ -183,7 +183,7 @@ class Connector:
 
     def __init__(self, base: Path, name: str, upstream_port: int, *, raft_port: int | None = None,
                  peers: Sequence[str] = (), secret: Path | None = None, uvloop: bool = False,
-                 code: Path = REPO) -> None:
+                 code: Path = REPO, cluster_extra: Sequence[str] = ()) -> None:
         self.name = name
         self.code = code  # the source tree whose `appconnector` runs (another version: a before/after row)
         self.dns_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
@@ -197,6 +197,7 @@ class Connector:
                    "peers = [" + ", ".join(f'"{p}"' for p in peers) + "]"]
         if secret is not None:
             cluster.append(f'secret_file = "{secret}"')
+        cluster += cluster_extra  # more [cluster] lines, e.g. "fsync = false" (bench_durability)
         self.config_path.write_text("\n".join([
             "[tailnet]", 'mode = "standalone"',
             "[dns]", f'listen = ["127.0.0.1:{self.dns_port}"]', f'upstream = ["127.0.0.1:{upstream_port}"]',
@@ -267,7 +268,8 @@ class Connector:
             return ""
 
 
-def start_cluster(base: Path, upstream_port: int, *, uvloop: bool = False) -> list[Connector]:
+def start_cluster(base: Path, upstream_port: int, *, uvloop: bool = False,
+                  cluster_extra: Sequence[str] = ()) -> list[Connector]:
     """Three standalone connectors with static peers and a shared secret; returns leader first."""
     secret = base / "secret"
     secret.write_text("bench-secret-" + os.urandom(8).hex() + "\n")
@@ -275,7 +277,7 @@ def start_cluster(base: Path, upstream_port: int, *, uvloop: bool = False) -> li
     raft = [free_port() for _ in range(3)]
     addrs = [f"127.0.0.1:{p}" for p in raft]
     members = [Connector(base, f"m{i}", upstream_port, raft_port=raft[i], secret=secret, uvloop=uvloop,
-                         peers=[a for a in addrs if a != addrs[i]]) for i in range(3)]
+                         peers=[a for a in addrs if a != addrs[i]], cluster_extra=cluster_extra) for i in range(3)]
     try:
         for m in members:
             m.start()

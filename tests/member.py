@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a checkout fails (pool.checkout_timeout; default: --write-deadline)")
     p.add_argument("--max-queued-checkouts", type=int, default=PoolConfig.max_queued_checkouts,
                    help="checkouts waiting to be proposed before more are refused (pool.max_queued_checkouts)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="cluster.fsync = false (the durability benchmark's and power-cut test's comparison)")
     p.add_argument("--no-guard", action="store_true",
                    help="run pysyncobj's append handling unguarded (ONLY to show the regression test fails)")
     p.add_argument("--broken", action="store_true",
@@ -368,7 +370,8 @@ async def run(args: argparse.Namespace) -> int:
         # the product's secret-file reader: a file others can read is refused (exit 2) as `run` refuses it
         secret = read_secret_file("--secret-file", Path(args.secret_file)) if args.secret_file else None
         raft = RaftSettings(args.state_dir, args.self_address, tuple(args.partner), secret, bind_address=args.bind,
-                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline)
+                            dynamic_membership=args.dynamic_membership, write_deadline=args.write_deadline,
+                            fsync=not args.no_fsync)
         replica = RaftReplica(pool, raft, tuning=tuning, guard=not args.no_guard, on_fatal=fatal.report)
         await replica.start()
     except (StateError, ConfigError, BindError) as e:
@@ -486,8 +489,11 @@ class MemberProcess:
         self._events = queue.Queue()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
                **self.env}
+        # a session of its own: kill() ends its process group, a compaction child forked by pysyncobj included
+        # (a preexec_fn starts its own: the fault suite's does, and a second setsid would fail)
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn)
+                                     cwd=REPO, env=env, preexec_fn=self.preexec_fn,
+                                     start_new_session=self.preexec_fn is None)
         # this process's events go to this start's queue: a previous run's reader may still be finishing
         threading.Thread(target=self._read, args=(self.proc, self._events), daemon=True).start()
         return self
@@ -559,9 +565,10 @@ class MemberProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: no flush, no goodbye."""
+        """SIGKILL to its process group: no flush, no goodbye."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self._close_log()
 
