@@ -38,10 +38,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pysyncobj
+import pysyncobj.serializer
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, SyncObjException, replicated
 from pysyncobj.encryptor import getEncryptor
-from pysyncobj.journal import FileJournal
+from pysyncobj.journal import FileJournal, MetaStorer
 from pysyncobj.monotonic import monotonic as raft_clock
+from pysyncobj.pickle import dumps as pysyncobj_dumps
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.utility import TcpUtility, UtilityException
 
@@ -67,6 +69,7 @@ from appconnector.pool.storage import (
     StateError,
     StatePaths,
     _DumpedState,
+    fsync_dir,
     validate_state_dir,
     write_journal,
 )
@@ -139,6 +142,43 @@ class PoolConsumer(SyncObjConsumer):  # type: ignore[misc]
         self._on_replaced(state)
 
 
+class SyncedMetaStorer(MetaStorer):  # type: ignore[misc]
+    """pysyncobj's meta file (term, vote, commit index), written the same way (a pickled dict to a temporary
+    name, then renamed) but through :meth:`Durability.replace`: pysyncobj renames it unsynced, once a
+    second, so a directory sync for anything else could make the new name durable over empty contents."""
+
+    def __init__(self, path: str, durability: Durability) -> None:
+        super().__init__(path)
+        self._path = path
+        self._durability = durability
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:  # pysyncobj's name
+        tmp = self._path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(pysyncobj_dumps(meta))
+        self._durability.replace(tmp, self._path)
+
+
+_META_STORER = "_FileJournal__metaStorer"
+_DUMP_DURABILITY: Durability | None = None
+
+
+def _use_synced_meta(journal: Any, durability: Durability) -> None:
+    """Give a FileJournal our meta storer (same file, same format, synced renames)."""
+    old = getattr(journal, _META_STORER, None)
+    if not isinstance(old, MetaStorer):
+        raise RuntimeError(f"pysyncobj internals changed ({_META_STORER} missing): the meta file cannot be synced")
+    setattr(journal, _META_STORER, SyncedMetaStorer(old.getPath(), durability))
+
+
+def _dump_replace(tmp: str, path: str) -> None:
+    """pysyncobj's serializer renames a written dump (or a received snapshot) over the old one with this."""
+    if _DUMP_DURABILITY is None:
+        os.replace(tmp, path)
+    else:
+        _DUMP_DURABILITY.replace(tmp, path)
+
+
 def check_pysyncobj() -> None:
     """Refuse to run on a pysyncobj whose internals the guard was not written against."""
     version = getattr(pysyncobj.syncobj, "VERSION", None)
@@ -146,6 +186,9 @@ def check_pysyncobj() -> None:
         raise RuntimeError(f"pysyncobj {version} found; the journal guard is written for {PYSYNCOBJ_VERSION}")
     if not __debug__:
         raise RuntimeError("python -O strips pysyncobj's replay checks (asserts): run without -O")
+    if not hasattr(pysyncobj.serializer, "atomicReplace"):
+        raise RuntimeError("pysyncobj internals changed (serializer.atomicReplace missing): dumps cannot be synced")
+    pysyncobj.serializer.atomicReplace = _dump_replace
 
 
 def _wait_port_free(address: str, timeout: float) -> None:
@@ -234,6 +277,8 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
             # who can connect. With one, every frame's Fernet HMAC is checked before it is unpickled.
             raise ValueError("the Raft engine needs a secret (pysyncobj password)")
         paths.dir.mkdir(parents=True, exist_ok=True)
+        if fsync:  # the member directory's name (made here or by the run lock): without it a cut loses it all
+            fsync_dir(paths.dir.parent)
         _wait_port_free(bind_address or self_address, tuning.bind_wait)
         self._tuning = tuning
         # before SyncObj's constructor: it reads every attribute (the properties below among them)
@@ -276,6 +321,11 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self.untrusted: str | None = None
         self.durability = Durability(paths, fsync)
         self._paths = paths
+        _use_synced_meta(getattr(self, _RAFT_LOG), self.durability)
+        # the full dump (written by the forked child) and a received snapshot are renamed into place by
+        # pysyncobj's serializer: through Durability.replace (one engine per process; the child inherits it)
+        global _DUMP_DURABILITY
+        _DUMP_DURABILITY = self.durability
         self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust,
                                       self.durability, self._trim_journal if fsync else None)
         self._handle_message = getattr(self, _ON_MESSAGE)
@@ -358,7 +408,9 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         inner.onOneSecondTimer()  # the meta file holds what the journal object has unsaved: the new one reads it
         write_journal(self._paths.journal, kept)
         inner._destroy()
-        return FileJournal(str(self._paths.journal))
+        journal = FileJournal(str(self._paths.journal))
+        _use_synced_meta(journal, self.durability)
+        return journal
 
     def _send_synced(self, node: Any, message: Any) -> Any:
         # Two kinds of message vouch for nothing on this member's disk: a leader's entries to its followers

@@ -292,6 +292,17 @@ class Durability:
         if self.enabled:
             self._timed("meta", lambda: self._file_and_dir(self.paths.meta))
 
+    def replace(self, tmp: str | Path, path: str | Path) -> None:
+        """Rename a fully written ``tmp`` over ``path`` so a power cut leaves the old file or the new one,
+        never a durable name over unsynced contents: the contents are synced before the rename, the
+        directory after it. pysyncobj's own renames (the meta file, the full dump, a received snapshot)
+        go through here when enabled."""
+        if self.enabled:
+            fsync_path(Path(tmp))
+        os.replace(tmp, path)
+        if self.enabled:
+            fsync_dir(Path(path).parent)
+
     def dump(self) -> None:
         """The full dump, written (and renamed into place) by pysyncobj's forked child or received from the
         leader, unsynced: sync it and the directory holding its name."""
@@ -416,3 +427,4 @@ def _keep_only_vote(meta: Path) -> bool:
     tmp.write_bytes(pickle.dumps(kept))
     os.replace(tmp, meta)
     return True
+

@@ -46,6 +46,7 @@ class PowerCluster:
         self.root = root
         self.secret = root / "secret"
         self.secret.write_text(SECRET + "\n")
+        self.secret.chmod(0o600)  # the harness refuses a secret others can read
         self.addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
         self.disks = {a: LazyMount(root / f"disk{i}", root / f"disk{i}.image.json", root / f"disk{i}.lazyfs.log")
                       for i, a in enumerate(self.addrs)}
