@@ -160,6 +160,8 @@ class SyncedMetaStorer(MetaStorer):  # type: ignore[misc]
 
 
 _META_STORER = "_FileJournal__metaStorer"
+_JOURNAL_FILE = "_FileJournal__journalFile"
+_JOURNAL_FILE_OBJECT = "_ResizableFile__f"
 _DUMP_DURABILITY: Durability | None = None
 
 
@@ -169,6 +171,15 @@ def _use_synced_meta(journal: Any, durability: Durability) -> None:
     if not isinstance(old, MetaStorer):
         raise RuntimeError(f"pysyncobj internals changed ({_META_STORER} missing): the meta file cannot be synced")
     setattr(journal, _META_STORER, SyncedMetaStorer(old.getPath(), durability))
+
+
+def _fdatasync_journal(journal: Any) -> None:
+    """fdatasync of the journal's file: it writes back the pages pysyncobj dirtied through its shared
+    mapping, as msync(MS_SYNC) would, but Python's mmap.flush holds the GIL for the whole msync (5-14 ms
+    seen: every thread of the member, the DNS loop among them, stood still), os.fdatasync releases it.
+    The file object is looked up at each call: pysyncobj reopens it when the journal grows."""
+    f = getattr(getattr(journal, _JOURNAL_FILE), _JOURNAL_FILE_OBJECT)
+    os.fdatasync(f.fileno())
 
 
 def _dump_replace(tmp: str, path: str) -> None:
@@ -322,12 +333,15 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         self.durability = Durability(paths, fsync)
         self._paths = paths
         _use_synced_meta(getattr(self, _RAFT_LOG), self.durability)
+        if not hasattr(getattr(getattr(self, _RAFT_LOG), _JOURNAL_FILE, None), _JOURNAL_FILE_OBJECT):
+            raise RuntimeError(f"pysyncobj internals changed ({_JOURNAL_FILE} missing): the journal cannot be synced")
         # the full dump (written by the forked child) and a received snapshot are renamed into place by
         # pysyncobj's serializer: through Durability.replace (one engine per process; the child inherits it)
         global _DUMP_DURABILITY
         _DUMP_DURABILITY = self.durability
         self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust,
-                                      self.durability, self._trim_journal if fsync else None)
+                                      self.durability, self._trim_journal if fsync else None,
+                                      flush=_fdatasync_journal)
         self._handle_message = getattr(self, _ON_MESSAGE)
         if guard:
             setattr(self, _RAFT_LOG, self.journal)

@@ -136,10 +136,14 @@ class GuardedJournal:
 
     def __init__(self, inner: Any, last_applied: Callable[[], int],
                  on_diverged: Callable[[str], None] | None = None, durability: Durability | None = None,
-                 trim: Callable[[Any, int], Any] | None = None) -> None:
+                 trim: Callable[[Any, int], Any] | None = None,
+                 flush: Callable[[Any], None] | None = None) -> None:
         """``trim(inner, position)``, when given, replaces pysyncobj's in-place trim of the front: it
-        returns the journal holding ``inner[position:]`` (written aside and renamed over the old one)."""
+        returns the journal holding ``inner[position:]`` (written aside and renamed over the old one).
+        ``flush(inner)`` makes the journal's written pages durable (default: the journal's own ``flush``,
+        msync of its mapping)."""
         self._inner = inner
+        self._flush = flush or (lambda journal: journal.flush())
         self._durability = durability
         self._trim = trim
         self.dirty = False  # changed since the last sync
@@ -185,7 +189,7 @@ class GuardedJournal:
         if self.dirty:
             self.dirty = False
             if self._durability is not None:
-                self._durability.journal(self._inner.flush)
+                self._durability.journal(lambda: self._flush(self._inner))
 
     # --- pysyncobj's journal interface ---------------------------------------------------------------
 

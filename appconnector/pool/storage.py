@@ -282,8 +282,8 @@ class Durability:
         fsync_dir(path.parent)
 
     def journal(self, flush: Callable[[], None]) -> None:
-        """``flush`` is the journal's own: for pysyncobj's mmapped file, msync(MS_SYNC) of the mapping
-        (which also makes a grown file's size durable, as fdatasync does)."""
+        """``flush`` makes the journal's written pages durable: for pysyncobj's mmapped file the engine
+        passes an fdatasync of the file (the mapping's dirty pages and a grown size, without the GIL)."""
         if self.enabled:
             self._timed("journal", flush)
 
