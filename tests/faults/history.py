@@ -407,56 +407,67 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
     best: tuple[int, list[Op], State] = (-1, [], init)
     entry = head.next
     tried = 0
-    while head.next is not None:
-        assert entry is not None
-        tried += 1
-        if tried > budget:
-            anomaly = _explain(ops, step, best, name, state_text)
-            anomaly.reasons.insert(0, f"undecided: the search tried {budget} steps (a very concurrent or "
-                                      "very wrong history)")
-            return anomaly
-        if entry.is_call:
-            bit = 1 << entry.index
-            outs, _ = step(state, entry.op)
-            fresh = [s for s in outs if (done | bit, s) not in cache]
-            if fresh:
-                nxt, rest = fresh[0], fresh[1:]
-                cache.add((done | bit, nxt))
-                stack.append((entry, state, rest))
-                lift(entry)
-                state, done = nxt, done | bit
-                if len(stack) > best[0]:
-                    best = (len(stack), [s[0].op for s in stack], state)
-                entry = head.next
+    lag_anomaly: Anomaly | None = None
+    while True:
+        if head.next is None:
+            # Every operation placed: the lagging reads must fit this order. If they do not, another order
+            # (e.g. an unknown checkout that did take effect, which a lagging read then saw) may: go on.
+            anomaly = _check_lagging(lagging, _order_states(stack, state, init), step, name, state_text)
+            if anomaly is None:
+                return None
+            lag_anomaly = lag_anomaly or anomaly
+        else:
+            assert entry is not None
+            tried += 1
+            if tried > budget:
+                anomaly = _explain(ops, step, best, name, state_text)
+                anomaly.reasons.insert(0, f"undecided: the search tried {budget} steps (a very concurrent or "
+                                          "very wrong history)")
+                return anomaly
+            if entry.is_call:
+                bit = 1 << entry.index
+                outs, _ = step(state, entry.op)
+                fresh = [s for s in outs if (done | bit, s) not in cache]
+                if fresh:
+                    nxt, rest = fresh[0], fresh[1:]
+                    cache.add((done | bit, nxt))
+                    stack.append((entry, state, rest))
+                    lift(entry)
+                    state, done = nxt, done | bit
+                    if len(stack) > best[0]:
+                        best = (len(stack), [s[0].op for s in stack], state)
+                    entry = head.next
+                    continue
+                entry = entry.next
                 continue
-            entry = entry.next
-            continue
-        # A return of an operation not yet placed: backtrack.
-        while True:
-            if not stack:
-                return _explain(ops, step, best, name, state_text)
-            top, before, rest = stack.pop()
-            unlift(top)
-            done &= ~(1 << top.index)
-            rest = [s for s in rest if (done | (1 << top.index), s) not in cache]
-            if rest:
-                nxt = rest[0]
-                cache.add((done | (1 << top.index), nxt))
-                stack.append((top, before, rest[1:]))
-                lift(top)
-                state, done = nxt, done | (1 << top.index)
-                entry = head.next
-                break
+        # Backtrack: a return of an operation not yet placed, or an order the lagging reads do not fit.
+        if not stack:
+            return lag_anomaly if lag_anomaly is not None else _explain(ops, step, best, name, state_text)
+        top, before, rest = stack.pop()
+        unlift(top)
+        done &= ~(1 << top.index)
+        rest = [s for s in rest if (done | (1 << top.index), s) not in cache]
+        if rest:
+            nxt = rest[0]
+            cache.add((done | (1 << top.index), nxt))
+            stack.append((top, before, rest[1:]))
+            lift(top)
+            state, done = nxt, done | (1 << top.index)
+            entry = head.next
+        else:
             state = before
             entry = top.next
-            break
-    # Linearized: replay the order to get the state after each operation, for the lagging reads.
-    # Each frame's successor state is the next frame's "before"; the last one's is the final state.
+
+
+def _order_states(stack: list[tuple[_Entry, State, list[State]]], state: State,
+                  init: State) -> list[tuple[Op | None, State]]:
+    """The state after each operation of a complete order (for the lagging reads). Each frame's
+    successor state is the next frame's "before"; the last one's is the current state."""
     order_states: list[tuple[Op | None, State]] = [(None, init)]
     order_states += [(stack[i][0].op, stack[i + 1][1]) for i in range(len(stack) - 1)]
     if stack:
         order_states.append((stack[-1][0].op, state))
-    return _check_lagging(lagging, order_states, step, name, state_text)
+    return order_states
 
 
 def _check_lagging(lagging: list[Op], order_states: list[tuple[Op | None, State]],
