@@ -199,7 +199,6 @@ def check_pysyncobj() -> None:
         raise RuntimeError("python -O strips pysyncobj's replay checks (asserts): run without -O")
     if not hasattr(pysyncobj.serializer, "atomicReplace"):
         raise RuntimeError("pysyncobj internals changed (serializer.atomicReplace missing): dumps cannot be synced")
-    pysyncobj.serializer.atomicReplace = _dump_replace
 
 
 def _wait_port_free(address: str, timeout: float) -> None:
@@ -339,6 +338,7 @@ class PoolSyncObj(SyncObj):  # type: ignore[misc]
         # pysyncobj's serializer: through Durability.replace (one engine per process; the child inherits it)
         global _DUMP_DURABILITY
         _DUMP_DURABILITY = self.durability
+        pysyncobj.serializer.atomicReplace = _dump_replace
         self.journal = GuardedJournal(getattr(self, _RAFT_LOG), lambda: int(self.raftLastApplied), self.distrust,
                                       self.durability, self._trim_journal if fsync else None,
                                       flush=_fdatasync_journal)

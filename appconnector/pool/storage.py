@@ -175,10 +175,7 @@ def write_journal(path: Path, records: Sequence[tuple[int, int, bytes]]) -> None
     tmp = path.with_name(path.name + ".repair")
     with open(tmp, "wb") as f:
         f.write(header + body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    durable_replace(tmp, path)
 
 
 def repair_interrupted_compaction(paths: StatePaths) -> int:
@@ -247,6 +244,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename a fully written ``tmp`` over ``path`` so a power cut leaves the old file or the new one,
+    never a durable name over unsynced contents: the contents synced before the rename, the directory
+    after it."""
+    fsync_path(Path(tmp))
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make the names in a directory durable (a rename into it, a new file)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -293,15 +299,12 @@ class Durability:
             self._timed("meta", lambda: self._file_and_dir(self.paths.meta))
 
     def replace(self, tmp: str | Path, path: str | Path) -> None:
-        """Rename a fully written ``tmp`` over ``path`` so a power cut leaves the old file or the new one,
-        never a durable name over unsynced contents: the contents are synced before the rename, the
-        directory after it. pysyncobj's own renames (the meta file, the full dump, a received snapshot)
-        go through here when enabled."""
+        """pysyncobj's own renames (the meta file, the full dump, a received snapshot) come here:
+        :func:`durable_replace` when enabled, a plain rename otherwise."""
         if self.enabled:
-            fsync_path(Path(tmp))
-        os.replace(tmp, path)
-        if self.enabled:
-            fsync_dir(Path(path).parent)
+            durable_replace(tmp, path)
+        else:
+            os.replace(tmp, path)
 
     def dump(self) -> None:
         """The full dump, written (and renamed into place) by pysyncobj's forked child or received from the
@@ -337,11 +340,9 @@ def mark_untrusted(member_dir: Path, reason: str) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, body + b"\n")
-        os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(member_dir)
+    durable_replace(tmp, path)
     return path
 
 
@@ -425,6 +426,6 @@ def _keep_only_vote(meta: Path) -> bool:
     kept = {k: old[k] for k in _KEPT_META if isinstance(old, dict) and k in old}
     tmp = meta.with_name(meta.name + ".reset")
     tmp.write_bytes(pickle.dumps(kept))
-    os.replace(tmp, meta)
+    durable_replace(tmp, meta)
     return True
 
