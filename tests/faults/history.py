@@ -400,10 +400,25 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
         if e.next:
             e.next.prev = e
 
+    # Lagging reads are matched as the order grows: ``seen`` has a bit for each read that a state of the
+    # order so far matches, reached only by operations invoked before the read returned (a replica's
+    # state is a prefix of the log). It is part of the cache key: two orders that reach the same state
+    # may differ in what the lagging reads could have seen on the way.
+    rets = [INF if r.ret is None else r.ret for r in lagging]
+    everything = (1 << len(lagging)) - 1
+
+    def sees(seen: int, last_call: float, st: State) -> int:
+        for i, r in enumerate(lagging):
+            if not seen >> i & 1 and last_call < rets[i] and step(st, r)[0]:
+                seen |= 1 << i
+        return seen
+
     state = init
     done = 0
-    cache: set[tuple[int, State]] = set()
-    stack: list[tuple[_Entry, State, list[State]]] = []
+    seen = sees(0, -INF, init)
+    last_call = -INF  # the latest invocation among the operations placed
+    cache: set[tuple[int, State, int]] = set()
+    stack: list[tuple[_Entry, State, list[State], int, float]] = []
     best: tuple[int, list[Op], State] = (-1, [], init)
     entry = head.next
     tried = 0
@@ -412,10 +427,10 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
         if head.next is None:
             # Every operation placed: the lagging reads must fit this order. If they do not, another order
             # (e.g. an unknown checkout that did take effect, which a lagging read then saw) may: go on.
-            anomaly = _check_lagging(lagging, _order_states(stack, state, init), step, name, state_text)
-            if anomaly is None:
+            if seen == everything:
                 return None
-            lag_anomaly = lag_anomaly or anomaly
+            lag_anomaly = lag_anomaly or _check_lagging(lagging, _order_states(stack, state, init), step, name,
+                                                        state_text)
         else:
             assert entry is not None
             tried += 1
@@ -427,13 +442,15 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
             if entry.is_call:
                 bit = 1 << entry.index
                 outs, _ = step(state, entry.op)
-                fresh = [s for s in outs if (done | bit, s) not in cache]
+                after = max(last_call, entry.op.call)
+                fresh = [(st, sees(seen, after, st)) for st in outs]
+                fresh = [(st, sn) for st, sn in fresh if (done | bit, st, sn) not in cache]
                 if fresh:
-                    nxt, rest = fresh[0], fresh[1:]
-                    cache.add((done | bit, nxt))
-                    stack.append((entry, state, rest))
+                    (nxt, nseen), rest = fresh[0], [st for st, _ in fresh[1:]]
+                    cache.add((done | bit, nxt, nseen))
+                    stack.append((entry, state, rest, seen, last_call))
                     lift(entry)
-                    state, done = nxt, done | bit
+                    state, done, seen, last_call = nxt, done | bit, nseen, after
                     if len(stack) > best[0]:
                         best = (len(stack), [s[0].op for s in stack], state)
                     entry = head.next
@@ -443,23 +460,24 @@ def _linearize(ops: list[Op], step: Callable[[State, Op], tuple[list[State], str
         # Backtrack: a return of an operation not yet placed, or an order the lagging reads do not fit.
         if not stack:
             return lag_anomaly if lag_anomaly is not None else _explain(ops, step, best, name, state_text)
-        top, before, rest = stack.pop()
+        top, before, rest, before_seen, before_call = stack.pop()
         unlift(top)
         done &= ~(1 << top.index)
-        rest = [s for s in rest if (done | (1 << top.index), s) not in cache]
-        if rest:
-            nxt = rest[0]
-            cache.add((done | (1 << top.index), nxt))
-            stack.append((top, before, rest[1:]))
+        after = max(before_call, top.op.call)
+        options = [(st, sees(before_seen, after, st)) for st in rest]
+        options = [(st, sn) for st, sn in options if (done | (1 << top.index), st, sn) not in cache]
+        if options:
+            (nxt, nseen) = options[0]
+            cache.add((done | (1 << top.index), nxt, nseen))
+            stack.append((top, before, [st for st, _ in options[1:]], before_seen, before_call))
             lift(top)
-            state, done = nxt, done | (1 << top.index)
+            state, done, seen, last_call = nxt, done | (1 << top.index), nseen, after
             entry = head.next
         else:
-            state = before
+            state, seen, last_call = before, before_seen, before_call
             entry = top.next
 
-
-def _order_states(stack: list[tuple[_Entry, State, list[State]]], state: State,
+def _order_states(stack: list[tuple[_Entry, State, list[State], int, float]], state: State,
                   init: State) -> list[tuple[Op | None, State]]:
     """The state after each operation of a complete order (for the lagging reads). Each frame's
     successor state is the next frame's "before"; the last one's is the current state."""
